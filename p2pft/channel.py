@@ -1,0 +1,152 @@
+"""
+The secure channel on a TCP connection: a thin Twisted protocol around the
+plain machines of L{p2pft.secure}.
+
+A L{PeerConnection} starts as a punching candidate (L{ICandidate}): it runs
+the proof handshake and reports to its connector.  Once chosen it becomes an
+encrypted record channel for the transfer layer (L{IRecordHandler} above,
+records below).  A candidate that fails the handshake is dropped silently.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from .punch import ICandidate
+from .secure import Handshake, SecurityError, SessionKeys
+
+
+class IRecordHandler(Interface):
+    """The layer above a chosen channel (the transfer)."""
+
+    def recordReceived(kind: int, payload: bytes) -> None:
+        "One authenticated record, in order."
+
+    def channelLost(reason: str) -> None:
+        "The connection ended (after or instead of a normal end)."
+
+
+@implementer(ICandidate)
+class PeerConnection(Protocol):
+    log = Logger()
+
+    def __init__(self, connector, keys: SessionKeys, clock: IReactorTime, handshake_timeout: float = 10.0):
+        self._connector = connector
+        self._keys = keys
+        self._clock = clock
+        self._handshake = Handshake(keys.handshake_key(), keys.role)
+        self._handshake_timeout = handshake_timeout
+        self._timer = None
+        self._handler = None
+        self._pending = bytearray()
+        self._opener = None
+        self._sealer = None
+        self._chosen = False
+        self._abandoned = False
+        self._ended: str | None = None
+        self.lost_reason: str | None = None
+
+    # -- candidate phase
+
+    def connectionMade(self) -> None:
+        self._timer = self._clock.callLater(self._handshake_timeout, self._drop, "handshake timed out")
+        self.transport.write(self._handshake.hello())
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._opener is not None:
+            if self._handler is None:
+                self._pending += data
+            else:
+                self._records(data)
+            return
+        try:
+            events = self._handshake.receive(data)
+        except SecurityError as e:
+            return self._drop(str(e))
+        for event in events:
+            if event[0] == "send":
+                self.transport.write(event[1])
+            elif event[0] == "authenticated":
+                self._cancelTimer()
+                self._connector.authenticated(self)
+            elif event[0] == "selected":
+                self._becomeChannel()
+                self._pending += event[1]
+                self._connector.selected(self)
+
+    def select(self) -> None:
+        self.transport.write(self._handshake.select())
+        self._becomeChannel()
+
+    def abandon(self) -> None:
+        self._abandoned = True
+        self._cancelTimer()
+        self.transport.abortConnection()
+
+    def _drop(self, reason: str) -> None:
+        self.log.debug("dropping candidate {peer}: {reason}", peer=self.transport.getPeer(), reason=reason)
+        self.lost_reason = reason
+        self.abandon()
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _becomeChannel(self) -> None:
+        self._chosen = True
+        self._sealer = self._keys.sealer()
+        self._opener = self._keys.opener()
+
+    # -- channel phase
+
+    @property
+    def peer(self) -> str:
+        p = self.transport.getPeer()
+        return f"[{p.host}]:{p.port}" if ":" in p.host else f"{p.host}:{p.port}"
+
+    def attach(self, handler: IRecordHandler) -> None:
+        """Hand the chosen channel to the layer above; replays early data."""
+        self._handler = handler
+        if self._pending:
+            data, self._pending = bytes(self._pending), bytearray()
+            self._records(data)
+        if self._ended is not None:
+            handler.channelLost(self._ended)
+
+    def send(self, kind: int, payload: bytes = b"") -> None:
+        self.transport.writeSequence(self._sealer.seal(kind, payload))
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.transport.unregisterProducer()
+
+    def close(self) -> None:
+        self.transport.loseConnection()
+
+    def _records(self, data: bytes) -> None:
+        try:
+            records = self._opener.feed(data)
+        except SecurityError as e:
+            self.lost_reason = str(e)
+            self.transport.abortConnection()
+            return
+        for kind, payload in records:
+            if self._handler is None or self.transport.disconnecting:
+                return
+            self._handler.recordReceived(kind, payload)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._cancelTimer()
+        if not self._chosen:
+            self._connector.lost(self, self.lost_reason)
+            return
+        self._ended = self.lost_reason or (reason.getErrorMessage() if reason else "connection closed")
+        if self._handler is not None:
+            self._handler.channelLost(self._ended)

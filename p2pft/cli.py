@@ -1,0 +1,228 @@
+"""
+The command line: C{p2pft server|send|receive} (C{rcv} is an alias).
+
+The option classes here are shared with the twistd plugins; the console
+script runs the same code under L{twisted.internet.task.react} so that a
+failure becomes a non-zero exit status with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from twisted.internet import defer
+from twisted.python import usage
+
+from . import __version__, codes
+from .rendezvous import parse_server
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+CODE_NOTE = (
+    "The code can also come from the P2PFT_CODE environment variable, which keeps "
+    "it out of the process list."
+)
+
+
+def _server(text: str) -> tuple[str, int]:
+    try:
+        return parse_server(text)
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
+
+
+class _PeerOptions(usage.Options):
+    optFlags = [
+        ["json", None, "Print one JSON object per line on stdout (events: code, paired, "
+                       "connected, offer, done, error)."],
+    ]
+
+    def postOptions(self) -> None:
+        if "server" not in self:
+            raise usage.UsageError("missing SERVER:PORT")
+
+    def _code_from_env(self) -> None:
+        if not self.get("code") and os.environ.get("P2PFT_CODE"):
+            self["code"] = os.environ["P2PFT_CODE"]
+        if self.get("code"):
+            try:
+                codes.parse_code(self["code"])
+            except codes.CodeError as e:
+                raise usage.UsageError(str(e)) from None
+
+
+class SendOptions(_PeerOptions):
+    synopsis = "[--code CODE] [--code-length N] [--json] SERVER:PORT PATH"
+    description = (
+        "Send a file.  Prints a code such as 7-apple-river; give it to the receiver.  "
+        + CODE_NOTE
+    )
+    optParameters = [
+        ["code", "c", None, "Use this code instead of asking the server for one (NAMEPLATE-WORD-WORD)."],
+        ["code-length", None, codes.DEFAULT_WORDS, "Number of words in a generated code.", int],
+    ]
+
+    def parseArgs(self, server=None, path=None, *extra):
+        if server is None or path is None:
+            raise usage.UsageError("send needs SERVER:PORT and PATH")
+        if extra:
+            raise usage.UsageError("send takes one PATH (folders and several paths are not supported yet)")
+        self["server"] = _server(server)
+        self["path"] = path
+
+    def postOptions(self) -> None:
+        self._code_from_env()
+        if self["code-length"] < 1 or self["code-length"] > 16:
+            raise usage.UsageError("--code-length must be between 1 and 16")
+
+
+class ReceiveOptions(_PeerOptions):
+    synopsis = "[--yes] [--output-dir DIR] [--overwrite] [--json] SERVER:PORT [CODE]"
+    description = (
+        "Receive a file.  Without CODE, asks for it on the terminal.  " + CODE_NOTE
+    )
+    optFlags = _PeerOptions.optFlags + [
+        ["yes", "y", "Accept the offer without asking."],
+        ["overwrite", None, "Replace an existing file of the same name."],
+    ]
+    optParameters = [
+        ["output-dir", "o", ".", "Directory to save into."],
+    ]
+
+    def parseArgs(self, server=None, code=None, *extra):
+        if server is None:
+            raise usage.UsageError("receive needs SERVER:PORT")
+        if extra:
+            raise usage.UsageError("too many arguments")
+        self["server"] = _server(server)
+        self["code"] = code
+
+    def postOptions(self) -> None:
+        self._code_from_env()
+
+
+class ServerOptions(usage.Options):
+    synopsis = "[--port PORT]"
+    description = "Run the rendezvous server that introduces peers to each other."
+    optParameters = [
+        ["port", "p", "tcp:9000", "Port number or Twisted endpoint description to listen on."],
+        ["waiting-timeout", None, 3600.0, "Seconds a peer may wait for its partner.", float],
+        ["hello-timeout", None, 60.0, "Seconds a new connection may stay without joining a nameplate.", float],
+    ]
+
+    def opt_port(self, value: str) -> None:
+        """Port number or Twisted endpoint description to listen on."""
+        self["port"] = f"tcp:{value}" if value.isdigit() else value
+
+    opt_p = opt_port
+
+
+class Options(usage.Options):
+    synopsis = "Usage: p2pft [--version]"
+    subCommands = [
+        ["server", None, ServerOptions, "Run a rendezvous server."],
+        ["send", None, SendOptions, "Send a file."],
+        ["receive", None, ReceiveOptions, "Receive a file."],
+        ["rcv", None, ReceiveOptions, "Alias for receive."],
+    ]
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(f"p2pft {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError("choose a command: server, send or receive")
+        if self.subCommand == "rcv":
+            self.subCommand = "receive"
+
+
+def make_ui(sub: usage.Options):
+    from .ui import HumanUI, JsonUI
+
+    server = "{}:{}".format(*sub["server"])
+    kw = dict(assume_yes=bool(sub.get("yes")))
+    return JsonUI(server, **kw) if sub.get("json") else HumanUI(server, **kw)
+
+
+def ask_code() -> str:
+    """Prompt for a code on the terminal (the seed's `p2pft rcv SERVER:PORT`)."""
+    if not sys.stdin.isatty():
+        raise usage.UsageError("no code given (pass CODE, set P2PFT_CODE, or run on a terminal)")
+    try:
+        text = input("Enter the code: ")
+    except EOFError:
+        raise usage.UsageError("no code given") from None
+    try:
+        codes.parse_code(text)
+    except codes.CodeError as e:
+        raise usage.UsageError(str(e)) from None
+    return text
+
+
+async def run_peer(reactor, command: str, sub: usage.Options, ui) -> None:
+    """Run send or receive; raise the one-line errors as exceptions."""
+    from .session import Settings, receive, send
+
+    settings = Settings(sub["server"], code=sub.get("code"), code_length=sub.get("code-length", codes.DEFAULT_WORDS))
+    if command == "send":
+        await send(reactor, settings, sub["path"], ui)
+    else:
+        await receive(reactor, settings, sub["output-dir"], ui.decide, ui, overwrite=bool(sub["overwrite"]))
+
+
+async def _main(reactor, config: Options) -> None:
+    from .session import SessionError
+    from .transfer import TransferFailed
+    from .secure import SecurityError
+
+    command, sub = config.subCommand, config.subOptions
+    if command == "server":
+        from .server_tap import makeService
+
+        service = makeService(sub, reactor)
+        service.startService()
+        reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+        await defer.Deferred()  # until Ctrl-C / SIGTERM
+        return
+
+    ui = make_ui(sub)
+    work = defer.ensureDeferred(run_peer(reactor, command, sub, ui))
+    interrupted = []
+
+    def on_shutdown() -> None:
+        if not work.called:
+            interrupted.append(True)
+            work.cancel()
+
+    reactor.addSystemEventTrigger("before", "shutdown", on_shutdown)
+    try:
+        await work
+    except (SessionError, TransferFailed, SecurityError, defer.CancelledError, RuntimeError, OSError) as e:
+        if interrupted:
+            ui.error("interrupted")
+            raise SystemExit(EXIT_INTERRUPTED)
+        ui.error(str(e) if not isinstance(e, OSError) else f"{e.strerror or e}")
+        raise SystemExit(EXIT_FAILURE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from twisted.internet.task import react
+
+    argv = sys.argv[1:] if argv is None else argv
+    config = Options()
+    try:
+        config.parseOptions(argv)
+        if config.subCommand == "receive" and not config.subOptions.get("code"):
+            config.subOptions["code"] = ask_code()
+    except usage.UsageError as e:
+        hint = f"p2pft {config.subCommand} --help" if config.subCommand else "p2pft --help"
+        sys.stderr.write(f"p2pft: error: {e} (see '{hint}')\n")
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+    react(_main, [config])

@@ -1,0 +1,232 @@
+"""
+The punching connector: turn two peers' candidate addresses into exactly one
+authenticated TCP connection.
+
+Every socket shares the local port of the rendezvous connection
+(SO_REUSEADDR + SO_REUSEPORT through L{twisted.internet.tcp.makeBinding}):
+one listener, and one outgoing attempt per remote candidate, redialled on a
+schedule until the deadline.  Through NATs that drop unsolicited SYNs the
+two sides' SYNs cross and Linux completes a simultaneous open on the
+pending C{connect()}; elsewhere the SYN may land on the listener instead.
+Both paths build the same candidate protocol, so nothing above cares which.
+
+A candidate counts only once it reports itself I{authenticated} (it proved
+the session key).  The leader (the sender) takes the first such candidate
+and tells it to L{ICandidate.select}; the follower takes the candidate that
+reports I{selected}.  Everything else is closed.
+"""
+
+from __future__ import annotations
+
+import attrs
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.protocol import ClientFactory, Factory
+from twisted.internet.tcp import makeBinding
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface
+
+
+class PunchFailed(Exception):
+    """No candidate connection could be established and authenticated."""
+
+
+class ICandidate(Interface):
+    """A protocol on one candidate connection, as the connector sees it."""
+
+    transport = Attribute("The TCP transport.")
+
+    def select() -> None:
+        "Leader only: commit to this connection (tells the follower)."
+
+    def abandon() -> None:
+        "Drop this connection: another one was chosen, or we gave up."
+
+
+@attrs.frozen
+class PunchSchedule:
+    """
+    How hard to try.  See docs/PROTOCOL.md for the reasoning.
+
+    @ivar redial: seconds between the failure of one attempt at a candidate
+        and the next attempt at it.  Short, because routers that answer
+        unsolicited SYNs with RST make early attempts fail fast.
+    @ivar attempt_timeout: seconds one outgoing connect may stay pending.
+        Long enough for the kernel's SYN retransmissions (1 s, 3 s) to cross
+        the other side's SYN; while it is pending, redialling the same
+        4-tuple would fail anyway.
+    @ivar deadline: seconds before the whole attempt gives up.
+    @ivar handshake_timeout: seconds a connected candidate has to prove
+        the key.
+    """
+
+    redial: float = 0.5
+    attempt_timeout: float = 4.0
+    deadline: float = 20.0
+    handshake_timeout: float = 10.0
+
+
+class _DialFactory(ClientFactory):
+    def __init__(self, connector: "PunchConnector", address: tuple[str, int]):
+        self._connector = connector
+        self.address = address
+
+    def buildProtocol(self, addr):
+        return self._connector._build()
+
+    def clientConnectionFailed(self, connector, reason: Failure) -> None:
+        self._connector._dialFailed(self.address, reason)
+
+    def clientConnectionLost(self, connector, reason: Failure) -> None:
+        # Closed before it was chosen (a stray listener, a failed proof):
+        # try that address again on the schedule.
+        self._connector._dialFailed(self.address, reason)
+
+
+class _ListenFactory(Factory):
+    def __init__(self, connector: "PunchConnector"):
+        self._connector = connector
+
+    def buildProtocol(self, addr):
+        return self._connector._build()
+
+
+class PunchConnector:
+    """
+    One punching attempt.
+
+    @param candidate_factory: called with this connector, returns a new
+        L{ICandidate} protocol that reports back through L{authenticated},
+        L{selected} and L{lost}.
+    @param leader: whether we choose the connection (the sender) or wait for
+        the other side's choice.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorTCP | IReactorTime,
+        local_port: int,
+        candidates: list[tuple[str, int]],
+        candidate_factory,
+        leader: bool,
+        schedule: PunchSchedule = PunchSchedule(),
+        interface: str = "",
+    ):
+        self._reactor = reactor
+        self._local_port = local_port
+        self._interface = interface
+        self._candidates = list(dict.fromkeys(candidates))
+        self._factory = candidate_factory
+        self._leader = leader
+        self._schedule = schedule
+        self._live: list = []
+        self._dialling: dict[tuple[str, int], object] = {}
+        self._timers: list = []
+        self._errors: dict[tuple[str, int], str] = {}
+        self._listener = None
+        self._result: defer.Deferred | None = None
+        self._done = False
+        self.attempts = 0
+
+    def _binding(self):
+        return makeBinding(self._interface, self._local_port, reuseAddress=True, reusePort=True)
+
+    def run(self) -> defer.Deferred:
+        """Start; the Deferred fires with the chosen L{ICandidate}."""
+        self._result = defer.Deferred(lambda d: self._finish(None))
+        try:
+            self._listener = self._reactor.listenTCP(
+                self._binding(), _ListenFactory(self), interface=self._interface
+            )
+        except error.CannotListenError as e:
+            # Dialling alone can still succeed (simultaneous open).
+            self.log.warn("cannot listen on the punch port: {e}", e=e)
+        self._timers.append(
+            self._reactor.callLater(self._schedule.deadline, self._giveUp)
+        )
+        for address in self._candidates:
+            self._dial(address)
+        return self._result
+
+    # -- sockets
+
+    def _dial(self, address: tuple[str, int]) -> None:
+        if self._done:
+            return
+        self.attempts += 1
+        host, port = address
+        self._dialling[address] = self._reactor.connectTCP(
+            host, port, _DialFactory(self, address),
+            timeout=self._schedule.attempt_timeout, bindAddress=self._binding(),
+        )
+
+    def _dialFailed(self, address: tuple[str, int], reason: Failure) -> None:
+        self._dialling.pop(address, None)
+        self._errors[address] = reason.getErrorMessage()
+        if not self._done:
+            self._timers.append(
+                self._reactor.callLater(self._schedule.redial, self._dial, address)
+            )
+
+    def _build(self):
+        if self._done:
+            return None
+        candidate = self._factory(self)
+        self._live.append(candidate)
+        return candidate
+
+    # -- what candidates tell us
+
+    def authenticated(self, candidate) -> None:
+        if self._done:
+            return candidate.abandon()
+        if self._leader:
+            candidate.select()
+            self._finish(candidate)
+
+    def selected(self, candidate) -> None:
+        if self._done:
+            return candidate.abandon()
+        self._finish(candidate)
+
+    def lost(self, candidate, reason: str | None = None) -> None:
+        if candidate in self._live:
+            self._live.remove(candidate)
+        if reason:
+            peer = candidate.transport.getPeer()
+            self._errors[(peer.host, peer.port)] = reason
+
+    # -- ending
+
+    def _giveUp(self) -> None:
+        detail = "; ".join(f"{h}:{p}: {e}" for (h, p), e in self._errors.items())
+        self._finish(None)
+        if self._result is not None and not self._result.called:
+            self._result.errback(PunchFailed(
+                "could not connect to the other side directly"
+                + (f" ({detail})" if detail else "")
+            ))
+
+    def _finish(self, chosen) -> None:
+        if self._done:
+            return
+        self._done = True
+        for timer in self._timers:
+            if timer.active():
+                timer.cancel()
+        for connector in list(self._dialling.values()):
+            if connector.state == "connecting":
+                connector.stopConnecting()
+        self._dialling.clear()
+        if self._listener is not None:
+            self._listener.stopListening()
+        for candidate in list(self._live):
+            if candidate is not chosen:
+                candidate.abandon()
+        self._live = []
+        if chosen is not None and not self._result.called:
+            self._result.callback(chosen)
+

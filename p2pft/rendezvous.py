@@ -1,0 +1,467 @@
+"""
+The rendezvous layer: a line-based protocol that introduces two peers.
+
+The server allocates short nameplates, pairs exactly two connections per
+nameplate, tells each connection the address it sees it from, and forwards
+opaque messages between the two members of a pair.  It knows nothing about
+files, keys or candidates.  The wire format is in docs/PROTOCOL.md.
+
+The rules live in L{RendezvousServer}, a plain object driven through method
+calls and a clock; L{RendezvousServerProtocol} only turns lines into those
+calls and calls into lines.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+from typing import Callable
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from zope.interface import Interface, implementer
+
+from .codes import valid_nameplate
+
+PROTOCOL_NAME = "p2pft"
+PROTOCOL_VERSION = "1"
+
+#: Longest line either side accepts, delimiter excluded.
+MAX_LINE = 8192
+#: Largest opaque message payload (decoded bytes).
+MAX_MESSAGE = 4096
+#: Messages one connection may send through the server.
+MAX_MESSAGES = 64
+
+_B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}\Z")
+
+
+class RendezvousError(Exception):
+    """The rendezvous server refused us, or the conversation broke."""
+
+
+class PeerGone(RendezvousError):
+    """The other member of our pair left the rendezvous server."""
+
+
+def normalise_host(host: str) -> str:
+    """Turn an IPv4-mapped IPv6 address (dual-stack listener) into IPv4."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def encode_payload(payload: bytes) -> str:
+    return base64.b64encode(payload).decode("ascii")
+
+
+def decode_payload(text: str) -> bytes:
+    if len(text) > (MAX_MESSAGE * 4) // 3 + 4 or not _B64.match(text):
+        raise ValueError("malformed message payload")
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error as e:
+        raise ValueError("malformed message payload") from e
+
+
+# --------------------------------------------------------------------------
+# Server
+
+
+class IRendezvousConnection(Interface):
+    """What the server state needs from one client connection."""
+
+    def sendLine(line: bytes) -> None:
+        "Send one protocol line."
+
+    def refuse(reason: str) -> None:
+        "Send ERROR with the reason and close the connection."
+
+
+@attrs.define(eq=False)
+class _Nameplate:
+    name: str
+    members: list
+    timer: IDelayedCall | None = None
+    #: Once two members met, the nameplate never takes another one.
+    paired: bool = False
+
+
+@attrs.define(eq=False)
+class _Member:
+    connection: IRendezvousConnection
+    nameplate: _Nameplate | None = None
+    messages: int = 0
+    timer: IDelayedCall | None = None
+
+
+class RendezvousServer:
+    """
+    Every nameplate and every connection of one rendezvous server.
+
+    A connection is C{connected} (said nothing yet), then C{waiting} on a
+    nameplate, then C{paired}.  A nameplate lives from its first member until
+    both of its members are gone or its timer fires; meanwhile nobody else may
+    join it.
+
+    @param hello_timeout: seconds a new connection may stay without joining.
+    @param waiting_timeout: seconds one member may wait for its partner.
+    @param paired_timeout: seconds a pair may keep using the server.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        hello_timeout: float = 60,
+        waiting_timeout: float = 3600,
+        paired_timeout: float = 600,
+        max_nameplates: int = 100_000,
+    ):
+        self._clock = clock
+        self.hello_timeout = hello_timeout
+        self.waiting_timeout = waiting_timeout
+        self.paired_timeout = paired_timeout
+        self.max_nameplates = max_nameplates
+        self._nameplates: dict[str, _Nameplate] = {}
+        self._members: dict[IRendezvousConnection, _Member] = {}
+        self.pairings = 0
+
+    # -- what connections tell us
+
+    def connected(self, conn: IRendezvousConnection) -> None:
+        member = _Member(conn)
+        member.timer = self._clock.callLater(
+            self.hello_timeout, conn.refuse, "timed out waiting for ALLOCATE or CLAIM"
+        )
+        self._members[conn] = member
+
+    def allocate(self, conn: IRendezvousConnection) -> None:
+        member = self._members[conn]
+        if member.nameplate is not None:
+            return conn.refuse("already on a nameplate")
+        name = self._free_nameplate()
+        if name is None:
+            return conn.refuse("server is full, try again later")
+        conn.sendLine(f"NAMEPLATE {name}".encode("ascii"))
+        self._join(member, name)
+
+    def claim(self, conn: IRendezvousConnection, name: str) -> None:
+        member = self._members[conn]
+        if member.nameplate is not None:
+            return conn.refuse("already on a nameplate")
+        if not valid_nameplate(name):
+            return conn.refuse("invalid nameplate")
+        nameplate = self._nameplates.get(name)
+        if nameplate is not None and nameplate.paired:
+            return conn.refuse(f"nameplate {name} is in use")
+        if nameplate is None and len(self._nameplates) >= self.max_nameplates:
+            return conn.refuse("server is full, try again later")
+        self._join(member, name)
+
+    def message(self, conn: IRendezvousConnection, payload: str) -> None:
+        member = self._members[conn]
+        nameplate = member.nameplate
+        if nameplate is None or not nameplate.paired:
+            return conn.refuse("MSG before PAIRED")
+        member.messages += 1
+        if member.messages > MAX_MESSAGES:
+            return conn.refuse("too many messages")
+        for other in nameplate.members:
+            if other is not member:
+                other.connection.sendLine(f"MSG {payload}".encode("ascii"))
+
+    def disconnected(self, conn: IRendezvousConnection) -> None:
+        member = self._members.pop(conn, None)
+        if member is None:
+            return
+        _cancel(member.timer)
+        nameplate = member.nameplate
+        if nameplate is None:
+            return
+        nameplate.members.remove(member)
+        if not nameplate.members:
+            _cancel(nameplate.timer)
+            del self._nameplates[nameplate.name]
+            self.log.debug("freed nameplate {name}", name=nameplate.name)
+        elif nameplate.paired:
+            # The pair is broken; nobody may take the empty seat.
+            for other in nameplate.members:
+                other.connection.sendLine(b"GONE")
+
+    # -- state
+
+    @property
+    def nameplates(self) -> frozenset[str]:
+        return frozenset(self._nameplates)
+
+    @property
+    def connections(self) -> int:
+        return len(self._members)
+
+    # -- internals
+
+    def _free_nameplate(self) -> str | None:
+        if len(self._nameplates) >= self.max_nameplates:
+            return None
+        n = 1
+        while str(n) in self._nameplates:
+            n += 1
+        return str(n)
+
+    def _join(self, member: _Member, name: str) -> None:
+        _cancel(member.timer)
+        member.timer = None
+        nameplate = self._nameplates.get(name)
+        if nameplate is None:
+            nameplate = self._nameplates[name] = _Nameplate(name, [])
+            nameplate.timer = self._clock.callLater(
+                self.waiting_timeout, self._expire, nameplate,
+                "nobody claimed the nameplate in time",
+            )
+        nameplate.members.append(member)
+        member.nameplate = nameplate
+        if len(nameplate.members) == 2:
+            nameplate.paired = True
+            _cancel(nameplate.timer)
+            nameplate.timer = self._clock.callLater(
+                self.paired_timeout, self._expire, nameplate, "pairing lasted too long"
+            )
+            self.pairings += 1
+            self.log.info("paired nameplate {name}", name=name)
+            for m in nameplate.members:
+                m.connection.sendLine(b"PAIRED")
+
+    def _expire(self, nameplate: _Nameplate, reason: str) -> None:
+        nameplate.timer = None
+        for member in list(nameplate.members):
+            member.connection.refuse(reason)
+
+
+def _cancel(call: IDelayedCall | None) -> None:
+    if call is not None and call.active():
+        call.cancel()
+
+
+@implementer(IRendezvousConnection)
+class RendezvousServerProtocol(LineReceiver):
+    """One client connection: parse lines, hand them to L{RendezvousServer}."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_LINE
+    log = Logger()
+    _closing = False
+
+    def connectionMade(self) -> None:
+        self.state: RendezvousServer = self.factory.state
+        peer = self.transport.getPeer()
+        host = normalise_host(peer.host)
+        self.sendLine(
+            f"WELCOME {PROTOCOL_NAME} {PROTOCOL_VERSION} {host} {peer.port}".encode()
+        )
+        self.state.connected(self)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            text = line.rstrip(b"\r").decode("utf-8")
+        except UnicodeDecodeError:
+            return self.refuse("line is not UTF-8")
+        words = text.split(" ")
+        command, args = words[0], words[1:]
+        if command == "ALLOCATE" and not args:
+            self.state.allocate(self)
+        elif command == "CLAIM" and len(args) == 1:
+            self.state.claim(self, args[0])
+        elif command == "MSG" and len(args) == 1:
+            try:
+                decode_payload(args[0])
+            except ValueError as e:
+                return self.refuse(str(e))
+            self.state.message(self, args[0])
+        elif command == "PING" and len(args) <= 1:
+            self.sendLine(" ".join(["PONG"] + args).encode("utf-8"))
+        else:
+            self.refuse(f"unknown command {_printable(command)!r}")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.refuse("line too long")
+
+    def refuse(self, reason: str) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self.log.info(
+            "refusing {peer}: {reason}", peer=self.transport.getPeer(), reason=reason
+        )
+        self.sendLine(f"ERROR {reason}".encode("utf-8"))
+        self.transport.loseConnection()
+        # A client that stops reading must not hold its slot: abort after a
+        # grace period if the close does not complete.
+        self.factory.clock.callLater(10, self.transport.abortConnection)
+
+    def connectionLost(self, reason=None) -> None:
+        self.state.disconnected(self)
+
+
+def _printable(text: str, limit: int = 32) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
+class RendezvousServerFactory(Factory):
+    protocol = RendezvousServerProtocol
+
+    def __init__(self, clock: IReactorTime, **options):
+        self.clock = clock
+        self.state = RendezvousServer(clock, **options)
+
+
+# --------------------------------------------------------------------------
+# Client
+
+
+class RendezvousClientProtocol(LineReceiver):
+    """
+    The client side, with a Deferred API for linear session code::
+
+        host, port = await client.welcomed
+        nameplate = await client.allocate()     # or: await client.claim("7")
+        await client.paired
+        client.send(b"...");  payload = await client.receive()
+
+    Any ERROR line or a lost connection fails every pending and future
+    Deferred with L{RendezvousError}.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_LINE
+
+    def __init__(self) -> None:
+        self.welcomed: defer.Deferred = defer.Deferred()
+        self.paired: defer.Deferred = defer.Deferred()
+        self._allocated: defer.Deferred | None = None
+        self._inbox: list[bytes] = []
+        self._readers: list[defer.Deferred] = []
+        self._failure: RendezvousError | None = None
+        self.disconnected: defer.Deferred = defer.Deferred()
+
+    # -- API
+
+    def allocate(self) -> defer.Deferred:
+        self._allocated = defer.Deferred()
+        self.sendLine(b"ALLOCATE")
+        return self._allocated
+
+    def claim(self, nameplate: str) -> None:
+        self.sendLine(f"CLAIM {nameplate}".encode("ascii"))
+
+    def send(self, payload: bytes) -> None:
+        if len(payload) > MAX_MESSAGE:
+            raise ValueError("message too large for the rendezvous server")
+        self.sendLine(f"MSG {encode_payload(payload)}".encode("ascii"))
+
+    def receive(self) -> defer.Deferred:
+        if self._inbox:
+            return defer.succeed(self._inbox.pop(0))
+        if self._failure is not None:
+            return defer.fail(self._failure)
+        d = defer.Deferred()
+        self._readers.append(d)
+        return d
+
+    def close(self) -> None:
+        self.transport.loseConnection()
+
+    # -- protocol
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            command, _, rest = line.rstrip(b"\r").decode("utf-8").partition(" ")
+        except UnicodeDecodeError:
+            return self._fail(RendezvousError("server sent a line that is not UTF-8"))
+        if command == "WELCOME":
+            self._welcome(rest)
+        elif command == "NAMEPLATE" and self._allocated is not None:
+            d, self._allocated = self._allocated, None
+            d.callback(rest)
+        elif command == "PAIRED":
+            if not self.paired.called:
+                self.paired.callback(None)
+        elif command == "MSG":
+            try:
+                payload = decode_payload(rest)
+            except ValueError:
+                return self._fail(RendezvousError("server sent a malformed message"))
+            if self._readers:
+                self._readers.pop(0).callback(payload)
+            else:
+                self._inbox.append(payload)
+        elif command == "GONE":
+            self._fail(PeerGone("the other side left the rendezvous server"))
+        elif command == "ERROR":
+            self._fail(RendezvousError(f"server: {_printable(rest, 200)}"))
+            self.transport.loseConnection()
+        elif command == "PONG":
+            pass
+        else:
+            self._fail(RendezvousError(f"server sent unknown {_printable(command)!r}"))
+            self.transport.loseConnection()
+
+    def _welcome(self, rest: str) -> None:
+        parts = rest.split(" ")
+        if self.welcomed.called:
+            return
+        if len(parts) != 4 or parts[0] != PROTOCOL_NAME or parts[1] != PROTOCOL_VERSION:
+            self._fail(RendezvousError("not a p2pft rendezvous server (or another version)"))
+            self.transport.loseConnection()
+            return
+        try:
+            host, port = str(ipaddress.ip_address(parts[2])), int(parts[3])
+        except ValueError:
+            return self._fail(RendezvousError("server sent a malformed address"))
+        self.welcomed.callback((host, port))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._fail(RendezvousError("server sent an overlong line"))
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        self._fail(RendezvousError("lost the connection to the rendezvous server"))
+        self.disconnected.callback(None)
+
+    def _fail(self, error: RendezvousError) -> None:
+        if self._failure is None:
+            self._failure = error
+        pending = [self.welcomed, self.paired, self._allocated] + self._readers
+        self._readers = []
+        self._allocated = None
+        for d in pending:
+            if d is not None and not d.called:
+                d.errback(error)
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """Parse C{HOST:PORT} or C{[V6]:PORT}; raise ValueError with a reason."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\s\[\]]+):(\d{1,5})", text.strip())
+    if not m:
+        raise ValueError(f"server must be HOST:PORT, not {text!r}")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range in {text!r}")
+    return host, port
+
+
+ClientProtocolFactory = Callable[[], RendezvousClientProtocol]

@@ -1,0 +1,323 @@
+"""
+The secure channel: key agreement, candidate proofs and AEAD records.
+
+1. L{Pake}: SPAKE2 over the rendezvous server's opaque messages, turning the
+   short code into a 32-byte session key.
+2. L{SessionKeys}: HKDF-SHA256 derives one key per purpose and direction.
+3. L{Box}: AES-256-GCM with counter nonces for the few messages that travel
+   through the rendezvous server (key confirmation, candidates).
+4. L{Handshake}: on every candidate TCP connection both sides prove the key,
+   bound to fresh nonces of that connection, before it may be chosen; the
+   leader then commits to exactly one connection with a SELECT proof.
+5. L{RecordSealer} / L{RecordOpener}: length-prefixed AES-256-GCM records on
+   the chosen connection, one key per direction, counter nonces.
+
+Everything here is plain Python: no sockets, no reactor.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import struct
+from hashlib import sha256
+
+import attrs
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from spake2 import SPAKE2_A, SPAKE2_B
+from spake2.spake2 import SPAKEError
+
+SENDER = "sender"
+RECEIVER = "receiver"
+_ROLE_BYTE = {SENDER: b"S", RECEIVER: b"R"}
+
+#: Largest plaintext in one record.  Receivers refuse bigger frames before
+#: allocating anything for them.
+MAX_RECORD = 1 << 20
+TAG = 16
+_HEADER = struct.Struct(">IB")  # ciphertext length, record type
+
+
+class SecurityError(Exception):
+    """Authentication failed: the data is not from our peer, or was altered."""
+
+
+class WrongCode(SecurityError):
+    """The peer used a different code phrase (or someone guessed wrong)."""
+
+
+def other(role: str) -> str:
+    return RECEIVER if role == SENDER else SENDER
+
+
+def _nonce(counter: int) -> bytes:
+    return b"\0\0\0\0" + counter.to_bytes(8, "big")
+
+
+# --------------------------------------------------------------------------
+# Key agreement
+
+
+class Pake:
+    """
+    One side of SPAKE2.  The outbound message is prefixed with a role byte,
+    so two senders (or two receivers) on one code get a clear error instead
+    of a misleading "wrong code".
+    """
+
+    def __init__(self, password: str, nameplate: str, role: str):
+        self.role = role
+        cls = SPAKE2_A if role == SENDER else SPAKE2_B
+        ident = b"p2pft/v1/" + nameplate.encode("ascii")
+        self._spake = cls(
+            password.encode("utf-8"), idA=ident + b"/sender", idB=ident + b"/receiver"
+        )
+
+    def start(self) -> bytes:
+        return _ROLE_BYTE[self.role] + self._spake.start()
+
+    def finish(self, message: bytes) -> "SessionKeys":
+        if message[:1] == _ROLE_BYTE[self.role]:
+            raise SecurityError(f"the other side is also a {self.role}")
+        if message[:1] != _ROLE_BYTE[other(self.role)]:
+            raise SecurityError("the other side sent a malformed key exchange")
+        try:
+            key = self._spake.finish(message[1:])
+        except (SPAKEError, ValueError, TypeError, AssertionError) as e:
+            raise SecurityError("the other side sent a malformed key exchange") from e
+        return SessionKeys(key, self.role)
+
+
+def hkdf(key: bytes, purpose: str, length: int = 32) -> bytes:
+    return HKDF(
+        algorithm=hashes.SHA256(), length=length, salt=None,
+        info=b"p2pft/v1 " + purpose.encode("ascii"),
+    ).derive(key)
+
+
+@attrs.frozen(repr=False)
+class SessionKeys:
+    """All keys of one session, derived from the SPAKE2 key by purpose."""
+
+    key: bytes
+    role: str
+
+    def _directional(self, purpose: str, sending: bool) -> bytes:
+        writer = self.role if sending else other(self.role)
+        return hkdf(self.key, f"{purpose} from {writer}")
+
+    def box(self) -> "Box":
+        """For messages relayed by the rendezvous server."""
+        return Box(self._directional("rendezvous", True), self._directional("rendezvous", False))
+
+    def handshake_key(self) -> bytes:
+        return hkdf(self.key, "candidate handshake")
+
+    def sealer(self) -> "RecordSealer":
+        return RecordSealer(self._directional("records", True))
+
+    def opener(self) -> "RecordOpener":
+        return RecordOpener(self._directional("records", False))
+
+    def __repr__(self) -> str:  # never print keys
+        return f"<SessionKeys {self.role}>"
+
+
+class Box:
+    """
+    Sealed messages in one conversation: per-direction keys, counter nonces.
+    A dropped, replayed, reordered or altered message fails to open.
+    """
+
+    def __init__(self, send_key: bytes, receive_key: bytes):
+        self._send = AESGCM(send_key)
+        self._receive = AESGCM(receive_key)
+        self._sent = 0
+        self._received = 0
+
+    def seal(self, plaintext: bytes) -> bytes:
+        ct = self._send.encrypt(_nonce(self._sent), plaintext, None)
+        self._sent += 1
+        return ct
+
+    def open(self, ciphertext: bytes) -> bytes:
+        try:
+            pt = self._receive.decrypt(_nonce(self._received), ciphertext, None)
+        except InvalidTag:
+            raise SecurityError("a message from the other side failed authentication") from None
+        self._received += 1
+        return pt
+
+
+# --------------------------------------------------------------------------
+# Candidate handshake
+
+MAGIC = b"p2pft\x00\x01\x00"
+NONCE = 16
+MAC = 32
+HELLO_SIZE = len(MAGIC) + NONCE
+
+
+class Handshake:
+    """
+    The handshake on one candidate connection, as a machine fed with bytes.
+
+    Both sides send HELLO (magic + fresh nonce) at once, then, having read
+    the other's HELLO, PROOF = HMAC(k, "proof" | role | my nonce | their
+    nonce).  A connection is I{authenticated} when the other side's PROOF
+    checks.  Then the leader (the sender) may call L{select} on exactly one
+    connection, which sends SELECT = HMAC(k, "select" | leader nonce |
+    follower nonce); the follower reports I{selected} when it reads that.
+    Anything after SELECT is record data, handed back as C{rest}.
+
+    C{receive} returns a list of events: C{("send", bytes)},
+    C{("authenticated",)}, C{("selected", rest)}.  It raises
+    L{SecurityError} on anything unexpected: the caller drops the connection
+    silently.
+    """
+
+    def __init__(self, handshake_key: bytes, role: str, nonce: bytes | None = None):
+        self._key = handshake_key
+        self.role = role
+        self.nonce = nonce if nonce is not None else os.urandom(NONCE)
+        self._buffer = b""
+        self._peer_nonce: bytes | None = None
+        self.state = "hello"  # -> proof -> authenticated -> selected
+
+    @property
+    def leader(self) -> bool:
+        return self.role == SENDER
+
+    def hello(self) -> bytes:
+        return MAGIC + self.nonce
+
+    def _mac(self, *parts: bytes) -> bytes:
+        return hmac.new(self._key, b"|".join(parts), sha256).digest()
+
+    def _proof(self, role: str, first: bytes, second: bytes) -> bytes:
+        return self._mac(b"proof", role.encode("ascii"), first, second)
+
+    def _select_mac(self) -> bytes:
+        assert self._peer_nonce is not None
+        if self.leader:
+            return self._mac(b"select", self.nonce, self._peer_nonce)
+        return self._mac(b"select", self._peer_nonce, self.nonce)
+
+    def receive(self, data: bytes) -> list[tuple]:
+        events: list[tuple] = []
+        self._buffer += data
+        while True:
+            if self.state == "hello":
+                if len(self._buffer) < HELLO_SIZE:
+                    if not MAGIC.startswith(self._buffer[: len(MAGIC)]):
+                        raise SecurityError("not a p2pft peer")
+                    return events
+                hello, self._buffer = self._buffer[:HELLO_SIZE], self._buffer[HELLO_SIZE:]
+                if hello[: len(MAGIC)] != MAGIC:
+                    raise SecurityError("not a p2pft peer")
+                self._peer_nonce = hello[len(MAGIC):]
+                if self._peer_nonce == self.nonce:
+                    raise SecurityError("connected to ourselves")
+                events.append(("send", self._proof(self.role, self.nonce, self._peer_nonce)))
+                self.state = "proof"
+            elif self.state == "proof":
+                if len(self._buffer) < MAC:
+                    return events
+                proof, self._buffer = self._buffer[:MAC], self._buffer[MAC:]
+                expected = self._proof(other(self.role), self._peer_nonce, self.nonce)
+                if not hmac.compare_digest(proof, expected):
+                    raise SecurityError("candidate failed to prove the session key")
+                self.state = "authenticated"
+                events.append(("authenticated",))
+            elif self.state == "authenticated":
+                if self.leader:
+                    if self._buffer:
+                        raise SecurityError("follower spoke before SELECT")
+                    return events
+                if len(self._buffer) < MAC:
+                    return events
+                mac, self._buffer = self._buffer[:MAC], self._buffer[MAC:]
+                if not hmac.compare_digest(mac, self._select_mac()):
+                    raise SecurityError("bad SELECT")
+                self.state = "selected"
+                rest, self._buffer = self._buffer, b""
+                events.append(("selected", rest))
+                return events
+            else:
+                raise SecurityError(f"unexpected data in state {self.state}")
+
+    def select(self) -> bytes:
+        """Leader only: commit to this connection; returns the bytes to send."""
+        if not self.leader or self.state != "authenticated":
+            raise SecurityError("cannot select this connection")
+        self.state = "selected"
+        return self._select_mac()
+
+
+# --------------------------------------------------------------------------
+# Records
+
+
+class RecordSealer:
+    """
+    Turns (type, plaintext) into frames: a 5-byte header (big-endian
+    ciphertext length, type byte) and AES-256-GCM ciphertext whose nonce is
+    the record counter and whose associated data is the header.
+    """
+
+    def __init__(self, key: bytes):
+        self._aead = AESGCM(key)
+        self._counter = 0
+
+    def seal(self, kind: int, plaintext: bytes) -> list[bytes]:
+        if len(plaintext) > MAX_RECORD:
+            raise ValueError("record too large")
+        header = _HEADER.pack(len(plaintext) + TAG, kind)
+        ct = self._aead.encrypt(_nonce(self._counter), plaintext, header)
+        self._counter += 1
+        return [header, ct]
+
+
+class RecordOpener:
+    """Reassembles frames from a byte stream and opens them, in order."""
+
+    def __init__(self, key: bytes):
+        self._aead = AESGCM(key)
+        self._counter = 0
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """Return every complete record as (type, plaintext); raise on forgery."""
+        buf = self._buffer
+        buf += data
+        records = []
+        offset = 0
+        while len(buf) - offset >= _HEADER.size:
+            length, kind = _HEADER.unpack_from(buf, offset)
+            if length < TAG or length > MAX_RECORD + TAG:
+                raise SecurityError("record length out of range")
+            end = offset + _HEADER.size + length
+            if len(buf) < end:
+                break
+            header = bytes(buf[offset: offset + _HEADER.size])
+            ct = memoryview(buf)[offset + _HEADER.size: end]
+            try:
+                pt = self._aead.decrypt(_nonce(self._counter), ct, header)
+            except InvalidTag:
+                raise SecurityError("a record failed authentication (tampered, replayed or reordered)") from None
+            finally:
+                ct.release()
+            self._counter += 1
+            records.append((kind, pt))
+            offset = end
+        if offset:
+            del buf[:offset]
+        return records
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete record still buffered."""
+        return len(self._buffer)

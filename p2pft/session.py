@@ -1,0 +1,237 @@
+"""
+One p2pft session, layer by layer:
+
+  rendezvous (pair on a nameplate)  ->  PAKE + key confirmation
+  -> candidates (sealed)  ->  punch (one authenticated connection)
+  -> transfer  ->  result
+
+The layers never call each other; this module passes each one's output to
+the next.  L{send} and L{receive} are the two entry points of the CLI and
+the twistd plugin.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import attrs
+from twisted.internet import defer, error
+from twisted.internet.protocol import ClientFactory
+from twisted.internet.tcp import makeBinding
+from twisted.logger import Logger
+
+from . import codes
+from .channel import PeerConnection
+from .punch import PunchConnector, PunchFailed, PunchSchedule
+from .rendezvous import RendezvousClientProtocol, RendezvousError, normalise_host
+from .secure import RECEIVER, SENDER, Pake, SecurityError, SessionKeys, WrongCode
+from .transfer import FileReceiver, FileSender, Result, TransferFailed
+
+log = Logger()
+
+#: Seconds to wait for each message from the peer once paired.
+MESSAGE_TIMEOUT = 60.0
+#: Most candidates accepted from the peer.
+MAX_CANDIDATES = 16
+
+
+class SessionError(Exception):
+    """A failure to report to the user, in one line."""
+
+
+@attrs.define
+class Settings:
+    server: tuple[str, int]
+    code: str | None = None
+    code_length: int = codes.DEFAULT_WORDS
+    schedule: PunchSchedule = PunchSchedule()
+
+
+class _RendezvousFactory(ClientFactory):
+    protocol = RendezvousClientProtocol
+
+    def __init__(self) -> None:
+        self.connected: defer.Deferred = defer.Deferred()
+
+    def buildProtocol(self, addr):
+        p = super().buildProtocol(addr)
+        self.connected.callback(p)
+        return p
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        if not self.connected.called:
+            self.connected.errback(reason)
+
+
+def _timeout(reactor, d: defer.Deferred, seconds: float, what: str) -> defer.Deferred:
+    def translate(f):
+        f.trap(defer.CancelledError)
+        raise SessionError(f"timed out waiting for {what}")
+
+    d.addTimeout(seconds, reactor)
+    return d.addErrback(translate)
+
+
+async def _connect_rendezvous(reactor, server: tuple[str, int]) -> RendezvousClientProtocol:
+    factory = _RendezvousFactory()
+    host, port = server
+    # Bind with SO_REUSEADDR + SO_REUSEPORT so the punch listener and
+    # outgoing attempts can share this local port later.
+    reactor.connectTCP(
+        host, port, factory, timeout=10,
+        bindAddress=makeBinding("", 0, reuseAddress=True, reusePort=True),
+    )
+    try:
+        client = await factory.connected
+    except (error.ConnectError, error.DNSLookupError) as e:
+        raise SessionError(f"cannot reach the rendezvous server {host}:{port}: {e.__class__.__name__}") from None
+    return client
+
+
+@attrs.define
+class _Established:
+    keys: SessionKeys
+    channel: PeerConnection
+    path: str = "direct"
+
+
+async def _establish(reactor, settings: Settings, role: str, ui) -> _Established:
+    client = await _connect_rendezvous(reactor, settings.server)
+    try:
+        return await _pair_and_punch(reactor, client, settings, role, ui)
+    finally:
+        client.close()
+
+
+async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
+    public = await _timeout(reactor, client.welcomed, 30, "the rendezvous server")
+    if settings.code:
+        code = codes.parse_code(settings.code)
+        client.claim(code.nameplate)
+    else:
+        nameplate = await _timeout(reactor, client.allocate(), 30, "a nameplate")
+        code = codes.Code(nameplate, codes.make_password(settings.code_length))
+        client.claim  # (allocation already joined us to the nameplate)
+    ui.code(str(code), announce=not settings.code)
+    await client.paired
+    ui.paired()
+
+    # Key agreement, then key confirmation, then candidates: nothing but the
+    # SPAKE2 message leaves in the clear.
+    pake = Pake(code.password, code.nameplate, role)
+    client.send(pake.start())
+    keys = pake.finish(await _timeout(reactor, client.receive(), MESSAGE_TIMEOUT, "the other side"))
+    box = keys.box()
+    client.send(box.seal(_encode({"confirm": "p2pft/v1"})))
+    try:
+        confirm = _decode(box.open(await _timeout(reactor, client.receive(), MESSAGE_TIMEOUT, "key confirmation")))
+    except SecurityError:
+        raise WrongCode("wrong code: the other side typed a different code (the code is now used up)") from None
+    if confirm.get("confirm") != "p2pft/v1":
+        raise SessionError("the other side speaks another version of p2pft")
+
+    local = client.transport.getHost()
+    mine = _candidates(public, (normalise_host(local.host), local.port))
+    client.send(box.seal(_encode({"candidates": mine})))
+    theirs = _parse_candidates(_decode(box.open(
+        await _timeout(reactor, client.receive(), MESSAGE_TIMEOUT, "the other side's addresses")
+    )))
+    log.info("punching from port {port} to {theirs}", port=local.port, theirs=theirs)
+
+    connector = PunchConnector(
+        reactor, local.port, theirs,
+        lambda c: PeerConnection(c, keys, reactor, settings.schedule.handshake_timeout),
+        leader=(role == SENDER), schedule=settings.schedule,
+    )
+    try:
+        channel = await connector.run()
+    except PunchFailed as e:
+        raise SessionError(str(e)) from None
+    return _Established(keys, channel)
+
+
+def _candidates(public: tuple[str, int], local: tuple[str, int]) -> list[list]:
+    found = [list(public)]
+    if list(local) not in found and local[0] not in ("0.0.0.0", "::"):
+        found.append(list(local))
+    return found
+
+
+def _parse_candidates(message: dict) -> list[tuple[str, int]]:
+    import ipaddress
+
+    raw = message.get("candidates")
+    if not isinstance(raw, list):
+        raise SessionError("the other side sent no addresses")
+    out = []
+    for item in raw[:MAX_CANDIDATES]:
+        try:
+            host, port = item
+            ip = ipaddress.ip_address(host)
+            port = int(port)
+        except (TypeError, ValueError):
+            continue
+        if ip.is_unspecified or ip.is_multicast or not 0 < port < 65536:
+            continue
+        if isinstance(ip, ipaddress.IPv4Address) and ip == ipaddress.IPv4Address("255.255.255.255"):
+            continue
+        out.append((str(ip), port))
+    if not out:
+        raise SessionError("the other side sent no usable addresses")
+    return out
+
+
+def _encode(value: dict) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def _decode(data: bytes) -> dict:
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise SessionError("the other side sent a malformed message") from None
+    if not isinstance(value, dict):
+        raise SessionError("the other side sent a malformed message")
+    return value
+
+
+def _translate(e: Exception) -> Exception:
+    if isinstance(e, (SessionError, TransferFailed, WrongCode)):
+        return e
+    if isinstance(e, (RendezvousError, SecurityError, codes.CodeError)):
+        return SessionError(str(e))
+    return e
+
+
+async def send(reactor, settings: Settings, path: str, ui) -> Result:
+    """Send one file; fire with the L{Result} once the receiver acknowledged it."""
+    if not os.path.isfile(path):
+        raise SessionError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise SessionError(f"{path}: permission denied")
+    try:
+        est = await _establish(reactor, settings, SENDER, ui)
+    except Exception as e:
+        raise _translate(e) from None
+    ui.connected(est.channel.peer, est.path)
+    sender = FileSender(est.channel, reactor, path, progress=ui.progress)
+    ui.sending(sender.name, sender.size)
+    result = await sender.start()
+    ui.done(result, est.path)
+    return result
+
+
+async def receive(reactor, settings: Settings, output_dir: str, decide, ui, overwrite: bool = False) -> Result:
+    """Receive one file into C{output_dir}."""
+    if not os.path.isdir(output_dir):
+        raise SessionError(f"{output_dir}: no such directory")
+    try:
+        est = await _establish(reactor, settings, RECEIVER, ui)
+    except Exception as e:
+        raise _translate(e) from None
+    ui.connected(est.channel.peer, est.path)
+    receiver = FileReceiver(est.channel, reactor, output_dir, decide, overwrite=overwrite, progress=ui.progress)
+    result = await receiver.start()
+    ui.done(result, est.path)
+    return result

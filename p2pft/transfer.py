@@ -1,0 +1,414 @@
+"""
+The transfer layer: what travels inside the encrypted records.
+
+    sender                         receiver
+    OFFER {name, size}      ->
+                            <-     ACCEPT {}            (or REJECT {message})
+    DATA bytes ... DATA     ->                          (flow-controlled)
+    END {size, sha256}      ->
+                            <-     ACK {sha256}         (after fsync + rename)
+
+Either side may send ABORT {message} and close.  The sender succeeds only on
+an ACK whose hash matches its own; the receiver only after the data verified
+and the file was renamed into place.  A connection that ends any other way
+is a failure on both sides, whatever was received.
+
+L{FileSender} and L{FileReceiver} talk to a channel (L{p2pft.channel}) only
+through C{attach}, C{send}, C{registerProducer}, C{unregisterProducer} and
+C{close}, so tests drive them with a fake channel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import unicodedata
+from typing import Callable
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .channel import IRecordHandler
+
+OFFER, ACCEPT, REJECT, DATA, END, ACK, ABORT = range(1, 8)
+KIND_NAMES = {1: "OFFER", 2: "ACCEPT", 3: "REJECT", 4: "DATA", 5: "END", 6: "ACK", 7: "ABORT"}
+
+#: Plaintext bytes per DATA record.
+CHUNK = 256 * 1024
+#: DATA records written each time the transport asks for more.
+BURST = 4
+#: Largest JSON control message accepted.
+MAX_CONTROL = 64 * 1024
+MAX_NAME_BYTES = 255
+
+
+class TransferFailed(Exception):
+    """The transfer did not complete; the message says why, in one line."""
+
+
+class Declined(TransferFailed):
+    """The receiver said no (or could not take the file)."""
+
+
+class UnsafeName(TransferFailed):
+    """The sender offered a name we will not write."""
+
+
+def _control(payload: dict) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode("utf-8")
+
+
+def _parse_control(payload: bytes) -> dict:
+    if len(payload) > MAX_CONTROL:
+        raise TransferFailed("control message too large")
+    try:
+        value = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise TransferFailed("malformed control message") from None
+    if not isinstance(value, dict):
+        raise TransferFailed("malformed control message")
+    return value
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """Text safe to print on a terminal: control, format (bidi) and escape
+    characters shown as \\x.. / \\u.... escapes."""
+    out = []
+    for ch in text[:limit]:
+        if ch == "\\" or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            out.append(ch.encode("unicode_escape").decode("ascii") if ch != "\\" else "\\\\")
+        else:
+            out.append(ch)
+    return "".join(out) + ("..." if len(text) > limit else "")
+
+
+def safe_name(name: object) -> str:
+    """
+    The file name the receiver will write, from the name the sender offered:
+    the last path component (POSIX or Windows separators), which must be a
+    plain, printable name.  Raise L{UnsafeName} otherwise.
+    """
+    if not isinstance(name, str):
+        raise UnsafeName("offered name is not text")
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = unicodedata.normalize("NFC", base)
+    if base in ("", ".", ".."):
+        raise UnsafeName(f"offered name {printable(name)!r} has no usable file name")
+    if len(base.encode("utf-8")) > MAX_NAME_BYTES:
+        raise UnsafeName("offered name is too long")
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") for c in base):
+        raise UnsafeName(f"offered name {printable(base)!r} contains control characters")
+    return base
+
+
+@attrs.frozen
+class Offer:
+    name: str
+    size: int
+
+
+@attrs.frozen
+class Result:
+    name: str
+    size: int
+    sha256: str
+    seconds: float
+    path: str | None = None
+
+
+def _offer_from(message: dict) -> Offer:
+    size = message.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise TransferFailed("offer has an invalid size")
+    return Offer(safe_name(message.get("name")), size)
+
+
+class _Endpoint:
+    """What sender and receiver share: the channel, the result, aborts."""
+
+    log = Logger()
+
+    def __init__(self, channel, clock, progress: Callable[[int, int], None] | None):
+        self._channel = channel
+        self._clock = clock
+        self._progress = progress or (lambda done, total: None)
+        self.done: defer.Deferred = defer.Deferred()
+        self.state = "new"
+        self._started = clock.seconds()
+
+    def _elapsed(self) -> float:
+        return self._clock.seconds() - self._started
+
+    def _fail(self, error: TransferFailed, tell_peer: bool = True) -> None:
+        if self.state in ("done", "failed", "acknowledging"):
+            return
+        self.state = "failed"
+        self._cleanup()
+        if tell_peer:
+            self._channel.send(ABORT, _control({"message": str(error)}))
+        self._channel.close()
+        self.done.errback(error)
+
+    def _cleanup(self) -> None:
+        pass
+
+    def _remote_abort(self, payload: bytes) -> None:
+        try:
+            message = str(_parse_control(payload).get("message", ""))
+        except TransferFailed:
+            message = ""
+        self._fail(TransferFailed(f"the other side stopped: {printable(message) or 'no reason given'}"), tell_peer=False)
+
+    def channelLost(self, reason: str) -> None:
+        if self.state not in ("done", "failed"):
+            self._fail(TransferFailed(f"connection lost before the transfer completed ({reason})"), tell_peer=False)
+
+    def recordReceived(self, kind: int, payload: bytes) -> None:
+        if self.state in ("done", "failed"):
+            return
+        if kind == ABORT:
+            return self._remote_abort(payload)
+        try:
+            self._handle(kind, payload)
+        except TransferFailed as e:
+            self._fail(e)
+        except OSError as e:
+            self._fail(TransferFailed(f"{e.strerror or e}: {printable(e.filename or '')}".rstrip(": ")))
+
+    def _unexpected(self, kind: int) -> TransferFailed:
+        return TransferFailed(f"protocol error: unexpected {KIND_NAMES.get(kind, kind)} in state {self.state}")
+
+
+@implementer(IRecordHandler)
+class FileSender(_Endpoint):
+    """Offers one file and streams it as a pull producer."""
+
+    def __init__(self, channel, clock, path: str, name: str | None = None, progress=None):
+        super().__init__(channel, clock, progress)
+        self._path = path
+        self._file = open(path, "rb")
+        self.size = os.fstat(self._file.fileno()).st_size
+        self.name = name or os.path.basename(os.path.abspath(path))
+        self._hash = hashlib.sha256()
+        self._sent = 0
+
+    def start(self) -> defer.Deferred:
+        self._channel.attach(self)
+        self._channel.send(OFFER, _control({"name": self.name, "size": self.size}))
+        self.state = "offered"
+        return self.done
+
+    def _handle(self, kind: int, payload: bytes) -> None:
+        if self.state == "offered" and kind == ACCEPT:
+            self.state = "sending"
+            self._started = self._clock.seconds()
+            self._channel.registerProducer(self, False)
+        elif self.state == "offered" and kind == REJECT:
+            message = printable(str(_parse_control(payload).get("message", "declined")))
+            self._fail(Declined(f"the receiver declined: {message}"), tell_peer=False)
+        elif self.state == "ending" and kind == ACK:
+            theirs = _parse_control(payload).get("sha256")
+            if theirs != self._hash.hexdigest():
+                raise TransferFailed("the receiver's checksum does not match ours")
+            self.state = "done"
+            self._cleanup()
+            self._channel.close()
+            self.done.callback(Result(self.name, self._sent, theirs, self._elapsed()))
+        else:
+            raise self._unexpected(kind)
+
+    # IPullProducer
+    def resumeProducing(self) -> None:
+        if self.state != "sending":
+            return
+        try:
+            for _ in range(BURST):
+                chunk = self._file.read(CHUNK)
+                if not chunk:
+                    return self._end()
+                self._sent += len(chunk)
+                if self._sent > self.size:
+                    raise TransferFailed(f"{printable(self.name)} grew while it was being sent")
+                self._hash.update(chunk)
+                self._channel.send(DATA, chunk)
+            self._progress(self._sent, self.size)
+        except TransferFailed as e:
+            self._channel.unregisterProducer()
+            self._fail(e)
+        except OSError as e:
+            self._channel.unregisterProducer()
+            self._fail(TransferFailed(f"cannot read {printable(self._path)}: {e.strerror or e}"))
+
+    def _end(self) -> None:
+        self._channel.unregisterProducer()
+        if self._sent != self.size:
+            raise TransferFailed(f"{printable(self.name)} shrank while it was being sent")
+        self._progress(self._sent, self.size)
+        self.state = "ending"
+        self._channel.send(END, _control({"size": self._sent, "sha256": self._hash.hexdigest()}))
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        self.channelLost("stopped")
+
+    def _cleanup(self) -> None:
+        self._file.close()
+
+
+@implementer(IRecordHandler)
+class FileReceiver(_Endpoint):
+    """
+    Takes one offered file into C{output_dir}: a temporary file beside the
+    destination, verified, fsync'd, then renamed into place (never over an
+    existing file unless C{overwrite}).
+
+    @param decide: called with the L{Offer}; returns a Deferred that fires
+        with True to accept.
+    """
+
+    def __init__(self, channel, clock, output_dir: str, decide, overwrite: bool = False, progress=None):
+        super().__init__(channel, clock, progress)
+        self._dir = os.path.abspath(output_dir)
+        self._decide = decide
+        self._overwrite = overwrite
+        self._hash = hashlib.sha256()
+        self._received = 0
+        self._file = None
+        self._temp: str | None = None
+        self.offer: Offer | None = None
+
+    def start(self) -> defer.Deferred:
+        self.state = "waiting"
+        self._channel.attach(self)
+        return self.done
+
+    @property
+    def destination(self) -> str:
+        assert self.offer is not None
+        return os.path.join(self._dir, self.offer.name)
+
+    def _handle(self, kind: int, payload: bytes) -> None:
+        if self.state == "acknowledging":
+            return
+        if self.state == "waiting" and kind == OFFER:
+            self.offer = _offer_from(_parse_control(payload))
+            self._check_room()
+            self.state = "deciding"
+            d = defer.maybeDeferred(self._decide, self.offer)
+            d.addCallbacks(self._decided, lambda f: self._fail(TransferFailed(f.getErrorMessage())))
+        elif self.state == "receiving" and kind == DATA:
+            self._received += len(payload)
+            if self._received > self.offer.size:
+                raise TransferFailed("the sender sent more data than it offered")
+            self._hash.update(payload)
+            self._file.write(payload)
+            self._progress(self._received, self.offer.size)
+        elif self.state == "receiving" and kind == END:
+            self._finish(_parse_control(payload))
+        else:
+            raise self._unexpected(kind)
+
+    def _check_room(self) -> None:
+        if not os.path.isdir(self._dir):
+            raise Declined(f"output directory {printable(self._dir)} does not exist")
+        if os.path.lexists(self.destination) and not self._overwrite:
+            raise Declined(f"{printable(self.offer.name)} already exists (use --overwrite to replace it)")
+        free = shutil.disk_usage(self._dir).free
+        if self.offer.size > free:
+            raise Declined(
+                f"not enough free space for {printable(self.offer.name)}: "
+                f"{self.offer.size} bytes offered, {free} free"
+            )
+
+    def _decided(self, accepted: bool) -> None:
+        if self.state != "deciding":
+            return
+        if not accepted:
+            self._channel.send(REJECT, _control({"message": "the receiver said no"}))
+            self._fail(Declined("declined"), tell_peer=False)
+            return
+        try:
+            self._check_room()  # the answer may have taken a while
+            fd, self._temp = _mkstemp(self._dir, self.offer.name)
+            self._file = os.fdopen(fd, "wb")
+        except (TransferFailed, OSError) as e:
+            return self._fail(e if isinstance(e, TransferFailed) else TransferFailed(str(e)))
+        self.state = "receiving"
+        self._started = self._clock.seconds()
+        self._channel.send(ACCEPT, _control({}))
+
+    def _finish(self, end: dict) -> None:
+        digest = self._hash.hexdigest()
+        if end.get("size") != self._received or self._received != self.offer.size:
+            raise TransferFailed(
+                f"size mismatch: offered {self.offer.size}, received {self._received} bytes"
+            )
+        if end.get("sha256") != digest:
+            raise TransferFailed("checksum mismatch: the received data is not what was sent")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        _place(self._temp, self.destination, self._overwrite)
+        self._temp = None
+        self.state = "acknowledging"
+        self._result = Result(self.offer.name, self._received, digest, self._elapsed(), self.destination)
+        self._channel.send(ACK, _control({"sha256": digest}))
+        # Finish once the ACK has left: the sender closes on reading it, or
+        # our own close completes after flushing.
+        self._channel.close()
+
+    def channelLost(self, reason: str) -> None:
+        if self.state == "acknowledging":
+            self.state = "done"
+            self.done.callback(self._result)
+        else:
+            super().channelLost(reason)
+
+    def _cleanup(self) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+        if self._temp is not None:
+            try:
+                os.unlink(self._temp)
+            except OSError:
+                pass
+            self._temp = None
+
+
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def _mkstemp(directory: str, name: str) -> tuple[int, str]:
+    """A fresh partial file beside the destination, with the mode a newly
+    created file would get (never executable, whatever the sender says)."""
+    fd, path = tempfile.mkstemp(prefix=".p2pft-", suffix=".part", dir=directory)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, path
+
+
+def _place(temp: str, destination: str, overwrite: bool) -> None:
+    """Move the verified temporary file into place atomically."""
+    if overwrite:
+        os.replace(temp, destination)
+        return
+    try:
+        os.link(temp, destination)  # fails if destination exists: no clobbering
+    except FileExistsError:
+        raise Declined(f"{printable(os.path.basename(destination))} appeared while receiving; kept the existing file") from None
+    except OSError:
+        # File systems without hard links: check-then-rename is the best we can do.
+        if os.path.lexists(destination):
+            raise Declined(f"{printable(os.path.basename(destination))} already exists") from None
+        os.rename(temp, destination)
+        return
+    os.unlink(temp)

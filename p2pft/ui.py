@@ -1,0 +1,123 @@
+"""
+What the user sees.  L{HumanUI} writes readable lines to stderr (stdout is
+kept for machine output); L{JsonUI} adds one JSON object per line on stdout
+for scripts.  Session code calls the same methods on either.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from twisted.internet import defer, threads
+
+from .transfer import Offer, Result, printable
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError
+
+
+class HumanUI:
+    def __init__(self, server: str = "SERVER:PORT", err=None, assume_yes: bool = False, stdin=None):
+        self._server = server
+        self._err = err or sys.stderr
+        self._stdin = stdin or sys.stdin
+        self.assume_yes = assume_yes
+
+    def say(self, text: str) -> None:
+        self._err.write(text + "\n")
+        self._err.flush()
+
+    def code(self, code: str, announce: bool) -> None:
+        if announce:
+            self.say(f"Code: {code}")
+            self.say(f"On the other computer run:  p2pft receive {self._server} {code}")
+        self.say("Waiting for the other side...")
+
+    def paired(self) -> None:
+        self.say("Paired; exchanging keys...")
+
+    def connected(self, peer: str, path: str) -> None:
+        self.say(f"Connected to {peer} successfully!")
+
+    def sending(self, name: str, size: int) -> None:
+        self.say(f"Sending {printable(name)} ({human_size(size)})...")
+
+    def progress(self, done: int, total: int) -> None:
+        pass
+
+    def decide(self, offer: Offer) -> defer.Deferred:
+        question = f"Receive {printable(offer.name)} ({human_size(offer.size)})? [y/N] "
+        if self.assume_yes:
+            self.say(f"Receiving {printable(offer.name)} ({human_size(offer.size)})...")
+            return defer.succeed(True)
+        if not self._stdin.isatty():
+            return defer.fail(RuntimeError("cannot ask whether to accept: standard input is not a terminal (use --yes)"))
+
+        def ask():
+            self._err.write(question)
+            self._err.flush()
+            return self._stdin.readline().strip().lower() in ("y", "yes")
+
+        return threads.deferToThread(ask)
+
+    def done(self, result: Result, path: str) -> None:
+        rate = result.size / result.seconds / 1e6 if result.seconds > 0 else 0.0
+        verb = "Received" if result.path else "Sent"
+        self.say(
+            f"{verb} {printable(result.name)}: {result.size} bytes in {result.seconds:.2f} s "
+            f"({rate:.1f} MB/s, {path}), sha256 {result.sha256}"
+        )
+
+    def error(self, message: str) -> None:
+        self.say(f"p2pft: error: {message}")
+
+
+class JsonUI(HumanUI):
+    """Human lines on stderr, plus JSON events on stdout."""
+
+    def __init__(self, server: str = "SERVER:PORT", out=None, **kw):
+        super().__init__(server, **kw)
+        self._out = out or sys.stdout
+
+    def emit(self, event: str, **fields) -> None:
+        self._out.write(json.dumps({"event": event, **fields}) + "\n")
+        self._out.flush()
+
+    def code(self, code: str, announce: bool) -> None:
+        super().code(code, announce)
+        self.emit("code", code=code, nameplate=code.split("-", 1)[0])
+
+    def paired(self) -> None:
+        super().paired()
+        self.emit("paired")
+
+    def connected(self, peer: str, path: str) -> None:
+        super().connected(peer, path)
+        self.emit("connected", peer=peer, path=path)
+
+    def sending(self, name: str, size: int) -> None:
+        super().sending(name, size)
+        self.emit("offer", name=name, size=size)
+
+    def decide(self, offer: Offer) -> defer.Deferred:
+        self.emit("offer", name=offer.name, size=offer.size)
+        return super().decide(offer)
+
+    def done(self, result: Result, path: str) -> None:
+        super().done(result, path)
+        fields = dict(name=result.name, bytes=result.size, sha256=result.sha256,
+                      seconds=round(result.seconds, 3), path=path)
+        if result.path:
+            fields["file"] = result.path
+        self.emit("done", **fields)
+
+    def error(self, message: str) -> None:
+        super().error(message)
+        self.emit("error", message=message)

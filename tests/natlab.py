@@ -1,0 +1,723 @@
+"""
+A small NAT laboratory built from Linux network namespaces, veth pairs,
+bridges and iptables, for tests that run real processes behind real NATs.
+
+Default topology (``NatLab()``)::
+
+                       namespace <prefix>-inet
+                      bridge "br0", 203.0.113.0/24
+          +-------------------+-----------------------+
+          |                   |                       |
+   <prefix>-server       <prefix>-natA            <prefix>-natB
+   eth0 203.0.113.10     wan0 203.0.113.21        wan0 203.0.113.22
+                         lan0 10.201.1.1/24       lan0 10.201.2.1/24
+                         (bridge)                 (bridge)
+                              |                       |
+                         <prefix>-a               <prefix>-b
+                         eth0 10.201.1.10         eth0 10.201.2.10
+                         default via .1           default via .1
+
+Every segment is a Linux bridge living in the upstream namespace; every
+downstream node hangs off it through a veth pair whose upstream end is
+called ``p-<role>``.  All veths are created *inside* lab namespaces
+(``ip -n <ns> link add ... peer ... netns <other>``), so nothing is ever
+created in the namespace the tests run in, and deleting the lab's
+namespaces removes every interface the lab made.
+
+Per-host NAT behaviour is described by :class:`Nat`:
+
+``Nat("masquerade")``  (default) ``MASQUERADE`` on the wan side, which keeps
+    the source port when it is free (endpoint-independent mapping in
+    practice).  Unsolicited inbound traffic - both to the router itself
+    (INPUT) and forwarded towards the LAN (FORWARD) - is silently dropped;
+    only conntrack ``ESTABLISHED,RELATED`` gets in.
+``Nat("reject")``  like masquerade, but unsolicited inbound TCP is answered
+    with a TCP RST (``REJECT --reject-with tcp-reset``), everything else
+    with ICMP port-unreachable.
+``Nat("symmetric")``  ``MASQUERADE --random-fully``: every new connection
+    gets a random public port, inbound filtered like masquerade.
+``Nat("none")``  no NAT: the host sits directly on the public network
+    (203.0.113.31 for a, .32 for b).
+``Nat(kind, cgnat=<kind>)``  carrier-grade NAT: the home router's wan side
+    is on 100.64.N.0/24 behind a carrier router ``cgnA``/``cgnB`` whose own
+    wan is 203.0.113.41/.42; the carrier applies ``<kind>`` rules (one of
+    masquerade/reject/symmetric).  ``Nat("none", cgnat=...)`` puts the
+    host directly on the carrier network.
+
+``NatLab(shared_lan=True)`` puts host b on host a's LAN (10.201.1.11)
+behind a's NAT chain.  Hairpinning (reaching your own router's public
+address from inside) is not configured, as on many real home routers.
+
+Usage::
+
+    lab = NatLab(a=Nat("masquerade"), b=Nat("reject"))
+    self.addCleanup(lab.down)
+    lab.up()
+    proc = lab.popen("a", [sys.executable, "-m", "p2pft", ...])
+
+or ``with NatLab() as lab: ...``, or ``start_lab(testcase, ...)`` which also
+does the skip/fail dance of :func:`require_lab`.
+
+The lab needs root, iproute2 and iptables (either backend).  Set
+``P2PFT_NATLAB_REQUIRED=1`` to turn "cannot build the lab" from a skip into
+a test failure (for CI machines that are supposed to run these tests).
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import errno
+import functools
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import unittest
+import weakref
+
+__all__ = [
+    "REQUIRED_ENV",
+    "NAT_KINDS",
+    "Nat",
+    "NatLab",
+    "NatLabError",
+    "cleanup_stale",
+    "lab_required",
+    "require_lab",
+    "start_lab",
+    "unavailable_reason",
+]
+
+REQUIRED_ENV = "P2PFT_NATLAB_REQUIRED"
+
+#: NAT behaviours understood by :class:`Nat`.
+NAT_KINDS = ("masquerade", "reject", "symmetric", "none")
+
+#: Every namespace this module creates is called ``<PREFIX>-<role>`` where
+#: PREFIX matches this pattern; :func:`cleanup_stale` only ever touches
+#: namespaces matching :data:`_OUR_NS_RE`.
+PREFIX_STEM = "p2l"
+_OUR_NS_RE = re.compile(r"^(p2l[0-9a-f]{6})-([A-Za-z0-9]{1,8})$")
+_CUSTOM_PREFIX_RE = re.compile(r"^[A-Za-z0-9]{1,12}$")
+
+#: One pid file per live lab, so that cleanup_stale() run by one process
+#: never tears down a lab that another live process is using.
+STATE_DIR = "/run/p2pft-natlab"
+
+PUBLIC_NET = "203.0.113"          # 203.0.113.0/24, TEST-NET-3
+PUBLIC_PREFIXLEN = 24
+SERVER_IP = PUBLIC_NET + ".10"
+LAN_NET = "10.201.{}"             # 10.201.N.0/24, N = host index (a=1, b=2)
+CARRIER_NET = "100.64.{}"         # 100.64.N.0/24, RFC 6598 shared space
+
+_HOSTS = ("a", "b")
+_CMD_TIMEOUT = 20.0
+
+
+class NatLabError(RuntimeError):
+    """Building (or probing for) the lab failed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Nat:
+    """How one host reaches the public network.
+
+    kind: one of :data:`NAT_KINDS`.
+    cgnat: ``None``, or the kind ("masquerade", "reject", "symmetric") of a
+        carrier-grade NAT sitting between the home router and the public
+        network.
+    """
+
+    kind: str = "masquerade"
+    cgnat: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in NAT_KINDS:
+            raise ValueError(f"unknown NAT kind {self.kind!r}; expected one of {NAT_KINDS}")
+        if self.cgnat is not None and self.cgnat not in ("masquerade", "reject", "symmetric"):
+            raise ValueError(f"unknown carrier NAT kind {self.cgnat!r}")
+
+
+# ---------------------------------------------------------------------------
+# small helpers
+
+
+def _cmd(argv, input=None, timeout=_CMD_TIMEOUT, check=True):
+    """Run a setup command; raise NatLabError with its stderr on failure."""
+    try:
+        res = subprocess.run(
+            list(argv),
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise NatLabError(f"{' '.join(argv)}: {e}") from e
+    if check and res.returncode != 0:
+        raise NatLabError(
+            f"{' '.join(argv)} exited with {res.returncode}: "
+            f"{(res.stderr or res.stdout).strip()}"
+        )
+    return res
+
+
+def _list_netns():
+    res = _cmd(["ip", "netns", "list"], check=False)
+    if res.returncode != 0:
+        return []
+    names = []
+    for line in res.stdout.splitlines():
+        parts = line.split()
+        if parts:
+            names.append(parts[0])
+    return names
+
+
+def _netns_pids(ns):
+    res = _cmd(["ip", "netns", "pids", ns], check=False)
+    if res.returncode != 0:
+        return []
+    return [int(p) for p in res.stdout.split() if p.isdigit()]
+
+
+def _kill_netns_processes(ns):
+    """SIGKILL whatever still runs inside one of *our* namespaces."""
+    for pid in _netns_pids(ns):
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _delete_netns(ns):
+    """Delete namespace ns (which must be one of ours). True if it is gone."""
+    _kill_netns_processes(ns)
+    res = _cmd(["ip", "netns", "del", ns], check=False)
+    if res.returncode == 0:
+        return True
+    return ns not in _list_netns()
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _iptables_restore_argv():
+    return [shutil.which("iptables-restore") or "iptables-restore"]
+
+
+def _router_rules(kind, wan="wan0", lan="lan0"):
+    """iptables-restore input for a NAT router of the given kind."""
+    masq = "-j MASQUERADE --random-fully" if kind == "symmetric" else "-j MASQUERADE"
+    if kind == "reject":
+        unsolicited = [
+            "-p tcp -j REJECT --reject-with tcp-reset",
+            "-j REJECT --reject-with icmp-port-unreachable",
+        ]
+    else:
+        unsolicited = ["-j DROP"]
+    lines = [
+        "*nat",
+        ":PREROUTING ACCEPT [0:0]",
+        ":INPUT ACCEPT [0:0]",
+        ":OUTPUT ACCEPT [0:0]",
+        ":POSTROUTING ACCEPT [0:0]",
+        f"-A POSTROUTING -o {wan} {masq}",
+        "COMMIT",
+        "*filter",
+        ":INPUT ACCEPT [0:0]",
+        ":FORWARD ACCEPT [0:0]",
+        ":OUTPUT ACCEPT [0:0]",
+        f"-A INPUT -i {wan} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+        *(f"-A INPUT -i {wan} {u}" for u in unsolicited),
+        # never leak un-NATed (conntrack-invalid) packets to the wan
+        "-A FORWARD -m conntrack --ctstate INVALID -j DROP",
+        f"-A FORWARD -i {wan} -o {lan} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+        *(f"-A FORWARD -i {wan} {u}" for u in unsolicited),
+        "COMMIT",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# availability
+
+
+def lab_required():
+    """True when REQUIRED_ENV says an unbuildable lab is a failure."""
+    v = os.environ.get(REQUIRED_ENV, "")
+    return v not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _probe():
+    if not sys.platform.startswith("linux"):
+        return f"NAT lab needs Linux network namespaces (platform is {sys.platform})"
+    if os.geteuid() != 0:
+        return f"NAT lab needs root to create network namespaces (euid {os.geteuid()})"
+    for tool in ("ip", "iptables", "iptables-restore", "sysctl"):
+        if shutil.which(tool) is None:
+            return f"NAT lab needs `{tool}` on PATH"
+    ns = f"{PREFIX_STEM}{secrets.token_hex(3)}-probe"
+    try:
+        try:
+            _cmd(["ip", "netns", "add", ns])
+        except NatLabError as e:
+            return f"cannot create a network namespace: {e}"
+        try:
+            _cmd(["ip", "-n", ns, "link", "set", "lo", "up"])
+            _cmd(["ip", "-n", ns, "link", "add", "lan0", "type", "bridge"])
+            _cmd(["ip", "-n", ns, "link", "add", "wan0", "type", "veth",
+                  "peer", "name", "p-x"])
+            _cmd(["ip", "-n", ns, "link", "set", "p-x", "master", "lan0"])
+            _cmd(["ip", "netns", "exec", ns, "sysctl", "-q", "-w",
+                  "net.ipv4.ip_forward=1"])
+            for kind in ("masquerade", "reject", "symmetric"):
+                _cmd(["ip", "netns", "exec", ns] + _iptables_restore_argv(),
+                     input=_router_rules(kind))
+        except NatLabError as e:
+            return f"network namespace / iptables setup does not work here: {e}"
+    finally:
+        if ns in _list_netns():
+            _delete_netns(ns)
+    return None
+
+
+def unavailable_reason():
+    """None if a NatLab can be built here, else a human-readable reason.
+
+    The (cached) probe builds a throw-away namespace with a bridge, a veth
+    pair and the iptables rules of every NAT kind.
+    """
+    return _probe()
+
+
+def require_lab(testcase):
+    """Skip testcase (or fail it, when REQUIRED_ENV is set) if no lab."""
+    reason = unavailable_reason()
+    if reason is None:
+        return
+    if lab_required():
+        testcase.fail(f"{REQUIRED_ENV}={os.environ.get(REQUIRED_ENV)!r} but the NAT lab "
+                      f"is unavailable: {reason}")
+    raise unittest.SkipTest(reason)
+
+
+def start_lab(testcase, *args, **kwargs):
+    """require_lab(), build a NatLab(*args, **kwargs), register its
+    teardown with testcase.addCleanup and bring it up.  A failing up() is
+    a failure when REQUIRED_ENV is set and a skip otherwise."""
+    require_lab(testcase)
+    lab = NatLab(*args, **kwargs)
+    testcase.addCleanup(lab.down)
+    try:
+        lab.up()
+    except NatLabError as e:
+        if lab_required():
+            testcase.fail(f"NAT lab could not be built: {e}")
+        raise unittest.SkipTest(f"NAT lab could not be built: {e}")
+    return lab
+
+
+# ---------------------------------------------------------------------------
+# stale cleanup
+
+_live_labs = weakref.WeakSet()
+
+
+def _pidfile(prefix):
+    return os.path.join(STATE_DIR, prefix + ".pid")
+
+
+def _read_owner(prefix):
+    try:
+        with open(_pidfile(prefix)) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cleanup_stale():
+    """Delete namespaces left behind by killed earlier runs.
+
+    Only namespaces named ``p2l<6 hex>-<role>`` are considered, and of
+    those only the ones whose owning process (recorded in STATE_DIR) is
+    gone - a lab in use by another live process is left alone.  Returns the
+    list of deleted namespace names.
+    """
+    mine = {lab.prefix for lab in list(_live_labs)}
+    removed = []
+    groups = {}
+    for ns in _list_netns():
+        m = _OUR_NS_RE.match(ns)
+        if m:
+            groups.setdefault(m.group(1), []).append(ns)
+    for prefix, names in groups.items():
+        if prefix in mine:
+            continue
+        owner = _read_owner(prefix)
+        if owner is not None and owner != os.getpid() and _pid_alive(owner):
+            continue
+        for ns in names:
+            if _delete_netns(ns):
+                removed.append(ns)
+        try:
+            os.unlink(_pidfile(prefix))
+        except OSError:
+            pass
+    # pid files of labs whose namespaces are all gone and whose owner died
+    try:
+        entries = os.listdir(STATE_DIR)
+    except OSError:
+        entries = []
+    for entry in entries:
+        prefix = entry[:-4] if entry.endswith(".pid") else None
+        if not prefix or prefix in groups or prefix in mine:
+            continue
+        owner = _read_owner(prefix)
+        if owner is None or not _pid_alive(owner):
+            try:
+                os.unlink(os.path.join(STATE_DIR, entry))
+            except OSError:
+                pass
+    return removed
+
+
+@atexit.register
+def _down_all_at_exit():
+    for lab in list(_live_labs):
+        try:
+            lab.down()
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------------------
+# the lab
+
+
+class NatLab:
+    """A server on the public network plus hosts a and b behind NATs.
+
+    Host names: "server", "a", "b".  Router roles (also valid wherever a
+    name is accepted, e.g. for popen/run/dump): "inet", "natA", "natB",
+    "cgnA", "cgnB" (the latter only when present).
+    """
+
+    def __init__(self, a=None, b=None, prefix=None, shared_lan=False):
+        a = Nat() if a is None else a
+        if shared_lan:
+            if b is not None and b != a:
+                raise ValueError("shared_lan=True puts b behind a's NAT; b's Nat must be "
+                                 "omitted or equal to a's")
+            b = a
+            if a.kind == "none":
+                raise ValueError("shared_lan needs a NAT (kind != 'none')")
+        b = Nat() if b is None else b
+        if not isinstance(a, Nat) or not isinstance(b, Nat):
+            raise TypeError("a and b must be Nat instances")
+        if prefix is None:
+            prefix = f"{PREFIX_STEM}{secrets.token_hex(3)}"
+        elif not _CUSTOM_PREFIX_RE.match(prefix):
+            raise ValueError(f"bad prefix {prefix!r}: 1-12 letters/digits")
+        self.prefix = prefix
+        self.nats = {"a": a, "b": b}
+        self.shared_lan = shared_lan
+        self.server_ip = SERVER_IP
+        self._created = []          # namespaces we created, in order
+        self._procs = []            # Popen objects started via popen()
+        self._is_up = False
+        self._pidfile_written = False
+        self._plan()
+
+    # -- topology planning (pure, no side effects) --------------------------
+
+    def _plan(self):
+        """Compute namespaces, addresses and routes; up() just executes."""
+        ns = {"inet": self._ns("inet"), "server": self._ns("server")}
+        addrs = {"server": SERVER_IP}
+        public = {"server": SERVER_IP}
+        links = []     # (upstream role, bridge, downstream role, ifname, cidr, gw)
+        routers = []   # (role, kind)
+        bridges = [("inet", "br0")]
+        links.append(("inet", "br0", "server", "eth0",
+                      f"{SERVER_IP}/{PUBLIC_PREFIXLEN}", None))
+        for idx, host in enumerate(_HOSTS, start=1):
+            nat = self.nats[host]
+            letter = host.upper()
+            if self.shared_lan and host == "b":
+                lan = LAN_NET.format(1)
+                ns["b"] = self._ns("b")
+                addrs["b"] = f"{lan}.11"
+                links.append(("natA", "lan0", "b", "eth0", f"{lan}.11/24", f"{lan}.1"))
+                public["b"] = public["a"]
+                continue
+            up_role, up_bridge, up_gw = "inet", "br0", None
+            up_prefixlen = PUBLIC_PREFIXLEN
+            if nat.cgnat is not None:
+                cgn = f"cgn{letter}"
+                ns[cgn] = self._ns(cgn)
+                cgn_ip = f"{PUBLIC_NET}.{40 + idx}"
+                links.append(("inet", "br0", cgn, "wan0",
+                              f"{cgn_ip}/{PUBLIC_PREFIXLEN}", None))
+                carrier = CARRIER_NET.format(idx)
+                bridges.append((cgn, "lan0"))
+                addrs[cgn] = cgn_ip
+                routers.append((cgn, nat.cgnat, f"{carrier}.1/24"))
+                public[host] = cgn_ip
+                up_role, up_bridge, up_gw = cgn, "lan0", f"{carrier}.1"
+                up_prefixlen = 24
+                outer_ip = f"{carrier}.2"
+                none_ip = f"{carrier}.10"
+            else:
+                outer_ip = f"{PUBLIC_NET}.{20 + idx}"
+                none_ip = f"{PUBLIC_NET}.{30 + idx}"
+            ns[host] = self._ns(host)
+            if nat.kind == "none":
+                addrs[host] = none_ip
+                links.append((up_role, up_bridge, host, "eth0",
+                              f"{none_ip}/{up_prefixlen}", up_gw))
+                public.setdefault(host, none_ip)
+                continue
+            router = f"nat{letter}"
+            ns[router] = self._ns(router)
+            links.append((up_role, up_bridge, router, "wan0",
+                          f"{outer_ip}/{up_prefixlen}", up_gw))
+            lan = LAN_NET.format(idx)
+            bridges.append((router, "lan0"))
+            routers.append((router, nat.kind, f"{lan}.1/24"))
+            addrs[router] = outer_ip
+            addrs[host] = f"{lan}.10"
+            public.setdefault(host, outer_ip)
+            links.append((router, "lan0", host, "eth0", f"{lan}.10/24", f"{lan}.1"))
+        self._ns_by_role = ns
+        self._addrs = addrs
+        self._public = public
+        self._links = links
+        self._routers = routers
+        self._bridges = bridges
+
+    def _ns(self, role):
+        return f"{self.prefix}-{role}"
+
+    # -- queries --------------------------------------------------------------
+
+    @property
+    def namespaces(self):
+        """All namespace names this lab uses (whether or not up yet)."""
+        return list(self._ns_by_role.values())
+
+    @property
+    def roles(self):
+        return list(self._ns_by_role)
+
+    def host_ns(self, name):
+        """Namespace of a host ("server", "a", "b") or router role."""
+        try:
+            return self._ns_by_role[name]
+        except KeyError:
+            raise KeyError(f"no host/router {name!r} in this lab; have {self.roles}") from None
+
+    def public_ip(self, name):
+        """The source address the server sees for connections from name."""
+        if name not in self._public:
+            raise KeyError(f"no host {name!r}; have {sorted(self._public)}")
+        return self._public[name]
+
+    def private_ip(self, name):
+        """The address configured on name's own interface (routers: wan)."""
+        if name not in self._addrs:
+            raise KeyError(f"no host {name!r}; have {sorted(self._addrs)}")
+        return self._addrs[name]
+
+    def nat(self, name):
+        return self.nats[name]
+
+    def describe(self):
+        lines = [f"NatLab {self.prefix}: server {self.server_ip}"]
+        for host in _HOSTS:
+            lines.append(
+                f"  {host}: {self.nats[host]} private {self.private_ip(host)} "
+                f"public {self.public_ip(host)} ns {self.host_ns(host)}")
+        return "\n".join(lines)
+
+    __repr__ = describe
+
+    # -- processes ------------------------------------------------------------
+
+    def exec_argv(self, name, argv):
+        """The argv that runs argv inside name's namespace."""
+        return ["ip", "netns", "exec", self.host_ns(name)] + [os.fspath(a) for a in argv]
+
+    def popen(self, name, argv, **kwargs):
+        """subprocess.Popen(argv) inside name's namespace.  The process is
+        SIGKILLed by down() if still running."""
+        if not self._is_up:
+            raise NatLabError("lab is not up")
+        proc = subprocess.Popen(self.exec_argv(name, argv), **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def run(self, name, argv, timeout=30, **kwargs):
+        """subprocess.run(argv) inside name's namespace.  Captures text
+        output unless told otherwise; raises subprocess.TimeoutExpired
+        (after killing the child) on timeout."""
+        if not self._is_up:
+            raise NatLabError("lab is not up")
+        if not any(k in kwargs for k in ("stdout", "stderr", "capture_output")):
+            kwargs["capture_output"] = True
+        kwargs.setdefault("text", True)
+        if "input" not in kwargs:
+            kwargs.setdefault("stdin", subprocess.DEVNULL)
+        return subprocess.run(self.exec_argv(name, argv), timeout=timeout, **kwargs)
+
+    def dump(self, names=None):
+        """Diagnostics (addresses, routes, iptables counters, conntrack)
+        for the given roles (default: all), for failure messages."""
+        out = [self.describe()]
+        for role in names or self.roles:
+            ns = self.host_ns(role)
+            if ns not in self._created:
+                continue
+            out.append(f"==== {role} ({ns})")
+            for argv in (["ip", "-br", "addr"], ["ip", "route"],
+                         ["iptables-save", "-c"], ["cat", "/proc/net/nf_conntrack"]):
+                res = _cmd(["ip", "netns", "exec", ns] + argv, check=False)
+                text = (res.stdout + res.stderr).strip()
+                if text:
+                    out.append(f"-- {' '.join(argv)}\n{text}")
+        return "\n".join(out)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def __enter__(self):
+        self.up()
+        return self
+
+    def __exit__(self, *exc):
+        self.down()
+        return False
+
+    def _add_ns(self, role, router=False):
+        ns = self.host_ns(role)
+        if ns in _list_netns():
+            raise NatLabError(f"namespace {ns} already exists")
+        _cmd(["ip", "netns", "add", ns])
+        self._created.append(ns)
+        sysctls = ["net.ipv6.conf.all.disable_ipv6=1",
+                   "net.ipv6.conf.default.disable_ipv6=1"]
+        if router:
+            sysctls.append("net.ipv4.ip_forward=1")
+        if role == "inet" or router:
+            # bridged frames must not traverse this namespace's iptables
+            sysctls.append("net.bridge.bridge-nf-call-iptables=0")
+        _cmd(["ip", "netns", "exec", ns, "sysctl", "-q", "-e", "-w"] + sysctls)
+        _cmd(["ip", "-n", ns, "link", "set", "lo", "up"])
+
+    def up(self):
+        """Build the whole lab.  On failure everything built so far is torn
+        down again and NatLabError is raised."""
+        if self._is_up:
+            return
+        if self._created:
+            raise NatLabError("up() after a failed or torn-down up(); make a new NatLab")
+        started = time.monotonic()
+        _live_labs.add(self)
+        try:
+            os.makedirs(STATE_DIR, exist_ok=True)
+            with open(_pidfile(self.prefix), "w") as f:
+                f.write(f"{os.getpid()}\n")
+            self._pidfile_written = True
+            router_roles = {r for r, _, _ in self._routers}
+            for role in self._ns_by_role:
+                self._add_ns(role, router=role in router_roles)
+            for role, br in self._bridges:
+                ns = self.host_ns(role)
+                _cmd(["ip", "-n", ns, "link", "add", br, "type", "bridge"])
+                _cmd(["ip", "-n", ns, "link", "set", br, "up"])
+            for role, kind, lan_cidr in self._routers:
+                ns = self.host_ns(role)
+                _cmd(["ip", "-n", ns, "addr", "add", lan_cidr, "dev", "lan0"])
+                _cmd(["ip", "netns", "exec", ns] + _iptables_restore_argv(),
+                     input=_router_rules(kind))
+            for up_role, bridge, down_role, ifname, cidr, gw in self._links:
+                up_ns, down_ns = self.host_ns(up_role), self.host_ns(down_role)
+                port = f"p-{down_role}"
+                _cmd(["ip", "-n", up_ns, "link", "add", port, "type", "veth",
+                      "peer", "name", ifname, "netns", down_ns])
+                _cmd(["ip", "-n", up_ns, "link", "set", port, "master", bridge, "up"])
+                _cmd(["ip", "-n", down_ns, "addr", "add", cidr, "dev", ifname])
+                _cmd(["ip", "-n", down_ns, "link", "set", ifname, "up"])
+                if gw is not None:
+                    _cmd(["ip", "-n", down_ns, "route", "add", "default", "via", gw])
+        except BaseException as e:
+            try:
+                self.down()
+            except Exception:
+                pass
+            if isinstance(e, NatLabError):
+                raise
+            if isinstance(e, Exception):
+                raise NatLabError(f"building NAT lab failed: {e!r}") from e
+            raise
+        self._is_up = True
+        self.up_seconds = time.monotonic() - started
+
+    def down(self):
+        """Kill the lab's processes and delete every namespace it created
+        (which removes their veths and bridges).  Idempotent; safe before,
+        during-failure-of and after up()."""
+        started = time.monotonic()
+        self._is_up = False
+        for proc in self._procs:
+            if proc.poll() is None:
+                try:
+                    proc.kill()
+                except OSError:
+                    pass
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    try:
+                        stream.close()
+                    except OSError:
+                        pass
+        self._procs = []
+        failed = []
+        for ns in reversed(list(self._created)):
+            if _delete_netns(ns):
+                self._created.remove(ns)
+            else:
+                failed.append(ns)
+        if self._pidfile_written and not failed:
+            try:
+                os.unlink(_pidfile(self.prefix))
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+            self._pidfile_written = False
+        if not failed:
+            _live_labs.discard(self)
+        self.down_seconds = time.monotonic() - started
+        if failed:
+            raise NatLabError(f"could not delete namespaces {failed}")
