@@ -71,11 +71,14 @@ class _DialFactory(ClientFactory):
     def __init__(self, connector: "PunchConnector", address: tuple[str, int]):
         self._connector = connector
         self.address = address
+        self.pending = True
 
     def buildProtocol(self, addr):
+        self.pending = False
         return self._connector._build()
 
     def clientConnectionFailed(self, connector, reason: Failure) -> None:
+        self.pending = False
         self._connector._dialFailed(self.address, reason)
 
     def clientConnectionLost(self, connector, reason: Failure) -> None:
@@ -123,7 +126,7 @@ class PunchConnector:
         self._leader = leader
         self._schedule = schedule
         self._live: list = []
-        self._dialling: dict[tuple[str, int], object] = {}
+        self._dialling: dict[tuple[str, int], tuple] = {}
         self._timers: list = []
         self._errors: dict[tuple[str, int], str] = {}
         self._listener = None
@@ -158,10 +161,12 @@ class PunchConnector:
             return
         self.attempts += 1
         host, port = address
-        self._dialling[address] = self._reactor.connectTCP(
-            host, port, _DialFactory(self, address),
+        factory = _DialFactory(self, address)
+        connector = self._reactor.connectTCP(
+            host, port, factory,
             timeout=self._schedule.attempt_timeout, bindAddress=self._binding(),
         )
+        self._dialling[address] = (connector, factory)
 
     def _dialFailed(self, address: tuple[str, int], reason: Failure) -> None:
         self._dialling.pop(address, None)
@@ -217,8 +222,9 @@ class PunchConnector:
         for timer in self._timers:
             if timer.active():
                 timer.cancel()
-        for connector in list(self._dialling.values()):
-            if connector.state == "connecting":
+        for connector, factory in list(self._dialling.values()):
+            if factory.pending:
+                factory.pending = False
                 connector.stopConnecting()
         self._dialling.clear()
         if self._listener is not None:

@@ -349,15 +349,22 @@ class RendezvousClientProtocol(LineReceiver):
     MAX_LENGTH = MAX_LINE
 
     def __init__(self) -> None:
-        self.welcomed: defer.Deferred = defer.Deferred()
-        self.paired: defer.Deferred = defer.Deferred()
+        self._welcomed = _OneShot()
+        self._paired = _OneShot()
         self._allocated: defer.Deferred | None = None
         self._inbox: list[bytes] = []
         self._readers: list[defer.Deferred] = []
         self._failure: RendezvousError | None = None
-        self.disconnected: defer.Deferred = defer.Deferred()
 
     # -- API
+
+    def welcomed(self) -> defer.Deferred:
+        """Fires with the (host, port) the server sees us as."""
+        return self._welcomed.when()
+
+    def paired(self) -> defer.Deferred:
+        """Fires when a partner joined our nameplate."""
+        return self._paired.when()
 
     def allocate(self) -> defer.Deferred:
         self._allocated = defer.Deferred()
@@ -397,8 +404,7 @@ class RendezvousClientProtocol(LineReceiver):
             d, self._allocated = self._allocated, None
             d.callback(rest)
         elif command == "PAIRED":
-            if not self.paired.called:
-                self.paired.callback(None)
+            self._paired.fire(None)
         elif command == "MSG":
             try:
                 payload = decode_payload(rest)
@@ -421,7 +427,7 @@ class RendezvousClientProtocol(LineReceiver):
 
     def _welcome(self, rest: str) -> None:
         parts = rest.split(" ")
-        if self.welcomed.called:
+        if self._welcomed.done:
             return
         if len(parts) != 4 or parts[0] != PROTOCOL_NAME or parts[1] != PROTOCOL_VERSION:
             self._fail(RendezvousError("not a p2pft rendezvous server (or another version)"))
@@ -431,7 +437,7 @@ class RendezvousClientProtocol(LineReceiver):
             host, port = str(ipaddress.ip_address(parts[2])), int(parts[3])
         except ValueError:
             return self._fail(RendezvousError("server sent a malformed address"))
-        self.welcomed.callback((host, port))
+        self._welcomed.fire((host, port))
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._fail(RendezvousError("server sent an overlong line"))
@@ -439,17 +445,53 @@ class RendezvousClientProtocol(LineReceiver):
 
     def connectionLost(self, reason=None) -> None:
         self._fail(RendezvousError("lost the connection to the rendezvous server"))
-        self.disconnected.callback(None)
 
     def _fail(self, error: RendezvousError) -> None:
         if self._failure is None:
             self._failure = error
-        pending = [self.welcomed, self.paired, self._allocated] + self._readers
+        self._welcomed.fail(error)
+        self._paired.fail(error)
+        pending = [self._allocated] + self._readers
         self._readers = []
         self._allocated = None
         for d in pending:
             if d is not None and not d.called:
                 d.errback(error)
+
+
+class _OneShot:
+    """An event that happens once; each L{when} gets its own Deferred, so a
+    failure nobody asked about is never reported as unhandled."""
+
+    def __init__(self) -> None:
+        self._waiting: list[defer.Deferred] = []
+        self._outcome: tuple | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._outcome is not None
+
+    def when(self) -> defer.Deferred:
+        if self._outcome is None:
+            d = defer.Deferred()
+            self._waiting.append(d)
+            return d
+        ok, value = self._outcome
+        return defer.succeed(value) if ok else defer.fail(value)
+
+    def _settle(self, ok: bool, value) -> None:
+        if self._outcome is not None:
+            return
+        self._outcome = (ok, value)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(value) if ok else d.errback(value)
+
+    def fire(self, value) -> None:
+        self._settle(True, value)
+
+    def fail(self, error: Exception) -> None:
+        self._settle(False, error)
 
 
 def parse_server(text: str) -> tuple[str, int]:

@@ -105,16 +105,15 @@ async def _establish(reactor, settings: Settings, role: str, ui) -> _Established
 
 
 async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
-    public = await _timeout(reactor, client.welcomed, 30, "the rendezvous server")
+    public = await _timeout(reactor, client.welcomed(), 30, "the rendezvous server")
     if settings.code:
         code = codes.parse_code(settings.code)
         client.claim(code.nameplate)
     else:
         nameplate = await _timeout(reactor, client.allocate(), 30, "a nameplate")
         code = codes.Code(nameplate, codes.make_password(settings.code_length))
-        client.claim  # (allocation already joined us to the nameplate)
     ui.code(str(code), announce=not settings.code)
-    await client.paired
+    await client.paired()
     ui.paired()
 
     # Key agreement, then key confirmation, then candidates: nothing but the

@@ -274,8 +274,15 @@ def _probe():
     for tool in ("ip", "iptables", "iptables-restore", "sysctl"):
         if shutil.which(tool) is None:
             return f"NAT lab needs `{tool}` on PATH"
-    ns = f"{PREFIX_STEM}{secrets.token_hex(3)}-probe"
+    prefix = f"{PREFIX_STEM}{secrets.token_hex(3)}"
+    ns = f"{prefix}-probe"
     try:
+        try:
+            # claim the prefix first, so a concurrent cleanup_stale() in
+            # another process leaves our probe namespace alone
+            _write_pidfile(prefix)
+        except OSError as e:
+            return f"cannot write {STATE_DIR}: {e}"
         try:
             _cmd(["ip", "netns", "add", ns])
         except NatLabError as e:
@@ -296,6 +303,10 @@ def _probe():
     finally:
         if ns in _list_netns():
             _delete_netns(ns)
+        try:
+            os.unlink(_pidfile(prefix))
+        except OSError:
+            pass
     return None
 
 
@@ -343,6 +354,12 @@ _live_labs = weakref.WeakSet()
 
 def _pidfile(prefix):
     return os.path.join(STATE_DIR, prefix + ".pid")
+
+
+def _write_pidfile(prefix):
+    os.makedirs(STATE_DIR, exist_ok=True)
+    with open(_pidfile(prefix), "w") as f:
+        f.write(f"{os.getpid()}\n")
 
 
 def _read_owner(prefix):
@@ -640,9 +657,7 @@ class NatLab:
         started = time.monotonic()
         _live_labs.add(self)
         try:
-            os.makedirs(STATE_DIR, exist_ok=True)
-            with open(_pidfile(self.prefix), "w") as f:
-                f.write(f"{os.getpid()}\n")
+            _write_pidfile(self.prefix)
             self._pidfile_written = True
             router_roles = {r for r, _, _ in self._routers}
             for role in self._ns_by_role:

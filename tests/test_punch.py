@@ -1,0 +1,213 @@
+"""
+The punching connector: its schedule and tie-break on a fake reactor, and
+real shared-port sockets on loopback.
+"""
+
+from twisted.internet import defer, error, protocol, reactor
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from p2pft.channel import PeerConnection
+from p2pft.punch import ICandidate, PunchConnector, PunchFailed, PunchSchedule
+from p2pft.secure import RECEIVER, SENDER, Pake
+
+SCHEDULE = PunchSchedule(redial=0.5, attempt_timeout=4, deadline=20, handshake_timeout=10)
+
+
+@implementer(ICandidate)
+class FakeCandidate(protocol.Protocol):
+    def __init__(self, connector):
+        self.connector = connector
+        self.selected = False
+        self.abandoned = False
+        self.transport = StringTransport()
+
+    def select(self):
+        self.selected = True
+
+    def abandon(self):
+        self.abandoned = True
+
+
+class ScheduleTests(SynchronousTestCase):
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.built = []
+
+    def factory(self, connector):
+        c = FakeCandidate(connector)
+        self.built.append(c)
+        return c
+
+    def make(self, leader=True, candidates=(("198.51.100.1", 4000), ("10.0.0.2", 4000))):
+        return PunchConnector(self.reactor, 5555, list(candidates), self.factory, leader, SCHEDULE)
+
+    def fail_dial(self, index, reason=error.ConnectionRefusedError()):
+        host, port, factory, timeout, bind = self.reactor.tcpClients[index]
+        factory.clientConnectionFailed(self.reactor.connectors[index], Failure(reason))
+
+    def test_listens_and_dials_every_candidate_from_the_shared_port(self):
+        self.make().run()
+        [(binding, _, _, interface)] = self.reactor.tcpServers
+        self.assertEqual((binding._port, binding._reuseAddress, binding._reusePort), (5555, True, True))
+        dials = [(h, p, t, b._port, b._reuseAddress, b._reusePort) for h, p, _, t, b in self.reactor.tcpClients]
+        self.assertEqual(dials, [
+            ("198.51.100.1", 4000, 4, 5555, True, True),
+            ("10.0.0.2", 4000, 4, 5555, True, True),
+        ])
+
+    def test_duplicate_candidates_dialled_once(self):
+        self.make(candidates=[("1.2.3.4", 1), ("1.2.3.4", 1)]).run()
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_failed_attempt_redialled_on_schedule(self):
+        self.make().run()
+        self.fail_dial(0)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.reactor.advance(0.4)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.reactor.advance(0.2)
+        self.assertEqual(len(self.reactor.tcpClients), 3)
+        self.assertEqual(self.reactor.tcpClients[2][:2], ("198.51.100.1", 4000))
+
+    def test_gives_up_at_deadline_with_reasons(self):
+        d = self.make().run()
+        self.fail_dial(0)
+        self.reactor.advance(19.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.2)
+        f = self.failureResultOf(d, PunchFailed)
+        self.assertIn("198.51.100.1:4000", str(f.value))
+        self.assertTrue(self.reactor.connectors[1].stoppedConnecting)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        n = len(self.reactor.tcpClients)
+        self.reactor.advance(100)
+        self.assertEqual(len(self.reactor.tcpClients), n, "no dialling after giving up")
+
+    def test_leader_selects_first_authenticated_and_drops_the_rest(self):
+        connector = self.make(leader=True)
+        d = connector.run()
+        listen_factory = self.reactor.tcpServers[0][1]
+        dial_factory = self.reactor.tcpClients[0][2]
+        a = dial_factory.buildProtocol(None)
+        b = listen_factory.buildProtocol(None)
+        connector.authenticated(b)
+        self.assertTrue(b.selected)
+        self.assertIs(self.successResultOf(d), b)
+        self.assertTrue(a.abandoned)
+        self.assertFalse(b.abandoned)
+        self.assertTrue(self.reactor.connectors[1].stoppedConnecting)
+        self.assertFalse(self.reactor.connectors[0].stoppedConnecting)
+        connector.authenticated(a)
+        self.assertFalse(a.selected)
+        self.assertIsNone(listen_factory.buildProtocol(None), "late arrivals refused")
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_follower_waits_for_selection(self):
+        connector = self.make(leader=False)
+        d = connector.run()
+        a = self.reactor.tcpClients[0][2].buildProtocol(None)
+        b = self.reactor.tcpServers[0][1].buildProtocol(None)
+        connector.authenticated(a)
+        connector.authenticated(b)
+        self.assertNoResult(d)
+        self.assertFalse(a.selected or b.selected)
+        connector.selected(b)
+        self.assertIs(self.successResultOf(d), b)
+        self.assertTrue(a.abandoned)
+
+    def test_cancel_cleans_up(self):
+        d = self.make().run()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertTrue(all(c.stoppedConnecting for c in self.reactor.connectors))
+
+
+class _Sink(protocol.Protocol):
+    pass
+
+
+class LoopbackPunchTests(TestCase):
+    """Two connectors on real sockets, each sharing the port of a live
+    "rendezvous" connection, as the session does."""
+
+    timeout = 30
+
+    async def rendezvous_port(self):
+        server = reactor.listenTCP(0, protocol.Factory.forProtocol(_Sink), interface="127.0.0.1")
+        self.addCleanup(server.stopListening)
+        from twisted.internet.tcp import makeBinding
+
+        connected = defer.Deferred()
+
+        class F(protocol.ClientFactory):
+            def buildProtocol(self, addr):
+                p = _Sink()
+                reactor.callLater(0, connected.callback, p)
+                return p
+
+        reactor.connectTCP("127.0.0.1", server.getHost().port, F(),
+                           bindAddress=makeBinding("127.0.0.1", 0, reuseAddress=True, reusePort=True))
+        p = await connected
+        self.addCleanup(p.transport.loseConnection)
+        return p.transport.getHost().port
+
+    def keys(self):
+        s, r = Pake("w-w", "1", SENDER), Pake("w-w", "1", RECEIVER)
+        ms, mr = s.start(), r.start()
+        return s.finish(mr), r.finish(ms)
+
+    async def test_exactly_one_authenticated_connection(self):
+        ks, kr = self.keys()
+        pa, pb = await self.rendezvous_port(), await self.rendezvous_port()
+        schedule = PunchSchedule(redial=0.1, attempt_timeout=2, deadline=10, handshake_timeout=5)
+        # A stray client hits the receiver's port first; it must be ignored.
+        stray = defer.Deferred()
+        stray_factory = protocol.ClientFactory.forProtocol(_Sink)
+        stray_factory.clientConnectionLost = lambda c, r: stray.callback(None)
+        stray_factory.clientConnectionFailed = lambda c, r: stray.callback(None)
+        sender = PunchConnector(reactor, pa, [("127.0.0.1", pb)],
+                                lambda c: PeerConnection(c, ks, reactor, 5), True, schedule, "127.0.0.1")
+        receiver = PunchConnector(reactor, pb, [("127.0.0.1", pa)],
+                                  lambda c: PeerConnection(c, kr, reactor, 5), False, schedule, "127.0.0.1")
+        rd = receiver.run()
+        conn = reactor.connectTCP("127.0.0.1", pb, stray_factory)
+        self.addCleanup(conn.disconnect)
+        sd = sender.run()
+        s_chan, r_chan = await sd, await rd
+        self.addCleanup(s_chan.transport.abortConnection)
+        self.addCleanup(r_chan.transport.abortConnection)
+        self.assertEqual(s_chan.transport.getHost().port, pa)
+        self.assertEqual(r_chan.transport.getHost().port, pb)
+        self.assertEqual(s_chan.transport.getPeer().port, pb)
+        # The chosen channel carries authenticated records both ways.
+        got = defer.Deferred()
+
+        class Handler:
+            def recordReceived(self, kind, payload):
+                got.callback((kind, payload))
+
+            def channelLost(self, reason):
+                pass
+
+        r_chan.attach(Handler())
+        s_chan.attach(Handler())
+        s_chan.send(9, b"over the punched connection")
+        self.assertEqual(await got, (9, b"over the punched connection"))
+
+    async def test_wrong_key_never_connects(self):
+        ks, _ = self.keys()
+        _, kr = self.keys()  # an independent exchange: different key
+        pa, pb = await self.rendezvous_port(), await self.rendezvous_port()
+        schedule = PunchSchedule(redial=0.1, attempt_timeout=1, deadline=1.5, handshake_timeout=1)
+        sender = PunchConnector(reactor, pa, [("127.0.0.1", pb)],
+                                lambda c: PeerConnection(c, ks, reactor, 1), True, schedule, "127.0.0.1")
+        receiver = PunchConnector(reactor, pb, [("127.0.0.1", pa)],
+                                  lambda c: PeerConnection(c, kr, reactor, 1), False, schedule, "127.0.0.1")
+        rd, sd = receiver.run(), sender.run()
+        for d in (sd, rd):
+            with self.assertRaises(PunchFailed):
+                await d
