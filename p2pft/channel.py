@@ -128,7 +128,12 @@ class PeerConnection(Protocol):
         self.transport.unregisterProducer()
 
     def close(self) -> None:
+        """Close after flushing what was sent."""
         self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Close now, dropping anything unsent."""
+        self.transport.abortConnection()
 
     def _records(self, data: bytes) -> None:
         try:

@@ -186,6 +186,14 @@ async def _main(reactor, config: Options) -> None:
 
         service = makeService(sub, reactor)
         service.startService()
+        try:
+            port = await service.rendezvous.listening
+        except Exception as e:
+            sys.stderr.write(f"p2pft: error: cannot listen on {sub['port']}: {e}\n")
+            raise SystemExit(EXIT_FAILURE)
+        address = port.getHost()
+        sys.stderr.write(f"p2pft rendezvous server listening on {address.host}:{address.port}\n")
+        sys.stderr.flush()
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
         await defer.Deferred()  # until Ctrl-C / SIGTERM
         return

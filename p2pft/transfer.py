@@ -42,6 +42,8 @@ KIND_NAMES = {1: "OFFER", 2: "ACCEPT", 3: "REJECT", 4: "DATA", 5: "END", 6: "ACK
 CHUNK = 256 * 1024
 #: DATA records written each time the transport asks for more.
 BURST = 4
+#: Seconds to wait for a closing connection to flush before aborting it.
+CLOSE_TIMEOUT = 10.0
 #: Largest JSON control message accepted.
 MAX_CONTROL = 64 * 1024
 MAX_NAME_BYTES = 255
@@ -129,7 +131,12 @@ def _offer_from(message: dict) -> Offer:
 
 
 class _Endpoint:
-    """What sender and receiver share: the channel, the result, aborts."""
+    """
+    What sender and receiver share: the channel, aborts, and how a transfer
+    ends.  Every ending -- success or failure -- closes the channel first and
+    reports only once the connection is gone (or L{CLOSE_TIMEOUT} passed), so
+    a final ACK, REJECT or ABORT is never lost to a process that exits early.
+    """
 
     log = Logger()
 
@@ -137,22 +144,56 @@ class _Endpoint:
         self._channel = channel
         self._clock = clock
         self._progress = progress or (lambda done, total: None)
-        self.done: defer.Deferred = defer.Deferred()
+        self.done: defer.Deferred = defer.Deferred(self._cancelled)
         self.state = "new"
         self._started = clock.seconds()
+        self._outcome: object = None
+        self._close_timer = None
 
     def _elapsed(self) -> float:
         return self._clock.seconds() - self._started
 
+    @property
+    def _ending(self) -> bool:
+        return self.state in ("closing", "done", "failed")
+
     def _fail(self, error: TransferFailed, tell_peer: bool = True) -> None:
-        if self.state in ("done", "failed", "acknowledging"):
+        if self._ending:
             return
-        self.state = "failed"
         self._cleanup()
         if tell_peer:
             self._channel.send(ABORT, _control({"message": str(error)}))
+        self._close_then(error)
+
+    def _close_then(self, outcome: object) -> None:
+        self.state = "closing"
+        self._outcome = outcome
+        self._close_timer = self._clock.callLater(CLOSE_TIMEOUT, self._channel.abort)
         self._channel.close()
-        self.done.errback(error)
+
+    def channelLost(self, reason: str) -> None:
+        if self.state == "closing":
+            return self._settle()
+        if not self._ending:
+            self._cleanup()
+            self._outcome = TransferFailed(f"connection lost before the transfer completed ({reason})")
+            self._settle()
+
+    def _settle(self) -> None:
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        outcome = self._outcome
+        self.state = "failed" if isinstance(outcome, Exception) else "done"
+        if self.done.called:
+            return
+        if isinstance(outcome, Exception):
+            self.done.errback(outcome)
+        else:
+            self.done.callback(outcome)
+
+    def _cancelled(self, d: defer.Deferred) -> None:
+        # Ctrl-C: tell the other side why, and clean up what we wrote.
+        self._fail(TransferFailed("interrupted"))
 
     def _cleanup(self) -> None:
         pass
@@ -164,12 +205,8 @@ class _Endpoint:
             message = ""
         self._fail(TransferFailed(f"the other side stopped: {printable(message) or 'no reason given'}"), tell_peer=False)
 
-    def channelLost(self, reason: str) -> None:
-        if self.state not in ("done", "failed"):
-            self._fail(TransferFailed(f"connection lost before the transfer completed ({reason})"), tell_peer=False)
-
     def recordReceived(self, kind: int, payload: bytes) -> None:
-        if self.state in ("done", "failed"):
+        if self._ending:
             return
         if kind == ABORT:
             return self._remote_abort(payload)
@@ -215,10 +252,8 @@ class FileSender(_Endpoint):
             theirs = _parse_control(payload).get("sha256")
             if theirs != self._hash.hexdigest():
                 raise TransferFailed("the receiver's checksum does not match ours")
-            self.state = "done"
             self._cleanup()
-            self._channel.close()
-            self.done.callback(Result(self.name, self._sent, theirs, self._elapsed()))
+            self._close_then(Result(self.name, self._sent, theirs, self._elapsed()))
         else:
             raise self._unexpected(kind)
 
@@ -295,8 +330,6 @@ class FileReceiver(_Endpoint):
         return os.path.join(self._dir, self.offer.name)
 
     def _handle(self, kind: int, payload: bytes) -> None:
-        if self.state == "acknowledging":
-            return
         if self.state == "waiting" and kind == OFFER:
             self.offer = _offer_from(_parse_control(payload))
             self._check_room()
@@ -357,19 +390,8 @@ class FileReceiver(_Endpoint):
         self._file.close()
         _place(self._temp, self.destination, self._overwrite)
         self._temp = None
-        self.state = "acknowledging"
-        self._result = Result(self.offer.name, self._received, digest, self._elapsed(), self.destination)
         self._channel.send(ACK, _control({"sha256": digest}))
-        # Finish once the ACK has left: the sender closes on reading it, or
-        # our own close completes after flushing.
-        self._channel.close()
-
-    def channelLost(self, reason: str) -> None:
-        if self.state == "acknowledging":
-            self.state = "done"
-            self.done.callback(self._result)
-        else:
-            super().channelLost(reason)
+        self._close_then(Result(self.offer.name, self._received, digest, self._elapsed(), self.destination))
 
     def _cleanup(self) -> None:
         if self._file is not None and not self._file.closed:

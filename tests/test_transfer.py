@@ -36,6 +36,7 @@ class FakeChannel:
         self.queue = []
         self.producer = None
         self.closed = False
+        self.lost = False
         self.log = log
 
     def attach(self, handler):
@@ -55,6 +56,18 @@ class FakeChannel:
 
     def close(self):
         self.closed = True
+        # Like loseConnection: lost once what we sent has been flushed (to a
+        # peer that reads, or to nobody at all).
+        if not self.queue or self.peer.handler is None:
+            self.notify_lost()
+
+    def abort(self):
+        self.close()
+
+    def notify_lost(self):
+        if not self.lost and self.handler is not None:
+            self.lost = True
+            self.handler.channelLost("closed")
 
 
 class Link:
@@ -62,7 +75,6 @@ class Link:
         self.log = []
         self.a, self.b = FakeChannel(self.log), FakeChannel(self.log)
         self.a.peer, self.b.peer = self.b, self.a
-        self.lost = False
 
     def pump(self, limit=100000):
         for _ in range(limit):
@@ -75,12 +87,11 @@ class Link:
                 if ch.producer is not None and not ch.queue:
                     ch.producer.resumeProducing()
                     progressed = True
-            if (self.a.closed or self.b.closed) and not self.a.queue and not self.b.queue and not self.lost:
-                self.lost = True
+            if (self.a.closed or self.b.closed) and not self.a.queue and not self.b.queue:
                 for ch in (self.a, self.b):
-                    if ch.handler is not None:
-                        ch.handler.channelLost("closed")
-                progressed = True
+                    if not ch.lost:
+                        ch.notify_lost()
+                        progressed = True
             if not progressed:
                 return
         raise AssertionError("pump did not settle")
@@ -184,6 +195,8 @@ class TransferTests(SynchronousTestCase):
             f.write(b"theirs")
         link.pump()
         self.failureResultOf(rd, TransferFailed)
+        f = self.failureResultOf(sd, TransferFailed)
+        self.assertIn("appeared while receiving", str(f.value))
         with open(os.path.join(self.out, "file.bin"), "rb") as f:
             self.assertEqual(f.read(), b"theirs")
         self.assertEqual(os.listdir(self.out), ["file.bin"])

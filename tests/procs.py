@@ -1,0 +1,129 @@
+"""
+Real p2pft processes for end-to-end tests, driven by Twisted's process
+support: wait for output or exit with bounded deadlines, never sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import ProcessProtocol
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+DEADLINE = 60.0
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = ROOT + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    e["PYTHONUNBUFFERED"] = "1"
+    e.pop("P2PFT_CODE", None)
+    e.update(extra)
+    return e
+
+
+def p2pft_argv(*args: str) -> list[str]:
+    return [PYTHON, "-m", "p2pft", *args]
+
+
+def twistd_argv(*args: str) -> list[str]:
+    return [PYTHON, "-c", "from twisted.scripts.twistd import run; run()", *args]
+
+
+class Proc(ProcessProtocol):
+    """Collects output; lets tests wait for a regex on stdout/stderr or exit."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.out = b""
+        self.err = b""
+        self.ended: defer.Deferred = defer.Deferred()
+        self.exit_code: int | None = None
+        self._waiters: list[tuple[str, re.Pattern, defer.Deferred]] = []
+
+    # -- waiting
+
+    def wait_for(self, pattern: str, stream: str = "any", timeout: float = DEADLINE) -> defer.Deferred:
+        """Fire with the match object once C{pattern} appears."""
+        d = defer.Deferred()
+        self._waiters.append((stream, re.compile(pattern), d))
+        self._check()
+        return _deadline(d, timeout, f"{self.name}: {pattern!r} not seen", self)
+
+    def wait_exit(self, timeout: float = DEADLINE) -> defer.Deferred:
+        d = defer.Deferred()
+        self.ended.addBoth(lambda code: (d.callback(code) if not d.called else None, code)[1])
+        return _deadline(d, timeout, f"{self.name}: did not exit", self)
+
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in self.out.decode().splitlines() if line.startswith("{")]
+
+    def text(self) -> str:
+        return f"--- {self.name} exit={self.exit_code}\nstdout:\n{self.out.decode(errors='replace')}\nstderr:\n{self.err.decode(errors='replace')}"
+
+    def _check(self) -> None:
+        streams = {"out": self.out, "err": self.err, "any": self.out + b"\n" + self.err}
+        for item in list(self._waiters):
+            stream, pattern, d = item
+            m = pattern.search(streams[stream].decode(errors="replace"))
+            if m:
+                self._waiters.remove(item)
+                d.callback(m)
+            elif self.exit_code is not None:
+                self._waiters.remove(item)
+                d.errback(AssertionError(f"{self.name} exited ({self.exit_code}) before {pattern.pattern!r}\n{self.text()}"))
+
+    # -- ProcessProtocol
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+        self._check()
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+        self._check()
+
+    def processEnded(self, reason) -> None:
+        self.exit_code = reason.value.exitCode if reason.value.exitCode is not None else -(reason.value.signal or 0)
+        self._check()
+        self.ended.callback(self.exit_code)
+
+    # -- control
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.exit_code is None:
+            try:
+                self.transport.signalProcess({signal.SIGKILL: "KILL", signal.SIGTERM: "TERM", signal.SIGINT: "INT"}[sig])
+            except Exception:
+                pass
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+def _deadline(d: defer.Deferred, seconds: float, what: str, proc: Proc) -> defer.Deferred:
+    def timed_out(f):
+        f.trap(defer.CancelledError)
+        raise AssertionError(f"{what} within {seconds} s\n{proc.text()}")
+
+    return d.addTimeout(seconds, reactor).addErrback(timed_out)
+
+
+def spawn(testcase, name: str, argv: list[str], cwd: str | None = None, childFDs=None, **envs) -> Proc:
+    """Start a process; it is killed and reaped when the test ends."""
+    proc = Proc(name)
+    reactor.spawnProcess(proc, argv[0], argv, env=env(**envs), path=cwd, childFDs=childFDs)
+
+    async def reap():
+        proc.kill()
+        if proc.exit_code is None:
+            await proc.ended
+
+    testcase.addCleanup(lambda: defer.ensureDeferred(reap()))
+    return proc

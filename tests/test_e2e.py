@@ -1,0 +1,195 @@
+"""
+End to end on loopback, no root needed: real server, sender and receiver
+processes; the twistd plugins; the CLI's exit codes and one-line errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pty
+import signal
+
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
+from tests.procs import p2pft_argv, spawn, twistd_argv
+
+
+def make_file(path: str, size: int) -> str:
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+    return path
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Workspace:
+    def __init__(self, testcase: TestCase):
+        self.root = os.path.abspath(testcase.mktemp())
+        self.src = os.path.join(self.root, "src")
+        self.out = os.path.join(self.root, "out")
+        os.makedirs(self.src)
+        os.makedirs(self.out)
+
+
+async def start_server(testcase, name="server", argv=None):
+    server = spawn(testcase, name, argv or p2pft_argv("server", "--port", "tcp:0:interface=127.0.0.1"))
+    m = await server.wait_for(r"listening on 127\.0\.0\.1:(\d+)")
+    return server, f"127.0.0.1:{m.group(1)}"
+
+
+class LoopbackEndToEndTests(TestCase):
+    timeout = 120
+
+    async def test_send_receive_json(self):
+        ws = Workspace(self)
+        src = make_file(os.path.join(ws.src, "movie.bin"), 3 * 1024 * 1024 + 17)
+        server, addr = await start_server(self)
+        sender = spawn(self, "sender", p2pft_argv("send", "--json", addr, src))
+        m = await sender.wait_for(r'"event": "code", "code": "([^"]+)"', "out")
+        code = m.group(1)
+        receiver = spawn(self, "receiver", p2pft_argv("receive", "--yes", "--json", "-o", ws.out, addr, code))
+        self.assertEqual(await receiver.wait_exit(), 0, receiver.text())
+        self.assertEqual(await sender.wait_exit(), 0, sender.text())
+        dest = os.path.join(ws.out, "movie.bin")
+        self.assertEqual(sha256_of(dest), sha256_of(src))
+        for proc in (sender, receiver):
+            events = proc.events()
+            kinds = [e["event"] for e in events]
+            self.assertEqual(kinds[0], "code")
+            connected = [e for e in events if e["event"] == "connected"]
+            self.assertEqual(len(connected), 1)
+            self.assertEqual(connected[0]["path"], "direct")
+            self.assertRegex(connected[0]["peer"], r"^127\.0\.0\.1:\d+$")
+            done = events[-1]
+            self.assertEqual(done["event"], "done", proc.text())
+            self.assertEqual(done["bytes"], os.path.getsize(src))
+            self.assertEqual(done["sha256"], sha256_of(src))
+            self.assertIn(f"Connected to {connected[0]['peer']} successfully!", proc.err.decode())
+        self.assertEqual(sorted(os.listdir(ws.out)), ["movie.bin"])
+
+    async def test_server_killed_after_connection(self):
+        """
+        The receiver (on a terminal, no --yes) is asked about the offer only
+        after the direct connection is up; the server dies before we answer
+        and the transfer still completes.
+        """
+        ws = Workspace(self)
+        src = make_file(os.path.join(ws.src, "data.bin"), 2 * 1024 * 1024)
+        server, addr = await start_server(self)
+        master, slave = pty.openpty()
+        self.addCleanup(os.close, master)
+        sender = spawn(self, "sender", p2pft_argv("send", "--code", "12-alpha-beta", addr, src))
+        receiver = spawn(self, "receiver", p2pft_argv("rcv", "-o", ws.out, addr),
+                         childFDs={0: slave, 1: "r", 2: "r"}, P2PFT_CODE="12-alpha-beta")
+        os.close(slave)
+        await receiver.wait_for(r"Receive data\.bin \(2\.1 MB\)\? \[y/N\]", "err")
+        await sender.wait_for(r"Connected to 127\.0\.0\.1:\d+ successfully!", "err")
+        server.kill(signal.SIGKILL)
+        await server.wait_exit()
+        os.write(master, b"y\n")
+        self.assertEqual(await receiver.wait_exit(), 0, receiver.text())
+        self.assertEqual(await sender.wait_exit(), 0, sender.text())
+        self.assertEqual(sha256_of(os.path.join(ws.out, "data.bin")), sha256_of(src))
+
+    async def test_receiver_says_no(self):
+        ws = Workspace(self)
+        src = make_file(os.path.join(ws.src, "no.bin"), 1000)
+        server, addr = await start_server(self)
+        master, slave = pty.openpty()
+        self.addCleanup(os.close, master)
+        sender = spawn(self, "sender", p2pft_argv("send", "--code", "3-x-y", addr, src))
+        receiver = spawn(self, "receiver", p2pft_argv("receive", "-o", ws.out, addr, "3-x-y"),
+                         childFDs={0: slave, 1: "r", 2: "r"})
+        os.close(slave)
+        await receiver.wait_for(r"\[y/N\]", "err")
+        os.write(master, b"n\n")
+        self.assertNotEqual(await receiver.wait_exit(), 0)
+        self.assertEqual(await sender.wait_exit(), 1)
+        self.assertIn("the receiver declined", sender.err.decode())
+        self.assertEqual(os.listdir(ws.out), [])
+
+    async def test_wrong_code_fails_both_sides(self):
+        ws = Workspace(self)
+        src = make_file(os.path.join(ws.src, "secret.bin"), 1000)
+        server, addr = await start_server(self)
+        sender = spawn(self, "sender", p2pft_argv("send", "--json", "--code", "7-right-words", addr, src))
+        receiver = spawn(self, "receiver", p2pft_argv("receive", "--yes", "--json", "-o", ws.out, addr, "7-wrong-words"))
+        self.assertEqual(await sender.wait_exit(timeout=20), 1)
+        self.assertEqual(await receiver.wait_exit(timeout=20), 1)
+        for proc in (sender, receiver):
+            self.assertIn("wrong code", proc.err.decode())
+            self.assertEqual(proc.events()[-1]["event"], "error")
+            self.assertEqual(len(proc.err.decode().strip().splitlines()[-1:]), 1)
+        self.assertEqual(os.listdir(ws.out), [])
+
+    async def test_twistd_plugins_serve_and_send(self):
+        """twistd -n p2pft-server serves real clients; twistd -n p2pft send works."""
+        ws = Workspace(self)
+        src = make_file(os.path.join(ws.src, "t.bin"), 100000)
+        server = spawn(self, "twistd-server", twistd_argv(
+            "-n", "--pidfile=", "--logfile=-", "p2pft-server", "--port", "tcp:0:interface=127.0.0.1"), cwd=ws.root)
+        m = await server.wait_for(r"listening on 127\.0\.0\.1:(\d+)")
+        addr = f"127.0.0.1:{m.group(1)}"
+        sender = spawn(self, "twistd-sender", twistd_argv(
+            "-n", "--pidfile=", "--logfile=-", "p2pft", "send", "--code", "9-twist-d", addr, src), cwd=ws.root)
+        receiver = spawn(self, "receiver", p2pft_argv("receive", "--yes", "-o", ws.out, addr, "9-twist-d"))
+        self.assertEqual(await receiver.wait_exit(), 0, receiver.text() + server.text())
+        await sender.wait_exit()
+        self.assertIn("Sent t.bin", sender.err.decode() + sender.out.decode())
+        self.assertEqual(sha256_of(os.path.join(ws.out, "t.bin")), sha256_of(src))
+
+
+class CommandLineErrorTests(TestCase):
+    """Bad input: one clear line on stderr and a non-zero exit."""
+
+    timeout = 60
+
+    async def run_cli(self, *args, expect=None, **env):
+        proc = spawn(self, "p2pft", p2pft_argv(*args), **env)
+        code = await proc.wait_exit(timeout=30)
+        err = proc.err.decode().strip().splitlines()
+        self.assertEqual(len(err), 1, proc.text())
+        if expect:
+            self.assertIn(expect, err[0])
+        return code, err[0]
+
+    async def test_usage_errors_exit_2(self):
+        cases = [
+            (("send",), "send needs SERVER:PORT and PATH"),
+            (("send", "nohostport", "x"), "server must be HOST:PORT"),
+            (("receive", "h:1", "not-a-code"), "code must start with a number"),
+            (("frobnicate",), "Unknown command"),
+            ((), "choose a command"),
+            (("send", "--code", "x", "h:1", "f"), "code must start with a number"),
+            (("send", "--code-length", "0", "h:1", "f"), "--code-length"),
+        ]
+        for args, expect in cases:
+            code, line = await self.run_cli(*args, expect=expect)
+            self.assertEqual(code, 2, (args, line))
+
+    async def test_missing_file(self):
+        code, line = await self.run_cli("send", "127.0.0.1:9", "/nonexistent/file", expect="no such file")
+        self.assertEqual(code, 1)
+
+    async def test_unreachable_server(self):
+        src = make_file(self.mktemp(), 10)
+        code, line = await self.run_cli("send", "--code", "5-a-b", "127.0.0.1:1", src, expect="cannot reach the rendezvous server")
+        self.assertEqual(code, 1)
+
+    async def test_receive_without_code_or_terminal(self):
+        code, line = await self.run_cli("receive", "127.0.0.1:9", expect="no code given")
+        self.assertEqual(code, 2)
+
+    async def test_server_port_in_use(self):
+        server, addr = await start_server(self)
+        port = addr.rsplit(":", 1)[1]
+        code, line = await self.run_cli("server", "--port", f"tcp:{port}:interface=127.0.0.1", expect="cannot listen")
+        self.assertEqual(code, 1)
