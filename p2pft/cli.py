@@ -34,7 +34,14 @@ def _server(text: str) -> tuple[str, int]:
         raise usage.UsageError(str(e)) from None
 
 
-class _PeerOptions(usage.Options):
+class _Options(usage.Options):
+    def opt_version(self) -> None:
+        """Print the p2pft version and exit."""
+        print(f"p2pft {__version__}")
+        sys.exit(0)
+
+
+class _PeerOptions(_Options):
     optFlags = [
         ["json", None, "Print one JSON object per line on stdout (events: code, paired, "
                        "connected, offer, done, error)."],
@@ -56,7 +63,7 @@ class _PeerOptions(usage.Options):
 
 class SendOptions(_PeerOptions):
     synopsis = "[--code CODE] [--code-length N] [--json] SERVER:PORT PATH"
-    description = (
+    longdesc = (
         "Send a file.  Prints a code such as 7-apple-river; give it to the receiver.  "
         + CODE_NOTE
     )
@@ -81,7 +88,7 @@ class SendOptions(_PeerOptions):
 
 class ReceiveOptions(_PeerOptions):
     synopsis = "[--yes] [--output-dir DIR] [--overwrite] [--json] SERVER:PORT [CODE]"
-    description = (
+    longdesc = (
         "Receive a file.  Without CODE, asks for it on the terminal.  " + CODE_NOTE
     )
     optFlags = _PeerOptions.optFlags + [
@@ -104,9 +111,9 @@ class ReceiveOptions(_PeerOptions):
         self._code_from_env()
 
 
-class ServerOptions(usage.Options):
+class ServerOptions(_Options):
     synopsis = "[--port PORT]"
-    description = "Run the rendezvous server that introduces peers to each other."
+    longdesc = "Run the rendezvous server that introduces peers to each other."
     optParameters = [
         ["port", "p", "tcp:9000", "Port number or Twisted endpoint description to listen on."],
         ["waiting-timeout", None, 3600.0, "Seconds a peer may wait for its partner.", float],
@@ -120,7 +127,7 @@ class ServerOptions(usage.Options):
     opt_p = opt_port
 
 
-class Options(usage.Options):
+class Options(_Options):
     synopsis = "Usage: p2pft [--version]"
     subCommands = [
         ["server", None, ServerOptions, "Run a rendezvous server."],
@@ -128,11 +135,6 @@ class Options(usage.Options):
         ["receive", None, ReceiveOptions, "Receive a file."],
         ["rcv", None, ReceiveOptions, "Alias for receive."],
     ]
-
-    def opt_version(self) -> None:
-        """Print the version and exit."""
-        print(f"p2pft {__version__}")
-        sys.exit(0)
 
     def postOptions(self) -> None:
         if self.subCommand is None:

@@ -249,3 +249,13 @@ class RecordTests(SynchronousTestCase):
         f = b"".join(RecordSealer(b"k" * 32).seal(4, secret))
         self.assertNotIn(b"TOP-SECRET", f)
         self.assertEqual(RecordOpener(b"k" * 32).feed(f), [(4, secret)])
+
+
+class NonceTests(SynchronousTestCase):
+    def test_counter_is_64_bit(self):
+        from p2pft.secure import _nonce
+
+        self.assertEqual(len(_nonce(0)), 12)
+        self.assertNotEqual(_nonce(1 << 32), _nonce(0))
+        self.assertEqual(_nonce((1 << 64) - 1)[-8:], b"\xff" * 8)
+        self.assertRaises(OverflowError, _nonce, 1 << 64)

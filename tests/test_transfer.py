@@ -343,3 +343,21 @@ class SenderTests(SynchronousTestCase):
         sender.resumeProducing()
         sender.channelLost("closed")
         self.failureResultOf(d, TransferFailed)
+
+
+class LargeFileTests(SynchronousTestCase):
+    """Sizes beyond 32 bits survive offer and accounting (sparse file, no data read)."""
+
+    def test_offer_of_sparse_file_over_4_gib(self):
+        src = self.mktemp()
+        size = (1 << 32) + 12345
+        with open(src, "wb") as f:
+            f.truncate(size)
+        link = Link()
+        sender = FileSender(link.a, Clock(), src)
+        sender.start()
+        kind, payload = link.a.queue[0]
+        self.assertEqual((kind, json.loads(payload)["size"]), (OFFER, size))
+        sender.channelLost("test over")
+        self.failureResultOf(sender.done, TransferFailed)
+        self.assertEqual(transfer._offer_from({"name": "x", "size": size}).size, size)

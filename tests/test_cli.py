@@ -1,0 +1,154 @@
+"""
+Command-line options, the twistd plugins, codes and the user interface.
+"""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+from twisted.application.service import IServiceMaker
+from twisted.internet.task import Clock
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2pft import cli, codes
+from p2pft.transfer import Offer, Result
+from p2pft.ui import HumanUI, JsonUI, human_size
+
+
+def parse(*argv, env=None):
+    old = dict(os.environ)
+    os.environ.pop("P2PFT_CODE", None)
+    os.environ.update(env or {})
+    try:
+        config = cli.Options()
+        config.parseOptions(list(argv))
+        return config
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+class OptionTests(SynchronousTestCase):
+    def test_send(self):
+        c = parse("send", "--code", "7-Apple-River", "--json", "example.org:9000", "f.bin")
+        self.assertEqual(c.subCommand, "send")
+        s = c.subOptions
+        self.assertEqual((s["server"], s["path"], s["code"], s["json"]),
+                         (("example.org", 9000), "f.bin", "7-Apple-River", True))
+
+    def test_receive_and_rcv_alias(self):
+        for name in ("receive", "rcv"):
+            c = parse(name, "--yes", "-o", "/tmp", "[2001:db8::1]:9000", "3-x-y")
+            self.assertEqual(c.subCommand, "receive")
+            s = c.subOptions
+            self.assertEqual((s["server"], s["code"], s["yes"], s["output-dir"], s["overwrite"]),
+                             (("2001:db8::1", 9000), "3-x-y", True, "/tmp", False))
+
+    def test_code_from_environment(self):
+        self.assertEqual(parse("receive", "h:1", env={"P2PFT_CODE": "5-a-b"}).subOptions["code"], "5-a-b")
+        self.assertEqual(parse("send", "h:1", "f", env={"P2PFT_CODE": "5-a-b"}).subOptions["code"], "5-a-b")
+        # The command line wins over the environment.
+        self.assertEqual(parse("receive", "h:1", "6-c-d", env={"P2PFT_CODE": "5-a-b"}).subOptions["code"], "6-c-d")
+
+    def test_bad_environment_code(self):
+        self.assertRaises(usage.UsageError, parse, "receive", "h:1", env={"P2PFT_CODE": "nope"})
+
+    def test_server_port_forms(self):
+        self.assertEqual(parse("server").subOptions["port"], "tcp:9000")
+        self.assertEqual(parse("server", "--port", "9100").subOptions["port"], "tcp:9100")
+        self.assertEqual(parse("server", "-p", "9100").subOptions["port"], "tcp:9100")
+        self.assertEqual(parse("server", "--port", "tcp6:9000").subOptions["port"], "tcp6:9000")
+
+    def test_usage_errors(self):
+        for argv in ([], ["send"], ["send", "h:1"], ["send", "h:1", "a", "b"], ["receive"],
+                     ["receive", "h:1", "c", "extra"], ["send", "h", "f"], ["send", "--code-length", "99", "h:1", "f"]):
+            self.assertRaises(usage.UsageError, parse, *argv)
+
+    def test_help_mentions_environment_and_alias(self):
+        self.assertIn("P2PFT_CODE", str(cli.ReceiveOptions()))
+        self.assertIn("P2PFT_CODE", str(cli.SendOptions()))
+        top = str(cli.Options())
+        for word in ("server", "send", "receive", "rcv"):
+            self.assertIn(word, top)
+
+
+class PluginTests(SynchronousTestCase):
+    def test_tapnames(self):
+        names = {p.tapname for p in getPlugins(IServiceMaker)}
+        self.assertIn("p2pft-server", names)
+        self.assertIn("p2pft", names)
+
+    def test_server_plugin_options_and_service(self):
+        [maker] = [p for p in getPlugins(IServiceMaker) if p.tapname == "p2pft-server"]
+        options = maker.options()
+        options.parseOptions(["--port", "9000"])
+        self.assertEqual(options["port"], "tcp:9000")
+        service = maker.makeService(options, reactor=Clock())
+        self.assertIsNotNone(service.rendezvous.factory.state)
+
+    def test_peer_plugin_refuses_prompting(self):
+        [maker] = [p for p in getPlugins(IServiceMaker) if p.tapname == "p2pft"]
+        options = maker.options()
+        options.parseOptions(["receive", "h:1"])
+        self.assertRaises(usage.UsageError, maker.makeService, options)
+
+    def test_console_script_installed(self):
+        script = os.path.join(os.path.dirname(sys.executable), "p2pft")
+        if not os.path.exists(script):
+            self.skipTest("p2pft not installed into this interpreter's environment (run scripts/test.sh)")
+        out = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=30)
+        self.assertEqual(out.returncode, 0)
+        self.assertTrue(out.stdout.startswith("p2pft "))
+
+
+class CodeTests(SynchronousTestCase):
+    def test_wordlist(self):
+        words = codes.wordlist()
+        self.assertEqual(len(words), 256)
+        self.assertEqual(len(set(words)), 256)
+        self.assertTrue(all(w.isalpha() and w.islower() for w in words))
+
+    def test_make_and_parse(self):
+        password = codes.make_password(3)
+        self.assertEqual(len(password.split("-")), 3)
+        self.assertEqual(codes.parse_code(f" 12-{password.upper()} "), codes.Code("12", password))
+
+    def test_parse_errors(self):
+        for bad in ("", "7", "7-", "x-a-b", "0-a", "07-a", "7-a b", "7-a--b", "7-" + "a" * 300, "1234567890123-a"):
+            self.assertRaises(codes.CodeError, codes.parse_code, bad)
+
+
+class UITests(SynchronousTestCase):
+    def test_json_events(self):
+        out, err = io.StringIO(), io.StringIO()
+        ui = JsonUI("h:1", out=out, err=err)
+        ui.code("4-a-b", announce=True)
+        ui.connected("203.0.113.5:4000", "direct")
+        ui.done(Result("f", 10, "ab", 0.5, "/x/f"), "direct")
+        ui.error("boom")
+        events = [json.loads(l) for l in out.getvalue().splitlines()]
+        self.assertEqual([e["event"] for e in events], ["code", "connected", "done", "error"])
+        self.assertEqual(events[1], {"event": "connected", "peer": "203.0.113.5:4000", "path": "direct"})
+        self.assertEqual((events[2]["bytes"], events[2]["sha256"], events[2]["file"]), (10, "ab", "/x/f"))
+        self.assertIn("Connected to 203.0.113.5:4000 successfully!", err.getvalue())
+        self.assertIn("p2pft: error: boom", err.getvalue())
+
+    def test_decide_needs_terminal_or_yes(self):
+        ui = HumanUI(err=io.StringIO(), stdin=io.StringIO(""))
+        self.failureResultOf(ui.decide(Offer("f", 1)), RuntimeError)
+        ui = HumanUI(err=io.StringIO(), assume_yes=True)
+        self.assertTrue(self.successResultOf(ui.decide(Offer("f", 1))))
+
+    def test_offer_name_escaped(self):
+        err = io.StringIO()
+        HumanUI(err=err, assume_yes=True).decide(Offer("evil\x1b[2J", 1))
+        self.assertNotIn("\x1b", err.getvalue())
+
+    def test_human_size(self):
+        self.assertEqual(human_size(999), "999 B")
+        self.assertEqual(human_size(2_100_000), "2.1 MB")
+        self.assertEqual(human_size(5 * 10**15), "5000.0 TB")
