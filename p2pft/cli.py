@@ -46,10 +46,18 @@ class _PeerOptions(_Options):
         ["json", None, "Print one JSON object per line on stdout (events: code, paired, "
                        "connected, offer, done, error)."],
     ]
+    optParameters = [
+        ["timeout", None, 60.0, "Seconds to wait for each step once paired (key exchange, "
+                                "addresses) before giving up.", float],
+    ]
 
     def postOptions(self) -> None:
         if "server" not in self:
             raise usage.UsageError("missing SERVER:PORT")
+
+    def _check_timeout(self) -> None:
+        if not 0 < self["timeout"] <= 86400:
+            raise usage.UsageError("--timeout must be between 0 and 86400 seconds")
 
     def _code_from_env(self) -> None:
         if not self.get("code") and os.environ.get("P2PFT_CODE"):
@@ -62,12 +70,12 @@ class _PeerOptions(_Options):
 
 
 class SendOptions(_PeerOptions):
-    synopsis = "[--code CODE] [--code-length N] [--json] SERVER:PORT PATH"
+    synopsis = "[--code CODE] [--code-length N] [--timeout S] [--json] SERVER:PORT PATH"
     longdesc = (
         "Send a file.  Prints a code such as 7-apple-river; give it to the receiver.  "
         + CODE_NOTE
     )
-    optParameters = [
+    optParameters = _PeerOptions.optParameters + [
         ["code", "c", None, "Use this code instead of asking the server for one (NAMEPLATE-WORD-WORD)."],
         ["code-length", None, codes.DEFAULT_WORDS, "Number of words in a generated code.", int],
     ]
@@ -82,12 +90,13 @@ class SendOptions(_PeerOptions):
 
     def postOptions(self) -> None:
         self._code_from_env()
+        self._check_timeout()
         if self["code-length"] < 1 or self["code-length"] > 16:
             raise usage.UsageError("--code-length must be between 1 and 16")
 
 
 class ReceiveOptions(_PeerOptions):
-    synopsis = "[--yes] [--output-dir DIR] [--overwrite] [--json] SERVER:PORT [CODE]"
+    synopsis = "[--yes] [--output-dir DIR] [--overwrite] [--timeout S] [--json] SERVER:PORT [CODE]"
     longdesc = (
         "Receive a file.  Without CODE, asks for it on the terminal.  " + CODE_NOTE
     )
@@ -95,7 +104,7 @@ class ReceiveOptions(_PeerOptions):
         ["yes", "y", "Accept the offer without asking."],
         ["overwrite", None, "Replace an existing file of the same name."],
     ]
-    optParameters = [
+    optParameters = _PeerOptions.optParameters + [
         ["output-dir", "o", ".", "Directory to save into."],
     ]
 
@@ -109,6 +118,7 @@ class ReceiveOptions(_PeerOptions):
 
     def postOptions(self) -> None:
         self._code_from_env()
+        self._check_timeout()
 
 
 class ServerOptions(_Options):
@@ -170,7 +180,10 @@ async def run_peer(reactor, command: str, sub: usage.Options, ui) -> None:
     """Run send or receive; raise the one-line errors as exceptions."""
     from .session import Settings, receive, send
 
-    settings = Settings(sub["server"], code=sub.get("code"), code_length=sub.get("code-length", codes.DEFAULT_WORDS))
+    settings = Settings(
+        sub["server"], code=sub.get("code"),
+        code_length=sub.get("code-length", codes.DEFAULT_WORDS), timeout=sub["timeout"],
+    )
     if command == "send":
         await send(reactor, settings, sub["path"], ui)
     else:
@@ -212,11 +225,21 @@ async def _main(reactor, config: Options) -> None:
     reactor.addSystemEventTrigger("before", "shutdown", on_shutdown)
     try:
         await work
-    except (SessionError, TransferFailed, SecurityError, defer.CancelledError, RuntimeError, OSError) as e:
+    except Exception as e:
         if interrupted:
             ui.error("interrupted")
             raise SystemExit(EXIT_INTERRUPTED)
-        ui.error(str(e) if not isinstance(e, OSError) else f"{e.strerror or e}")
+        if isinstance(e, (SessionError, TransferFailed, SecurityError, RuntimeError)):
+            message = str(e)
+        elif isinstance(e, OSError):
+            message = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        else:
+            message = f"unexpected {e.__class__.__name__}: {e} (set P2PFT_DEBUG=1 for details)"
+        if os.environ.get("P2PFT_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        ui.error(message)
         raise SystemExit(EXIT_FAILURE)
 
 

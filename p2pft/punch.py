@@ -59,12 +59,15 @@ class PunchSchedule:
     @ivar deadline: seconds before the whole attempt gives up.
     @ivar handshake_timeout: seconds a connected candidate has to prove
         the key.
+    @ivar gone_grace: seconds the follower keeps trying after the leader
+        left the rendezvous server (its SELECT may still be in flight).
     """
 
     redial: float = 0.5
     attempt_timeout: float = 4.0
     deadline: float = 20.0
     handshake_timeout: float = 10.0
+    gone_grace: float = 3.0
 
 
 class _DialFactory(ClientFactory):

@@ -384,7 +384,7 @@ class RendezvousClientProtocol(LineReceiver):
             return defer.succeed(self._inbox.pop(0))
         if self._failure is not None:
             return defer.fail(self._failure)
-        d = defer.Deferred()
+        d = defer.Deferred(lambda d: self._readers.remove(d) if d in self._readers else None)
         self._readers.append(d)
         return d
 

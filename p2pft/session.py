@@ -24,13 +24,13 @@ from twisted.logger import Logger
 from . import codes
 from .channel import PeerConnection
 from .punch import PunchConnector, PunchFailed, PunchSchedule
-from .rendezvous import RendezvousClientProtocol, RendezvousError, normalise_host
+from .rendezvous import PeerGone, RendezvousClientProtocol, RendezvousError, normalise_host
 from .secure import RECEIVER, SENDER, Pake, SecurityError, SessionKeys, WrongCode
 from .transfer import FileReceiver, FileSender, Result, TransferFailed
 
 log = Logger()
 
-#: Seconds to wait for each message from the peer once paired.
+#: Default seconds to wait for each step once paired.
 MESSAGE_TIMEOUT = 60.0
 #: Most candidates accepted from the peer.
 MAX_CANDIDATES = 16
@@ -45,6 +45,7 @@ class Settings:
     server: tuple[str, int]
     code: str | None = None
     code_length: int = codes.DEFAULT_WORDS
+    timeout: float = MESSAGE_TIMEOUT
     schedule: PunchSchedule = PunchSchedule()
 
 
@@ -66,8 +67,8 @@ class _RendezvousFactory(ClientFactory):
 
 def _timeout(reactor, d: defer.Deferred, seconds: float, what: str) -> defer.Deferred:
     def translate(f):
-        f.trap(defer.CancelledError)
-        raise SessionError(f"timed out waiting for {what}")
+        f.trap(defer.TimeoutError)
+        raise SessionError(f"timed out after {seconds:g} s waiting for {what}")
 
     d.addTimeout(seconds, reactor)
     return d.addErrback(translate)
@@ -120,13 +121,16 @@ async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
     # SPAKE2 message leaves in the clear.
     pake = Pake(code.password, code.nameplate, role)
     client.send(pake.start())
-    keys = pake.finish(await _timeout(reactor, client.receive(), MESSAGE_TIMEOUT, "the other side"))
+    keys = pake.finish(await _timeout(reactor, client.receive(), settings.timeout, "the other side"))
     box = keys.box()
     client.send(box.seal(_encode({"confirm": "p2pft/v1"})))
     try:
-        confirm = _decode(box.open(await _timeout(reactor, client.receive(), MESSAGE_TIMEOUT, "key confirmation")))
+        confirm = _decode(box.open(await _timeout(reactor, client.receive(), settings.timeout, "key confirmation")))
     except SecurityError:
-        raise WrongCode("wrong code: the other side typed a different code (the code is now used up)") from None
+        raise WrongCode(
+            "wrong code: the other side used a different code, or someone tampered "
+            "with the exchange (this code is now used up)"
+        ) from None
     if confirm.get("confirm") != "p2pft/v1":
         raise SessionError("the other side speaks another version of p2pft")
 
@@ -134,7 +138,7 @@ async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
     mine = _candidates(public, (normalise_host(local.host), local.port))
     client.send(box.seal(_encode({"candidates": mine})))
     theirs = _parse_candidates(_decode(box.open(
-        await _timeout(reactor, client.receive(), MESSAGE_TIMEOUT, "the other side's addresses")
+        await _timeout(reactor, client.receive(), settings.timeout, "the other side's addresses")
     )))
     log.info("punching from port {port} to {theirs}", port=local.port, theirs=theirs)
 
@@ -143,11 +147,39 @@ async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
         lambda c: PeerConnection(c, keys, reactor, settings.schedule.handshake_timeout),
         leader=(role == SENDER), schedule=settings.schedule,
     )
+    channel = await _punch_watching_partner(reactor, client, connector, role, settings.schedule)
+    return _Established(keys, channel)
+
+
+async def _punch_watching_partner(reactor, client, connector, role, schedule) -> PeerConnection:
+    """
+    Punch, but stop early if the partner leaves the rendezvous server: the
+    sender at once (the receiver only leaves after the sender chose), the
+    receiver after a grace period (the sender leaves right after choosing,
+    so its SELECT may still be on the way).  The server itself going away is
+    fine: it is not needed any more.
+    """
+    punched = connector.run()
+    watch = client.receive()  # nothing more is expected; only GONE matters
+    timers = []
+
+    def partner_left(failure):
+        failure.trap(PeerGone)
+        grace = schedule.gone_grace if role == RECEIVER else 0
+        timers.append(reactor.callLater(grace, lambda: punched.called or punched.cancel()))
+
+    watch.addErrback(partner_left).addErrback(lambda f: None)
     try:
-        channel = await connector.run()
+        return await punched
+    except defer.CancelledError:
+        raise SessionError("the other side left before a direct connection was made") from None
     except PunchFailed as e:
         raise SessionError(str(e)) from None
-    return _Established(keys, channel)
+    finally:
+        watch.cancel()
+        for t in timers:
+            if t.active():
+                t.cancel()
 
 
 def _candidates(public: tuple[str, int], local: tuple[str, int]) -> list[list]:

@@ -89,23 +89,47 @@ def printable(text: str, limit: int = 200) -> str:
     return "".join(out) + ("..." if len(text) > limit else "")
 
 
+_WINDOWS_RESERVED = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [f"{dev}{n}" for dev in ("COM", "LPT") for n in "123456789\u00b9\u00b2\u00b3"]
+)
+#: Characters that may never appear in a received name: control and format
+#: characters (that includes bidi overrides), surrogates, line separators.
+_FORBIDDEN_CATEGORIES = frozenset(["Cc", "Cf", "Cs", "Zl", "Zp"])
+
+
+def safe_component(part: str, whole: str) -> str:
+    """
+    Check one path component offered by the peer; return it NFC-normalised.
+    Raise L{UnsafeName} with a printable reason.  Refuses, on every platform,
+    what would be unsafe or ambiguous on any: separators of any OS, drive
+    letters, C{.} and C{..}, empty and over-long names, control and bidi
+    characters, Windows device names and names ending in a dot or space.
+    """
+    shown = printable(whole)
+    part = unicodedata.normalize("NFC", part)
+    if part in ("", ".", ".."):
+        raise UnsafeName(f"offered name {shown!r} has an empty, '.' or '..' component")
+    if "/" in part or "\\" in part:
+        raise UnsafeName(f"offered name {shown!r} contains a path separator")
+    if len(part) >= 2 and part[1] == ":" and part[0].isascii() and part[0].isalpha():
+        raise UnsafeName(f"offered name {shown!r} starts with a drive letter")
+    if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+        raise UnsafeName(f"offered name {shown!r} is longer than {MAX_NAME_BYTES} bytes")
+    if any(unicodedata.category(c) in _FORBIDDEN_CATEGORIES for c in part):
+        raise UnsafeName(f"offered name {shown!r} contains control or formatting characters")
+    if part[-1] in ". ":
+        raise UnsafeName(f"offered name {shown!r} ends with a dot or space")
+    if part.split(".", 1)[0].rstrip(" ").upper() in _WINDOWS_RESERVED:
+        raise UnsafeName(f"offered name {shown!r} is a reserved device name")
+    return part
+
+
 def safe_name(name: object) -> str:
-    """
-    The file name the receiver will write, from the name the sender offered:
-    the last path component (POSIX or Windows separators), which must be a
-    plain, printable name.  Raise L{UnsafeName} otherwise.
-    """
+    """The single file name the receiver will write (one component only)."""
     if not isinstance(name, str):
         raise UnsafeName("offered name is not text")
-    base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    base = unicodedata.normalize("NFC", base)
-    if base in ("", ".", ".."):
-        raise UnsafeName(f"offered name {printable(name)!r} has no usable file name")
-    if len(base.encode("utf-8")) > MAX_NAME_BYTES:
-        raise UnsafeName("offered name is too long")
-    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") for c in base):
-        raise UnsafeName(f"offered name {printable(base)!r} contains control characters")
-    return base
+    return safe_component(name, name)
 
 
 @attrs.frozen

@@ -49,7 +49,9 @@ class PakeTests(SynchronousTestCase):
         self.assertIn("also a sender", str(e))
 
     def test_garbage_message(self):
-        for junk in (b"", b"R", b"R" + b"\x00" * 5, b"Xabc"):
+        r = Pake("w", "4", RECEIVER).start()
+        not_on_curve = r[:-1] + bytes([r[-1] ^ 0x01])
+        for junk in (b"", b"R", b"R" + b"\x00" * 5, b"Xabc", b"R" + b"\xff" * 33, not_on_curve):
             q = Pake("w", "4", SENDER)
             q.start()
             self.assertRaises(SecurityError, q.finish, junk)

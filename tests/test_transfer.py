@@ -276,18 +276,26 @@ class HostileSenderTests(SynchronousTestCase):
             self.assertEqual(os.listdir(out), [])
             self.assertEqual(link.b.queue[-1][0], ABORT)
 
-    def test_path_tricks_stay_inside(self):
-        for name, expected in [("../../etc/passwd", "passwd"), ("/etc/shadow", "shadow"),
-                               ("C:\\Windows\\evil.dll", "evil.dll"), ("..\\..\\x", "x"),
-                               ("dir/sub/name.txt", "name.txt")]:
-            self.assertEqual(safe_name(name), expected)
-        for bad in ("", ".", "..", "a/..", "/", "x\x00y", "bell\x07", "esc\x1b[31m",
-                    "bidi\u202etxt.exe", "a" * 300):
+    def test_hostile_names_refused(self):
+        for bad in ("../../etc/passwd", "/etc/shadow", "C:\\Windows\\evil.dll", "..\\..\\x",
+                    "dir/sub/name.txt", "C:evil", "c:", "\\\\server\\share", "", ".", "..",
+                    "a/..", "/", "x\x00y", "bell\x07", "esc\x1b[31m", "new\nline",
+                    "bidi\u202etxt.exe", "zero\u200bwidth", "a" * 256, "\u00e9" * 128,
+                    "CON", "con.txt", "Nul", "COM1.log", "lpt9", "COM\u00b9", "trailing.", "trailing ",
+                    None, 5, ["x"]):
             self.assertRaises(UnsafeName, safe_name, bad)
 
+    def test_ordinary_names_accepted(self):
+        for good in ("movie.mkv", "12:30 notes.txt", ".bashrc", "r\u00e9sum\u00e9.pdf", "\u65e5\u672c.txt",
+                     "a" * 255, "console.log", "COM10", "-rf", "~user", " leading space"):
+            self.assertEqual(safe_name(good), good)
+
+    def test_names_are_nfc_normalised(self):
+        self.assertEqual(safe_name("re\u0301sume\u0301"), "r\u00e9sum\u00e9")
+
     def test_unsafe_offer_refused_nothing_written(self):
-        self.feed(self.offer(name="../..", size=1))
-        self.assertFailedCleanly("no usable file name")
+        self.feed(self.offer(name="../../etc/passwd", size=1))
+        self.assertFailedCleanly("path separator")
 
     def test_offer_larger_than_disk(self):
         self.feed(self.offer(size=1 << 62))
