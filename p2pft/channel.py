@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from .punch import ICandidate
+from .util import OneShot
 from .secure import Handshake, SecurityError, SessionKeys
 
 
@@ -48,6 +49,8 @@ class PeerConnection(Protocol):
         self._chosen = False
         self._abandoned = False
         self._ended: str | None = None
+        self._closing = False
+        self._closed = OneShot()
         self.lost_reason: str | None = None
 
     # -- candidate phase
@@ -99,8 +102,10 @@ class PeerConnection(Protocol):
 
     def _becomeChannel(self) -> None:
         self._chosen = True
-        self._sealer = self._keys.sealer()
-        self._opener = self._keys.opener()
+        binding = self._handshake.binding
+        self._sealer = self._keys.sealer(binding)
+        self._opener = self._keys.opener(binding)
+        _keepalive(self.transport)
 
     # -- channel phase
 
@@ -128,14 +133,26 @@ class PeerConnection(Protocol):
         self.transport.unregisterProducer()
 
     def close(self) -> None:
-        """Close after flushing what was sent."""
-        self.transport.loseConnection()
+        """
+        Close after flushing what was sent.  Only our direction is shut at
+        first: closing a socket with unread input makes the kernel send RST,
+        which can destroy our last record (ACK, ABORT) before the other side
+        reads it.  We keep reading (and ignoring) until the other side
+        closes too; the transfer layer aborts if that takes too long.
+        """
+        self._closing = True
+        try:
+            self.transport.loseWriteConnection()
+        except AttributeError:
+            self.transport.loseConnection()
 
     def abort(self) -> None:
         """Close now, dropping anything unsent."""
         self.transport.abortConnection()
 
     def _records(self, data: bytes) -> None:
+        if self._closing:
+            return
         try:
             records = self._opener.feed(data)
         except SecurityError as e:
@@ -143,15 +160,40 @@ class PeerConnection(Protocol):
             self.transport.abortConnection()
             return
         for kind, payload in records:
-            if self._handler is None or self.transport.disconnecting:
+            if self._handler is None or self._closing or self.transport.disconnecting:
                 return
             self._handler.recordReceived(kind, payload)
 
+    def whenClosed(self):
+        """A Deferred that fires once the TCP connection is gone."""
+        return self._closed.when()
+
     def connectionLost(self, reason: Failure = None) -> None:
         self._cancelTimer()
+        self._closed.fire(None)
         if not self._chosen:
             self._connector.lost(self, self.lost_reason)
             return
         self._ended = self.lost_reason or (reason.getErrorMessage() if reason else "connection closed")
         if self._handler is not None:
             self._handler.channelLost(self._ended)
+
+
+#: TCP keepalive on the chosen connection: a peer that vanishes without a
+#: FIN or RST (sleep, cable, dropped NAT state) is noticed after about
+#: KEEPIDLE + KEEPINTVL * KEEPCNT seconds of silence, while a peer that is
+#: merely slow (a person deciding whether to accept) keeps answering probes.
+KEEPIDLE, KEEPINTVL, KEEPCNT = 20, 10, 6
+
+
+def _keepalive(transport) -> None:
+    import socket
+
+    try:
+        transport.setTcpKeepAlive(1)
+        sock = transport.getHandle()
+        for name, value in (("TCP_KEEPIDLE", KEEPIDLE), ("TCP_KEEPINTVL", KEEPINTVL), ("TCP_KEEPCNT", KEEPCNT)):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    except (AttributeError, OSError):
+        pass

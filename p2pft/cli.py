@@ -20,6 +20,8 @@ from .rendezvous import parse_server
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: Seconds an interrupted transfer gets to tell the other side.
+SHUTDOWN_GRACE = 2.0
 
 CODE_NOTE = (
     "The code can also come from the P2PFT_CODE environment variable, which keeps "
@@ -122,13 +124,20 @@ class ReceiveOptions(_PeerOptions):
 
 
 class ServerOptions(_Options):
-    synopsis = "[--port PORT]"
+    synopsis = "[--port PORT] [--waiting-timeout S] [--hello-timeout S] [--max-connections N] [--max-per-ip N]"
     longdesc = "Run the rendezvous server that introduces peers to each other."
     optParameters = [
         ["port", "p", "tcp:9000", "Port number or Twisted endpoint description to listen on."],
         ["waiting-timeout", None, 3600.0, "Seconds a peer may wait for its partner.", float],
         ["hello-timeout", None, 60.0, "Seconds a new connection may stay without joining a nameplate.", float],
+        ["max-connections", None, 20000, "Most client connections at once (also kept below the open-file limit).", int],
+        ["max-per-ip", None, 64, "Most connections at once from one IP address.", int],
     ]
+
+    def postOptions(self) -> None:
+        for name in ("waiting-timeout", "hello-timeout", "max-connections", "max-per-ip"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be positive")
 
     def opt_port(self, value: str) -> None:
         """Port number or Twisted endpoint description to listen on."""
@@ -153,11 +162,11 @@ class Options(_Options):
             self.subCommand = "receive"
 
 
-def make_ui(sub: usage.Options):
+def make_ui(sub: usage.Options, reactor=None):
     from .ui import HumanUI, JsonUI
 
     server = "{}:{}".format(*sub["server"])
-    kw = dict(assume_yes=bool(sub.get("yes")))
+    kw = dict(assume_yes=bool(sub.get("yes")), reactor=reactor)
     return JsonUI(server, **kw) if sub.get("json") else HumanUI(server, **kw)
 
 
@@ -176,8 +185,9 @@ def ask_code() -> str:
     return text
 
 
-async def run_peer(reactor, command: str, sub: usage.Options, ui) -> None:
-    """Run send or receive; raise the one-line errors as exceptions."""
+async def run_peer(reactor, command: str, sub: usage.Options, ui, channels: list | None = None) -> None:
+    """Run send or receive; raise the one-line errors as exceptions.
+    The chosen peer connection is appended to C{channels}."""
     from .session import Settings, receive, send
 
     settings = Settings(
@@ -185,9 +195,10 @@ async def run_peer(reactor, command: str, sub: usage.Options, ui) -> None:
         code_length=sub.get("code-length", codes.DEFAULT_WORDS), timeout=sub["timeout"],
     )
     if command == "send":
-        await send(reactor, settings, sub["path"], ui)
+        await send(reactor, settings, sub["path"], ui, channels=channels)
     else:
-        await receive(reactor, settings, sub["output-dir"], ui.decide, ui, overwrite=bool(sub["overwrite"]))
+        await receive(reactor, settings, sub["output-dir"], ui.decide, ui,
+                      overwrite=bool(sub["overwrite"]), channels=channels)
 
 
 async def _main(reactor, config: Options) -> None:
@@ -202,7 +213,7 @@ async def _main(reactor, config: Options) -> None:
         service = makeService(sub, reactor)
         service.startService()
         try:
-            port = await service.rendezvous.listening
+            port = await service.rendezvous.whenListening()
         except Exception as e:
             sys.stderr.write(f"p2pft: error: cannot listen on {sub['port']}: {e}\n")
             raise SystemExit(EXIT_FAILURE)
@@ -213,14 +224,23 @@ async def _main(reactor, config: Options) -> None:
         await defer.Deferred()  # until Ctrl-C / SIGTERM
         return
 
-    ui = make_ui(sub)
-    work = defer.ensureDeferred(run_peer(reactor, command, sub, ui))
+    ui = make_ui(sub, reactor)
+    channels: list = []
+    work = defer.ensureDeferred(run_peer(reactor, command, sub, ui, channels))
     interrupted = []
 
-    def on_shutdown() -> None:
-        if not work.called:
-            interrupted.append(True)
-            work.cancel()
+    def on_shutdown():
+        # Ctrl-C or SIGTERM: cancelling makes the transfer send ABORT
+        # ("interrupted") and close; give that up to SHUTDOWN_GRACE seconds
+        # to reach the other side before the reactor tears sockets down.
+        if work.called:
+            return None
+        interrupted.append(True)
+        work.cancel()
+        closing = [c.whenClosed() for c in channels]
+        if not closing:
+            return None
+        return defer.DeferredList(closing).addTimeout(SHUTDOWN_GRACE, reactor).addErrback(lambda f: None)
 
     reactor.addSystemEventTrigger("before", "shutdown", on_shutdown)
     try:

@@ -38,7 +38,7 @@ class PeerService(Service):
             return
         from .cli import make_ui, run_peer
 
-        ui = make_ui(sub)
+        ui = make_ui(sub, self._reactor)
         self.result = defer.ensureDeferred(run_peer(self._reactor, command, sub, ui))
 
         def finished(outcome):

@@ -21,13 +21,14 @@ from typing import Callable
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import Interface, implementer
 
 from .codes import valid_nameplate
+from .util import OneShot
 
 PROTOCOL_NAME = "p2pft"
 PROTOCOL_VERSION = "1"
@@ -69,9 +70,12 @@ def decode_payload(text: str) -> bytes:
     if len(text) > (MAX_MESSAGE * 4) // 3 + 4 or not _B64.match(text):
         raise ValueError("malformed message payload")
     try:
-        return base64.b64decode(text, validate=True)
+        payload = base64.b64decode(text, validate=True)
     except binascii.Error as e:
         raise ValueError("malformed message payload") from e
+    if len(payload) > MAX_MESSAGE:
+        raise ValueError("message too large")
+    return payload
 
 
 # --------------------------------------------------------------------------
@@ -95,11 +99,13 @@ class _Nameplate:
     timer: IDelayedCall | None = None
     #: Once two members met, the nameplate never takes another one.
     paired: bool = False
+    expired: bool = False
 
 
 @attrs.define(eq=False)
 class _Member:
     connection: IRendezvousConnection
+    ip: str = ""
     nameplate: _Nameplate | None = None
     messages: int = 0
     timer: IDelayedCall | None = None
@@ -128,20 +134,32 @@ class RendezvousServer:
         waiting_timeout: float = 3600,
         paired_timeout: float = 600,
         max_nameplates: int = 100_000,
+        max_connections: int = 20_000,
+        max_per_ip: int = 64,
     ):
         self._clock = clock
         self.hello_timeout = hello_timeout
         self.waiting_timeout = waiting_timeout
         self.paired_timeout = paired_timeout
         self.max_nameplates = max_nameplates
+        self.max_connections = max_connections
+        self.max_per_ip = max_per_ip
         self._nameplates: dict[str, _Nameplate] = {}
         self._members: dict[IRendezvousConnection, _Member] = {}
+        self._per_ip: dict[str, int] = {}
         self.pairings = 0
 
     # -- what connections tell us
 
-    def connected(self, conn: IRendezvousConnection) -> None:
-        member = _Member(conn)
+    def connected(self, conn: IRendezvousConnection, ip: str = "") -> None:
+        """A new connection from C{ip}; refused when the server or that
+        address already holds too many."""
+        if len(self._members) >= self.max_connections:
+            return conn.refuse("server is busy, try again later")
+        if self._per_ip.get(ip, 0) >= self.max_per_ip:
+            return conn.refuse("too many connections from your address")
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        member = _Member(conn, ip=ip)
         member.timer = self._clock.callLater(
             self.hello_timeout, conn.refuse, "timed out waiting for ALLOCATE or CLAIM"
         )
@@ -186,6 +204,11 @@ class RendezvousServer:
         member = self._members.pop(conn, None)
         if member is None:
             return
+        left = self._per_ip.get(member.ip, 1) - 1
+        if left:
+            self._per_ip[member.ip] = left
+        else:
+            self._per_ip.pop(member.ip, None)
         _cancel(member.timer)
         nameplate = member.nameplate
         if nameplate is None:
@@ -195,7 +218,7 @@ class RendezvousServer:
             _cancel(nameplate.timer)
             del self._nameplates[nameplate.name]
             self.log.debug("freed nameplate {name}", name=nameplate.name)
-        elif nameplate.paired:
+        elif nameplate.paired and not nameplate.expired:
             # The pair is broken; nobody may take the empty seat.
             for other in nameplate.members:
                 other.connection.sendLine(b"GONE")
@@ -245,6 +268,7 @@ class RendezvousServer:
 
     def _expire(self, nameplate: _Nameplate, reason: str) -> None:
         nameplate.timer = None
+        nameplate.expired = True
         for member in list(nameplate.members):
             member.connection.refuse(reason)
 
@@ -254,23 +278,43 @@ def _cancel(call: IDelayedCall | None) -> None:
         call.cancel()
 
 
-@implementer(IRendezvousConnection)
+@implementer(IRendezvousConnection, IPushProducer)
 class RendezvousServerProtocol(LineReceiver):
-    """One client connection: parse lines, hand them to L{RendezvousServer}."""
+    """
+    One client connection: parse lines, hand them to L{RendezvousServer}.
+
+    It registers itself as the producer of its own transport's output, so
+    when a client stops reading (and replies pile up past the transport's
+    buffer size) the server stops reading that client's input: a client
+    can never make the server buffer without bound.
+    """
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
     log = Logger()
     _closing = False
+    _abort_timer = None
 
     def connectionMade(self) -> None:
         self.state: RendezvousServer = self.factory.state
+        self.transport.registerProducer(self, True)
         peer = self.transport.getPeer()
         host = normalise_host(peer.host)
         self.sendLine(
             f"WELCOME {PROTOCOL_NAME} {PROTOCOL_VERSION} {host} {peer.port}".encode()
         )
-        self.state.connected(self)
+        self.state.connected(self, host)
+
+    # IPushProducer: our output is backed up / drained.
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if not self._closing:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
 
     def lineReceived(self, line: bytes) -> None:
         if self._closing:
@@ -307,12 +351,16 @@ class RendezvousServerProtocol(LineReceiver):
             "refusing {peer}: {reason}", peer=self.transport.getPeer(), reason=reason
         )
         self.sendLine(f"ERROR {reason}".encode("utf-8"))
+        # Out of every nameplate and count at once, not when the close ends.
+        self.state.disconnected(self)
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
-        # A client that stops reading must not hold its slot: abort after a
-        # grace period if the close does not complete.
-        self.factory.clock.callLater(10, self.transport.abortConnection)
+        # A client that stops reading must not hold its socket: abort after
+        # a grace period if the close does not complete.
+        self._abort_timer = self.factory.clock.callLater(10, self.transport.abortConnection)
 
     def connectionLost(self, reason=None) -> None:
+        _cancel(self._abort_timer)
         self.state.disconnected(self)
 
 
@@ -349,8 +397,8 @@ class RendezvousClientProtocol(LineReceiver):
     MAX_LENGTH = MAX_LINE
 
     def __init__(self) -> None:
-        self._welcomed = _OneShot()
-        self._paired = _OneShot()
+        self._welcomed = OneShot()
+        self._paired = OneShot()
         self._allocated: defer.Deferred | None = None
         self._inbox: list[bytes] = []
         self._readers: list[defer.Deferred] = []
@@ -457,41 +505,6 @@ class RendezvousClientProtocol(LineReceiver):
         for d in pending:
             if d is not None and not d.called:
                 d.errback(error)
-
-
-class _OneShot:
-    """An event that happens once; each L{when} gets its own Deferred, so a
-    failure nobody asked about is never reported as unhandled."""
-
-    def __init__(self) -> None:
-        self._waiting: list[defer.Deferred] = []
-        self._outcome: tuple | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._outcome is not None
-
-    def when(self) -> defer.Deferred:
-        if self._outcome is None:
-            d = defer.Deferred()
-            self._waiting.append(d)
-            return d
-        ok, value = self._outcome
-        return defer.succeed(value) if ok else defer.fail(value)
-
-    def _settle(self, ok: bool, value) -> None:
-        if self._outcome is not None:
-            return
-        self._outcome = (ok, value)
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(value) if ok else d.errback(value)
-
-    def fire(self, value) -> None:
-        self._settle(True, value)
-
-    def fail(self, error: Exception) -> None:
-        self._settle(False, error)
 
 
 def parse_server(text: str) -> tuple[str, int]:

@@ -115,11 +115,21 @@ class SessionKeys:
     def handshake_key(self) -> bytes:
         return hkdf(self.key, "candidate handshake")
 
-    def sealer(self) -> "RecordSealer":
-        return RecordSealer(self._directional("records", True))
+    def _record_key(self, sending: bool, binding: bytes) -> bytes:
+        writer = self.role if sending else other(self.role)
+        return HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=None,
+            info=f"p2pft/v1 records from {writer} ".encode("ascii") + binding,
+        ).derive(self.key)
 
-    def opener(self) -> "RecordOpener":
-        return RecordOpener(self._directional("records", False))
+    def sealer(self, binding: bytes) -> "RecordSealer":
+        """Records we write on the connection identified by C{binding}
+        (L{Handshake.binding}: both nonces), so records can never be moved
+        to, or replayed on, another connection of the session."""
+        return RecordSealer(self._record_key(True, binding))
+
+    def opener(self, binding: bytes) -> "RecordOpener":
+        return RecordOpener(self._record_key(False, binding))
 
     def __repr__(self) -> str:  # never print keys
         return f"<SessionKeys {self.role}>"
@@ -247,6 +257,14 @@ class Handshake:
                 return events
             else:
                 raise SecurityError(f"unexpected data in state {self.state}")
+
+    @property
+    def binding(self) -> bytes:
+        """The leader's nonce then the follower's: names this connection."""
+        assert self._peer_nonce is not None
+        if self.leader:
+            return self.nonce + self._peer_nonce
+        return self._peer_nonce + self.nonce
 
     def select(self) -> bytes:
         """Leader only: commit to this connection; returns the bytes to send."""

@@ -12,38 +12,73 @@ from twisted.logger import Logger
 
 from .cli import ServerOptions as Options
 from .rendezvous import RendezvousServerFactory
+from .util import OneShot
 
 
 class RendezvousService(Service):
-    """Listens on an endpoint; C{listening} fires with the port (or fails)."""
+    """
+    Listens on an endpoint.  L{whenListening} fires with the port, or fails;
+    a failure is also logged and stops the reactor, so C{twistd -n
+    p2pft-server} on a busy port says so and exits instead of idling.
+    """
 
     log = Logger()
 
-    def __init__(self, endpoint, factory: RendezvousServerFactory):
+    def __init__(self, endpoint, factory: RendezvousServerFactory, reactor):
         self._endpoint = endpoint
+        self._reactor = reactor
         self.factory = factory
         self.port = None
-        self.listening: defer.Deferred = defer.Deferred()
+        self._listening = OneShot()
+
+    def whenListening(self) -> defer.Deferred:
+        return self._listening.when()
 
     def startService(self) -> None:
         super().startService()
+        _raise_fd_limit(self.factory.state)
         d = self._endpoint.listen(self.factory)
+        d.addCallbacks(self._listened, self._failed)
 
-        def listened(port):
-            self.port = port
-            address = port.getHost()
-            self.log.info(
-                "p2pft rendezvous server listening on {host}:{port}",
-                host=address.host, port=address.port,
-            )
-            return port
+    def _listened(self, port) -> None:
+        self.port = port
+        address = port.getHost()
+        self.log.info(
+            "p2pft rendezvous server listening on {host}:{port}",
+            host=address.host, port=address.port,
+        )
+        self._listening.fire(port)
 
-        d.addCallback(listened).chainDeferred(self.listening)
+    def _failed(self, failure) -> None:
+        self.log.error("p2pft rendezvous server cannot listen: {error}", error=failure.getErrorMessage())
+        self._listening.fail(failure.value)
+        # twistd starts services before the reactor runs.
+        self._reactor.callWhenRunning(self._stop)
+
+    def _stop(self) -> None:
+        if self._reactor.running:
+            self._reactor.stop()
 
     def stopService(self):
         super().stopService()
         if self.port is not None:
             return self.port.stopListening()
+
+
+def _raise_fd_limit(state) -> None:
+    """Use the hard limit on open files, and keep the connection cap under it."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    except (ImportError, ValueError, OSError):
+        return
+    state.max_connections = min(state.max_connections, max(16, soft - 64))
 
 
 def makeService(config, reactor=None) -> MultiService:
@@ -53,9 +88,11 @@ def makeService(config, reactor=None) -> MultiService:
         reactor,
         waiting_timeout=config["waiting-timeout"],
         hello_timeout=config["hello-timeout"],
+        max_connections=config["max-connections"],
+        max_per_ip=config["max-per-ip"],
     )
     parent = MultiService()
-    parent.rendezvous = RendezvousService(serverFromString(reactor, config["port"]), factory)
+    parent.rendezvous = RendezvousService(serverFromString(reactor, config["port"]), factory, reactor)
     parent.rendezvous.setServiceParent(parent)
     return parent
 

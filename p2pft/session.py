@@ -196,7 +196,9 @@ def _parse_candidates(message: dict) -> list[tuple[str, int]]:
     if not isinstance(raw, list):
         raise SessionError("the other side sent no addresses")
     out = []
-    for item in raw[:MAX_CANDIDATES]:
+    for item in raw[: MAX_CANDIDATES * 4]:
+        if len(out) == MAX_CANDIDATES:
+            break
         try:
             host, port = item
             ip = ipaddress.ip_address(host)
@@ -220,7 +222,7 @@ def _encode(value: dict) -> bytes:
 def _decode(data: bytes) -> dict:
     try:
         value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise SessionError("the other side sent a malformed message") from None
     if not isinstance(value, dict):
         raise SessionError("the other side sent a malformed message")
@@ -235,7 +237,7 @@ def _translate(e: Exception) -> Exception:
     return e
 
 
-async def send(reactor, settings: Settings, path: str, ui) -> Result:
+async def send(reactor, settings: Settings, path: str, ui, channels: list | None = None) -> Result:
     """Send one file; fire with the L{Result} once the receiver acknowledged it."""
     if not os.path.isfile(path):
         raise SessionError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a regular file")
@@ -245,6 +247,8 @@ async def send(reactor, settings: Settings, path: str, ui) -> Result:
         est = await _establish(reactor, settings, SENDER, ui)
     except Exception as e:
         raise _translate(e) from None
+    if channels is not None:
+        channels.append(est.channel)
     ui.connected(est.channel.peer, est.path)
     sender = FileSender(est.channel, reactor, path, progress=ui.progress)
     ui.sending(sender.name, sender.size)
@@ -253,7 +257,8 @@ async def send(reactor, settings: Settings, path: str, ui) -> Result:
     return result
 
 
-async def receive(reactor, settings: Settings, output_dir: str, decide, ui, overwrite: bool = False) -> Result:
+async def receive(reactor, settings: Settings, output_dir: str, decide, ui, overwrite: bool = False,
+                  channels: list | None = None) -> Result:
     """Receive one file into C{output_dir}."""
     if not os.path.isdir(output_dir):
         raise SessionError(f"{output_dir}: no such directory")
@@ -261,6 +266,8 @@ async def receive(reactor, settings: Settings, output_dir: str, decide, ui, over
         est = await _establish(reactor, settings, RECEIVER, ui)
     except Exception as e:
         raise _translate(e) from None
+    if channels is not None:
+        channels.append(est.channel)
     ui.connected(est.channel.peer, est.path)
     receiver = FileReceiver(est.channel, reactor, output_dir, decide, overwrite=overwrite, progress=ui.progress)
     result = await receiver.start()

@@ -70,7 +70,7 @@ def _parse_control(payload: bytes) -> dict:
         raise TransferFailed("control message too large")
     try:
         value = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise TransferFailed("malformed control message") from None
     if not isinstance(value, dict):
         raise TransferFailed("malformed control message")
@@ -257,6 +257,7 @@ class FileSender(_Endpoint):
         self.name = name or os.path.basename(os.path.abspath(path))
         self._hash = hashlib.sha256()
         self._sent = 0
+        self._producing = False
 
     def start(self) -> defer.Deferred:
         self._channel.attach(self)
@@ -268,6 +269,7 @@ class FileSender(_Endpoint):
         if self.state == "offered" and kind == ACCEPT:
             self.state = "sending"
             self._started = self._clock.seconds()
+            self._producing = True
             self._channel.registerProducer(self, False)
         elif self.state == "offered" and kind == REJECT:
             message = printable(str(_parse_control(payload).get("message", "declined")))
@@ -297,14 +299,17 @@ class FileSender(_Endpoint):
                 self._channel.send(DATA, chunk)
             self._progress(self._sent, self.size)
         except TransferFailed as e:
-            self._channel.unregisterProducer()
             self._fail(e)
         except OSError as e:
-            self._channel.unregisterProducer()
             self._fail(TransferFailed(f"cannot read {printable(self._path)}: {e.strerror or e}"))
 
+    def _stopProducing(self) -> None:
+        if self._producing:
+            self._producing = False
+            self._channel.unregisterProducer()
+
     def _end(self) -> None:
-        self._channel.unregisterProducer()
+        self._stopProducing()
         if self._sent != self.size:
             raise TransferFailed(f"{printable(self.name)} shrank while it was being sent")
         self._progress(self._sent, self.size)
@@ -315,9 +320,12 @@ class FileSender(_Endpoint):
         pass
 
     def stopProducing(self) -> None:
-        self.channelLost("stopped")
+        # The transport is going away; its connectionLost will tell us why.
+        self._producing = False
 
     def _cleanup(self) -> None:
+        # A registered producer keeps loseConnection from ever completing.
+        self._stopProducing()
         self._file.close()
 
 

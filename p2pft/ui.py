@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 
 from .transfer import Offer, Result, printable
 
@@ -24,10 +25,11 @@ def human_size(n: int) -> str:
 
 
 class HumanUI:
-    def __init__(self, server: str = "SERVER:PORT", err=None, assume_yes: bool = False, stdin=None):
+    def __init__(self, server: str = "SERVER:PORT", err=None, assume_yes: bool = False, stdin=None, reactor=None):
         self._server = server
         self._err = err or sys.stderr
         self._stdin = stdin or sys.stdin
+        self._reactor = reactor
         self.assume_yes = assume_yes
 
     def say(self, text: str) -> None:
@@ -60,12 +62,27 @@ class HumanUI:
         if not self._stdin.isatty():
             return defer.fail(RuntimeError("cannot ask whether to accept: standard input is not a terminal (use --yes)"))
 
-        def ask():
-            self._err.write(question)
-            self._err.flush()
-            return self._stdin.readline().strip().lower() in ("y", "yes")
+        # A daemon thread, not the reactor's thread pool: a blocked readline
+        # must never keep the process from exiting (Ctrl-C, the other side
+        # giving up while we ask).
+        answer = defer.Deferred()
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
 
-        return threads.deferToThread(ask)
+        def ask():
+            try:
+                self._err.write(question)
+                self._err.flush()
+                line = self._stdin.readline()
+            except Exception as e:  # closed terminal and the like
+                reactor.callFromThread(lambda: answer.called or answer.errback(e))
+                return
+            yes = line.strip().lower() in ("y", "yes")
+            reactor.callFromThread(lambda: answer.called or answer.callback(yes))
+
+        threading.Thread(target=ask, name="p2pft-prompt", daemon=True).start()
+        return answer
 
     def done(self, result: Result, path: str) -> None:
         rate = result.size / result.seconds / 1e6 if result.seconds > 0 else 0.0

@@ -193,3 +193,52 @@ class CommandLineErrorTests(TestCase):
         port = addr.rsplit(":", 1)[1]
         code, line = await self.run_cli("server", "--port", f"tcp:{port}:interface=127.0.0.1", expect="cannot listen")
         self.assertEqual(code, 1)
+
+
+class InterruptTests(TestCase):
+    """Ctrl-C on either side: exit 130 at once, the other side is told why,
+    and nothing is left behind."""
+
+    timeout = 90
+
+    async def prompt_session(self):
+        ws = Workspace(self)
+        src = make_file(os.path.join(ws.src, "f.bin"), 50_000)
+        server, addr = await start_server(self)
+        master, slave = pty.openpty()
+        self.addCleanup(os.close, master)
+        sender = spawn(self, "sender", p2pft_argv("send", "--json", "--code", "21-ctrl-c", addr, src))
+        receiver = spawn(self, "receiver", p2pft_argv("receive", "--json", "-o", ws.out, addr, "21-ctrl-c"),
+                         childFDs={0: slave, 1: "r", 2: "r"})
+        os.close(slave)
+        await receiver.wait_for(r"\[y/N\]", "err")
+        return ws, sender, receiver
+
+    async def test_sender_interrupted_while_receiver_is_asked(self):
+        ws, sender, receiver = await self.prompt_session()
+        sender.kill(signal.SIGINT)
+        self.assertEqual(await sender.wait_exit(timeout=10), 130, sender.text())
+        # The receiver stops without anyone answering its prompt.
+        self.assertEqual(await receiver.wait_exit(timeout=10), 1, receiver.text())
+        self.assertIn("p2pft: error: interrupted", sender.err.decode())
+        self.assertIn("the other side stopped: interrupted", receiver.err.decode())
+        self.assertEqual(os.listdir(ws.out), [])
+
+    async def test_receiver_interrupted_at_its_prompt(self):
+        ws, sender, receiver = await self.prompt_session()
+        receiver.kill(signal.SIGINT)
+        self.assertEqual(await receiver.wait_exit(timeout=10), 130, receiver.text())
+        self.assertEqual(await sender.wait_exit(timeout=10), 1, sender.text())
+        self.assertIn("the other side stopped: interrupted", sender.err.decode())
+        self.assertEqual(os.listdir(ws.out), [])
+
+    async def test_twistd_server_on_busy_port_logs_and_exits(self):
+        server, addr = await start_server(self)
+        port = addr.rsplit(":", 1)[1]
+        cwd = self.mktemp()
+        os.makedirs(cwd)
+        twistd = spawn(self, "twistd", twistd_argv(
+            "-n", "--pidfile=", "--logfile=-", "p2pft-server", "--port", f"tcp:{port}:interface=127.0.0.1"),
+            cwd=cwd)
+        await twistd.wait_exit(timeout=20)
+        self.assertIn("cannot listen", twistd.out.decode() + twistd.err.decode())

@@ -180,6 +180,11 @@ class LoopbackPunchTests(TestCase):
         s_chan, r_chan = await sd, await rd
         self.addCleanup(s_chan.transport.abortConnection)
         self.addCleanup(r_chan.transport.abortConnection)
+        # The stray was never chosen: once punching ended it was dropped,
+        # and no other candidate survives on either side.
+        await stray.addTimeout(2, reactor)  # well before its 5 s handshake timeout
+        self.assertEqual((sender._live, receiver._live), ([], []))
+        self.assertTrue(sender._done and receiver._done)
         self.assertEqual(s_chan.transport.getHost().port, pa)
         self.assertEqual(r_chan.transport.getHost().port, pb)
         self.assertEqual(s_chan.transport.getPeer().port, pb)

@@ -174,7 +174,8 @@ class ServerProtocolTests(SynchronousTestCase):
         lines(ta), lines(tb)
         send(a, "MSG not*base64")
         self.assertEqual(lines(ta), ["ERROR malformed message payload"])
-        self.assertEqual(lines(tb), [])
+        self.assertEqual(lines(tb), ["GONE"])
+        self.assertFalse(tb.disconnecting)
 
     def test_lines_after_refusal_are_ignored(self):
         a, ta = self.h.connect()
@@ -357,3 +358,75 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual(normalise_host("::ffff:10.1.2.3"), "10.1.2.3")
         self.assertEqual(normalise_host("2001:db8::1"), "2001:db8::1")
         self.assertEqual(normalise_host("10.1.2.3"), "10.1.2.3")
+
+
+class ServerProtectionTests(SynchronousTestCase):
+    """One misbehaving client cannot hurt the server or other clients."""
+
+    def test_client_that_stops_reading_stops_being_read(self):
+        h = ServerHarness()
+        a, ta = h.connect()
+        self.assertIs(ta.producer, a)
+        self.assertTrue(ta.streaming)
+        # The transport's buffer filled up: the server stops reading.
+        a.pauseProducing()
+        self.assertEqual(ta.producerState, "paused")
+        a.resumeProducing()
+        self.assertEqual(ta.producerState, "producing")
+
+    def test_refused_client_is_not_read_again(self):
+        h = ServerHarness()
+        a, ta = h.connect()
+        send(a, "NOPE")
+        a.resumeProducing()
+        self.assertIsNone(ta.producer)
+
+    def test_per_ip_cap(self):
+        h = ServerHarness(max_per_ip=2)
+        p1, t1 = h.connect("198.51.100.9")
+        p2, t2 = h.connect("198.51.100.9")
+        p3, t3 = h.connect("198.51.100.9")
+        self.assertEqual(lines(t3)[-1], "ERROR too many connections from your address")
+        q, tq = h.connect("198.51.100.10")
+        self.assertFalse(tq.disconnecting)
+        p1.connectionLost(None)
+        p4, t4 = h.connect("198.51.100.9")
+        self.assertFalse(t4.disconnecting)
+        self.assertFalse(t2.disconnecting)
+
+    def test_global_cap(self):
+        h = ServerHarness(max_connections=2)
+        h.connect("198.51.100.1")
+        h.connect("198.51.100.2")
+        p, t = h.connect("198.51.100.3")
+        self.assertEqual(lines(t)[-1], "ERROR server is busy, try again later")
+        self.assertEqual(h.state.connections, 2)
+
+    def test_refused_waiting_member_cannot_be_paired(self):
+        h = ServerHarness()
+        a, ta = h.connect()
+        send(a, "CLAIM 5")
+        send(a, "FROB")  # refused; has not closed yet
+        b, tb = h.connect()
+        lines(tb)
+        send(b, "CLAIM 5")
+        self.assertEqual(lines(tb), [])  # waiting alone on a fresh nameplate
+        self.assertEqual(h.state.nameplates, {"5"})
+
+    def test_abort_timer_cancelled_when_closed(self):
+        h = ServerHarness()
+        a, ta = h.connect()
+        send(a, "NOPE")
+        a.connectionLost(None)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_oversized_decoded_message_refused(self):
+        h = ServerHarness()
+        a, ta = h.connect()
+        b, tb = h.connect()
+        send(a, "CLAIM 3")
+        send(b, "CLAIM 3")
+        lines(ta)
+        import base64
+        send(a, "MSG " + base64.b64encode(b"x" * 4097).decode())
+        self.assertEqual(lines(ta), ["ERROR message too large"])

@@ -18,6 +18,9 @@ from p2pft.secure import (
 )
 
 
+BINDING = b"n" * 32
+
+
 def agree(sender_pw="apple-river", receiver_pw="apple-river", nameplate="4"):
     s, r = Pake(sender_pw, nameplate, SENDER), Pake(receiver_pw, nameplate, RECEIVER)
     ms, mr = s.start(), r.start()
@@ -58,9 +61,11 @@ class PakeTests(SynchronousTestCase):
 
     def test_keys_differ_by_purpose_and_direction(self):
         ks, kr = agree()
-        self.assertNotEqual(ks._directional("records", True), ks._directional("records", False))
-        self.assertEqual(ks._directional("records", True), kr._directional("records", False))
-        self.assertNotEqual(ks.handshake_key(), ks._directional("records", True))
+        self.assertNotEqual(ks._record_key(True, BINDING), ks._record_key(False, BINDING))
+        self.assertEqual(ks._record_key(True, BINDING), kr._record_key(False, BINDING))
+        self.assertNotEqual(ks._record_key(True, BINDING), ks._record_key(True, b"m" * 32))
+        self.assertNotEqual(ks.handshake_key(), ks._record_key(True, BINDING))
+        self.assertNotEqual(ks._directional("rendezvous", True), ks._directional("rendezvous", False))
         self.assertNotIn(ks.key.hex(), repr(ks))
 
 
@@ -112,6 +117,8 @@ class HandshakeTests(SynchronousTestCase):
         select = s.select()
         self.assertEqual(r.receive(select + b"records"), [("selected", b"records")])
         self.assertEqual(r.state, "selected")
+        self.assertEqual(s.binding, r.binding)
+        self.assertEqual(s.binding, s.nonce + r.nonce)
 
     def test_byte_at_a_time(self):
         s = Handshake(self.ks.handshake_key(), SENDER)
@@ -185,18 +192,18 @@ class HandshakeTests(SynchronousTestCase):
 class RecordTests(SynchronousTestCase):
     def setUp(self):
         ks, kr = agree()
-        self.sealer, self.opener = ks.sealer(), kr.opener()
+        self.sealer, self.opener = ks.sealer(BINDING), kr.opener(BINDING)
 
     def frames(self, *payloads):
         return [b"".join(self.sealer.seal(4, p)) for p in payloads]
 
     def test_roundtrip_any_split(self):
         ks, kr = agree()
-        sealer = ks.sealer()
+        sealer = ks.sealer(BINDING)
         payloads = [b"a" * 1000, b"", b"z" * 70000]
         data = b"".join(b"".join(sealer.seal(4, p)) for p in payloads)
         for step in (1, 997, len(data)):
-            opener = RecordOpener(kr._directional("records", False))
+            opener = kr.opener(BINDING)
             got = []
             for i in range(0, len(data), step):
                 got += opener.feed(data[i:i + step])
@@ -235,16 +242,21 @@ class RecordTests(SynchronousTestCase):
     def test_oversized_length_refused_before_buffering(self):
         header = (MAX_RECORD + 17).to_bytes(4, "big") + b"\x04"
         self.assertRaises(SecurityError, self.opener.feed, header)
-        self.assertRaises(SecurityError, agree()[1].opener().feed, b"\x00\x00\x00\x03\x04")
+        self.assertRaises(SecurityError, agree()[1].opener(BINDING).feed, b"\x00\x00\x00\x03\x04")
 
     def test_sealer_refuses_oversized(self):
         self.assertRaises(ValueError, self.sealer.seal, 4, b"x" * (MAX_RECORD + 1))
 
     def test_wrong_direction_key(self):
         ks, kr = agree()
-        f = b"".join(ks.sealer().seal(4, b"hi"))
-        self.assertRaises(SecurityError, ks.opener().feed, f)
-        self.assertEqual(kr.opener().feed(f), [(4, b"hi")])
+        f = b"".join(ks.sealer(BINDING).seal(4, b"hi"))
+        self.assertRaises(SecurityError, ks.opener(BINDING).feed, f)
+        self.assertEqual(kr.opener(BINDING).feed(f), [(4, b"hi")])
+
+    def test_records_bound_to_their_connection(self):
+        ks, kr = agree()
+        f = b"".join(ks.sealer(BINDING).seal(4, b"hi"))
+        self.assertRaises(SecurityError, kr.opener(b"m" * 32).feed, f)
 
     def test_ciphertext_hides_plaintext(self):
         secret = b"TOP-SECRET-PLAINTEXT" * 10

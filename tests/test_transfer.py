@@ -55,6 +55,8 @@ class FakeChannel:
         self.producer = None
 
     def close(self):
+        # Like a transport: a registered producer would block the close.
+        assert self.producer is None, "close() with a producer still registered"
         self.closed = True
         # Like loseConnection: lost once what we sent has been flushed (to a
         # peer that reads, or to nobody at all).
@@ -62,6 +64,7 @@ class FakeChannel:
             self.notify_lost()
 
     def abort(self):
+        self.producer = None
         self.close()
 
     def notify_lost(self):
@@ -265,7 +268,7 @@ class HostileSenderTests(SynchronousTestCase):
     def test_malformed_offers(self):
         for payload in (b"not json", b"[1]", json.dumps({"name": "x", "size": -1}).encode(),
                         json.dumps({"name": "x", "size": True}).encode(),
-                        json.dumps({"name": 5, "size": 1}).encode(), b"{" * 70000):
+                        json.dumps({"name": 5, "size": 1}).encode(), b"{" * 70000, b"[" * 60000):
             out = self.mktemp()
             os.mkdir(out)
             link = Link()
@@ -369,3 +372,34 @@ class LargeFileTests(SynchronousTestCase):
         sender.channelLost("test over")
         self.failureResultOf(sender.done, TransferFailed)
         self.assertEqual(transfer._offer_from({"name": "x", "size": size}).size, size)
+
+
+class SenderAbortTests(SynchronousTestCase):
+    def test_abort_while_streaming_unregisters_and_reports_reason(self):
+        src = self.mktemp()
+        with open(src, "wb") as f:
+            f.write(os.urandom(transfer.CHUNK * 10))
+        link = Link()
+        sender = FileSender(link.a, Clock(), src)
+        d = sender.start()
+        sender.recordReceived(ACCEPT, b"{}")
+        sender.resumeProducing()
+        self.assertIsNotNone(link.a.producer)
+        sender.recordReceived(ABORT, json.dumps({"message": "disk full"}).encode())
+        self.assertIsNone(link.a.producer)
+        f = self.failureResultOf(d, TransferFailed)
+        self.assertIn("disk full", str(f.value))
+
+    def test_stop_producing_does_not_hide_the_reason(self):
+        src = self.mktemp()
+        with open(src, "wb") as f:
+            f.write(b"x" * 10)
+        link = Link()
+        sender = FileSender(link.a, Clock(), src)
+        d = sender.start()
+        sender.recordReceived(ACCEPT, b"{}")
+        sender.stopProducing()
+        self.assertNoResult(d)
+        sender.channelLost("Connection reset by peer")
+        f = self.failureResultOf(d, TransferFailed)
+        self.assertIn("reset by peer", str(f.value))

@@ -1,0 +1,100 @@
+"""
+Session wiring that is not covered end to end: the partner leaving the
+rendezvous server while we punch, and candidate parsing.
+"""
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2pft.punch import PunchFailed, PunchSchedule
+from p2pft.rendezvous import PeerGone, RendezvousError
+from p2pft.secure import RECEIVER, SENDER
+from p2pft.session import MAX_CANDIDATES, SessionError, _parse_candidates, _punch_watching_partner
+
+
+class FakeClient:
+    def __init__(self):
+        self.readers = []
+
+    def receive(self):
+        d = defer.Deferred(lambda d: self.readers.remove(d) if d in self.readers else None)
+        self.readers.append(d)
+        return d
+
+    def fail(self, error):
+        readers, self.readers = self.readers, []
+        for d in readers:
+            d.errback(error)
+
+
+class FakeConnector:
+    def __init__(self):
+        self.cancelled = False
+        self.result = defer.Deferred(self._cancel)
+
+    def _cancel(self, d):
+        self.cancelled = True
+
+    def run(self):
+        return self.result
+
+
+class PartnerLeavesTests(SynchronousTestCase):
+    schedule = PunchSchedule(gone_grace=3.0)
+
+    def start(self, role):
+        self.clock, self.client, self.connector = Clock(), FakeClient(), FakeConnector()
+        return defer.ensureDeferred(
+            _punch_watching_partner(self.clock, self.client, self.connector, role, self.schedule))
+
+    def test_sender_stops_at_once(self):
+        d = self.start(SENDER)
+        self.client.fail(PeerGone("gone"))
+        self.clock.advance(0)
+        f = self.failureResultOf(d, SessionError)
+        self.assertIn("left before a direct connection", str(f.value))
+        self.assertTrue(self.connector.cancelled)
+
+    def test_receiver_waits_for_a_late_select(self):
+        d = self.start(RECEIVER)
+        self.client.fail(PeerGone("gone"))
+        self.clock.advance(2.9)
+        self.assertNoResult(d)
+        self.connector.result.callback("channel")
+        self.assertEqual(self.successResultOf(d), "channel")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_receiver_gives_up_after_grace(self):
+        d = self.start(RECEIVER)
+        self.client.fail(PeerGone("gone"))
+        self.clock.advance(3.1)
+        self.failureResultOf(d, SessionError)
+
+    def test_server_dying_is_not_a_reason_to_stop(self):
+        d = self.start(SENDER)
+        self.client.fail(RendezvousError("lost the connection to the rendezvous server"))
+        self.clock.advance(60)
+        self.assertNoResult(d)
+        self.connector.result.callback("channel")
+        self.assertEqual(self.successResultOf(d), "channel")
+
+    def test_punch_failure_is_a_session_error(self):
+        d = self.start(SENDER)
+        self.connector.result.errback(PunchFailed("could not connect"))
+        self.failureResultOf(d, SessionError)
+        self.assertEqual(self.client.readers, [], "the watch was cancelled")
+
+
+class CandidateTests(SynchronousTestCase):
+    def test_filters_then_caps(self):
+        junk = [["0.0.0.0", 1], ["224.0.0.1", 5], ["255.255.255.255", 9], ["not-an-ip", 4],
+                ["10.0.0.1", 0], ["::", 3], "garbage", [1, 2, 3]] * 4
+        good = [["203.0.113.%d" % i, 4000 + i] for i in range(1, 30)]
+        out = _parse_candidates({"candidates": junk[:MAX_CANDIDATES] + good})
+        self.assertEqual(len(out), MAX_CANDIDATES)
+        self.assertEqual(out[0], ("203.0.113.1", 4001))
+
+    def test_nothing_usable(self):
+        for msg in ({}, {"candidates": "x"}, {"candidates": [["0.0.0.0", 1]]}):
+            self.assertRaises(SessionError, _parse_candidates, msg)
