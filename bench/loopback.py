@@ -22,10 +22,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+PEER = [sys.executable, "-m", "p2pft"]
+
+
 def start(args, **kw):
     env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "p2pft", *args], env=env,
-                            stdin=subprocess.DEVNULL, **kw)
+    return subprocess.Popen([*PEER, *args], env=env, stdin=subprocess.DEVNULL, **kw)
 
 
 def reap(proc):
@@ -69,7 +71,11 @@ def main():
     p.add_argument("--size", type=int, default=1024, help="MiB (default 1024)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--work-dir", default=None)
+    p.add_argument("--null-cipher", action="store_true",
+                   help="peers run bench/nullcipher_p2pft.py: same framing, no encryption (to measure its cost)")
     a = p.parse_args()
+    if a.null_cipher:
+        PEER[1:] = [os.path.join(ROOT, "bench", "nullcipher_p2pft.py")]
     work = a.work_dir or tempfile.mkdtemp(prefix="p2pft-bench-")
     os.makedirs(work, exist_ok=True)
     src = os.path.join(work, f"source-{a.size}M.bin")
@@ -84,7 +90,8 @@ def main():
         server.wait()
     med = lambda k: statistics.median(r[k] for r in runs)
     size = runs[0]["bytes"]
-    print(f"p2pft loopback, {size / 2**20:.0f} MiB, {a.runs} runs (medians)")
+    label = "NULL CIPHER (benchmark only)" if a.null_cipher else "AES-256-GCM"
+    print(f"p2pft loopback, {label}, {size / 2**20:.0f} MiB, {a.runs} runs (medians)")
     print(f"  transfer throughput   {size / med('seconds') / 1e6:8.1f} MB/s  ({med('seconds'):.2f} s, OFFER..ACK)")
     print(f"  receiver start..exit  {size / med('wall') / 1e6:8.1f} MB/s  ({med('wall'):.2f} s, incl. rendezvous + punch)")
     print(f"  CPU seconds           sender {med('sender_cpu'):.2f}, receiver {med('receiver_cpu'):.2f}")

@@ -403,3 +403,41 @@ class SenderAbortTests(SynchronousTestCase):
         sender.channelLost("Connection reset by peer")
         f = self.failureResultOf(d, TransferFailed)
         self.assertIn("reset by peer", str(f.value))
+
+
+class SymlinkTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.out = self.mktemp()
+        os.mkdir(self.out)
+        self.outside = os.path.abspath(self.mktemp())
+        with open(self.outside, "wb") as f:
+            f.write(b"outside the output directory")
+        os.symlink(self.outside, os.path.join(self.out, "file.bin"))
+
+    def run_pair(self, overwrite):
+        src = self.mktemp()
+        with open(src, "wb") as f:
+            f.write(b"payload")
+        link = Link()
+        sender = FileSender(link.a, self.clock, src, name="file.bin")
+        receiver = FileReceiver(link.b, self.clock, self.out, accept, overwrite=overwrite)
+        rd, sd = receiver.start(), sender.start()
+        link.pump()
+        return sd, rd
+
+    def test_symlink_at_destination_is_an_existing_file(self):
+        sd, rd = self.run_pair(overwrite=False)
+        self.failureResultOf(rd, Declined)
+        self.failureResultOf(sd, TransferFailed)
+        self.assertTrue(os.path.islink(os.path.join(self.out, "file.bin")))
+
+    def test_overwrite_replaces_the_link_not_its_target(self):
+        sd, rd = self.run_pair(overwrite=True)
+        self.successResultOf(rd)
+        dest = os.path.join(self.out, "file.bin")
+        self.assertFalse(os.path.islink(dest))
+        with open(dest, "rb") as f:
+            self.assertEqual(f.read(), b"payload")
+        with open(self.outside, "rb") as f:
+            self.assertEqual(f.read(), b"outside the output directory")
