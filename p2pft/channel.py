@@ -35,8 +35,13 @@ class IRecordHandler(Interface):
 class PeerConnection(Protocol):
     log = Logger()
 
-    def __init__(self, connector, keys: SessionKeys, clock: IReactorTime, handshake_timeout: float = 10.0):
+    def __init__(self, connector, keys: SessionKeys, clock: IReactorTime, handshake_timeout: float = 10.0,
+                 relay: bool = False):
         self._connector = connector
+        #: "relay" when this connection runs through a relay, else "direct".
+        self.path = "relay" if relay else "direct"
+        self._relay_wait = relay
+        self._relay_buffer = b""
         self._keys = keys
         self._clock = clock
         self._handshake = Handshake(keys.handshake_key(), keys.role)
@@ -57,9 +62,37 @@ class PeerConnection(Protocol):
 
     def connectionMade(self) -> None:
         self._timer = self._clock.callLater(self._handshake_timeout, self._drop, "handshake timed out")
+        if self._relay_wait:
+            # Through a relay: ask it to join us with the other side first.
+            self.transport.write(f"RELAY {self._keys.relay_token()} {self._keys.role}\n".encode("ascii"))
+        else:
+            self.transport.write(self._handshake.hello())
+
+    def _relayReply(self, data: bytes) -> bytes | None:
+        """Wait for the relay's OK; return the bytes after it, or None."""
+        self._relay_buffer += data
+        line, newline, rest = self._relay_buffer.partition(b"\n")
+        if newline and line.startswith(b"WELCOME "):
+            # A rendezvous server relaying on its own port greets first.
+            self._relay_buffer = b""
+            return self._relayReply(rest)
+        if not newline:
+            if len(self._relay_buffer) > 512:
+                self._drop("relay sent an overlong line")
+            return None
+        if line.rstrip(b"\r") != b"OK":
+            text = line.decode("utf-8", "replace").removeprefix("ERROR ").strip()
+            self._drop(f"relay refused: {''.join(c if c.isprintable() else '?' for c in text[:200])}")
+            return None
+        self._relay_wait = False
         self.transport.write(self._handshake.hello())
+        return rest
 
     def dataReceived(self, data: bytes) -> None:
+        if self._relay_wait:
+            data = self._relayReply(data)
+            if not data:
+                return
         if self._opener is not None:
             if self._handler is None:
                 self._pending += data

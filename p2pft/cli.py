@@ -51,6 +51,8 @@ class _PeerOptions(_Options):
     optParameters = [
         ["timeout", None, 60.0, "Seconds to wait for each step once paired (key exchange, "
                                 "addresses) before giving up.", float],
+        ["relay", None, None, "Use this relay (HOST:PORT) when a direct connection fails, "
+                              "instead of the ones the server suggests."],
     ]
 
     def postOptions(self) -> None:
@@ -60,6 +62,8 @@ class _PeerOptions(_Options):
     def _check_timeout(self) -> None:
         if not 0 < self["timeout"] <= 86400:
             raise usage.UsageError("--timeout must be between 0 and 86400 seconds")
+        if self.get("relay"):
+            self["relay"] = _server(self["relay"])
 
     def _code_from_env(self) -> None:
         if not self.get("code") and os.environ.get("P2PFT_CODE"):
@@ -123,10 +127,59 @@ class ReceiveOptions(_PeerOptions):
         self._check_timeout()
 
 
-class ServerOptions(_Options):
+class _RelayLimitOptions(_Options):
+    optParameters = [
+        ["relay-max-sessions", None, 1000, "Relayed sessions at once.", int],
+        ["relay-max-per-ip", None, 16, "Relay connections at once from one IP address.", int],
+        ["relay-max-bytes", None, 0, "Bytes one relayed session may carry (0: no limit).", int],
+        ["relay-rate", None, 0, "Bytes per second one relayed session may carry (0: no limit).", int],
+        ["relay-idle-timeout", None, 300.0, "Seconds a relayed session may stay silent.", float],
+    ]
+
+    def relay_limits(self):
+        from .relay import RelayLimits
+
+        for name in ("relay-max-sessions", "relay-max-per-ip", "relay-idle-timeout"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be positive")
+        for name in ("relay-max-bytes", "relay-rate"):
+            if self[name] < 0:
+                raise usage.UsageError(f"--{name} must not be negative")
+        return RelayLimits(
+            max_sessions=self["relay-max-sessions"], max_per_ip=self["relay-max-per-ip"],
+            max_bytes=self["relay-max-bytes"], rate=self["relay-rate"],
+            idle_timeout=self["relay-idle-timeout"],
+        )
+
+
+def _opt_port(self, value: str) -> None:
+    """Port number or Twisted endpoint description to listen on."""
+    self["port"] = f"tcp:{value}" if value.isdigit() else value
+
+
+class RelayOptions(_RelayLimitOptions):
+    synopsis = "[--port PORT] [relay limits]"
+    longdesc = (
+        "Run a relay on its own: it splices two peers' connections when they cannot "
+        "connect directly, and sees only ciphertext.  Tell a rendezvous server about it "
+        "with 'p2pft server --advertise-relay HOST:PORT'."
+    )
+    optParameters = _RelayLimitOptions.optParameters + [
+        ["port", "p", "tcp:9001", "Port number or Twisted endpoint description to listen on."],
+    ]
+    opt_port = opt_p = _opt_port
+
+    def postOptions(self) -> None:
+        self["limits"] = self.relay_limits()
+
+
+class ServerOptions(_RelayLimitOptions):
     synopsis = "[--port PORT] [--waiting-timeout S] [--hello-timeout S] [--max-connections N] [--max-per-ip N]"
     longdesc = "Run the rendezvous server that introduces peers to each other."
-    optParameters = [
+    optFlags = [
+        ["relay", None, "Also relay peers that cannot connect directly, on the same port."],
+    ]
+    optParameters = _RelayLimitOptions.optParameters + [
         ["port", "p", "tcp:9000", "Port number or Twisted endpoint description to listen on."],
         ["waiting-timeout", None, 3600.0, "Seconds a peer may wait for its partner.", float],
         ["hello-timeout", None, 60.0, "Seconds a new connection may stay without joining a nameplate.", float],
@@ -134,16 +187,22 @@ class ServerOptions(_Options):
         ["max-per-ip", None, 64, "Most connections at once from one IP address.", int],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["advertise-relay"] = []
+
+    def opt_advertise_relay(self, value: str) -> None:
+        """Tell peers to use this relay (HOST:PORT, e.g. a 'p2pft relay'); repeatable."""
+        host, port = _server(value)
+        self["advertise-relay"].append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+
+    opt_port = opt_p = _opt_port
+
     def postOptions(self) -> None:
         for name in ("waiting-timeout", "hello-timeout", "max-connections", "max-per-ip"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
-
-    def opt_port(self, value: str) -> None:
-        """Port number or Twisted endpoint description to listen on."""
-        self["port"] = f"tcp:{value}" if value.isdigit() else value
-
-    opt_p = opt_port
+        self["limits"] = self.relay_limits()
 
 
 class Options(_Options):
@@ -153,6 +212,7 @@ class Options(_Options):
         ["send", None, SendOptions, "Send a file."],
         ["receive", None, ReceiveOptions, "Receive a file."],
         ["rcv", None, ReceiveOptions, "Alias for receive."],
+        ["relay", None, RelayOptions, "Run a relay on its own."],
     ]
 
     def postOptions(self) -> None:
@@ -193,6 +253,7 @@ async def run_peer(reactor, command: str, sub: usage.Options, ui, channels: list
     settings = Settings(
         sub["server"], code=sub.get("code"),
         code_length=sub.get("code-length", codes.DEFAULT_WORDS), timeout=sub["timeout"],
+        relay=sub.get("relay"),
     )
     if command == "send":
         await send(reactor, settings, sub["path"], ui, channels=channels)
@@ -207,10 +268,10 @@ async def _main(reactor, config: Options) -> None:
     from .secure import SecurityError
 
     command, sub = config.subCommand, config.subOptions
-    if command == "server":
-        from .server_tap import makeService
+    if command in ("server", "relay"):
+        from .server_tap import makeRelayService, makeService
 
-        service = makeService(sub, reactor)
+        service = (makeService if command == "server" else makeRelayService)(sub, reactor)
         service.startService()
         try:
             port = await service.rendezvous.whenListening()
@@ -218,7 +279,8 @@ async def _main(reactor, config: Options) -> None:
             sys.stderr.write(f"p2pft: error: cannot listen on {sub['port']}: {e}\n")
             raise SystemExit(EXIT_FAILURE)
         address = port.getHost()
-        sys.stderr.write(f"p2pft rendezvous server listening on {address.host}:{address.port}\n")
+        what = "rendezvous server" if command == "server" else "relay"
+        sys.stderr.write(f"p2pft {what} listening on {address.host}:{address.port}\n")
         sys.stderr.flush()
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
         await defer.Deferred()  # until Ctrl-C / SIGTERM

@@ -18,6 +18,8 @@ reports I{selected}.  Everything else is closed.
 
 from __future__ import annotations
 
+import random
+
 import attrs
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
@@ -26,6 +28,22 @@ from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
+
+
+def _reason(failure: Failure) -> str:
+    """A few words for why an attempt failed (for the final error line)."""
+    for kind, words in (
+        (error.ConnectionRefusedError, "refused"),
+        (error.TimeoutError, "timed out"),
+        (error.NoRouteError, "no route"),
+        (error.ConnectionDone, "closed"),
+        (error.ConnectionLost, "closed"),
+        (error.DNSLookupError, "name not found"),
+    ):
+        if failure.check(kind):
+            return words
+    text = failure.getErrorMessage().splitlines()
+    return text[0][:80] if text else failure.type.__name__
 
 
 class PunchFailed(Exception):
@@ -49,9 +67,22 @@ class PunchSchedule:
     """
     How hard to try.  See docs/PROTOCOL.md for the reasoning.
 
-    @ivar redial: seconds between the failure of one attempt at a candidate
-        and the next attempt at it.  Short, because routers that answer
-        unsolicited SYNs with RST make early attempts fail fast.
+    @ivar redial: seconds between a failed attempt (timeout, unreachable)
+        at a candidate and the next attempt at it.
+    @ivar redial_refused: seconds before redialling a candidate that
+        answered with RST, plus up to as much again at random.  A NAT that
+        answers unsolicited SYNs with RST lets a connection through only
+        while our own SYN is in flight through our NAT at the same moment
+        as the peer's SYN through theirs, and each refused attempt lasts one
+        round trip: so retry soon, at a jittered pace, to make those windows
+        overlap -- but never in a tight loop.
+    @ivar max_attempts: attempts per candidate, at most (a peer's addresses
+        are untrusted: this bounds what we send to any of them).
+    @ivar relay_delay: seconds before relays are tried: direct paths that
+        work connect well within it, so they win.
+    @ivar relay_delay_refused: the same, when the peer's NAT has been
+        answering our SYNs with RST: it is alive and the crossing SYNs are
+        racing, so direct will most likely win given a little longer.
     @ivar attempt_timeout: seconds one outgoing connect may stay pending.
         Long enough for the kernel's SYN retransmissions (1 s, 3 s) to cross
         the other side's SYN; while it is pending, redialling the same
@@ -64,6 +95,10 @@ class PunchSchedule:
     """
 
     redial: float = 0.5
+    redial_refused: float = 0.002
+    max_attempts: int = 3000
+    relay_delay: float = 2.0
+    relay_delay_refused: float = 6.0
     attempt_timeout: float = 4.0
     deadline: float = 20.0
     handshake_timeout: float = 10.0
@@ -71,23 +106,26 @@ class PunchSchedule:
 
 
 class _DialFactory(ClientFactory):
-    def __init__(self, connector: "PunchConnector", address: tuple[str, int]):
+    def __init__(self, connector: "PunchConnector", address: tuple[str, int], relay: bool = False):
         self._connector = connector
         self.address = address
+        self.relay = relay
         self.pending = True
 
     def buildProtocol(self, addr):
         self.pending = False
-        return self._connector._build()
+        return self._connector._build(self.relay)
 
     def clientConnectionFailed(self, connector, reason: Failure) -> None:
         self.pending = False
-        self._connector._dialFailed(self.address, reason)
+        self._connector._dialFailed(self.address, reason, self.relay)
 
     def clientConnectionLost(self, connector, reason: Failure) -> None:
         # Closed before it was chosen (a stray listener, a failed proof):
-        # try that address again on the schedule.
-        self._connector._dialFailed(self.address, reason)
+        # try that address again on the schedule -- but not a relay that
+        # refused us: its reason stands.
+        if not self.relay:
+            self._connector._dialFailed(self.address, reason)
 
 
 class _ListenFactory(Factory):
@@ -95,16 +133,19 @@ class _ListenFactory(Factory):
         self._connector = connector
 
     def buildProtocol(self, addr):
-        return self._connector._build()
+        return self._connector._build(False)
 
 
 class PunchConnector:
     """
     One punching attempt.
 
-    @param candidate_factory: called with this connector, returns a new
-        L{ICandidate} protocol that reports back through L{authenticated},
-        L{selected} and L{lost}.
+    @param candidate_factory: called with this connector and whether the
+        connection goes through a relay; returns a new L{ICandidate}
+        protocol that reports back through L{authenticated}, L{selected}
+        and L{lost}.
+    @param relays: relay addresses, dialled (from any port) after
+        C{schedule.relay_delay}.
     @param leader: whether we choose the connection (the sender) or wait for
         the other side's choice.
     """
@@ -120,11 +161,14 @@ class PunchConnector:
         leader: bool,
         schedule: PunchSchedule = PunchSchedule(),
         interface: str = "",
+        rng: random.Random | None = None,
+        relays: list[tuple[str, int]] = (),
     ):
         self._reactor = reactor
         self._local_port = local_port
         self._interface = interface
         self._candidates = list(dict.fromkeys(candidates))
+        self._relays = list(dict.fromkeys(relays))
         self._factory = candidate_factory
         self._leader = leader
         self._schedule = schedule
@@ -135,7 +179,10 @@ class PunchConnector:
         self._listener = None
         self._result: defer.Deferred | None = None
         self._done = False
+        self._random = rng or random.Random()
+        self._attempts: dict[tuple[str, int], int] = {}
         self.attempts = 0
+        self.refused = 0
 
     def _binding(self):
         return makeBinding(self._interface, self._local_port, reuseAddress=True, reusePort=True)
@@ -143,6 +190,7 @@ class PunchConnector:
     def run(self) -> defer.Deferred:
         """Start; the Deferred fires with the chosen L{ICandidate}."""
         self._result = defer.Deferred(lambda d: self._finish(None))
+        self._started = self._reactor.seconds()
         try:
             self._listener = self._reactor.listenTCP(
                 self._binding(), _ListenFactory(self), interface=self._interface
@@ -155,34 +203,57 @@ class PunchConnector:
         )
         for address in self._candidates:
             self._dial(address)
+        if self._relays:
+            self._timers.append(self._reactor.callLater(self._schedule.relay_delay, self._dialRelays))
         return self._result
+
+    def _dialRelays(self) -> None:
+        waited = self._reactor.seconds() - self._started
+        if self.refused and waited < self._schedule.relay_delay_refused:
+            self._timers.append(self._reactor.callLater(
+                self._schedule.relay_delay_refused - waited, self._dialRelays))
+            return
+        for address in self._relays:
+            self._dial(address, relay=True)
 
     # -- sockets
 
-    def _dial(self, address: tuple[str, int]) -> None:
+    def _dial(self, address: tuple[str, int], relay: bool = False) -> None:
         if self._done:
             return
         self.attempts += 1
+        self._attempts[address] = self._attempts.get(address, 0) + 1
         host, port = address
-        factory = _DialFactory(self, address)
+        factory = _DialFactory(self, address, relay)
         connector = self._reactor.connectTCP(
-            host, port, factory,
-            timeout=self._schedule.attempt_timeout, bindAddress=self._binding(),
+            host, port, factory, timeout=self._schedule.attempt_timeout,
+            # A relay is an ordinary outgoing connection; only punching
+            # needs the shared port.
+            bindAddress=None if relay else self._binding(),
         )
-        self._dialling[address] = (connector, factory)
+        self._dialling[(address, relay)] = (connector, factory)
 
-    def _dialFailed(self, address: tuple[str, int], reason: Failure) -> None:
-        self._dialling.pop(address, None)
-        self._errors[address] = reason.getErrorMessage()
-        if not self._done:
-            self._timers.append(
-                self._reactor.callLater(self._schedule.redial, self._dial, address)
-            )
+    def _dialFailed(self, address: tuple[str, int], reason: Failure, relay: bool = False) -> None:
+        self._dialling.pop((address, relay), None)
+        self._errors[address] = ("relay: " if relay else "") + _reason(reason)
+        if self._done or self._attempts.get(address, 0) >= self._schedule.max_attempts:
+            return
+        if relay:
+            self._timers.append(self._reactor.callLater(
+                self._schedule.redial, self._dial, address, True))
+            return
+        if reason.check(error.ConnectionRefusedError):
+            self.refused += 1
+            delay = self._schedule.redial_refused * (1 + self._random.random())
+        else:
+            delay = self._schedule.redial
+        self._timers = [t for t in self._timers if t.active()]
+        self._timers.append(self._reactor.callLater(delay, self._dial, address))
 
-    def _build(self):
+    def _build(self, relay: bool):
         if self._done:
             return None
-        candidate = self._factory(self)
+        candidate = self._factory(self, relay)
         self._live.append(candidate)
         return candidate
 

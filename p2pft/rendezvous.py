@@ -28,6 +28,7 @@ from twisted.protocols.basic import LineReceiver
 from zope.interface import Interface, implementer
 
 from .codes import valid_nameplate
+from .relay import RelayMixin, RelayServer
 from .util import OneShot
 
 PROTOCOL_NAME = "p2pft"
@@ -279,7 +280,7 @@ def _cancel(call: IDelayedCall | None) -> None:
 
 
 @implementer(IRendezvousConnection, IPushProducer)
-class RendezvousServerProtocol(LineReceiver):
+class RendezvousServerProtocol(RelayMixin, LineReceiver):
     """
     One client connection: parse lines, hand them to L{RendezvousServer}.
 
@@ -301,7 +302,8 @@ class RendezvousServerProtocol(LineReceiver):
         peer = self.transport.getPeer()
         host = normalise_host(peer.host)
         self.sendLine(
-            f"WELCOME {PROTOCOL_NAME} {PROTOCOL_VERSION} {host} {peer.port}".encode()
+            f"WELCOME {PROTOCOL_NAME} {PROTOCOL_VERSION} {host} {peer.port} "
+            f"{self.factory.advertised_relays}".encode()
         )
         self.state.connected(self, host)
 
@@ -337,6 +339,10 @@ class RendezvousServerProtocol(LineReceiver):
             self.state.message(self, args[0])
         elif command == "PING" and len(args) <= 1:
             self.sendLine(" ".join(["PONG"] + args).encode("utf-8"))
+        elif command == "RELAY" and self.factory.relay is not None:
+            # This connection is a relay leg, not a rendezvous client.
+            self.state.disconnected(self)
+            self.relayStart(args)
         else:
             self.refuse(f"unknown command {_printable(command)!r}")
 
@@ -362,6 +368,7 @@ class RendezvousServerProtocol(LineReceiver):
     def connectionLost(self, reason=None) -> None:
         _cancel(self._abort_timer)
         self.state.disconnected(self)
+        self.relayLost()
 
 
 def _printable(text: str, limit: int = 32) -> str:
@@ -369,10 +376,20 @@ def _printable(text: str, limit: int = 32) -> str:
 
 
 class RendezvousServerFactory(Factory):
+    """
+    @param relay: a L{RelayServer} to also serve C{RELAY} connections on
+        this port (C{p2pft server --relay}), or None.
+    @param relays: relay addresses to advertise in WELCOME: C{"*"} means
+        this server's own address and port, others are C{HOST:PORT}.
+    """
+
     protocol = RendezvousServerProtocol
 
-    def __init__(self, clock: IReactorTime, **options):
+    def __init__(self, clock: IReactorTime, relay: RelayServer | None = None,
+                 relays: tuple[str, ...] = (), **options):
         self.clock = clock
+        self.relay = relay
+        self.advertised_relays = ",".join(relays) if relays else "-"
         self.state = RendezvousServer(clock, **options)
 
 
@@ -395,6 +412,9 @@ class RendezvousClientProtocol(LineReceiver):
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
+
+    #: Relays the server advertised: "*" (the server itself) or "HOST:PORT".
+    relays: list[str] = []
 
     def __init__(self) -> None:
         self._welcomed = OneShot()
@@ -477,14 +497,21 @@ class RendezvousClientProtocol(LineReceiver):
         parts = rest.split(" ")
         if self._welcomed.done:
             return
-        if len(parts) != 4 or parts[0] != PROTOCOL_NAME or parts[1] != PROTOCOL_VERSION:
+        if len(parts) == 4:
+            parts.append("-")
+        if len(parts) != 5 or parts[0] != PROTOCOL_NAME or parts[1] != PROTOCOL_VERSION:
             self._fail(RendezvousError("not a p2pft rendezvous server (or another version)"))
             self.transport.loseConnection()
             return
         try:
             host, port = str(ipaddress.ip_address(parts[2])), int(parts[3])
+            relays = [] if parts[4] == "-" else parts[4].split(",")[:8]
+            for spec in relays:
+                if spec != "*":
+                    parse_server(spec)
         except ValueError:
-            return self._fail(RendezvousError("server sent a malformed address"))
+            return self._fail(RendezvousError("server sent a malformed WELCOME"))
+        self.relays = relays
         self._welcomed.fire((host, port))
 
     def lineLengthExceeded(self, line: bytes) -> None:

@@ -115,6 +115,10 @@ class SessionKeys:
     def handshake_key(self) -> bytes:
         return hkdf(self.key, "candidate handshake")
 
+    def relay_token(self) -> str:
+        """What both peers present to a relay: only they can derive it."""
+        return hkdf(self.key, "relay token").hex()
+
     def _record_key(self, sending: bool, binding: bytes) -> bytes:
         writer = self.role if sending else other(self.role)
         return HKDF(

@@ -11,6 +11,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from .cli import ServerOptions as Options
+from .relay import RelayFactory, RelayServer
 from .rendezvous import RendezvousServerFactory
 from .util import OneShot
 
@@ -36,7 +37,7 @@ class RendezvousService(Service):
 
     def startService(self) -> None:
         super().startService()
-        _raise_fd_limit(self.factory.state)
+        _raise_fd_limit(getattr(self.factory, "state", None))
         d = self._endpoint.listen(self.factory)
         d.addCallbacks(self._listened, self._failed)
 
@@ -44,7 +45,8 @@ class RendezvousService(Service):
         self.port = port
         address = port.getHost()
         self.log.info(
-            "p2pft rendezvous server listening on {host}:{port}",
+            "p2pft {what} listening on {host}:{port}",
+            what="relay" if isinstance(self.factory, RelayFactory) else "rendezvous server",
             host=address.host, port=address.port,
         )
         self._listening.fire(port)
@@ -66,6 +68,8 @@ class RendezvousService(Service):
 
 
 def _raise_fd_limit(state) -> None:
+    if state is None:
+        return
     """Use the hard limit on open files, and keep the connection cap under it."""
     try:
         import resource
@@ -84,13 +88,29 @@ def _raise_fd_limit(state) -> None:
 def makeService(config, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
+    relays = list(config["advertise-relay"])
+    relay = None
+    if config["relay"]:
+        relay = RelayServer(reactor, config["limits"])
+        relays.insert(0, "*")
     factory = RendezvousServerFactory(
-        reactor,
+        reactor, relay=relay, relays=tuple(relays),
         waiting_timeout=config["waiting-timeout"],
         hello_timeout=config["hello-timeout"],
         max_connections=config["max-connections"],
         max_per_ip=config["max-per-ip"],
     )
+    parent = MultiService()
+    parent.rendezvous = RendezvousService(serverFromString(reactor, config["port"]), factory, reactor)
+    parent.rendezvous.setServiceParent(parent)
+    return parent
+
+
+def makeRelayService(config, reactor=None) -> MultiService:
+    """A standalone relay (C{p2pft relay}, C{twistd -n p2pft-relay})."""
+    if reactor is None:
+        from twisted.internet import reactor
+    factory = RelayFactory(reactor, config["limits"])
     parent = MultiService()
     parent.rendezvous = RendezvousService(serverFromString(reactor, config["port"]), factory, reactor)
     parent.rendezvous.setServiceParent(parent)

@@ -46,6 +46,8 @@ class Settings:
     code: str | None = None
     code_length: int = codes.DEFAULT_WORDS
     timeout: float = MESSAGE_TIMEOUT
+    #: A relay the user named (HOST, PORT): used instead of the server's.
+    relay: tuple[str, int] | None = None
     schedule: PunchSchedule = PunchSchedule()
 
 
@@ -142,13 +144,27 @@ async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
     )))
     log.info("punching from port {port} to {theirs}", port=local.port, theirs=theirs)
 
+    relays = _relays(settings, client)
     connector = PunchConnector(
         reactor, local.port, theirs,
-        lambda c: PeerConnection(c, keys, reactor, settings.schedule.handshake_timeout),
-        leader=(role == SENDER), schedule=settings.schedule,
+        lambda c, relay: PeerConnection(c, keys, reactor, settings.schedule.handshake_timeout, relay=relay),
+        leader=(role == SENDER), schedule=settings.schedule, relays=relays,
     )
     channel = await _punch_watching_partner(reactor, client, connector, role, settings.schedule)
-    return _Established(keys, channel)
+    return _Established(keys, channel, channel.path)
+
+
+def _relays(settings: Settings, client) -> list[tuple[str, int]]:
+    """The relay the user named, else the ones the server advertised
+    ("*" is the server itself)."""
+    from .rendezvous import parse_server
+
+    if settings.relay is not None:
+        return [settings.relay]
+    out = []
+    for spec in client.relays:
+        out.append(settings.server if spec == "*" else parse_server(spec))
+    return out
 
 
 async def _punch_watching_partner(reactor, client, connector, role, schedule) -> PeerConnection:

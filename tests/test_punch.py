@@ -13,7 +13,8 @@ from p2pft.channel import PeerConnection
 from p2pft.punch import ICandidate, PunchConnector, PunchFailed, PunchSchedule
 from p2pft.secure import RECEIVER, SENDER, Pake
 
-SCHEDULE = PunchSchedule(redial=0.5, attempt_timeout=4, deadline=20, handshake_timeout=10)
+SCHEDULE = PunchSchedule(redial=0.5, redial_refused=0.002, attempt_timeout=4, deadline=20,
+                         handshake_timeout=10, relay_delay=2, relay_delay_refused=6)
 
 
 @implementer(ICandidate)
@@ -36,7 +37,7 @@ class ScheduleTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.built = []
 
-    def factory(self, connector):
+    def factory(self, connector, relay=False):
         c = FakeCandidate(connector)
         self.built.append(c)
         return c
@@ -62,9 +63,34 @@ class ScheduleTests(SynchronousTestCase):
         self.make(candidates=[("1.2.3.4", 1), ("1.2.3.4", 1)]).run()
         self.assertEqual(len(self.reactor.tcpClients), 1)
 
+    def test_refused_attempt_redialled_soon_with_jitter(self):
+        import random
+
+        c = PunchConnector(self.reactor, 5555, [("1.2.3.4", 1)], self.factory, True, SCHEDULE,
+                           rng=random.Random(7))
+        c.run()
+        delays = []
+        for i in range(20):
+            self.fail_dial(i)
+            [call] = [d for d in self.reactor.getDelayedCalls() if d.getTime() - self.reactor.seconds() < 5]
+            delays.append(call.getTime() - self.reactor.seconds())
+            self.reactor.advance(delays[-1])
+        self.assertTrue(all(0.002 <= d <= 0.004 for d in delays), delays)
+        self.assertGreater(len(set(delays)), 10, "jittered")
+
+    def test_attempts_per_candidate_are_capped(self):
+        schedule = PunchSchedule(redial_refused=0.01, max_attempts=5, deadline=100)
+        PunchConnector(self.reactor, 5555, [("1.2.3.4", 1)], self.factory, True, schedule).run()
+        for i in range(5):
+            self.fail_dial(i)
+            self.reactor.advance(0.05)
+        self.assertEqual(len(self.reactor.tcpClients), 5)
+        self.reactor.advance(10)
+        self.assertEqual(len(self.reactor.tcpClients), 5)
+
     def test_failed_attempt_redialled_on_schedule(self):
         self.make().run()
-        self.fail_dial(0)
+        self.fail_dial(0, error.TimeoutError())
         self.assertEqual(len(self.reactor.tcpClients), 2)
         self.reactor.advance(0.4)
         self.assertEqual(len(self.reactor.tcpClients), 2)
@@ -74,7 +100,7 @@ class ScheduleTests(SynchronousTestCase):
 
     def test_gives_up_at_deadline_with_reasons(self):
         d = self.make().run()
-        self.fail_dial(0)
+        self.fail_dial(0, error.TimeoutError())
         self.reactor.advance(19.9)
         self.assertNoResult(d)
         self.reactor.advance(0.2)
@@ -117,6 +143,27 @@ class ScheduleTests(SynchronousTestCase):
         connector.selected(b)
         self.assertIs(self.successResultOf(d), b)
         self.assertTrue(a.abandoned)
+
+    def test_relays_dialled_after_delay_without_the_shared_port(self):
+        c = PunchConnector(self.reactor, 5555, [("198.51.100.1", 4000)], self.factory, True, SCHEDULE,
+                           relays=[("203.0.113.9", 9000)])
+        c.run()
+        self.reactor.advance(1.9)
+        self.assertEqual([a[:2] for a in self.reactor.tcpClients], [("198.51.100.1", 4000)])
+        self.reactor.advance(0.2)
+        host, port, factory, timeout, bind = self.reactor.tcpClients[-1]
+        self.assertEqual((host, port, bind), ("203.0.113.9", 9000, None))
+        self.assertTrue(factory.relay)
+
+    def test_relay_held_back_while_the_peer_nat_answers(self):
+        c = PunchConnector(self.reactor, 5555, [("198.51.100.1", 4000)], self.factory, True, SCHEDULE,
+                           relays=[("203.0.113.9", 9000)])
+        c.run()
+        self.fail_dial(0)  # RST: the peer's NAT is there, we are racing
+        self.reactor.advance(2.1)
+        self.assertNotIn(("203.0.113.9", 9000), [a[:2] for a in self.reactor.tcpClients])
+        self.reactor.advance(4)
+        self.assertIn(("203.0.113.9", 9000), [a[:2] for a in self.reactor.tcpClients])
 
     def test_cancel_cleans_up(self):
         d = self.make().run()
@@ -170,9 +217,9 @@ class LoopbackPunchTests(TestCase):
         stray_factory.clientConnectionLost = lambda c, r: stray.callback(None)
         stray_factory.clientConnectionFailed = lambda c, r: stray.callback(None)
         sender = PunchConnector(reactor, pa, [("127.0.0.1", pb)],
-                                lambda c: PeerConnection(c, ks, reactor, 5), True, schedule, "127.0.0.1")
+                                lambda c, relay: PeerConnection(c, ks, reactor, 5), True, schedule, "127.0.0.1")
         receiver = PunchConnector(reactor, pb, [("127.0.0.1", pa)],
-                                  lambda c: PeerConnection(c, kr, reactor, 5), False, schedule, "127.0.0.1")
+                                  lambda c, relay: PeerConnection(c, kr, reactor, 5), False, schedule, "127.0.0.1")
         rd = receiver.run()
         conn = reactor.connectTCP("127.0.0.1", pb, stray_factory)
         self.addCleanup(conn.disconnect)
@@ -209,9 +256,9 @@ class LoopbackPunchTests(TestCase):
         pa, pb = await self.rendezvous_port(), await self.rendezvous_port()
         schedule = PunchSchedule(redial=0.1, attempt_timeout=1, deadline=1.5, handshake_timeout=1)
         sender = PunchConnector(reactor, pa, [("127.0.0.1", pb)],
-                                lambda c: PeerConnection(c, ks, reactor, 1), True, schedule, "127.0.0.1")
+                                lambda c, relay: PeerConnection(c, ks, reactor, 1), True, schedule, "127.0.0.1")
         receiver = PunchConnector(reactor, pb, [("127.0.0.1", pa)],
-                                  lambda c: PeerConnection(c, kr, reactor, 1), False, schedule, "127.0.0.1")
+                                  lambda c, relay: PeerConnection(c, kr, reactor, 1), False, schedule, "127.0.0.1")
         rd, sd = receiver.run(), sender.run()
         for d in (sd, rd):
             with self.assertRaises(PunchFailed):

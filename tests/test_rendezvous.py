@@ -54,11 +54,11 @@ class ServerProtocolTests(SynchronousTestCase):
 
     def test_welcome_reports_observed_address(self):
         _, t = self.h.connect("198.51.100.7", 5555)
-        self.assertEqual(lines(t), ["WELCOME p2pft 1 198.51.100.7 5555"])
+        self.assertEqual(lines(t), ["WELCOME p2pft 1 198.51.100.7 5555 -"])
 
     def test_welcome_unmaps_ipv4_mapped_ipv6(self):
         _, t = self.h.connect("::ffff:198.51.100.7", 5555, v6=True)
-        self.assertEqual(lines(t), ["WELCOME p2pft 1 198.51.100.7 5555"])
+        self.assertEqual(lines(t), ["WELCOME p2pft 1 198.51.100.7 5555 -"])
 
     def test_allocate_then_claim_pairs_both(self):
         a, ta = self.h.connect()

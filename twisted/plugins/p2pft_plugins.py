@@ -15,3 +15,10 @@ p2pftPeer = ServiceMaker(
     "Send or receive a file with p2pft (twistd -n p2pft send SERVER:PORT PATH).",
     "p2pft",
 )
+
+p2pftRelay = ServiceMaker(
+    "p2pft relay",
+    "p2pft.relay_tap",
+    "Relay for p2pft peers that cannot connect directly (twistd -n p2pft-relay --port 9001).",
+    "p2pft-relay",
+)

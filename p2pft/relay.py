@@ -1,0 +1,321 @@
+"""
+The relay: splices two peers' TCP connections when punching cannot connect
+them directly.
+
+A peer connects and sends one line, C{RELAY <token> <side>}; the token is
+derived from the session key (so only the two peers of a session can meet),
+the side is C{sender} or C{receiver}.  When the other side with the same
+token arrives, both get C{OK} and from then on every byte one sends is
+written to the other.  The relay sees only ciphertext: the secure channel's
+proof handshake and records run end to end through it.
+
+The rules (pairing, limits) live in L{RelayServer}, a plain object; the
+byte moving lives in L{_Splice}, with flow control both ways (a slow reader
+pauses the other side's reads, so the relay never buffers without bound) and
+optional per-session byte and rate caps.  L{RelayProtocol} is the standalone
+relay's protocol; the rendezvous server's protocol takes the same C{RELAY}
+line when started with C{--relay} (see L{RelayMixin}).
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
+
+SIDES = ("sender", "receiver")
+_TOKEN = re.compile(r"[0-9a-f]{64}\Z")
+
+
+@attrs.frozen
+class RelayLimits:
+    """
+    @ivar max_sessions: sessions (waiting or spliced) at once.
+    @ivar max_per_ip: connections from one IP address at once.
+    @ivar max_bytes: bytes one session may carry, both directions (0: no cap).
+    @ivar rate: bytes per second one session may carry (0: no cap).
+    @ivar idle_timeout: seconds a session may carry nothing before it is cut.
+    @ivar waiting_timeout: seconds one side may wait for the other.
+    """
+
+    max_sessions: int = 1000
+    max_per_ip: int = 16
+    max_bytes: int = 0
+    rate: int = 0
+    idle_timeout: float = 300.0
+    waiting_timeout: float = 60.0
+
+
+class RelayServer:
+    """Pairs relay connections by token and side; counts and limits them."""
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, limits: RelayLimits = RelayLimits()):
+        self._clock = clock
+        self.limits = limits
+        self._waiting: dict[str, "RelayMixin"] = {}
+        self._sessions = 0
+        self._per_ip: dict[str, int] = {}
+        self.spliced = 0
+
+    @property
+    def sessions(self) -> int:
+        return self._sessions
+
+    def join(self, member: "RelayMixin", token: str, side: str, ip: str) -> str | None:
+        """Admit C{member}; return a refusal reason, or None."""
+        if not _TOKEN.match(token) or side not in SIDES:
+            return "malformed RELAY line"
+        if self._per_ip.get(ip, 0) >= self.limits.max_per_ip:
+            return "too many relay connections from your address"
+        partner = self._waiting.get(token)
+        if partner is None and self._sessions >= self.limits.max_sessions:
+            return "relay is full, try again later"
+        if partner is not None and partner.relay_side == side:
+            return "this session already has a " + side
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        member.relay_ip = ip
+        member.relay_side = side
+        if partner is None:
+            self._sessions += 1
+            self._waiting[token] = member
+            member.relay_token = token
+            member.relay_timer = self._clock.callLater(
+                self.limits.waiting_timeout, member.relayRefuse, "the other side never came"
+            )
+            return None
+        del self._waiting[token]
+        _cancel(partner.relay_timer)
+        partner.relay_timer = None
+        self.spliced += 1
+        _Splice(self, self._clock, partner, member).start()
+        return None
+
+    def left(self, member: "RelayMixin", spliced: bool) -> None:
+        """C{member} is gone (called once per admitted member)."""
+        ip = member.relay_ip
+        left = self._per_ip.get(ip, 1) - 1
+        if left:
+            self._per_ip[ip] = left
+        else:
+            self._per_ip.pop(ip, None)
+        _cancel(member.relay_timer)
+        if self._waiting.get(member.relay_token) is member:
+            del self._waiting[member.relay_token]
+            self._sessions -= 1
+
+    def session_ended(self) -> None:
+        self._sessions -= 1
+
+
+def _cancel(call) -> None:
+    if call is not None and call.active():
+        call.cancel()
+
+
+@implementer(IPushProducer)
+class _Direction:
+    """
+    Bytes from C{src} to C{dst}.  Registered as the producer on C{dst}'s
+    transport: when C{dst} cannot keep up, we stop reading C{src}.  The
+    session's rate limit pauses reading too; reading resumes only when
+    neither holds it back.
+    """
+
+    def __init__(self, splice: "_Splice", src, dst):
+        self._splice = splice
+        self.src, self.dst = src, dst
+        self.flow_paused = False
+
+    def pauseProducing(self) -> None:
+        self.flow_paused = True
+        self.update()
+
+    def resumeProducing(self) -> None:
+        self.flow_paused = False
+        self.update()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def update(self) -> None:
+        if self.src.transport is None or self.src.transport.disconnected:
+            return
+        if self.flow_paused or self._splice.rate_paused:
+            self.src.transport.pauseProducing()
+        else:
+            self.src.transport.resumeProducing()
+
+
+class _Splice:
+    """Two relay members joined: moves bytes, enforces per-session limits."""
+
+    log = Logger()
+
+    def __init__(self, server: RelayServer, clock, a: "RelayMixin", b: "RelayMixin"):
+        self._server = server
+        self._clock = clock
+        self.members = (a, b)
+        self.bytes = 0
+        self.rate_paused = False
+        self._window_start = clock.seconds()
+        self._window_bytes = 0
+        self._idle = None
+        self._resume = None
+        self._ended = False
+        self._directions = {}
+
+    def start(self) -> None:
+        a, b = self.members
+        for src, dst in ((a, b), (b, a)):
+            direction = _Direction(self, src, dst)
+            self._directions[src] = direction
+            src.relaySplice = self
+            src.relayPeer = dst
+        for m in self.members:
+            m.transport.unregisterProducer()
+        for src, direction in self._directions.items():
+            direction.dst.transport.registerProducer(direction, True)
+        self._touch()
+        for m in self.members:
+            m.relayPaired()
+
+    def forward(self, src: "RelayMixin", data: bytes) -> None:
+        if self._ended:
+            return
+        limits = self._server.limits
+        self.bytes += len(data)
+        if limits.max_bytes and self.bytes > limits.max_bytes:
+            self.log.info("relay session over its byte cap")
+            return self.end()
+        src.relayPeer.transport.write(data)
+        self._touch()
+        if limits.rate:
+            now = self._clock.seconds()
+            self._window_bytes += len(data)
+            ahead = self._window_bytes / limits.rate - (now - self._window_start)
+            if ahead > 0 and not self.rate_paused:
+                self.rate_paused = True
+                self._update()
+                self._resume = self._clock.callLater(ahead, self._unthrottle)
+            if now - self._window_start > 10:
+                self._window_start, self._window_bytes = now, 0
+
+    def _unthrottle(self) -> None:
+        self.rate_paused = False
+        self._update()
+
+    def _update(self) -> None:
+        for d in self._directions.values():
+            d.update()
+
+    def _touch(self) -> None:
+        _cancel(self._idle)
+        self._idle = self._clock.callLater(self._server.limits.idle_timeout, self.end)
+
+    def end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        _cancel(self._idle)
+        _cancel(self._resume)
+        self._server.session_ended()
+        for m in self.members:
+            m.relaySplice = None
+            if m.transport is not None:
+                m.transport.unregisterProducer()
+                m.transport.loseConnection()
+
+
+class RelayMixin:
+    """
+    Relay behaviour for a LineReceiver protocol: call L{relayStart} with the
+    words after C{RELAY}.  Needs C{self.factory.relay} (a L{RelayServer})
+    and C{self.factory.clock}.
+    """
+
+    relay_token: str | None = None
+    relay_side: str | None = None
+    relay_ip: str = ""
+    relay_timer = None
+    relay_abort = None
+    relaySplice: _Splice | None = None
+    relayPeer = None
+    _relay_admitted = False
+    _relay_refused = False
+
+    def relayStart(self, args: list[str]) -> None:
+        server: RelayServer = self.factory.relay
+        if len(args) != 2:
+            return self.relayRefuse("malformed RELAY line")
+        ip = self.transport.getPeer().host
+        reason = server.join(self, args[0], args[1], ip)
+        if reason is not None:
+            return self.relayRefuse(reason)
+        self._relay_admitted = True
+        self.setRawMode()
+
+    def relayPaired(self) -> None:
+        self.transport.write(b"OK\n")
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self.relaySplice is not None:
+            self.relaySplice.forward(self, data)
+        elif not self._relay_refused:
+            self.relayRefuse("data before OK")
+
+    def relayRefuse(self, reason: str) -> None:
+        if self._relay_refused:
+            return
+        self._relay_refused = True
+        self.transport.write(f"ERROR {reason}\n".encode("utf-8"))
+        self.transport.loseConnection()
+        self.relay_abort = self.factory.clock.callLater(10, self.transport.abortConnection)
+
+    def relayLost(self) -> None:
+        _cancel(self.relay_abort)
+        if not self._relay_admitted:
+            return
+        self._relay_admitted = False
+        splice = self.relaySplice
+        self.factory.relay.left(self, spliced=splice is not None)
+        if splice is not None:
+            splice.end()
+
+
+class RelayProtocol(RelayMixin, LineReceiver):
+    """A standalone relay's connection: one C{RELAY} line, then bytes."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = 256
+
+    def connectionMade(self) -> None:
+        self._hello = self.factory.clock.callLater(30, self.relayRefuse, "timed out waiting for RELAY")
+
+    def lineReceived(self, line: bytes) -> None:
+        _cancel(self._hello)
+        words = line.rstrip(b"\r").decode("ascii", "replace").split(" ")
+        if words[0] != "RELAY":
+            return self.relayRefuse("expected RELAY")
+        self.relayStart(words[1:])
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.relayRefuse("line too long")
+
+    def connectionLost(self, reason=None) -> None:
+        _cancel(self._hello)
+        self.relayLost()
+
+
+class RelayFactory(Factory):
+    protocol = RelayProtocol
+
+    def __init__(self, clock: IReactorTime, limits: RelayLimits = RelayLimits()):
+        self.clock = clock
+        self.relay = RelayServer(clock, limits)

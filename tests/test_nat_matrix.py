@@ -1,0 +1,91 @@
+"""
+The NAT matrix: the real CLI across every kind of NAT the lab can build,
+asserting that the transfer completes byte-identical and which path it took.
+
+| behaviour                                              | expected path |
+|--------------------------------------------------------|---------------|
+| both NATs endpoint-independent, inbound dropped        | direct        |
+| both NATs answer unsolicited SYNs with RST             | direct        |
+| one NAT answers with RST                               | direct        |
+| home NAT behind a carrier NAT on one side              | direct        |
+| one peer on a public address, no NAT                   | direct        |
+| both peers on one LAN behind one NAT (no hairpin)      | direct        |
+| one NAT endpoint-dependent (symmetric)                 | relay         |
+| both NATs symmetric                                    | relay         |
+
+Needs root (tests/natlab.py): skipped with a reason elsewhere, a failure
+when P2PFT_NATLAB_REQUIRED is set.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import reactor
+from twisted.python import log
+from twisted.trial.unittest import TestCase
+
+from tests.natlab import Nat, start_lab
+from tests.procs import p2pft_argv, spawn
+from tests.test_e2e import Workspace, make_file, sha256_of
+
+PORT = 9000
+
+
+class NatMatrixTests(TestCase):
+    timeout = 120
+
+    async def transfer(self, expected_path: str, **lab_options):
+        lab = start_lab(self, **lab_options)
+        ws = Workspace(self)
+        src = make_file(os.path.join(ws.src, "matrix.bin"), 1024 * 1024 + 7)
+        server = spawn(self, "server", lab.exec_argv("server", p2pft_argv(
+            "server", "--relay", "--port", f"tcp:{PORT}:interface={lab.server_ip}")))
+        await server.wait_for(r"listening on ")
+        addr = f"{lab.server_ip}:{PORT}"
+        started = reactor.seconds()
+        sender = spawn(self, "sender", lab.exec_argv(
+            "a", p2pft_argv("send", "--json", "--code", "55-nat-matrix", addr, src)))
+        receiver = spawn(self, "receiver", lab.exec_argv(
+            "b", p2pft_argv("receive", "--json", "--yes", "-o", ws.out, addr, "55-nat-matrix")))
+        diagnostics = lambda: sender.text() + receiver.text() + server.text() + lab.dump()
+        await receiver.wait_for(r'"event": "connected"', "out", timeout=60)
+        connect_seconds = reactor.seconds() - started
+        log.msg(f"NAT matrix {self.id()}: connected after {connect_seconds:.3f} s")
+        print(f"\n    connected after {connect_seconds:.3f} s", end=" ")
+        self.assertEqual(await receiver.wait_exit(), 0, diagnostics())
+        self.assertEqual(await sender.wait_exit(), 0, diagnostics())
+        self.assertEqual(sha256_of(os.path.join(ws.out, "matrix.bin")), sha256_of(src))
+        for proc in (sender, receiver):
+            [connected] = [e for e in proc.events() if e["event"] == "connected"]
+            self.assertEqual(connected["path"], expected_path, diagnostics())
+            self.assertIn(f"Connected to {connected['peer']} successfully!", proc.err.decode())
+            self.assertEqual(proc.events()[-1]["path"], expected_path)
+        if expected_path == "direct":
+            self.assertEqual(connected["peer"].rsplit(":", 1)[0],
+                             lab.private_ip("a") if lab.shared_lan else lab.public_ip("a"), diagnostics())
+        return lab, connect_seconds
+
+    async def test_both_endpoint_independent(self):
+        await self.transfer("direct")
+
+    async def test_both_send_rst(self):
+        await self.transfer("direct", a=Nat("reject"), b=Nat("reject"))
+
+    async def test_one_sends_rst(self):
+        await self.transfer("direct", a=Nat("reject"))
+
+    async def test_carrier_grade_nat_on_one_side(self):
+        await self.transfer("direct", a=Nat("masquerade", cgnat="masquerade"))
+
+    async def test_one_peer_public(self):
+        await self.transfer("direct", b=Nat("none"))
+
+    async def test_same_lan_without_hairpin(self):
+        await self.transfer("direct", shared_lan=True)
+
+    async def test_one_symmetric(self):
+        await self.transfer("relay", a=Nat("symmetric"))
+
+    async def test_both_symmetric(self):
+        await self.transfer("relay", a=Nat("symmetric"), b=Nat("symmetric"))
