@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from .punch import ICandidate
+from .rendezvous import normalise_host
 from .util import OneShot
 from .secure import Handshake, SecurityError, SessionKeys
 
@@ -145,7 +146,8 @@ class PeerConnection(Protocol):
     @property
     def peer(self) -> str:
         p = self.transport.getPeer()
-        return f"[{p.host}]:{p.port}" if ":" in p.host else f"{p.host}:{p.port}"
+        host = normalise_host(p.host)
+        return f"[{host}]:{p.port}" if ":" in host else f"{host}:{p.port}"
 
     def attach(self, handler: IRecordHandler) -> None:
         """Hand the chosen channel to the layer above; replays early data."""

@@ -152,9 +152,23 @@ class _RelayLimitOptions(_Options):
         )
 
 
+def dual_stack(port: int | str) -> str:
+    """An endpoint for IPv6 and IPv4 on every interface, or IPv4 only on a
+    host without IPv6."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.bind(("::", 0))
+    except (OSError, AttributeError):
+        return f"tcp:{port}"
+    return f"tcp6:{port}:interface=\\:\\:"
+
+
 def _opt_port(self, value: str) -> None:
-    """Port number or Twisted endpoint description to listen on."""
-    self["port"] = f"tcp:{value}" if value.isdigit() else value
+    """Port number (IPv6 and IPv4) or Twisted endpoint description to listen on."""
+    self["port"] = dual_stack(value) if value.isdigit() else value
 
 
 class RelayOptions(_RelayLimitOptions):
@@ -165,11 +179,12 @@ class RelayOptions(_RelayLimitOptions):
         "with 'p2pft server --advertise-relay HOST:PORT'."
     )
     optParameters = _RelayLimitOptions.optParameters + [
-        ["port", "p", "tcp:9001", "Port number or Twisted endpoint description to listen on."],
+        ["port", "p", None, "Port number (IPv6 and IPv4) or Twisted endpoint description to listen on. [default: 9001]"],
     ]
     opt_port = opt_p = _opt_port
 
     def postOptions(self) -> None:
+        self["port"] = self["port"] or dual_stack(9001)
         self["limits"] = self.relay_limits()
 
 
@@ -180,7 +195,7 @@ class ServerOptions(_RelayLimitOptions):
         ["relay", None, "Also relay peers that cannot connect directly, on the same port."],
     ]
     optParameters = _RelayLimitOptions.optParameters + [
-        ["port", "p", "tcp:9000", "Port number or Twisted endpoint description to listen on."],
+        ["port", "p", None, "Port number (IPv6 and IPv4) or Twisted endpoint description to listen on. [default: 9000]"],
         ["waiting-timeout", None, 3600.0, "Seconds a peer may wait for its partner.", float],
         ["hello-timeout", None, 60.0, "Seconds a new connection may stay without joining a nameplate.", float],
         ["max-connections", None, 20000, "Most client connections at once (also kept below the open-file limit).", int],
@@ -202,6 +217,7 @@ class ServerOptions(_RelayLimitOptions):
         for name in ("waiting-timeout", "hello-timeout", "max-connections", "max-per-ip"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
+        self["port"] = self["port"] or dual_stack(9000)
         self["limits"] = self.relay_limits()
 
 

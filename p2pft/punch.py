@@ -176,7 +176,7 @@ class PunchConnector:
         self._dialling: dict[tuple[str, int], tuple] = {}
         self._timers: list = []
         self._errors: dict[tuple[str, int], str] = {}
-        self._listener = None
+        self._listeners: list = []
         self._result: defer.Deferred | None = None
         self._done = False
         self._random = rng or random.Random()
@@ -191,13 +191,18 @@ class PunchConnector:
         """Start; the Deferred fires with the chosen L{ICandidate}."""
         self._result = defer.Deferred(lambda d: self._finish(None))
         self._started = self._reactor.seconds()
-        try:
-            self._listener = self._reactor.listenTCP(
-                self._binding(), _ListenFactory(self), interface=self._interface
-            )
-        except error.CannotListenError as e:
-            # Dialling alone can still succeed (simultaneous open).
-            self.log.warn("cannot listen on the punch port: {e}", e=e)
+        # Listen on both address families: a peer may reach us over either.
+        interfaces = [self._interface] if self._interface else ["", "::"]
+        for interface in interfaces:
+            try:
+                self._listeners.append(self._reactor.listenTCP(
+                    makeBinding(interface, self._local_port, reuseAddress=True, reusePort=True),
+                    _ListenFactory(self), interface=interface,
+                ))
+            except error.CannotListenError as e:
+                # Dialling alone can still succeed (simultaneous open).
+                self.log.info("cannot listen on {interface} port {port}: {e}",
+                              interface=interface or "0.0.0.0", port=self._local_port, e=e)
         self._timers.append(
             self._reactor.callLater(self._schedule.deadline, self._giveUp)
         )
@@ -301,8 +306,8 @@ class PunchConnector:
                 factory.pending = False
                 connector.stopConnecting()
         self._dialling.clear()
-        if self._listener is not None:
-            self._listener.stopListening()
+        for listener in self._listeners:
+            listener.stopListening()
         for candidate in list(self._live):
             if candidate is not chosen:
                 candidate.abandon()

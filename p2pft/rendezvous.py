@@ -419,6 +419,7 @@ class RendezvousClientProtocol(LineReceiver):
     def __init__(self) -> None:
         self._welcomed = OneShot()
         self._paired = OneShot()
+        self._closed = OneShot()
         self._allocated: defer.Deferred | None = None
         self._inbox: list[bytes] = []
         self._readers: list[defer.Deferred] = []
@@ -456,8 +457,10 @@ class RendezvousClientProtocol(LineReceiver):
         self._readers.append(d)
         return d
 
-    def close(self) -> None:
+    def close(self) -> defer.Deferred:
+        """Close after flushing; fires once the connection is gone."""
         self.transport.loseConnection()
+        return self._closed.when()
 
     # -- protocol
 
@@ -520,6 +523,7 @@ class RendezvousClientProtocol(LineReceiver):
 
     def connectionLost(self, reason=None) -> None:
         self._fail(RendezvousError("lost the connection to the rendezvous server"))
+        self._closed.fire(None)
 
     def _fail(self, error: RendezvousError) -> None:
         if self._failure is None:

@@ -17,11 +17,13 @@ import os
 
 import attrs
 from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
 
 from . import codes
+from .addresses import global_ipv6_addresses, is_loopback
 from .channel import PeerConnection
 from .punch import PunchConnector, PunchFailed, PunchSchedule
 from .rendezvous import PeerGone, RendezvousClientProtocol, RendezvousError, normalise_host
@@ -51,22 +53,6 @@ class Settings:
     schedule: PunchSchedule = PunchSchedule()
 
 
-class _RendezvousFactory(ClientFactory):
-    protocol = RendezvousClientProtocol
-
-    def __init__(self) -> None:
-        self.connected: defer.Deferred = defer.Deferred()
-
-    def buildProtocol(self, addr):
-        p = super().buildProtocol(addr)
-        self.connected.callback(p)
-        return p
-
-    def clientConnectionFailed(self, connector, reason) -> None:
-        if not self.connected.called:
-            self.connected.errback(reason)
-
-
 def _timeout(reactor, d: defer.Deferred, seconds: float, what: str) -> defer.Deferred:
     def translate(f):
         f.trap(defer.TimeoutError)
@@ -77,19 +63,20 @@ def _timeout(reactor, d: defer.Deferred, seconds: float, what: str) -> defer.Def
 
 
 async def _connect_rendezvous(reactor, server: tuple[str, int]) -> RendezvousClientProtocol:
-    factory = _RendezvousFactory()
     host, port = server
-    # Bind with SO_REUSEADDR + SO_REUSEPORT so the punch listener and
-    # outgoing attempts can share this local port later.
-    reactor.connectTCP(
-        host, port, factory, timeout=10,
+    # Names resolve to IPv4 and IPv6 alike (Happy Eyeballs).  Bind with
+    # SO_REUSEADDR + SO_REUSEPORT so the punch listener and outgoing attempts
+    # can share this local port later.
+    endpoint = HostnameEndpoint(
+        reactor, host, port, timeout=10,
         bindAddress=makeBinding("", 0, reuseAddress=True, reusePort=True),
     )
     try:
-        client = await factory.connected
+        return await endpoint.connect(ClientFactory.forProtocol(RendezvousClientProtocol))
     except (error.ConnectError, error.DNSLookupError) as e:
-        raise SessionError(f"cannot reach the rendezvous server {host}:{port}: {e.__class__.__name__}") from None
-    return client
+        why = {error.ConnectionRefusedError: "connection refused", error.TimeoutError: "timed out",
+               error.DNSLookupError: "name not found"}.get(type(e), e.__class__.__name__)
+        raise SessionError(f"cannot reach the rendezvous server {host}:{port}: {why}") from None
 
 
 @attrs.define
@@ -104,7 +91,15 @@ async def _establish(reactor, settings: Settings, role: str, ui) -> _Established
     try:
         return await _pair_and_punch(reactor, client, settings, role, ui)
     finally:
-        client.close()
+        # Wait until what we sent has left (a key confirmation written just
+        # before we fail must still reach the other side, or it would see
+        # us vanish instead of a wrong code), but never for long.
+        closed = client.close()
+        closed.addTimeout(2, reactor)
+        try:
+            await closed
+        except defer.TimeoutError:
+            pass
 
 
 async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
@@ -137,7 +132,8 @@ async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
         raise SessionError("the other side speaks another version of p2pft")
 
     local = client.transport.getHost()
-    mine = _candidates(public, (normalise_host(local.host), local.port))
+    mine = _candidates(public, (normalise_host(local.host), local.port),
+                       [] if is_loopback(client.transport.getPeer().host) else global_ipv6_addresses())
     client.send(box.seal(_encode({"candidates": mine})))
     theirs = _parse_candidates(_decode(box.open(
         await _timeout(reactor, client.receive(), settings.timeout, "the other side's addresses")
@@ -198,10 +194,18 @@ async def _punch_watching_partner(reactor, client, connector, role, schedule) ->
                 t.cancel()
 
 
-def _candidates(public: tuple[str, int], local: tuple[str, int]) -> list[list]:
+def _candidates(public: tuple[str, int], local: tuple[str, int], ipv6: list[str] = ()) -> list[list]:
+    """
+    What we tell the peer: the address the server saw (our NAT's public
+    side), the local address of the rendezvous connection (for a peer on the
+    same LAN), and our global IPv6 addresses on the same port number (IPv6
+    rarely has NAT).  A peer on a loopback server gets no IPv6 addresses:
+    both ends are on this machine.
+    """
     found = [list(public)]
-    if list(local) not in found and local[0] not in ("0.0.0.0", "::"):
-        found.append(list(local))
+    for host, port in [local] + [(v6, local[1]) for v6 in ipv6]:
+        if [host, port] not in found and host not in ("0.0.0.0", "::"):
+            found.append([host, port])
     return found
 
 
@@ -222,6 +226,9 @@ def _parse_candidates(message: dict) -> list[tuple[str, int]]:
         except (TypeError, ValueError):
             continue
         if ip.is_unspecified or ip.is_multicast or not 0 < port < 65536:
+            continue
+        if isinstance(ip, ipaddress.IPv6Address) and (ip.is_link_local or ip.ipv4_mapped):
+            # Link-local needs a scope we cannot know; mapped is IPv4 in disguise.
             continue
         if isinstance(ip, ipaddress.IPv4Address) and ip == ipaddress.IPv4Address("255.255.255.255"):
             continue

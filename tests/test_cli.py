@@ -58,10 +58,14 @@ class OptionTests(SynchronousTestCase):
         self.assertRaises(usage.UsageError, parse, "receive", "h:1", env={"P2PFT_CODE": "nope"})
 
     def test_server_port_forms(self):
-        self.assertEqual(parse("server").subOptions["port"], "tcp:9000")
-        self.assertEqual(parse("server", "--port", "9100").subOptions["port"], "tcp:9100")
-        self.assertEqual(parse("server", "-p", "9100").subOptions["port"], "tcp:9100")
-        self.assertEqual(parse("server", "--port", "tcp6:9000").subOptions["port"], "tcp6:9000")
+        self.assertEqual(parse("server").subOptions["port"], cli.dual_stack(9000))
+        self.assertEqual(parse("server", "--port", "9100").subOptions["port"], cli.dual_stack(9100))
+        self.assertEqual(parse("server", "-p", "9100").subOptions["port"], cli.dual_stack(9100))
+        self.assertEqual(parse("server", "--port", "tcp:9000").subOptions["port"], "tcp:9000")
+        self.assertEqual(parse("relay").subOptions["port"], cli.dual_stack(9001))
+
+    def test_dual_stack_endpoint(self):
+        self.assertIn(cli.dual_stack(9000), ("tcp6:9000:interface=\\:\\:", "tcp:9000"))
 
     def test_usage_errors(self):
         for argv in ([], ["send"], ["send", "h:1"], ["send", "h:1", "a", "b"], ["receive"],
@@ -85,8 +89,8 @@ class PluginTests(SynchronousTestCase):
     def test_server_plugin_options_and_service(self):
         [maker] = [p for p in getPlugins(IServiceMaker) if p.tapname == "p2pft-server"]
         options = maker.options()
-        options.parseOptions(["--port", "9000"])
-        self.assertEqual(options["port"], "tcp:9000")
+        options.parseOptions(["--port", "9000", "--relay"])
+        self.assertEqual(options["port"], cli.dual_stack(9000))
         service = maker.makeService(options, reactor=Clock())
         self.assertIsNotNone(service.rendezvous.factory.state)
 

@@ -242,3 +242,40 @@ class InterruptTests(TestCase):
             cwd=cwd)
         await twistd.wait_exit(timeout=20)
         self.assertIn("cannot listen", twistd.out.decode() + twistd.err.decode())
+
+
+class IPv6Tests(TestCase):
+    """Dual-stack: IPv6 rendezvous and punching, and IPv4 and IPv6 peers
+    meeting on one server (all on loopback)."""
+
+    timeout = 60
+
+    async def start(self, endpoint: str):
+        server = spawn(self, "server", p2pft_argv("server", "--port", endpoint))
+        m = await server.wait_for(r"listening on (\S+):(\d+)")
+        return server, int(m.group(2))
+
+    async def exchange(self, sender_addr: str, receiver_addr: str):
+        ws = Workspace(self)
+        src = make_file(os.path.join(ws.src, "six.bin"), 300_000)
+        sender = spawn(self, "sender", p2pft_argv("send", "--json", "--code", "66-six-four", sender_addr, src))
+        receiver = spawn(self, "receiver", p2pft_argv(
+            "receive", "--json", "--yes", "-o", ws.out, receiver_addr, "66-six-four"))
+        self.assertEqual(await receiver.wait_exit(), 0, receiver.text() + sender.text())
+        self.assertEqual(await sender.wait_exit(), 0, sender.text())
+        self.assertEqual(sha256_of(os.path.join(ws.out, "six.bin")), sha256_of(src))
+        return [[e for e in p.events() if e["event"] == "connected"][0] for p in (sender, receiver)]
+
+    async def test_ipv6_only(self):
+        server, port = await self.start("tcp6:0:interface=\\:\\:1")
+        s, r = await self.exchange(f"[::1]:{port}", f"[::1]:{port}")
+        self.assertRegex(s["peer"], r"^\[::1\]:\d+$")
+        self.assertRegex(r["peer"], r"^\[::1\]:\d+$")
+        self.assertEqual((s["path"], r["path"]), ("direct", "direct"))
+
+    async def test_ipv4_and_ipv6_peers_on_one_dual_stack_server(self):
+        server, port = await self.start("tcp6:0:interface=\\:\\:")
+        s, r = await self.exchange(f"127.0.0.1:{port}", f"[::1]:{port}")
+        # Each dialled the other in its own family; both listen on both.
+        self.assertRegex(s["peer"], r"^\[::1\]:\d+$|^127\.0\.0\.1:\d+$")
+        self.assertEqual((s["path"], r["path"]), ("direct", "direct"))

@@ -144,5 +144,5 @@ class HostileServerTests(TestCase):
             return [p]
 
         sender, receiver = await self.run_against(mitm, "wrong code")
-        self.assertIn("wrong code", sender.err.decode())
-        self.assertIn("wrong code", receiver.err.decode())
+        self.assertIn("wrong code", sender.err.decode(), sender.text() + receiver.text())
+        self.assertIn("wrong code", receiver.err.decode(), sender.text() + receiver.text())

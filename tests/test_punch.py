@@ -51,8 +51,8 @@ class ScheduleTests(SynchronousTestCase):
 
     def test_listens_and_dials_every_candidate_from_the_shared_port(self):
         self.make().run()
-        [(binding, _, _, interface)] = self.reactor.tcpServers
-        self.assertEqual((binding._port, binding._reuseAddress, binding._reusePort), (5555, True, True))
+        listeners = [(b._address, b._port, b._reuseAddress, b._reusePort, i) for b, _, _, i in self.reactor.tcpServers]
+        self.assertEqual(listeners, [("", 5555, True, True, ""), ("::", 5555, True, True, "::")])
         dials = [(h, p, t, b._port, b._reuseAddress, b._reusePort) for h, p, _, t, b in self.reactor.tcpClients]
         self.assertEqual(dials, [
             ("198.51.100.1", 4000, 4, 5555, True, True),
@@ -115,7 +115,7 @@ class ScheduleTests(SynchronousTestCase):
     def test_leader_selects_first_authenticated_and_drops_the_rest(self):
         connector = self.make(leader=True)
         d = connector.run()
-        listen_factory = self.reactor.tcpServers[0][1]
+        listen_factory = self.reactor.tcpServers[1][1]
         dial_factory = self.reactor.tcpClients[0][2]
         a = dial_factory.buildProtocol(None)
         b = listen_factory.buildProtocol(None)

@@ -98,3 +98,35 @@ class CandidateTests(SynchronousTestCase):
     def test_nothing_usable(self):
         for msg in ({}, {"candidates": "x"}, {"candidates": [["0.0.0.0", 1]]}):
             self.assertRaises(SessionError, _parse_candidates, msg)
+
+
+class AddressTests(SynchronousTestCase):
+    def test_global_ipv6_from_proc(self):
+        from p2pft.addresses import global_ipv6_addresses
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(
+                "00000000000000000000000000000001 01 80 10 80       lo\n"        # loopback (host scope)
+                "20010db8000000000000000000000001 02 40 00 80     eth0\n"        # global: kept
+                "20010db8000000000000000000000002 02 40 00 20     eth0\n"        # deprecated
+                "20010db8000000000000000000000003 02 40 00 40     eth0\n"        # tentative
+                "fe800000000000000000000000000001 02 40 20 80     eth0\n"        # link-local
+                "fd000000000000000000000000000002 02 40 00 80     eth0\n"        # ULA, global scope: kept
+                "garbage\n"
+            )
+        self.assertEqual(global_ipv6_addresses(path), ["2001:db8::1", "fd00::2"])
+        self.assertEqual(global_ipv6_addresses(self.mktemp()), [])
+
+    def test_candidates(self):
+        from p2pft.session import _candidates
+
+        self.assertEqual(
+            _candidates(("203.0.113.5", 4000), ("10.0.0.2", 4000), ["2001:db8::1"]),
+            [["203.0.113.5", 4000], ["10.0.0.2", 4000], ["2001:db8::1", 4000]])
+        # Not behind a NAT: the public and local address are the same.
+        self.assertEqual(_candidates(("203.0.113.5", 4000), ("203.0.113.5", 4000)), [["203.0.113.5", 4000]])
+
+    def test_link_local_and_mapped_candidates_refused(self):
+        out = _parse_candidates({"candidates": [["fe80::1", 5], ["::ffff:10.0.0.1", 5], ["2001:db8::7", 5]]})
+        self.assertEqual(out, [("2001:db8::7", 5)])
