@@ -37,6 +37,14 @@ def reap(proc):
     return proc.returncode, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
+def _status(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
 def make_source(path, mib):
     if os.path.exists(path) and os.path.getsize(path) == mib << 20:
         return
@@ -62,6 +70,8 @@ def one_run(src, work, server_addr):
     if r[0] or s[0] or not done:
         raise SystemExit(f"transfer failed: receiver {r[0]}, sender {s[0]}\n{r_out}\n{s_out}")
     shutil.rmtree(out)
+    if done[0]["path"] != ("relay" if PEER[-1].endswith("relayonly_p2pft.py") else "direct"):
+        raise SystemExit(f"unexpected path {done[0]['path']}")
     return {"seconds": done[0]["seconds"], "wall": wall, "bytes": done[0]["bytes"],
             "sender_cpu": s[1], "receiver_cpu": r[1], "sender_rss": s[2], "receiver_rss": r[2]}
 
@@ -73,29 +83,39 @@ def main():
     p.add_argument("--work-dir", default=None)
     p.add_argument("--null-cipher", action="store_true",
                    help="peers run bench/nullcipher_p2pft.py: same framing, no encryption (to measure its cost)")
+    p.add_argument("--relay", action="store_true",
+                   help="peers ignore direct candidates (bench/relayonly_p2pft.py): measure the server's relay")
     a = p.parse_args()
     if a.null_cipher:
         PEER[1:] = [os.path.join(ROOT, "bench", "nullcipher_p2pft.py")]
+    if a.relay:
+        PEER[1:] = [os.path.join(ROOT, "bench", "relayonly_p2pft.py")]
     work = a.work_dir or tempfile.mkdtemp(prefix="p2pft-bench-")
     os.makedirs(work, exist_ok=True)
     src = os.path.join(work, f"source-{a.size}M.bin")
     make_source(src, a.size)
-    server = start(["server", "--port", "tcp:0:interface=127.0.0.1"], stderr=subprocess.PIPE)
+    server = start(["server", "--relay", "--port", "tcp:0:interface=127.0.0.1"], stderr=subprocess.PIPE)
     line = server.stderr.readline().decode()
     addr = re.search(r"listening on (\S+)", line).group(1)
     try:
         runs = [one_run(src, work, addr) for _ in range(a.runs)]
+        server_rss = _status(server.pid, "VmHWM") / 1024
+        with open(f"/proc/{server.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        server_cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     finally:
         server.kill()
         server.wait()
     med = lambda k: statistics.median(r[k] for r in runs)
     size = runs[0]["bytes"]
     label = "NULL CIPHER (benchmark only)" if a.null_cipher else "AES-256-GCM"
+    label += ", THROUGH THE RELAY" if a.relay else ", direct"
     print(f"p2pft loopback, {label}, {size / 2**20:.0f} MiB, {a.runs} runs (medians)")
     print(f"  transfer throughput   {size / med('seconds') / 1e6:8.1f} MB/s  ({med('seconds'):.2f} s, OFFER..ACK)")
     print(f"  receiver start..exit  {size / med('wall') / 1e6:8.1f} MB/s  ({med('wall'):.2f} s, incl. rendezvous + punch)")
     print(f"  CPU seconds           sender {med('sender_cpu'):.2f}, receiver {med('receiver_cpu'):.2f}")
     print(f"  peak RSS              sender {med('sender_rss'):.0f} MiB, receiver {med('receiver_rss'):.0f} MiB")
+    print(f"  server (+relay)       {server_cpu:.2f} CPU-s over all {a.runs} runs, peak RSS {server_rss:.0f} MiB")
     if not a.work_dir:
         shutil.rmtree(work)
 
