@@ -22,6 +22,13 @@ from .util import OneShot
 from .secure import Handshake, SecurityError, SessionKeys
 
 
+#: Record type 0: sent after KEEPALIVE_INTERVAL seconds without sending
+#: anything, and swallowed here.  Keeps a relayed session from looking idle
+#: to the relay while a person decides (TCP keepalive probes carry no data).
+KEEPALIVE = 0
+KEEPALIVE_INTERVAL = 60.0
+
+
 class IRecordHandler(Interface):
     """The layer above a chosen channel (the transfer)."""
 
@@ -56,6 +63,8 @@ class PeerConnection(Protocol):
         self._abandoned = False
         self._ended: str | None = None
         self._closing = False
+        self._ticker = None
+        self._last_sent = 0.0
         self._closed = OneShot()
         self.lost_reason: str | None = None
 
@@ -140,6 +149,15 @@ class PeerConnection(Protocol):
         self._sealer = self._keys.sealer(binding)
         self._opener = self._keys.opener(binding)
         _keepalive(self.transport)
+        self._last_sent = self._clock.seconds()
+        self._ticker = self._clock.callLater(KEEPALIVE_INTERVAL, self._tick)
+
+    def _tick(self) -> None:
+        idle = self._clock.seconds() - self._last_sent
+        if idle >= KEEPALIVE_INTERVAL and not self._closing and not self.transport.disconnecting:
+            self.send(KEEPALIVE)
+            idle = 0
+        self._ticker = self._clock.callLater(KEEPALIVE_INTERVAL - idle, self._tick)
 
     # -- channel phase
 
@@ -159,6 +177,7 @@ class PeerConnection(Protocol):
             handler.channelLost(self._ended)
 
     def send(self, kind: int, payload: bytes = b"") -> None:
+        self._last_sent = self._clock.seconds()
         self.transport.writeSequence(self._sealer.seal(kind, payload))
 
     def registerProducer(self, producer, streaming: bool) -> None:
@@ -197,7 +216,8 @@ class PeerConnection(Protocol):
         for kind, payload in records:
             if self._handler is None or self._closing or self.transport.disconnecting:
                 return
-            self._handler.recordReceived(kind, payload)
+            if kind != KEEPALIVE:
+                self._handler.recordReceived(kind, payload)
 
     def whenClosed(self):
         """A Deferred that fires once the TCP connection is gone."""
@@ -205,6 +225,8 @@ class PeerConnection(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._cancelTimer()
+        if self._ticker is not None and self._ticker.active():
+            self._ticker.cancel()
         self._closed.fire(None)
         if not self._chosen:
             self._connector.lost(self, self.lost_reason)

@@ -32,6 +32,10 @@ from zope.interface import Attribute, Interface
 
 def _reason(failure: Failure) -> str:
     """A few words for why an attempt failed (for the final error line)."""
+    inner = failure.value.args[0] if failure.value.args else None
+    if failure.check(error.ConnectError) and isinstance(inner, Failure):
+        # Twisted wraps some connect failures (ICMP unreachable) in another.
+        return _reason(inner)
     for kind, words in (
         (error.ConnectionRefusedError, "refused"),
         (error.TimeoutError, "timed out"),
@@ -289,9 +293,9 @@ class PunchConnector:
         detail = "; ".join(f"{h}:{p}: {e}" for (h, p), e in self._errors.items())
         self._finish(None)
         if self._result is not None and not self._result.called:
+            how = "directly or through a relay" if self._relays else "directly"
             self._result.errback(PunchFailed(
-                "could not connect to the other side directly"
-                + (f" ({detail})" if detail else "")
+                f"could not connect to the other side {how}" + (f" ({detail})" if detail else "")
             ))
 
     def _finish(self, chosen) -> None:

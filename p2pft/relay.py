@@ -228,9 +228,11 @@ class _Splice:
         self._server.session_ended()
         for m in self.members:
             m.relaySplice = None
-            if m.transport is not None:
+            if m.transport is not None and not m.transport.disconnected:
                 m.transport.unregisterProducer()
                 m.transport.loseConnection()
+                # A peer that stopped reading must not keep its socket.
+                m.relay_abort = self._clock.callLater(10, m.transport.abortConnection)
 
 
 class RelayMixin:
@@ -274,6 +276,9 @@ class RelayMixin:
         if self._relay_refused:
             return
         self._relay_refused = True
+        if self._relay_admitted:
+            self._relay_admitted = False
+            self.factory.relay.left(self, spliced=False)
         self.transport.write(f"ERROR {reason}\n".encode("utf-8"))
         self.transport.loseConnection()
         self.relay_abort = self.factory.clock.callLater(10, self.transport.abortConnection)

@@ -295,6 +295,7 @@ class RendezvousServerProtocol(RelayMixin, LineReceiver):
     log = Logger()
     _closing = False
     _abort_timer = None
+    _lines = 0
 
     def connectionMade(self) -> None:
         self.state: RendezvousServer = self.factory.state
@@ -321,6 +322,7 @@ class RendezvousServerProtocol(RelayMixin, LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         if self._closing:
             return
+        self._lines += 1
         try:
             text = line.rstrip(b"\r").decode("utf-8")
         except UnicodeDecodeError:
@@ -340,6 +342,8 @@ class RendezvousServerProtocol(RelayMixin, LineReceiver):
         elif command == "PING" and len(args) <= 1:
             self.sendLine(" ".join(["PONG"] + args).encode("utf-8"))
         elif command == "RELAY" and self.factory.relay is not None:
+            if self._lines != 1:
+                return self.refuse("RELAY must be the first line")
             # This connection is a relay leg, not a rendezvous client.
             self.state.disconnected(self)
             self.relayStart(args)

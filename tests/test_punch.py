@@ -4,6 +4,7 @@ real shared-port sockets on loopback.
 """
 
 from twisted.internet import defer, error, protocol, reactor
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -202,7 +203,8 @@ class LoopbackPunchTests(TestCase):
         self.addCleanup(p.transport.loseConnection)
         return p.transport.getHost().port
 
-    def keys(self):
+    @staticmethod
+    def keys(_=None):
         s, r = Pake("w-w", "1", SENDER), Pake("w-w", "1", RECEIVER)
         ms, mr = s.start(), r.start()
         return s.finish(mr), r.finish(ms)
@@ -263,3 +265,69 @@ class LoopbackPunchTests(TestCase):
         for d in (sd, rd):
             with self.assertRaises(PunchFailed):
                 await d
+
+
+class ChannelKeepaliveTests(SynchronousTestCase):
+    """A chosen channel that has nothing to say sends KEEPALIVE records,
+    which the other side swallows without losing step."""
+
+    def test_keepalive(self):
+        from twisted.test import iosim
+
+        from p2pft.channel import KEEPALIVE_INTERVAL, PeerConnection
+
+        s_keys, r_keys = LoopbackPunchTests.keys(None)
+        clock = Clock()
+
+        class Connector:
+            def __init__(self, leader):
+                self.leader, self.chosen = leader, None
+
+            def authenticated(self, c):
+                if self.leader:
+                    c.select()
+                    self.chosen = c
+
+            def selected(self, c):
+                self.chosen = c
+
+            def lost(self, c, reason=None):
+                pass
+
+        sc, rc = Connector(True), Connector(False)
+        sp = PeerConnection(sc, s_keys, clock)
+        rp = PeerConnection(rc, r_keys, clock)
+        pump = iosim.connect(sp, iosim.makeFakeServer(sp), rp, iosim.makeFakeClient(rp), clock=clock)
+        pump.flush()
+        self.assertIs(sc.chosen, sp)
+        self.assertIs(rc.chosen, rp)
+        got = []
+
+        class Handler:
+            def recordReceived(self, kind, payload):
+                got.append((kind, payload))
+
+            def channelLost(self, reason):
+                pass
+
+        sp.attach(Handler())
+        rp.attach(Handler())
+        sent_before = sp._sealer._counter
+        clock.advance(KEEPALIVE_INTERVAL + 1)
+        pump.flush()
+        self.assertEqual(sp._sealer._counter, sent_before + 1, "one keepalive sent")
+        self.assertEqual(got, [], "keepalives are not handed up")
+        # Records after a keepalive still open: the counters stay in step.
+        sp.send(9, b"after")
+        pump.flush()
+        self.assertEqual(got, [(9, b"after")])
+        # Busy channels send no keepalives.
+        clock.advance(KEEPALIVE_INTERVAL / 2)
+        sp.send(9, b"busy")
+        clock.advance(KEEPALIVE_INTERVAL / 2 + 1)
+        pump.flush()
+        self.assertEqual(got[-1], (9, b"busy"))
+        n = sp._sealer._counter
+        clock.advance(KEEPALIVE_INTERVAL / 2)
+        pump.flush()
+        self.assertEqual(sp._sealer._counter, n + 1)
