@@ -46,7 +46,10 @@ class HumanUI:
         self.say("Paired; exchanging keys...")
 
     def connected(self, peer: str, path: str) -> None:
-        self.say(f"Connected to {peer} successfully!")
+        if path == "relay":
+            self.say(f"Connected to {peer} successfully! (through that relay: no direct path)")
+        else:
+            self.say(f"Connected to {peer} successfully!")
 
     def sending(self, name: str, size: int) -> None:
         self.say(f"Sending {printable(name)} ({human_size(size)})...")
