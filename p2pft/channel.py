@@ -27,6 +27,7 @@ from .secure import Handshake, SecurityError, SessionKeys
 #: to the relay while a person decides (TCP keepalive probes carry no data).
 KEEPALIVE = 0
 KEEPALIVE_INTERVAL = 60.0
+CHANNEL_BUFFER = 1 << 20
 
 
 class IRecordHandler(Interface):
@@ -149,6 +150,10 @@ class PeerConnection(Protocol):
         self._sealer = self._keys.sealer(binding)
         self._opener = self._keys.opener(binding)
         _keepalive(self.transport)
+        # Bulk data from here on: read up to 1 MiB per recv() (Twisted's
+        # default is 64 KiB) and let that much queue before pausing the
+        # producer.
+        self.transport.bufferSize = CHANNEL_BUFFER
         self._last_sent = self._clock.seconds()
         self._ticker = self._clock.callLater(KEEPALIVE_INTERVAL, self._tick)
 

@@ -60,6 +60,9 @@ class PeerService(Service):
 
 
 def makeService(config: Options, reactor=None) -> Service:
+    from .cli import _tune_allocator
+
+    _tune_allocator()
     if reactor is None:
         from twisted.internet import reactor
     if config.subCommand == "receive" and not config.subOptions.get("code"):
