@@ -46,7 +46,8 @@ class _Options(usage.Options):
 class _PeerOptions(_Options):
     optFlags = [
         ["json", None, "Print one JSON object per line on stdout (events: code, paired, "
-                       "connected, offer, done, error)."],
+                       "connected, offer, progress, done, error)."],
+        ["no-progress", None, "No progress bar (there is none when stderr is not a terminal)."],
     ]
     optParameters = [
         ["timeout", None, 60.0, "Seconds to wait for each step once paired (key exchange, "
@@ -76,7 +77,7 @@ class _PeerOptions(_Options):
 
 
 class SendOptions(_PeerOptions):
-    synopsis = "[--code CODE] [--code-length N] [--timeout S] [--json] SERVER:PORT PATH"
+    synopsis = "[--code CODE] [--code-length N] [--relay HOST:PORT] [--timeout S] [--no-progress] [--json] SERVER:PORT PATH"
     longdesc = (
         "Send a file.  Prints a code such as 7-apple-river; give it to the receiver.  "
         + CODE_NOTE
@@ -102,7 +103,7 @@ class SendOptions(_PeerOptions):
 
 
 class ReceiveOptions(_PeerOptions):
-    synopsis = "[--yes] [--output-dir DIR] [--overwrite] [--timeout S] [--json] SERVER:PORT [CODE]"
+    synopsis = "[--yes] [--output-dir DIR] [--overwrite] [--relay HOST:PORT] [--timeout S] [--no-progress] [--json] SERVER:PORT [CODE]"
     longdesc = (
         "Receive a file.  Without CODE, asks for it on the terminal.  " + CODE_NOTE
     )
@@ -167,7 +168,9 @@ def dual_stack(port: int | str) -> str:
 
 
 def _opt_port(self, value: str) -> None:
-    """Port number (IPv6 and IPv4) or Twisted endpoint description to listen on."""
+    """Port number (IPv6 and IPv4 on every interface) or Twisted endpoint
+    description, e.g. tcp:9000:interface=203.0.113.7 [default: 9000 for a
+    server, 9001 for a relay]."""
     self["port"] = dual_stack(value) if value.isdigit() else value
 
 
@@ -189,7 +192,7 @@ class RelayOptions(_RelayLimitOptions):
 
 
 class ServerOptions(_RelayLimitOptions):
-    synopsis = "[--port PORT] [--waiting-timeout S] [--hello-timeout S] [--max-connections N] [--max-per-ip N]"
+    synopsis = "[--port PORT] [--relay] [--advertise-relay HOST:PORT] [--waiting-timeout S] [--hello-timeout S] [--max-connections N] [--max-per-ip N] [relay limits]"
     longdesc = "Run the rendezvous server that introduces peers to each other."
     optFlags = [
         ["relay", None, "Also relay peers that cannot connect directly, on the same port."],
@@ -242,7 +245,8 @@ def make_ui(sub: usage.Options, reactor=None):
     from .ui import HumanUI, JsonUI
 
     server = "{}:{}".format(*sub["server"])
-    kw = dict(assume_yes=bool(sub.get("yes")), reactor=reactor)
+    kw = dict(assume_yes=bool(sub.get("yes")), reactor=reactor,
+              progress_bar=False if sub.get("no-progress") else None)
     return JsonUI(server, **kw) if sub.get("json") else HumanUI(server, **kw)
 
 

@@ -24,13 +24,44 @@ def human_size(n: int) -> str:
     raise AssertionError
 
 
+#: Most progress updates per second (bars and JSON events alike).
+PROGRESS_RATE = 4
+
+
 class HumanUI:
-    def __init__(self, server: str = "SERVER:PORT", err=None, assume_yes: bool = False, stdin=None, reactor=None):
+    """
+    @param progress_bar: show a tqdm bar on stderr: True, False, or None for
+        "when stderr is a terminal".
+    """
+
+    def __init__(self, server: str = "SERVER:PORT", err=None, assume_yes: bool = False, stdin=None,
+                 reactor=None, progress_bar: bool | None = None):
         self._server = server
         self._err = err or sys.stderr
         self._stdin = stdin or sys.stdin
         self._reactor = reactor
         self.assume_yes = assume_yes
+        if progress_bar is None:
+            progress_bar = hasattr(self._err, "isatty") and self._err.isatty()
+        self._want_bar = progress_bar
+        self._bar = None
+        self._name = ""
+        self._last: dict[str, float] = {}
+
+    def _now(self) -> float:
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            return reactor.seconds()
+        return self._reactor.seconds()
+
+    def _due(self, what: str, done: int, total: int) -> bool:
+        """Rate-limit C{what} updates, but never skip the last one."""
+        now = self._now()
+        if done < total and now - self._last.get(what, float("-inf")) < 1 / PROGRESS_RATE:
+            return False
+        self._last[what] = now
+        return True
 
     def say(self, text: str) -> None:
         self._err.write(text + "\n")
@@ -52,12 +83,27 @@ class HumanUI:
             self.say(f"Connected to {peer} successfully!")
 
     def sending(self, name: str, size: int) -> None:
+        self._name = name
         self.say(f"Sending {printable(name)} ({human_size(size)})...")
 
     def progress(self, done: int, total: int) -> None:
-        pass
+        if not self._want_bar or not self._due("bar", done, total):
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000,
+                             desc=printable(self._name, 40), file=self._err, leave=False,
+                             dynamic_ncols=True, mininterval=0)
+        self._bar.update(done - self._bar.n)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def decide(self, offer: Offer) -> defer.Deferred:
+        self._name = offer.name
         question = f"Receive {printable(offer.name)} ({human_size(offer.size)})? [y/N] "
         if self.assume_yes:
             self.say(f"Receiving {printable(offer.name)} ({human_size(offer.size)})...")
@@ -88,6 +134,7 @@ class HumanUI:
         return answer
 
     def done(self, result: Result, path: str) -> None:
+        self._close_bar()
         rate = result.size / result.seconds / 1e6 if result.seconds > 0 else 0.0
         verb = "Received" if result.path else "Sent"
         self.say(
@@ -96,6 +143,7 @@ class HumanUI:
         )
 
     def error(self, message: str) -> None:
+        self._close_bar()
         self.say(f"p2pft: error: {message}")
 
 
@@ -129,6 +177,11 @@ class JsonUI(HumanUI):
     def decide(self, offer: Offer) -> defer.Deferred:
         self.emit("offer", name=offer.name, size=offer.size)
         return super().decide(offer)
+
+    def progress(self, done: int, total: int) -> None:
+        if self._due("json", done, total):
+            self.emit("progress", bytes=done, total=total)
+        super().progress(done, total)
 
     def done(self, result: Result, path: str) -> None:
         super().done(result, path)

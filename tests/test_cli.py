@@ -156,3 +156,41 @@ class UITests(SynchronousTestCase):
         self.assertEqual(human_size(999), "999 B")
         self.assertEqual(human_size(2_100_000), "2.1 MB")
         self.assertEqual(human_size(5 * 10**15), "5000.0 TB")
+
+
+class ProgressTests(SynchronousTestCase):
+    def test_json_progress_is_rate_limited_and_ends_at_total(self):
+        clock, out = Clock(), io.StringIO()
+        ui = JsonUI("h:1", out=out, err=io.StringIO(), reactor=clock)
+        for i in range(100):
+            ui.progress(i * 10, 1000)
+        clock.advance(0.3)
+        ui.progress(995, 1000)
+        ui.progress(1000, 1000)
+        events = [json.loads(l) for l in out.getvalue().splitlines()]
+        self.assertEqual([e["bytes"] for e in events], [0, 995, 1000])
+        self.assertEqual({e["event"] for e in events}, {"progress"})
+        self.assertEqual({e["total"] for e in events}, {1000})
+
+    def test_bar_only_when_wanted(self):
+        clock = Clock()
+        err = io.StringIO()
+        ui = HumanUI(err=err, reactor=clock, progress_bar=True)
+        ui.sending("movie.mkv", 10_000_000)
+        ui.progress(5_000_000, 10_000_000)
+        ui.progress(10_000_000, 10_000_000)
+        ui.done(Result("movie.mkv", 10_000_000, "ab", 1.0), "direct")
+        self.assertIn("movie.mkv", err.getvalue())
+        self.assertIn("10.0M/10.0M", err.getvalue())
+        quiet = io.StringIO()
+        ui = HumanUI(err=quiet, reactor=clock, progress_bar=False)
+        ui.sending("movie.mkv", 10)
+        ui.progress(10, 10)
+        self.assertNotIn("\r", quiet.getvalue())
+        # Default: a bar only when stderr is a terminal (a StringIO is not).
+        self.assertFalse(HumanUI(err=io.StringIO())._want_bar)
+
+    def test_no_progress_flag(self):
+        c = parse("send", "--no-progress", "h:1", "f")
+        self.assertTrue(c.subOptions["no-progress"])
+        self.assertFalse(cli.make_ui(c.subOptions)._want_bar)
