@@ -168,9 +168,7 @@ def dual_stack(port: int | str) -> str:
 
 
 def _opt_port(self, value: str) -> None:
-    """Port number (IPv6 and IPv4 on every interface) or Twisted endpoint
-    description, e.g. tcp:9000:interface=203.0.113.7 [default: 9000 for a
-    server, 9001 for a relay]."""
+    """Port number (IPv6 and IPv4 on every interface) or Twisted endpoint description, e.g. tcp:9000:interface=203.0.113.7 [default: 9000 for a server, 9001 for a relay]."""  # noqa: E501 (one line: usage.Options prints it as is)
     self["port"] = dual_stack(value) if value.isdigit() else value
 
 
