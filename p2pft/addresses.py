@@ -41,6 +41,22 @@ def global_ipv6_addresses(path: str = "/proc/net/if_inet6") -> list[str]:
     return found[:MAX_LOCAL_V6]
 
 
+def ip_key(host: str) -> str:
+    """
+    What per-address limits count: the IPv4 address, or the /64 an IPv6
+    address belongs to (one subscriber usually has a whole /64).
+    """
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback

@@ -50,6 +50,7 @@ class PeerConnection(Protocol):
         #: "relay" when this connection runs through a relay, else "direct".
         self.path = "relay" if relay else "direct"
         self._relay_wait = relay
+        self._relay_welcomed = False
         self._relay_buffer = b""
         self._keys = keys
         self._clock = clock
@@ -83,10 +84,11 @@ class PeerConnection(Protocol):
         """Wait for the relay's OK; return the bytes after it, or None."""
         self._relay_buffer += data
         line, newline, rest = self._relay_buffer.partition(b"\n")
-        if newline and line.startswith(b"WELCOME "):
-            # A rendezvous server relaying on its own port greets first.
-            self._relay_buffer = b""
-            return self._relayReply(rest)
+        if newline and line.startswith(b"WELCOME ") and not self._relay_welcomed:
+            # A rendezvous server relaying on its own port greets first (once).
+            self._relay_welcomed = True
+            self._relay_buffer = rest
+            line, newline, rest = rest.partition(b"\n")
         if not newline:
             if len(self._relay_buffer) > 512:
                 self._drop("relay sent an overlong line")
@@ -158,11 +160,19 @@ class PeerConnection(Protocol):
         self._ticker = self._clock.callLater(KEEPALIVE_INTERVAL, self._tick)
 
     def _tick(self) -> None:
+        self._ticker = None
+        if self._closing or self.transport.disconnecting:
+            return
         idle = self._clock.seconds() - self._last_sent
-        if idle >= KEEPALIVE_INTERVAL and not self._closing and not self.transport.disconnecting:
+        if idle >= KEEPALIVE_INTERVAL:
             self.send(KEEPALIVE)
             idle = 0
-        self._ticker = self._clock.callLater(KEEPALIVE_INTERVAL - idle, self._tick)
+        self._ticker = self._clock.callLater(max(0.0, KEEPALIVE_INTERVAL - idle), self._tick)
+
+    def _stopTicker(self) -> None:
+        if self._ticker is not None and self._ticker.active():
+            self._ticker.cancel()
+        self._ticker = None
 
     # -- channel phase
 
@@ -200,6 +210,7 @@ class PeerConnection(Protocol):
         closes too; the transfer layer aborts if that takes too long.
         """
         self._closing = True
+        self._stopTicker()
         try:
             self.transport.loseWriteConnection()
         except AttributeError:
@@ -230,8 +241,7 @@ class PeerConnection(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._cancelTimer()
-        if self._ticker is not None and self._ticker.active():
-            self._ticker.cancel()
+        self._stopTicker()
         self._closed.fire(None)
         if not self._chosen:
             self._connector.lost(self, self.lost_reason)

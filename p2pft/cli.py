@@ -140,9 +140,15 @@ class _RelayLimitOptions(_Options):
     def relay_limits(self):
         from .relay import RelayLimits
 
-        for name in ("relay-max-sessions", "relay-max-per-ip", "relay-idle-timeout"):
+        from .channel import KEEPALIVE_INTERVAL
+
+        for name in ("relay-max-sessions", "relay-max-per-ip"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
+        if self["relay-idle-timeout"] <= KEEPALIVE_INTERVAL:
+            raise usage.UsageError(
+                f"--relay-idle-timeout must be more than {KEEPALIVE_INTERVAL:g} s "
+                "(peers send a keepalive every minute while a person decides)")
         for name in ("relay-max-bytes", "relay-rate"):
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} must not be negative")
@@ -160,7 +166,10 @@ def dual_stack(port: int | str) -> str:
 
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            # Twisted's tcp6 listener keeps the system default; where that is
+            # IPv6-only (bindv6only=1, the BSDs) it would shut IPv4 out.
+            if s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+                return f"tcp:{port}"
             s.bind(("::", 0))
     except (OSError, AttributeError):
         return f"tcp:{port}"

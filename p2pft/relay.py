@@ -22,11 +22,13 @@ from __future__ import annotations
 import re
 
 import attrs
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
+
+from .addresses import ip_key
 
 SIDES = ("sender", "receiver")
 _TOKEN = re.compile(r"[0-9a-f]{64}\Z")
@@ -68,19 +70,29 @@ class RelayServer:
     def sessions(self) -> int:
         return self._sessions
 
+    def connected(self, member: "RelayMixin", ip: str) -> str | None:
+        """A new connection (before its RELAY line): counted against its
+        address at once, so idle connections cannot pile up."""
+        if self._per_ip.get(ip, 0) >= self.limits.max_per_ip:
+            return "too many relay connections from your address"
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        member.relay_ip = ip
+        member.relay_counted = True
+        return None
+
     def join(self, member: "RelayMixin", token: str, side: str, ip: str) -> str | None:
         """Admit C{member}; return a refusal reason, or None."""
         if not _TOKEN.match(token) or side not in SIDES:
             return "malformed RELAY line"
-        if self._per_ip.get(ip, 0) >= self.limits.max_per_ip:
-            return "too many relay connections from your address"
+        if not member.relay_counted:
+            reason = self.connected(member, ip)
+            if reason is not None:
+                return reason
         partner = self._waiting.get(token)
         if partner is None and self._sessions >= self.limits.max_sessions:
             return "relay is full, try again later"
         if partner is not None and partner.relay_side == side:
             return "this session already has a " + side
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
-        member.relay_ip = ip
         member.relay_side = side
         if partner is None:
             self._sessions += 1
@@ -98,13 +110,15 @@ class RelayServer:
         return None
 
     def left(self, member: "RelayMixin", spliced: bool) -> None:
-        """C{member} is gone (called once per admitted member)."""
-        ip = member.relay_ip
-        left = self._per_ip.get(ip, 1) - 1
-        if left:
-            self._per_ip[ip] = left
-        else:
-            self._per_ip.pop(ip, None)
+        """C{member} is gone (called once per counted member)."""
+        if member.relay_counted:
+            member.relay_counted = False
+            ip = member.relay_ip
+            left = self._per_ip.get(ip, 1) - 1
+            if left:
+                self._per_ip[ip] = left
+            else:
+                self._per_ip.pop(ip, None)
         _cancel(member.relay_timer)
         if self._waiting.get(member.relay_token) is member:
             del self._waiting[member.relay_token]
@@ -169,6 +183,7 @@ class _Splice:
         self._idle = None
         self._resume = None
         self._ended = False
+        self._half_closed: set = set()
         self._directions = {}
 
     def start(self) -> None:
@@ -216,8 +231,21 @@ class _Splice:
             d.update()
 
     def _touch(self) -> None:
-        _cancel(self._idle)
-        self._idle = self._clock.callLater(self._server.limits.idle_timeout, self.end)
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._server.limits.idle_timeout)
+        else:
+            self._idle = self._clock.callLater(self._server.limits.idle_timeout, self.end)
+
+    def half_close(self, src: "RelayMixin") -> None:
+        """C{src} will send no more: pass that on, and end the session once
+        both directions are done (so a last record, an ABORT say, is
+        delivered rather than destroyed by a reset)."""
+        self._half_closed.add(src)
+        peer = src.relayPeer
+        if peer.transport is not None and not peer.transport.disconnected:
+            peer.transport.loseWriteConnection()
+        if len(self._half_closed) == 2:
+            self.end()
 
     def end(self) -> None:
         if self._ended:
@@ -229,10 +257,11 @@ class _Splice:
         for m in self.members:
             m.relaySplice = None
             if m.transport is not None and not m.transport.disconnected:
+                # A peer that stopped reading must not keep its socket.  (Set
+                # before closing: the close may complete synchronously.)
+                m.relay_abort = self._clock.callLater(10, m.transport.abortConnection)
                 m.transport.unregisterProducer()
                 m.transport.loseConnection()
-                # A peer that stopped reading must not keep its socket.
-                m.relay_abort = self._clock.callLater(10, m.transport.abortConnection)
 
 
 class RelayMixin:
@@ -247,6 +276,7 @@ class RelayMixin:
     relay_ip: str = ""
     relay_timer = None
     relay_abort = None
+    relay_counted = False
     relaySplice: _Splice | None = None
     relayPeer = None
     _relay_admitted = False
@@ -256,7 +286,7 @@ class RelayMixin:
         server: RelayServer = self.factory.relay
         if len(args) != 2:
             return self.relayRefuse("malformed RELAY line")
-        ip = self.transport.getPeer().host
+        ip = ip_key(self.transport.getPeer().host)
         reason = server.join(self, args[0], args[1], ip)
         if reason is not None:
             return self.relayRefuse(reason)
@@ -276,16 +306,28 @@ class RelayMixin:
         if self._relay_refused:
             return
         self._relay_refused = True
-        if self._relay_admitted:
+        if self._relay_admitted or self.relay_counted:
             self._relay_admitted = False
             self.factory.relay.left(self, spliced=False)
+        self.relay_abort = self.factory.clock.callLater(10, self.transport.abortConnection)
         self.transport.write(f"ERROR {reason}\n".encode("utf-8"))
         self.transport.loseConnection()
-        self.relay_abort = self.factory.clock.callLater(10, self.transport.abortConnection)
+
+    def readConnectionLost(self) -> None:
+        # IHalfCloseableProtocol: the peer shut its sending side.
+        if self.relaySplice is not None:
+            self.relaySplice.half_close(self)
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
 
     def relayLost(self) -> None:
         _cancel(self.relay_abort)
         if not self._relay_admitted:
+            if self.relay_counted:
+                self.factory.relay.left(self, spliced=False)
             return
         self._relay_admitted = False
         splice = self.relaySplice
@@ -294,13 +336,18 @@ class RelayMixin:
             splice.end()
 
 
+@implementer(IHalfCloseableProtocol)
 class RelayProtocol(RelayMixin, LineReceiver):
     """A standalone relay's connection: one C{RELAY} line, then bytes."""
 
     delimiter = b"\n"
     MAX_LENGTH = 256
+    _hello = None
 
     def connectionMade(self) -> None:
+        reason = self.factory.relay.connected(self, ip_key(self.transport.getPeer().host))
+        if reason is not None:
+            return self.relayRefuse(reason)
         self._hello = self.factory.clock.callLater(30, self.relayRefuse, "timed out waiting for RELAY")
 
     def lineReceived(self, line: bytes) -> None:

@@ -21,12 +21,13 @@ from typing import Callable
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import Interface, implementer
 
+from .addresses import ip_key
 from .codes import valid_nameplate
 from .relay import RelayMixin, RelayServer
 from .util import OneShot
@@ -279,7 +280,7 @@ def _cancel(call: IDelayedCall | None) -> None:
         call.cancel()
 
 
-@implementer(IRendezvousConnection, IPushProducer)
+@implementer(IRendezvousConnection, IPushProducer, IHalfCloseableProtocol)
 class RendezvousServerProtocol(RelayMixin, LineReceiver):
     """
     One client connection: parse lines, hand them to L{RendezvousServer}.
@@ -306,7 +307,7 @@ class RendezvousServerProtocol(RelayMixin, LineReceiver):
             f"WELCOME {PROTOCOL_NAME} {PROTOCOL_VERSION} {host} {peer.port} "
             f"{self.factory.advertised_relays}".encode()
         )
-        self.state.connected(self, host)
+        self.state.connected(self, ip_key(host))
 
     # IPushProducer: our output is backed up / drained.
     def pauseProducing(self) -> None:
@@ -363,11 +364,11 @@ class RendezvousServerProtocol(RelayMixin, LineReceiver):
         self.sendLine(f"ERROR {reason}".encode("utf-8"))
         # Out of every nameplate and count at once, not when the close ends.
         self.state.disconnected(self)
-        self.transport.unregisterProducer()
-        self.transport.loseConnection()
         # A client that stops reading must not hold its socket: abort after
         # a grace period if the close does not complete.
         self._abort_timer = self.factory.clock.callLater(10, self.transport.abortConnection)
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
 
     def connectionLost(self, reason=None) -> None:
         _cancel(self._abort_timer)

@@ -5,6 +5,7 @@ a service.  The console script's C{p2pft server} uses the same makeService.
 
 from __future__ import annotations
 
+import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
@@ -37,7 +38,7 @@ class RendezvousService(Service):
 
     def startService(self) -> None:
         super().startService()
-        _raise_fd_limit(getattr(self.factory, "state", None))
+        _raise_fd_limit(getattr(self.factory, "state", None), getattr(self.factory, "relay", None))
         d = self._endpoint.listen(self.factory)
         d.addCallbacks(self._listened, self._failed)
 
@@ -67,10 +68,11 @@ class RendezvousService(Service):
             return self.port.stopListening()
 
 
-def _raise_fd_limit(state) -> None:
-    if state is None:
-        return
-    """Use the hard limit on open files, and keep the connection cap under it."""
+def _raise_fd_limit(state, relay) -> None:
+    """
+    Use the hard limit on open files, and keep the caps under it: each
+    relayed session holds two sockets, each rendezvous client one.
+    """
     try:
         import resource
 
@@ -82,7 +84,13 @@ def _raise_fd_limit(state) -> None:
             soft = hard
     except (ImportError, ValueError, OSError):
         return
-    state.max_connections = min(state.max_connections, max(16, soft - 64))
+    budget = max(32, soft - 64)
+    if relay is not None:
+        sessions = min(relay.limits.max_sessions, budget // 4)
+        relay.limits = attrs.evolve(relay.limits, max_sessions=max(1, sessions))
+        budget -= 2 * relay.limits.max_sessions
+    if state is not None:
+        state.max_connections = min(state.max_connections, max(16, budget))
 
 
 def makeService(config, reactor=None) -> MultiService:

@@ -17,7 +17,7 @@ import os
 
 import attrs
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
@@ -63,16 +63,27 @@ def _timeout(reactor, d: defer.Deferred, seconds: float, what: str) -> defer.Def
 
 
 async def _connect_rendezvous(reactor, server: tuple[str, int]) -> RendezvousClientProtocol:
+    """
+    Connect to the server, over IPv4 when it has an IPv4 address: that is
+    the family NATs translate, so the address the server sees is the public
+    candidate the other peer needs (IPv6 addresses are added as extra
+    candidates).  Over IPv6 only for an IPv6 literal or a server without
+    IPv4.  The socket is bound with SO_REUSEADDR + SO_REUSEPORT so the punch
+    listener and outgoing attempts can share its port later.
+    """
     host, port = server
-    # Names resolve to IPv4 and IPv6 alike (Happy Eyeballs).  Bind with
-    # SO_REUSEADDR + SO_REUSEPORT so the punch listener and outgoing attempts
-    # can share this local port later.
-    endpoint = HostnameEndpoint(
-        reactor, host, port, timeout=10,
-        bindAddress=makeBinding("", 0, reuseAddress=True, reusePort=True),
-    )
+    binding = makeBinding("", 0, reuseAddress=True, reusePort=True)
+    factory = ClientFactory.forProtocol(RendezvousClientProtocol)
     try:
-        return await endpoint.connect(ClientFactory.forProtocol(RendezvousClientProtocol))
+        if ":" in host:
+            endpoint = HostnameEndpoint(reactor, host, port, timeout=10, bindAddress=binding)
+            return await endpoint.connect(factory)
+        try:
+            return await TCP4ClientEndpoint(reactor, host, port, timeout=10, bindAddress=binding).connect(factory)
+        except error.DNSLookupError:
+            # No IPv4 address for that name: try whatever it has.
+            endpoint = HostnameEndpoint(reactor, host, port, timeout=10, bindAddress=binding)
+            return await endpoint.connect(factory)
     except (error.ConnectError, error.DNSLookupError) as e:
         why = {error.ConnectionRefusedError: "connection refused", error.TimeoutError: "timed out",
                error.DNSLookupError: "name not found"}.get(type(e), e.__class__.__name__)
@@ -140,7 +151,7 @@ async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
     )))
     log.info("punching from port {port} to {theirs}", port=local.port, theirs=theirs)
 
-    relays = _relays(settings, client)
+    relays = _relays(settings, client, client.transport.getPeer().host)
     connector = PunchConnector(
         reactor, local.port, theirs,
         lambda c, relay: PeerConnection(c, keys, reactor, settings.schedule.handshake_timeout, relay=relay),
@@ -150,16 +161,37 @@ async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
     return _Established(keys, channel, channel.path)
 
 
-def _relays(settings: Settings, client) -> list[tuple[str, int]]:
-    """The relay the user named, else the ones the server advertised
-    ("*" is the server itself)."""
+def _relays(settings: Settings, client, server_ip: str) -> list[tuple[str, int]]:
+    """
+    The relay the user named, else the ones the server advertised: "*" is
+    the server itself, at the address we reached it on.  The server is not
+    trusted to steer our connections: advertised addresses that are
+    loopback, link-local, unspecified or multicast are ignored unless the
+    server itself is on loopback.
+    """
+    import ipaddress
+
     from .rendezvous import parse_server
 
     if settings.relay is not None:
         return [settings.relay]
+    server_ip = normalise_host(server_ip)
     out = []
     for spec in client.relays:
-        out.append(settings.server if spec == "*" else parse_server(spec))
+        if spec == "*":
+            out.append((server_ip, settings.server[1]))
+            continue
+        host, port = parse_server(spec)
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            out.append((host, port))  # a name: resolved when dialled
+            continue
+        local_only = ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast
+        if local_only and not is_loopback(server_ip):
+            log.warn("ignoring relay {spec} advertised by the server", spec=spec)
+            continue
+        out.append((str(ip), port))
     return out
 
 

@@ -11,7 +11,7 @@ import pty
 import signal
 
 from twisted.internet import defer
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.procs import p2pft_argv, spawn, twistd_argv
 
@@ -279,3 +279,17 @@ class IPv6Tests(TestCase):
         # Each dialled the other in its own family; both listen on both.
         self.assertRegex(s["peer"], r"^\[::1\]:\d+$|^127\.0\.0\.1:\d+$")
         self.assertEqual((s["path"], r["path"]), ("direct", "direct"))
+
+    async def test_server_by_name_is_reached_over_ipv4(self):
+        """A name with IPv4 and IPv6 addresses: the rendezvous goes over IPv4,
+        the family NATs translate, so the public candidate is the one a peer
+        behind a NAT needs (IPv6 addresses are offered on top)."""
+        import socket
+
+        families = {ai[0] for ai in socket.getaddrinfo("localhost", 1, type=socket.SOCK_STREAM)}
+        if socket.AF_INET not in families:
+            raise SkipTest("localhost has no IPv4 address here")
+        server, port = await self.start("tcp6:0:interface=\\:\\:")
+        s, r = await self.exchange(f"localhost:{port}", f"localhost:{port}")
+        self.assertRegex(s["peer"], r"^127\.0\.0\.1:\d+$")
+        self.assertRegex(r["peer"], r"^127\.0\.0\.1:\d+$")

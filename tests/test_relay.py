@@ -18,6 +18,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+from twisted.internet.interfaces import IHalfCloseableProtocol
 
 from p2pft import relay as relay_module
 from p2pft.channel import PeerConnection
@@ -724,23 +726,35 @@ class RendezvousPortTests(SynchronousTestCase):
         config = Options()
         config.parseOptions(["server", "--relay", "--relay-max-bytes", "100000", "--relay-rate", "5000",
                              "--relay-max-per-ip", "3", "--relay-max-sessions", "7",
-                             "--relay-idle-timeout", "9"])
+                             "--relay-idle-timeout", "90"])
         limits = makeService(config.subOptions, Clock()).rendezvous.factory.relay.limits
         self.assertEqual((limits.max_bytes, limits.rate, limits.max_per_ip, limits.max_sessions,
-                          limits.idle_timeout), (100000, 5000, 3, 7, 9.0))
+                          limits.idle_timeout), (100000, 5000, 3, 7, 90.0))
 
     def test_client_reads_advertised_relays(self):
         client = RendezvousClientProtocol()
         client.makeConnection(StringTransport())
         client.dataReceived(b"WELCOME p2pft 1 198.51.100.4 4444 *,192.0.2.7:9001,[2001:db8::1]:9002\n")
         self.assertEqual(client.relays, ["*", "192.0.2.7:9001", "[2001:db8::1]:9002"])
-        # "*" is the server the client used; a relay the user named wins
-        # over every advertised one (no fallback to the server's).
+        # "*" is the server at the address the client reached it on; a relay
+        # the user named wins over every advertised one (no fallback).
         server = ("rv.example", 9000)
-        self.assertEqual(_relays(Settings(server), client),
-                         [server, ("192.0.2.7", 9001), ("2001:db8::1", 9002)])
-        self.assertEqual(_relays(Settings(server, relay=("192.0.2.99", 9999)), client),
+        self.assertEqual(_relays(Settings(server), client, "198.51.100.1"),
+                         [("198.51.100.1", 9000), ("192.0.2.7", 9001), ("2001:db8::1", 9002)])
+        self.assertEqual(_relays(Settings(server), client, "::ffff:198.51.100.1")[0], ("198.51.100.1", 9000))
+        self.assertEqual(_relays(Settings(server, relay=("192.0.2.99", 9999)), client, "198.51.100.1"),
                          [("192.0.2.99", 9999)])
+
+    def test_server_cannot_point_peers_at_local_addresses(self):
+        client = RendezvousClientProtocol()
+        client.makeConnection(StringTransport())
+        client.dataReceived(b"WELCOME p2pft 1 198.51.100.4 4444 "
+                            b"127.0.0.1:22,[::1]:22,[fe80::1]:80,0.0.0.0:1,224.0.0.1:5,relay.example:9001\n")
+        server = ("rv.example", 9000)
+        self.assertEqual(_relays(Settings(server), client, "198.51.100.1"), [("relay.example", 9001)])
+        # A server on loopback (a local test or demo) may name local relays.
+        self.assertEqual(_relays(Settings(("127.0.0.1", 9000)), client, "127.0.0.1")[:2],
+                         [("127.0.0.1", 22), ("::1", 22)])
 
 
 class PunchErrorTextTests(SynchronousTestCase):
@@ -813,7 +827,7 @@ class _Leg(protocol.Protocol):
 
 def bounded(d: defer.Deferred, what: str, seconds: float = DEADLINE) -> defer.Deferred:
     def timed_out(f):
-        f.trap(defer.CancelledError)
+        f.trap(defer.TimeoutError)
         raise AssertionError(f"{what}: not within {seconds} s")
 
     return d.addTimeout(seconds, reactor).addErrback(timed_out)
@@ -896,12 +910,14 @@ class LoopbackRelayTests(TestCase):
         self.assertEqual(await bounded(b.complete, "b receives"), up)
         self.assertEqual(await bounded(a.complete, "a receives"), down)
         self.assertEqual((factory.relay.sessions, factory.relay.spliced), (1, 1))
-        # One side closes: the relay closes the other, counts drop to zero.
+        # One side closes: the relay passes the FIN on (b sees the end of
+        # the stream), and once both directions are done the session ends
+        # and the counts drop to zero.
         a.transport.loseConnection()
         await bounded(b.closed, "the relay closes b")
         await bounded(a.closed, "a closed")
-        self.assertEqual(factory.relay.sessions, 0)
         await self.all_lost()
+        self.assertEqual(factory.relay.sessions, 0)
         self.assertEqual(per_ip(factory.relay), {})
 
     async def test_slow_reader_pauses_the_writer_over_real_sockets(self):
@@ -1148,3 +1164,87 @@ class NatLabRelayTests(TestCase):
             self.assertEqual(connected["peer"], f"{lab.server_ip}:{SERVER_PORT}", diagnostics())
             self.assertOneLineError(proc, diagnostics, "connection lost before the transfer completed")
         self.assertEqual(os.listdir(ws.out), [], "no file, no partial file left")
+
+
+@implementer(IHalfCloseableProtocol)
+class _HalfCloseLeg(_Leg):
+    """A leg that sees the end of the other side's stream (not a close)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.eof = defer.Deferred()
+
+    def readConnectionLost(self):
+        self.eof.callback(bytes(self.received))
+
+    def writeConnectionLost(self):
+        pass
+
+
+class HalfCloseTests(TestCase):
+    timeout = 60
+    listen = LoopbackRelayTests.listen
+    leg = LoopbackRelayTests.leg
+    all_lost = LoopbackRelayTests.all_lost
+
+    async def test_last_words_then_half_close_are_delivered(self):
+        """
+        a sends its last record and shuts its sending side (what a peer
+        does after an ABORT or ACK); b gets every byte and then the end of
+        the stream -- not a reset -- and can still answer; the session ends
+        once b closes too.
+        """
+        factory = RelayFactory(reactor, RelayLimits())
+        port = self.listen(factory)
+        last_words = os.urandom(200_000)
+        a = await self.leg(port, "sender", 6)
+        b = _HalfCloseLeg(TOKEN, "receiver", len(last_words))
+        connected = defer.Deferred()
+
+        class F(protocol.ClientFactory):
+            def buildProtocol(self, addr):
+                reactor.callLater(0, connected.callback, None)
+                return b
+
+        reactor.connectTCP("127.0.0.1", port, F())
+        await bounded(connected, "b connects")
+        await bounded(a.ok, "a OK")
+        await bounded(b.ok, "b OK")
+        a.transport.write(last_words)
+        a.transport.loseWriteConnection()
+        self.assertEqual(await bounded(b.eof, "b sees the end of the stream"), last_words)
+        b.transport.write(b"answer")
+        self.assertEqual(await bounded(a.complete, "a still hears b"), b"answer")
+        self.assertEqual(factory.relay.sessions, 1)
+        b.transport.loseConnection()
+        await bounded(a.closed, "a closed")
+        await self.all_lost()
+        self.assertEqual(factory.relay.sessions, 0)
+        self.assertEqual(per_ip(factory.relay), {})
+
+
+class ConnectionCountTests(SynchronousTestCase):
+    def test_idle_connections_count_against_their_address(self):
+        """Connections that never send RELAY are capped per address too."""
+        clock = Clock()
+        factory = RelayFactory(clock, RelayLimits(max_per_ip=2))
+        transports = []
+        for _ in range(3):
+            p = factory.buildProtocol(None)
+            t = StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.8", 1234))
+            p.makeConnection(t)
+            transports.append((p, t))
+        self.assertFalse(transports[0][1].disconnecting)
+        self.assertTrue(transports[2][1].value().startswith(b"ERROR too many relay connections"))
+        self.assertEqual(per_ip(factory.relay), {"198.51.100.8": 2})
+        for p, t in transports:
+            p.connectionLost(None)
+        self.assertEqual(per_ip(factory.relay), {})
+
+    def test_ipv6_addresses_count_per_64(self):
+        from p2pft.addresses import ip_key
+
+        self.assertEqual(ip_key("2001:db8:1:2::5"), ip_key("2001:db8:1:2:ffff::9"))
+        self.assertNotEqual(ip_key("2001:db8:1:2::5"), ip_key("2001:db8:1:3::5"))
+        self.assertEqual(ip_key("::ffff:198.51.100.8"), "198.51.100.8")
+        self.assertEqual(ip_key("198.51.100.8"), "198.51.100.8")
