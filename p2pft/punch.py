@@ -148,6 +148,8 @@ class PunchConnector:
         connection goes through a relay; returns a new L{ICandidate}
         protocol that reports back through L{authenticated}, L{selected}
         and L{lost}.
+    @param candidates: the peer's addresses, its public (server-observed)
+        one first.
     @param relays: relay addresses, dialled (from any port) after
         C{schedule.relay_delay}.
     @param leader: whether we choose the connection (the sender) or wait for
@@ -252,7 +254,11 @@ class PunchConnector:
                 self._schedule.redial, self._dial, address, True))
             return
         if reason.check(error.ConnectionRefusedError):
-            self.refused += 1
+            if address == self._candidates[0]:
+                # The peer's public address (the one the server saw) answers:
+                # its NAT is there and racing us.  A reset from elsewhere (a
+                # private address that is some other host here) says nothing.
+                self.refused += 1
             delay = self._schedule.redial_refused * (1 + self._random.random())
         else:
             delay = self._schedule.redial

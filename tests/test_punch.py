@@ -166,6 +166,14 @@ class ScheduleTests(SynchronousTestCase):
         self.reactor.advance(4)
         self.assertIn(("203.0.113.9", 9000), [a[:2] for a in self.reactor.tcpClients])
 
+    def test_resets_from_a_private_address_do_not_hold_the_relay_back(self):
+        c = PunchConnector(self.reactor, 5555, [("198.51.100.1", 4000), ("10.0.0.2", 4000)], self.factory,
+                           True, SCHEDULE, relays=[("203.0.113.9", 9000)])
+        c.run()
+        self.fail_dial(1)  # RST from the private address: some other host
+        self.reactor.advance(2.1)
+        self.assertIn(("203.0.113.9", 9000), [a[:2] for a in self.reactor.tcpClients])
+
     def test_cancel_cleans_up(self):
         d = self.make().run()
         d.cancel()
