@@ -12,7 +12,6 @@ the twistd plugin.
 
 from __future__ import annotations
 
-import json
 import os
 
 import attrs
@@ -29,6 +28,7 @@ from .punch import PunchConnector, PunchFailed, PunchSchedule
 from .rendezvous import PeerGone, RendezvousClientProtocol, RendezvousError, normalise_host
 from .secure import RECEIVER, SENDER, Pake, SecurityError, SessionKeys, WrongCode
 from .transfer import FileReceiver, FileSender, Result, TransferFailed
+from .util import dump_object, load_object
 
 log = Logger()
 
@@ -270,18 +270,14 @@ def _parse_candidates(message: dict) -> list[tuple[str, int]]:
     return out
 
 
-def _encode(value: dict) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+_encode = dump_object
 
 
 def _decode(data: bytes) -> dict:
     try:
-        value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        return load_object(data)
+    except ValueError:
         raise SessionError("the other side sent a malformed message") from None
-    if not isinstance(value, dict):
-        raise SessionError("the other side sent a malformed message")
-    return value
 
 
 def _translate(e: Exception) -> Exception:
@@ -292,19 +288,25 @@ def _translate(e: Exception) -> Exception:
     return e
 
 
+async def _connected(reactor, settings: Settings, role: str, ui, channels: list | None) -> _Established:
+    """Everything up to a chosen, announced channel, with one-line errors."""
+    try:
+        est = await _establish(reactor, settings, role, ui)
+    except Exception as e:
+        raise _translate(e) from None
+    if channels is not None:
+        channels.append(est.channel)
+    ui.connected(est.channel.peer, est.path)
+    return est
+
+
 async def send(reactor, settings: Settings, path: str, ui, channels: list | None = None) -> Result:
     """Send one file; fire with the L{Result} once the receiver acknowledged it."""
     if not os.path.isfile(path):
         raise SessionError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a regular file")
     if not os.access(path, os.R_OK):
         raise SessionError(f"{path}: permission denied")
-    try:
-        est = await _establish(reactor, settings, SENDER, ui)
-    except Exception as e:
-        raise _translate(e) from None
-    if channels is not None:
-        channels.append(est.channel)
-    ui.connected(est.channel.peer, est.path)
+    est = await _connected(reactor, settings, SENDER, ui, channels)
     sender = FileSender(est.channel, reactor, path, progress=ui.progress)
     ui.sending(sender.name, sender.size)
     result = await sender.start()
@@ -317,13 +319,7 @@ async def receive(reactor, settings: Settings, output_dir: str, decide, ui, over
     """Receive one file into C{output_dir}."""
     if not os.path.isdir(output_dir):
         raise SessionError(f"{output_dir}: no such directory")
-    try:
-        est = await _establish(reactor, settings, RECEIVER, ui)
-    except Exception as e:
-        raise _translate(e) from None
-    if channels is not None:
-        channels.append(est.channel)
-    ui.connected(est.channel.peer, est.path)
+    est = await _connected(reactor, settings, RECEIVER, ui, channels)
     receiver = FileReceiver(est.channel, reactor, output_dir, decide, overwrite=overwrite, progress=ui.progress)
     result = await receiver.start()
     ui.done(result, est.path)

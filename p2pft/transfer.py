@@ -21,7 +21,6 @@ C{close}, so tests drive them with a fake channel.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -34,6 +33,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .channel import IRecordHandler
+from .util import dump_object, load_object
 
 OFFER, ACCEPT, REJECT, DATA, END, ACK, ABORT = range(1, 8)
 KIND_NAMES = {1: "OFFER", 2: "ACCEPT", 3: "REJECT", 4: "DATA", 5: "END", 6: "ACK", 7: "ABORT"}
@@ -61,20 +61,16 @@ class UnsafeName(TransferFailed):
     """The sender offered a name we will not write."""
 
 
-def _control(payload: dict) -> bytes:
-    return json.dumps(payload, separators=(",", ":")).encode("utf-8")
+_control = dump_object
 
 
 def _parse_control(payload: bytes) -> dict:
     if len(payload) > MAX_CONTROL:
         raise TransferFailed("control message too large")
     try:
-        value = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        return load_object(payload)
+    except ValueError:
         raise TransferFailed("malformed control message") from None
-    if not isinstance(value, dict):
-        raise TransferFailed("malformed control message")
-    return value
 
 
 def printable(text: str, limit: int = 200) -> str:

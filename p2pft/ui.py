@@ -125,7 +125,8 @@ class HumanUI:
                 self._err.flush()
                 line = self._stdin.readline()
             except Exception as e:  # closed terminal and the like
-                reactor.callFromThread(lambda: answer.called or answer.errback(e))
+                # Bind now: Python deletes `e` when the except block ends.
+                reactor.callFromThread(lambda error=e: answer.called or answer.errback(error))
                 return
             yes = line.strip().lower() in ("y", "yes")
             reactor.callFromThread(lambda: answer.called or answer.callback(yes))

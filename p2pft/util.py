@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+import json
+
 from twisted.internet import defer
+
+
+def dump_object(value: dict) -> bytes:
+    """Compact JSON, as every JSON message of the protocol is sent."""
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def load_object(data: bytes, limit: int | None = None) -> dict:
+    """Parse a JSON object from the peer; ValueError for anything else
+    (too long, not UTF-8, not JSON, nested past the parser's limit, not an
+    object)."""
+    if limit is not None and len(data) > limit:
+        raise ValueError("too large")
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ValueError("malformed") from None
+    if not isinstance(value, dict):
+        raise ValueError("not an object")
+    return value
 
 
 class OneShot:

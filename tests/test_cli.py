@@ -194,3 +194,36 @@ class ProgressTests(SynchronousTestCase):
         c = parse("send", "--no-progress", "h:1", "f")
         self.assertTrue(c.subOptions["no-progress"])
         self.assertFalse(cli.make_ui(c.subOptions)._want_bar)
+
+
+class PromptFailureTests(SynchronousTestCase):
+    def test_unreadable_terminal_is_an_error_not_a_crash(self):
+        class BrokenTerminal:
+            def isatty(self):
+                return True
+
+            def readline(self):
+                raise OSError("terminal went away")
+
+        class LaterReactor:
+            """Runs what the thread hands over later, as a reactor does."""
+
+            def __init__(self):
+                self.calls = []
+
+            def callFromThread(self, f, *args):
+                self.calls.append((f, args))
+
+        reactor = LaterReactor()
+        ui = HumanUI(err=io.StringIO(), stdin=BrokenTerminal(), reactor=reactor)
+        d = ui.decide(Offer("f", 1))
+        # The prompt runs on its own thread; wait for it to hand over.
+        import threading
+
+        for t in threading.enumerate():
+            if t.name == "p2pft-prompt":
+                t.join(5)
+        for f, args in reactor.calls:
+            f(*args)
+        f = self.failureResultOf(d, OSError)
+        self.assertIn("terminal went away", str(f.value))

@@ -10,7 +10,6 @@ import os
 import pty
 import signal
 
-from twisted.internet import defer
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.procs import p2pft_argv, spawn, twistd_argv
