@@ -23,5 +23,5 @@ fi
 # A regular (not editable) install, so the twistd plugins land in
 # site-packages/twisted/plugins where twistd looks for them.
 echo "setup: installing p2pft into .venv" >&2
-.venv/bin/pip install --quiet --disable-pip-version-check . 2>&1 | grep -v '^WARNING: Location' >&2 || true
+.venv/bin/pip install --quiet --disable-pip-version-check ".[test]" 2>&1 | grep -v '^WARNING: Location' >&2 || true
 .venv/bin/python -c "import p2pft, spake2, cryptography, twisted" >/dev/null

@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
+# Undefined names and unused imports first: pyflakes has caught real bugs.
+.venv/bin/python -m pyflakes p2pft tests scripts bench twisted
 # One process: the NAT-lab tests race crossing SYNs, and CPU starvation from
 # parallel workers would skew those races (the suite takes ~35 s either way).
 exec .venv/bin/python -m twisted.trial "${@:-tests}"

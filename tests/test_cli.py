@@ -84,6 +84,7 @@ class PluginTests(SynchronousTestCase):
     def test_tapnames(self):
         names = {p.tapname for p in getPlugins(IServiceMaker)}
         self.assertIn("p2pft-server", names)
+        self.assertIn("p2pft-relay", names)
         self.assertIn("p2pft", names)
 
     def test_server_plugin_options_and_service(self):
