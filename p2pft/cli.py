@@ -79,8 +79,8 @@ class _PeerOptions(_Options):
 class SendOptions(_PeerOptions):
     synopsis = "[--code CODE] [--code-length N] [--relay HOST:PORT] [--timeout S] [--no-progress] [--json] SERVER:PORT PATH"
     longdesc = (
-        "Send a file.  Prints a code such as 7-apple-river; give it to the receiver.  "
-        + CODE_NOTE
+        "Send a file; PATH '-' sends standard input.  Prints a code such as 7-apple-river; "
+        "give it to the receiver.  " + CODE_NOTE
     )
     optParameters = _PeerOptions.optParameters + [
         ["code", "c", None, "Use this code instead of asking the server for one (NAMEPLATE-WORD-WORD)."],
@@ -103,7 +103,7 @@ class SendOptions(_PeerOptions):
 
 
 class ReceiveOptions(_PeerOptions):
-    synopsis = "[--yes] [--output-dir DIR] [--overwrite] [--relay HOST:PORT] [--timeout S] [--no-progress] [--json] SERVER:PORT [CODE]"
+    synopsis = "[--yes] [--output-dir DIR | --output -] [--overwrite] [--relay HOST:PORT] [--timeout S] [--no-progress] [--json] SERVER:PORT [CODE]"
     longdesc = (
         "Receive a file.  Without CODE, asks for it on the terminal.  " + CODE_NOTE
     )
@@ -113,6 +113,7 @@ class ReceiveOptions(_PeerOptions):
     ]
     optParameters = _PeerOptions.optParameters + [
         ["output-dir", "o", ".", "Directory to save into."],
+        ["output", None, None, "'-': write the file to standard output instead (messages stay on stderr)."],
     ]
 
     def parseArgs(self, server=None, code=None, *extra):
@@ -126,6 +127,10 @@ class ReceiveOptions(_PeerOptions):
     def postOptions(self) -> None:
         self._code_from_env()
         self._check_timeout()
+        if self["output"] not in (None, "-"):
+            raise usage.UsageError("--output takes '-' (standard output); use --output-dir for a directory")
+        if self["output"] == "-" and self["json"]:
+            raise usage.UsageError("--json and --output - both want standard output")
 
 
 class _RelayLimitOptions(_Options):
@@ -286,7 +291,8 @@ async def run_peer(reactor, command: str, sub: usage.Options, ui, channels: list
         await send(reactor, settings, sub["path"], ui, channels=channels)
     else:
         await receive(reactor, settings, sub["output-dir"], ui.decide, ui,
-                      overwrite=bool(sub["overwrite"]), channels=channels)
+                      overwrite=bool(sub["overwrite"]), channels=channels,
+                      stdout=sys.stdout.buffer if sub["output"] == "-" else None)
 
 
 async def _main(reactor, config: Options) -> None:

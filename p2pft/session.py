@@ -27,7 +27,16 @@ from .channel import PeerConnection
 from .punch import PunchConnector, PunchFailed, PunchSchedule
 from .rendezvous import PeerGone, RendezvousClientProtocol, RendezvousError, normalise_host
 from .secure import RECEIVER, SENDER, Pake, SecurityError, SessionKeys, WrongCode
-from .transfer import FileReceiver, FileSender, Result, TransferFailed
+from .transfer import (
+    FDReader,
+    FileReceiver,
+    FileSender,
+    Result,
+    StdoutReceiver,
+    StreamSender,
+    TransferFailed,
+    is_stream,
+)
 from .util import dump_object, load_object
 
 log = Logger()
@@ -301,7 +310,10 @@ async def _connected(reactor, settings: Settings, role: str, ui, channels: list 
 
 
 async def send(reactor, settings: Settings, path: str, ui, channels: list | None = None) -> Result:
-    """Send one file; fire with the L{Result} once the receiver acknowledged it."""
+    """Send one file (C{-}: standard input); fire with the L{Result} once
+    the receiver acknowledged it."""
+    if path == "-":
+        return await _send_stdin(reactor, settings, ui, channels)
     if not os.path.isfile(path):
         raise SessionError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a regular file")
     if not os.access(path, os.R_OK):
@@ -314,12 +326,33 @@ async def send(reactor, settings: Settings, path: str, ui, channels: list | None
     return result
 
 
+async def _send_stdin(reactor, settings: Settings, ui, channels) -> Result:
+    """Standard input: a stream of unknown length (pipe, terminal), or, when
+    it is redirected from a regular file, that file with its size."""
+    est = await _connected(reactor, settings, SENDER, ui, channels)
+    if is_stream(0):
+        sender = StreamSender(est.channel, reactor, FDReader(0, reactor), progress=ui.progress)
+    else:
+        sender = FileSender(est.channel, reactor, "standard input", name="stdin",
+                            file=os.fdopen(os.dup(0), "rb"), progress=ui.progress)
+    ui.sending(sender.name, sender.size)
+    result = await sender.start()
+    ui.done(result, est.path)
+    return result
+
+
 async def receive(reactor, settings: Settings, output_dir: str, decide, ui, overwrite: bool = False,
-                  channels: list | None = None) -> Result:
-    """Receive one file into C{output_dir}."""
-    if not os.path.isdir(output_dir):
+                  channels: list | None = None, stdout=None) -> Result:
+    """Receive one file into C{output_dir}, or to C{stdout} (a binary
+    stream) when given."""
+    if stdout is None and not os.path.isdir(output_dir):
         raise SessionError(f"{output_dir}: no such directory")
     est = await _connected(reactor, settings, RECEIVER, ui, channels)
+    if stdout is not None:
+        receiver = StdoutReceiver(est.channel, reactor, stdout, decide, progress=ui.progress)
+        result = await receiver.start()
+        ui.done(result, est.path)
+        return result
     receiver = FileReceiver(est.channel, reactor, output_dir, decide, overwrite=overwrite, progress=ui.progress)
     result = await receiver.start()
     ui.done(result, est.path)

@@ -20,16 +20,19 @@ C{close}, so tests drive them with a fake channel.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 import unicodedata
 from typing import Callable
 
 import attrs
-from twisted.internet import defer
+from twisted.internet import abstract, defer, error, main
 from twisted.logger import Logger
+from twisted.python import failure
 from zope.interface import implementer
 
 from .channel import IRecordHandler
@@ -131,7 +134,8 @@ def safe_name(name: object) -> str:
 @attrs.frozen
 class Offer:
     name: str
-    size: int
+    #: None for a stream of unknown length (standard input).
+    size: int | None
 
 
 @attrs.frozen
@@ -145,7 +149,7 @@ class Result:
 
 def _offer_from(message: dict) -> Offer:
     size = message.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
         raise TransferFailed("offer has an invalid size")
     return Offer(safe_name(message.get("name")), size)
 
@@ -245,10 +249,10 @@ class _Endpoint:
 class FileSender(_Endpoint):
     """Offers one file and streams it as a pull producer."""
 
-    def __init__(self, channel, clock, path: str, name: str | None = None, progress=None):
+    def __init__(self, channel, clock, path: str, name: str | None = None, progress=None, file=None):
         super().__init__(channel, clock, progress)
         self._path = path
-        self._file = open(path, "rb")
+        self._file = file if file is not None else open(path, "rb")
         self.size = os.fstat(self._file.fileno()).st_size
         self.name = name or os.path.basename(os.path.abspath(path))
         self._hash = hashlib.sha256()
@@ -326,6 +330,119 @@ class FileSender(_Endpoint):
 
 
 @implementer(IRecordHandler)
+class StreamSender(FileSender):
+    """
+    Offers a stream of unknown length (standard input, a pipe): size null
+    in the OFFER, the real size in END.  C{source} is a L{FDReader}-like
+    object: C{start(on_data, on_end)}, and an L{IPushProducer} that the
+    channel's transport pauses when it cannot keep up.
+    """
+
+    def __init__(self, channel, clock, source, name: str = "stdin", progress=None):
+        _Endpoint.__init__(self, channel, clock, progress)
+        self._path = "standard input"
+        self._source = source
+        self.size = None
+        self.name = name
+        self._hash = hashlib.sha256()
+        self._sent = 0
+        self._producing = False
+
+    def _handle(self, kind: int, payload: bytes) -> None:
+        if self.state == "offered" and kind == ACCEPT:
+            self.state = "sending"
+            self._started = self._clock.seconds()
+            self._producing = True
+            self._channel.registerProducer(self._source, True)
+            self._source.start(self._data, self._eof)
+        else:
+            super()._handle(kind, payload)
+
+    def resumeProducing(self) -> None:  # not a pull producer
+        pass
+
+    def _data(self, chunk: bytes) -> None:
+        if self.state != "sending":
+            return
+        for i in range(0, len(chunk), CHUNK):
+            piece = chunk[i:i + CHUNK]
+            self._sent += len(piece)
+            self._hash.update(piece)
+            self._channel.send(DATA, piece)
+        self._progress(self._sent, None)
+
+    def _eof(self, error: str | None) -> None:
+        if self.state != "sending":
+            return
+        if error is not None:
+            return self._fail(TransferFailed(f"cannot read standard input: {error}"))
+        self._stopProducing()
+        self.state = "ending"
+        self._progress(self._sent, self._sent)
+        self._channel.send(END, _control({"size": self._sent, "sha256": self._hash.hexdigest()}))
+
+    def _cleanup(self) -> None:
+        self._stopProducing()
+        self._source.stop()
+
+
+class FDReader(abstract.FileDescriptor):
+    """
+    Reads a non-seekable file descriptor (a pipe, a terminal) without
+    blocking the reactor, up to 1 MiB per read, as a push producer the
+    channel's transport can pause.  Restores the descriptor's blocking mode
+    when done (it is shared with whatever started us).
+    """
+
+    def __init__(self, fd: int, reactor=None):
+        super().__init__(reactor)
+        self._fd = fd
+        self._flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        self._on_data = self._on_end = None
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def start(self, on_data, on_end) -> None:
+        self._on_data, self._on_end = on_data, on_end
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, self._flags | os.O_NONBLOCK)
+        self.connected = 1
+        self.startReading()
+
+    def stop(self) -> None:
+        """Stop reading and give the descriptor back as we found it."""
+        self._on_end = None
+        if self.connected:
+            self.stopReading()
+            self.connected = 0
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, self._flags)
+
+    def doRead(self):
+        try:
+            data = os.read(self._fd, 1 << 20)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            return failure.Failure(e)
+        if not data:
+            return main.CONNECTION_DONE
+        self._on_data(data)
+        return None
+
+    def connectionLost(self, reason) -> None:
+        on_end = self._on_end
+        self.stop()
+        if on_end is not None:
+            on_end(None if reason.check(error.ConnectionDone) else reason.getErrorMessage())
+
+
+def is_stream(fd: int) -> bool:
+    """Whether fd must be read as a stream (pipe, socket, terminal) rather
+    than as a regular file of known size."""
+    return not stat.S_ISREG(os.fstat(fd).st_mode)
+
+
+@implementer(IRecordHandler)
 class FileReceiver(_Endpoint):
     """
     Takes one offered file into C{output_dir}: a temporary file beside the
@@ -366,7 +483,7 @@ class FileReceiver(_Endpoint):
             d.addCallbacks(self._decided, lambda f: self._fail(TransferFailed(f.getErrorMessage())))
         elif self.state == "receiving" and kind == DATA:
             self._received += len(payload)
-            if self._received > self.offer.size:
+            if self.offer.size is not None and self._received > self.offer.size:
                 raise TransferFailed("the sender sent more data than it offered")
             self._hash.update(payload)
             self._file.write(payload)
@@ -382,7 +499,7 @@ class FileReceiver(_Endpoint):
         if os.path.lexists(self.destination) and not self._overwrite:
             raise Declined(f"{printable(self.offer.name)} already exists (use --overwrite to replace it)")
         free = shutil.disk_usage(self._dir).free
-        if self.offer.size > free:
+        if self.offer.size is not None and self.offer.size > free:
             raise Declined(
                 f"not enough free space for {printable(self.offer.name)}: "
                 f"{self.offer.size} bytes offered, {free} free"
@@ -397,8 +514,7 @@ class FileReceiver(_Endpoint):
             return
         try:
             self._check_room()  # the answer may have taken a while
-            fd, self._temp = _mkstemp(self._dir, self.offer.name)
-            self._file = os.fdopen(fd, "wb")
+            self._open()
         except (TransferFailed, OSError) as e:
             return self._fail(e if isinstance(e, TransferFailed) else TransferFailed(str(e)))
         self.state = "receiving"
@@ -407,19 +523,26 @@ class FileReceiver(_Endpoint):
 
     def _finish(self, end: dict) -> None:
         digest = self._hash.hexdigest()
-        if end.get("size") != self._received or self._received != self.offer.size:
+        if end.get("size") != self._received or self.offer.size not in (None, self._received):
             raise TransferFailed(
                 f"size mismatch: offered {self.offer.size}, received {self._received} bytes"
             )
         if end.get("sha256") != digest:
             raise TransferFailed("checksum mismatch: the received data is not what was sent")
+        self._commit()
+        self._channel.send(ACK, _control({"sha256": digest}))
+        self._close_then(Result(self.offer.name, self._received, digest, self._elapsed(), self.destination))
+
+    def _open(self) -> None:
+        fd, self._temp = _mkstemp(self._dir, self.offer.name)
+        self._file = os.fdopen(fd, "wb")
+
+    def _commit(self) -> None:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         _place(self._temp, self.destination, self._overwrite)
         self._temp = None
-        self._channel.send(ACK, _control({"sha256": digest}))
-        self._close_then(Result(self.offer.name, self._received, digest, self._elapsed(), self.destination))
 
     def _cleanup(self) -> None:
         if self._file is not None and not self._file.closed:
@@ -436,6 +559,38 @@ def _umask() -> int:
     mask = os.umask(0o22)
     os.umask(mask)
     return mask
+
+
+@implementer(IRecordHandler)
+class StdoutReceiver(FileReceiver):
+    """
+    Writes a single-file transfer to a binary stream (standard output) as it
+    arrives.  What was written cannot be taken back: if verification fails
+    at the end, the transfer fails and the exit status says so.
+    """
+
+    def __init__(self, channel, clock, out, decide, progress=None):
+        super().__init__(channel, clock, ".", decide, progress=progress)
+        self._out = out
+
+    @property
+    def destination(self) -> str:
+        return "-"
+
+    def _check_room(self) -> None:
+        pass
+
+    def _open(self) -> None:
+        self._file = self._out
+
+    def _commit(self) -> None:
+        self._out.flush()
+
+    def _cleanup(self) -> None:
+        try:
+            self._out.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def _mkstemp(directory: str, name: str) -> tuple[int, str]:

@@ -15,7 +15,9 @@ from twisted.internet import defer
 from .transfer import Offer, Result, printable
 
 
-def human_size(n: int) -> str:
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "size unknown"
     size = float(n)
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if size < 1000 or unit == "TB":
@@ -55,10 +57,12 @@ class HumanUI:
             return reactor.seconds()
         return self._reactor.seconds()
 
-    def _due(self, what: str, done: int, total: int) -> bool:
-        """Rate-limit C{what} updates, but never skip the last one."""
+    def _due(self, what: str, done: int, total: int | None) -> bool:
+        """Rate-limit C{what} updates, but never skip the last one (a total
+        of None is a stream of unknown length)."""
         now = self._now()
-        if done < total and now - self._last.get(what, float("-inf")) < 1 / PROGRESS_RATE:
+        last = total is not None and done >= total
+        if not last and now - self._last.get(what, float("-inf")) < 1 / PROGRESS_RATE:
             return False
         self._last[what] = now
         return True

@@ -173,6 +173,16 @@ class ProgressTests(SynchronousTestCase):
         self.assertEqual({e["event"] for e in events}, {"progress"})
         self.assertEqual({e["total"] for e in events}, {1000})
 
+    def test_unknown_total(self):
+        clock, out = Clock(), io.StringIO()
+        ui = JsonUI("h:1", out=out, err=io.StringIO(), reactor=clock, progress_bar=True)
+        ui.sending("stdin", None)
+        ui.progress(100, None)
+        clock.advance(1)
+        ui.progress(200, None)
+        events = [json.loads(l) for l in out.getvalue().splitlines() if '"progress"' in l]
+        self.assertEqual([(e["bytes"], e["total"]) for e in events], [(100, None), (200, None)])
+
     def test_bar_only_when_wanted(self):
         clock = Clock()
         err = io.StringIO()
@@ -228,3 +238,10 @@ class PromptFailureTests(SynchronousTestCase):
             f(*args)
         f = self.failureResultOf(d, OSError)
         self.assertIn("terminal went away", str(f.value))
+
+
+class OutputOptionTests(SynchronousTestCase):
+    def test_output_dash_only(self):
+        self.assertEqual(parse("receive", "--output", "-", "h:1", "1-a-b").subOptions["output"], "-")
+        self.assertRaises(usage.UsageError, parse, "receive", "--output", "file.txt", "h:1", "1-a-b")
+        self.assertRaises(usage.UsageError, parse, "receive", "--json", "--output", "-", "h:1", "1-a-b")

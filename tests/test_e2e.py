@@ -292,3 +292,42 @@ class IPv6Tests(TestCase):
         s, r = await self.exchange(f"localhost:{port}", f"localhost:{port}")
         self.assertRegex(s["peer"], r"^127\.0\.0\.1:\d+$")
         self.assertRegex(r["peer"], r"^127\.0\.0\.1:\d+$")
+
+
+class PipeTests(TestCase):
+    """p2pft send SERVER -  /  p2pft receive --output -"""
+
+    timeout = 60
+
+    async def test_pipe_to_pipe(self):
+        server, addr = await start_server(self)
+        data = os.urandom(6 * 1024 * 1024 + 321)
+        sender = spawn(self, "sender", p2pft_argv("send", "--json", "--code", "81-pipe-pipe", addr, "-"),
+                       childFDs={0: "w", 1: "r", 2: "r"})
+        receiver = spawn(self, "receiver", p2pft_argv("receive", "--yes", "--output", "-", addr, "81-pipe-pipe"))
+        await sender.wait_for(r'"event": "connected"', "out")
+        for i in range(0, len(data), 1 << 20):  # arrives in pieces, like a real pipe
+            sender.transport.writeToChild(0, data[i:i + (1 << 20)])
+        sender.transport.closeChildFD(0)
+        self.assertEqual(await receiver.wait_exit(), 0, receiver.text()[-2000:])
+        self.assertEqual(await sender.wait_exit(), 0, sender.text())
+        self.assertEqual(len(receiver.out), len(data))
+        self.assertEqual(receiver.out, data)  # stdout holds the data and nothing else
+        self.assertIn("Received stdin", receiver.err.decode())
+        [offer] = [e for e in sender.events() if e["event"] == "offer"]
+        self.assertEqual(offer, {"event": "offer", "name": "stdin", "size": None})
+
+    async def test_stdin_redirected_from_a_file_has_its_size(self):
+        ws = Workspace(self)
+        src = make_file(os.path.join(ws.src, "r.bin"), 100_000)
+        server, addr = await start_server(self)
+        fd = os.open(src, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        sender = spawn(self, "sender", p2pft_argv("send", "--json", "--code", "82-redir-ect", addr, "-"),
+                       childFDs={0: fd, 1: "r", 2: "r"})
+        receiver = spawn(self, "receiver", p2pft_argv("receive", "--yes", "-o", ws.out, addr, "82-redir-ect"))
+        self.assertEqual(await receiver.wait_exit(), 0, receiver.text())
+        self.assertEqual(await sender.wait_exit(), 0, sender.text())
+        self.assertEqual(sha256_of(os.path.join(ws.out, "stdin")), sha256_of(src))
+        [offer] = [e for e in sender.events() if e["event"] == "offer"]
+        self.assertEqual(offer["size"], 100_000)

@@ -48,8 +48,8 @@ class FakeChannel:
         self.queue.append((kind, bytes(payload)))
 
     def registerProducer(self, producer, streaming):
-        assert not streaming
         self.producer = producer
+        self.streaming = streaming
 
     def unregisterProducer(self):
         self.producer = None
@@ -87,8 +87,8 @@ class Link:
                     kind, payload = ch.queue.pop(0)
                     ch.peer.handler.recordReceived(kind, payload)
                     progressed = True
-                if ch.producer is not None and not ch.queue:
-                    ch.producer.resumeProducing()
+                if ch.producer is not None and not ch.streaming and not ch.queue:
+                    ch.producer.resumeProducing()  # a pull producer asks for more
                     progressed = True
             if (self.a.closed or self.b.closed) and not self.a.queue and not self.b.queue:
                 for ch in (self.a, self.b):
@@ -441,3 +441,103 @@ class SymlinkTests(SynchronousTestCase):
             self.assertEqual(f.read(), b"payload")
         with open(self.outside, "rb") as f:
             self.assertEqual(f.read(), b"outside the output directory")
+
+
+class FakeSource:
+    """Stands in for FDReader: the test pushes data and the end."""
+
+    def __init__(self):
+        self.on_data = self.on_end = None
+        self.stopped = False
+
+    def start(self, on_data, on_end):
+        self.on_data, self.on_end = on_data, on_end
+
+    def stop(self):
+        self.stopped = True
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+class StreamTests(SynchronousTestCase):
+    """Streams of unknown length (pipes): size null in the offer, the real
+    size in END."""
+
+    def setUp(self):
+        self.out = self.mktemp()
+        os.mkdir(self.out)
+
+    def test_stream_roundtrip(self):
+        from p2pft.transfer import StreamSender
+
+        link, source = Link(), FakeSource()
+        sender = StreamSender(link.a, Clock(), source)
+        receiver = FileReceiver(link.b, Clock(), self.out, accept)
+        rd, sd = receiver.start(), sender.start()
+        link.pump()
+        self.assertEqual(json.loads(link.log[0][2]), {"name": "stdin", "size": None})
+        self.assertIs(link.a.producer, source)
+        chunks = [os.urandom(100), os.urandom(transfer.CHUNK * 2 + 5), b"tail"]
+        for c in chunks:
+            source.on_data(c)
+        source.on_end(None)
+        link.pump()
+        result = self.successResultOf(rd)
+        self.successResultOf(sd)
+        self.assertEqual(result.size, sum(map(len, chunks)))
+        with open(os.path.join(self.out, "stdin"), "rb") as f:
+            self.assertEqual(f.read(), b"".join(chunks))
+        self.assertTrue(source.stopped)
+        self.assertTrue(all(len(p) <= transfer.CHUNK for ch, k, p in link.log if k == DATA))
+
+    def test_read_error_fails_cleanly(self):
+        from p2pft.transfer import StreamSender
+
+        link, source = Link(), FakeSource()
+        sender = StreamSender(link.a, Clock(), source)
+        receiver = FileReceiver(link.b, Clock(), self.out, accept)
+        rd, sd = receiver.start(), sender.start()
+        link.pump()
+        source.on_data(b"some")
+        source.on_end("Input/output error")
+        link.pump()
+        f = self.failureResultOf(sd, TransferFailed)
+        self.assertIn("cannot read standard input", str(f.value))
+        self.failureResultOf(rd, TransferFailed)
+        self.assertEqual(os.listdir(self.out), [])
+
+    def test_stream_end_must_match_what_arrived(self):
+        link = Link()
+        receiver = FileReceiver(link.b, Clock(), self.out, accept)
+        d = receiver.start()
+        receiver.recordReceived(OFFER, json.dumps({"name": "s", "size": None}).encode())
+        receiver.recordReceived(DATA, b"abc")
+        receiver.recordReceived(END, json.dumps({"size": 4, "sha256": "00"}).encode())
+        self.failureResultOf(d, TransferFailed)
+        self.assertEqual(os.listdir(self.out), [])
+
+    def test_stdout_receiver(self):
+        import io
+
+        from p2pft.transfer import StdoutReceiver
+
+        src = self.mktemp()
+        data = os.urandom(transfer.CHUNK + 3)
+        with open(src, "wb") as f:
+            f.write(data)
+        out = io.BytesIO()
+        link = Link()
+        sender = FileSender(link.a, Clock(), src)
+        receiver = StdoutReceiver(link.b, Clock(), out, accept)
+        rd, sd = receiver.start(), sender.start()
+        link.pump()
+        self.assertEqual(self.successResultOf(rd).path, "-")
+        self.successResultOf(sd)
+        self.assertEqual(out.getvalue(), data)
