@@ -62,7 +62,6 @@ class PeerConnection(Protocol):
         self._opener = None
         self._sealer = None
         self._chosen = False
-        self._abandoned = False
         self._ended: str | None = None
         self._closing = False
         self._ticker = None
@@ -132,7 +131,6 @@ class PeerConnection(Protocol):
         self._becomeChannel()
 
     def abandon(self) -> None:
-        self._abandoned = True
         self._cancelTimer()
         self.transport.abortConnection()
 

@@ -99,8 +99,8 @@ class PunchSchedule:
     """
 
     redial: float = 0.5
-    redial_refused: float = 0.002
-    max_attempts: int = 3000
+    redial_refused: float = 0.001
+    max_attempts: int = 6000
     relay_delay: float = 2.0
     relay_delay_refused: float = 6.0
     attempt_timeout: float = 4.0
@@ -187,7 +187,6 @@ class PunchConnector:
         self._done = False
         self._random = rng or random.Random()
         self._attempts: dict[tuple[str, int], int] = {}
-        self.attempts = 0
         self.refused = 0
 
     def _binding(self):
@@ -232,7 +231,6 @@ class PunchConnector:
     def _dial(self, address: tuple[str, int], relay: bool = False) -> None:
         if self._done:
             return
-        self.attempts += 1
         self._attempts[address] = self._attempts.get(address, 0) + 1
         host, port = address
         factory = _DialFactory(self, address, relay)

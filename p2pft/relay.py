@@ -109,7 +109,7 @@ class RelayServer:
         _Splice(self, self._clock, partner, member).start()
         return None
 
-    def left(self, member: "RelayMixin", spliced: bool) -> None:
+    def left(self, member: "RelayMixin") -> None:
         """C{member} is gone (called once per counted member)."""
         if member.relay_counted:
             member.relay_counted = False
@@ -308,7 +308,7 @@ class RelayMixin:
         self._relay_refused = True
         if self._relay_admitted or self.relay_counted:
             self._relay_admitted = False
-            self.factory.relay.left(self, spliced=False)
+            self.factory.relay.left(self)
         self.relay_abort = self.factory.clock.callLater(10, self.transport.abortConnection)
         self.transport.write(f"ERROR {reason}\n".encode("utf-8"))
         self.transport.loseConnection()
@@ -327,11 +327,11 @@ class RelayMixin:
         _cancel(self.relay_abort)
         if not self._relay_admitted:
             if self.relay_counted:
-                self.factory.relay.left(self, spliced=False)
+                self.factory.relay.left(self)
             return
         self._relay_admitted = False
         splice = self.relaySplice
-        self.factory.relay.left(self, spliced=splice is not None)
+        self.factory.relay.left(self)
         if splice is not None:
             splice.end()
 

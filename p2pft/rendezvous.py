@@ -17,7 +17,6 @@ import base64
 import binascii
 import ipaddress
 import re
-from typing import Callable
 
 import attrs
 from twisted.internet import defer
@@ -554,5 +553,3 @@ def parse_server(text: str) -> tuple[str, int]:
         raise ValueError(f"port out of range in {text!r}")
     return host, port
 
-
-ClientProtocolFactory = Callable[[], RendezvousClientProtocol]

@@ -26,7 +26,7 @@ from .addresses import global_ipv6_addresses, is_loopback
 from .channel import PeerConnection
 from .punch import PunchConnector, PunchFailed, PunchSchedule
 from .rendezvous import PeerGone, RendezvousClientProtocol, RendezvousError, normalise_host
-from .secure import RECEIVER, SENDER, Pake, SecurityError, SessionKeys, WrongCode
+from .secure import RECEIVER, SENDER, Pake, SecurityError, WrongCode
 from .transfer import (
     FDReader,
     FileReceiver,
@@ -101,7 +101,6 @@ async def _connect_rendezvous(reactor, server: tuple[str, int]) -> RendezvousCli
 
 @attrs.define
 class _Established:
-    keys: SessionKeys
     channel: PeerConnection
     path: str = "direct"
 
@@ -167,7 +166,7 @@ async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
         leader=(role == SENDER), schedule=settings.schedule, relays=relays,
     )
     channel = await _punch_watching_partner(reactor, client, connector, role, settings.schedule)
-    return _Established(keys, channel, channel.path)
+    return _Established(channel, channel.path)
 
 
 def _relays(settings: Settings, client, server_ip: str) -> list[tuple[str, int]]:

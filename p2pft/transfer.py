@@ -31,7 +31,6 @@ from typing import Callable
 
 import attrs
 from twisted.internet import abstract, defer, error, main
-from twisted.logger import Logger
 from twisted.python import failure
 from zope.interface import implementer
 
@@ -161,8 +160,6 @@ class _Endpoint:
     reports only once the connection is gone (or L{CLOSE_TIMEOUT} passed), so
     a final ACK, REJECT or ABORT is never lost to a process that exits early.
     """
-
-    log = Logger()
 
     def __init__(self, channel, clock, progress: Callable[[int, int], None] | None):
         self._channel = channel

