@@ -247,11 +247,15 @@ class FileSender(_Endpoint):
     """Offers one file and streams it as a pull producer."""
 
     def __init__(self, channel, clock, path: str, name: str | None = None, progress=None, file=None):
-        super().__init__(channel, clock, progress)
-        self._path = path
         self._file = file if file is not None else open(path, "rb")
-        self.size = os.fstat(self._file.fileno()).st_size
-        self.name = name or os.path.basename(os.path.abspath(path))
+        self._init_sender(channel, clock, progress, path, name or os.path.basename(os.path.abspath(path)),
+                          os.fstat(self._file.fileno()).st_size)
+
+    def _init_sender(self, channel, clock, progress, path: str, name: str, size: int | None) -> None:
+        _Endpoint.__init__(self, channel, clock, progress)
+        self._path = path
+        self.name = name
+        self.size = size
         self._hash = hashlib.sha256()
         self._sent = 0
         self._producing = False
@@ -336,14 +340,8 @@ class StreamSender(FileSender):
     """
 
     def __init__(self, channel, clock, source, name: str = "stdin", progress=None):
-        _Endpoint.__init__(self, channel, clock, progress)
-        self._path = "standard input"
         self._source = source
-        self.size = None
-        self.name = name
-        self._hash = hashlib.sha256()
-        self._sent = 0
-        self._producing = False
+        self._init_sender(channel, clock, progress, "standard input", name, None)
 
     def _handle(self, kind: int, payload: bytes) -> None:
         if self.state == "offered" and kind == ACCEPT:

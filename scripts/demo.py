@@ -14,7 +14,6 @@ run on loopback.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import queue
@@ -28,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tests import natlab  # noqa: E402
+from tests.files import sha256_of  # noqa: E402
 
 DEADLINE = 120
 
@@ -79,14 +79,6 @@ class Runner:
             proc.wait()
 
 
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=16, help="size of the demo file in MiB (default 16)")
@@ -135,7 +127,7 @@ def main() -> int:
             lab.down()
 
     received = os.path.join(out, "demo-file.bin")
-    ok = r_code == 0 and s_code == 0 and os.path.exists(received) and sha256(received) == sha256(src)
+    ok = r_code == 0 and s_code == 0 and os.path.exists(received) and sha256_of(received) == sha256_of(src)
     print()
     print(f"path:             {connected['path']} (receiver connected to {connected['peer']})")
     print(f"connection setup: {connected_at - paired_at:.3f} s from pairing to the chosen connection")

@@ -5,28 +5,16 @@ processes; the twistd plugins; the CLI's exit codes and one-line errors.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pty
 import signal
 
 from twisted.trial.unittest import SkipTest, TestCase
 
+from tests.files import make_file, sha256_of
 from tests.procs import p2pft_argv, spawn, twistd_argv
 
 
-def make_file(path: str, size: int) -> str:
-    with open(path, "wb") as f:
-        f.write(os.urandom(size))
-    return path
-
-
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Workspace:

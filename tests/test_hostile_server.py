@@ -19,7 +19,8 @@ from twisted.trial.unittest import TestCase
 from p2pft.rendezvous import RendezvousServer, RendezvousServerFactory
 from p2pft.secure import RECEIVER, SENDER, Pake
 from tests.procs import p2pft_argv, spawn
-from tests.test_e2e import Workspace, make_file
+from tests.files import make_file
+from tests.test_e2e import Workspace
 
 CODE = "31-honest-words"
 

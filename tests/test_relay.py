@@ -32,7 +32,8 @@ from p2pft.server_tap import makeService
 from p2pft.session import Settings, _relays
 from tests.natlab import Nat, start_lab
 from tests.procs import p2pft_argv, spawn
-from tests.test_e2e import Workspace, make_file, sha256_of
+from tests.files import make_file, sha256_of
+from tests.test_e2e import Workspace
 
 TOKEN = "0123456789abcdef" * 4
 OTHER_TOKEN = "fedcba9876543210" * 4

@@ -315,14 +315,19 @@ class HostileSenderTests(SynchronousTestCase):
         self.assertIn("boom\\x1b[31m", str(f.value))
 
 
+def offered_sender(testcase, data: bytes):
+    """A FileSender for a fresh file holding C{data}, its OFFER sent."""
+    src = testcase.mktemp()
+    with open(src, "wb") as f:
+        f.write(data)
+    link = Link()
+    sender = FileSender(link.a, Clock(), src)
+    return src, link, sender, sender.start()
+
+
 class SenderTests(SynchronousTestCase):
     def test_receiver_wrong_ack_fails(self):
-        src = self.mktemp()
-        with open(src, "wb") as f:
-            f.write(b"data")
-        link = Link()
-        sender = FileSender(link.a, Clock(), src)
-        d = sender.start()
+        src, link, sender, d = offered_sender(self, b"data")
         sender.recordReceived(ACCEPT, b"{}")
         sender.resumeProducing()
         self.assertEqual(sender.state, "ending")
@@ -330,12 +335,7 @@ class SenderTests(SynchronousTestCase):
         self.failureResultOf(d, TransferFailed)
 
     def test_file_that_grows_is_detected(self):
-        src = self.mktemp()
-        with open(src, "wb") as f:
-            f.write(b"data")
-        link = Link()
-        sender = FileSender(link.a, Clock(), src)
-        d = sender.start()
+        src, link, sender, d = offered_sender(self, b"data")
         with open(src, "ab") as f:
             f.write(b"more")
         sender.recordReceived(ACCEPT, b"{}")
@@ -344,12 +344,7 @@ class SenderTests(SynchronousTestCase):
         self.assertIn("grew", str(f.value))
 
     def test_connection_lost_before_ack_is_failure(self):
-        src = self.mktemp()
-        with open(src, "wb") as f:
-            f.write(b"data")
-        link = Link()
-        sender = FileSender(link.a, Clock(), src)
-        d = sender.start()
+        src, link, sender, d = offered_sender(self, b"data")
         sender.recordReceived(ACCEPT, b"{}")
         sender.resumeProducing()
         sender.channelLost("closed")
@@ -376,12 +371,7 @@ class LargeFileTests(SynchronousTestCase):
 
 class SenderAbortTests(SynchronousTestCase):
     def test_abort_while_streaming_unregisters_and_reports_reason(self):
-        src = self.mktemp()
-        with open(src, "wb") as f:
-            f.write(os.urandom(transfer.CHUNK * 10))
-        link = Link()
-        sender = FileSender(link.a, Clock(), src)
-        d = sender.start()
+        src, link, sender, d = offered_sender(self, os.urandom(transfer.CHUNK * 10))
         sender.recordReceived(ACCEPT, b"{}")
         sender.resumeProducing()
         self.assertIsNotNone(link.a.producer)
@@ -391,12 +381,7 @@ class SenderAbortTests(SynchronousTestCase):
         self.assertIn("disk full", str(f.value))
 
     def test_stop_producing_does_not_hide_the_reason(self):
-        src = self.mktemp()
-        with open(src, "wb") as f:
-            f.write(b"x" * 10)
-        link = Link()
-        sender = FileSender(link.a, Clock(), src)
-        d = sender.start()
+        src, link, sender, d = offered_sender(self, b"x" * 10)
         sender.recordReceived(ACCEPT, b"{}")
         sender.stopProducing()
         self.assertNoResult(d)
