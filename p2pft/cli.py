@@ -36,6 +36,18 @@ def _server(text: str) -> tuple[str, int]:
         raise usage.UsageError(str(e)) from None
 
 
+def _rate(text: str) -> int:
+    """'500k', '20M', '1.5G' or a plain number of bytes per second."""
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(text[-1:].lower(), 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text)
+    except ValueError:
+        value = 0
+    if not 1000 <= value * scale < 1e15:
+        raise usage.UsageError("--limit-rate takes bytes per second, at least 1000 (e.g. 500k, 20M)")
+    return int(value * scale)
+
+
 class _Options(usage.Options):
     def opt_version(self) -> None:
         """Print the p2pft version and exit."""
@@ -77,43 +89,60 @@ class _PeerOptions(_Options):
 
 
 class SendOptions(_PeerOptions):
-    synopsis = "[--code CODE] [--code-length N] [--relay HOST:PORT] [--timeout S] [--no-progress] [--json] SERVER:PORT PATH"
+    synopsis = ("[--code CODE] [--code-length N] [--follow-symlinks] [--limit-rate BYTES/S] "
+                "[--relay HOST:PORT] [--timeout S] "
+                "[--no-progress] [--json] SERVER:PORT PATH...")
     longdesc = (
-        "Send a file; PATH '-' sends standard input.  Prints a code such as 7-apple-river; "
-        "give it to the receiver.  " + CODE_NOTE
+        "Send files and folders (folders with everything in them, empty folders too); "
+        "PATH '-' alone sends standard input.  Prints a code such as 7-apple-river; "
+        "give it to the receiver.  An interrupted transfer resumes when the same send and "
+        "receive run again.  Symbolic links inside folders are skipped unless "
+        "--follow-symlinks; sockets, FIFOs and devices always are.  " + CODE_NOTE
     )
+    optFlags = _PeerOptions.optFlags + [
+        ["follow-symlinks", "L", "Send what symbolic links inside folders point to."],
+    ]
     optParameters = _PeerOptions.optParameters + [
+        ["limit-rate", None, None, "Send at most this many bytes per second (suffixes k, M, G: "
+                                   "powers of 1000), to leave room on a slow link."],
         ["code", "c", None, "Use this code instead of asking the server for one (NAMEPLATE-WORD-WORD)."],
         ["code-length", None, codes.DEFAULT_WORDS, "Number of words in a generated code.", int],
     ]
 
-    def parseArgs(self, server=None, path=None, *extra):
-        if server is None or path is None:
-            raise usage.UsageError("send needs SERVER:PORT and PATH")
-        if extra:
-            raise usage.UsageError("send takes one PATH (folders and several paths are not supported yet)")
+    def parseArgs(self, server=None, *paths):
+        if server is None or not paths:
+            raise usage.UsageError("send needs SERVER:PORT and at least one PATH")
+        if "-" in paths and len(paths) > 1:
+            raise usage.UsageError("'-' (standard input) must be the only PATH")
         self["server"] = _server(server)
-        self["path"] = path
+        self["paths"] = list(paths)
 
     def postOptions(self) -> None:
         self._code_from_env()
         self._check_timeout()
         if self["code-length"] < 1 or self["code-length"] > 16:
             raise usage.UsageError("--code-length must be between 1 and 16")
+        if self["limit-rate"] is not None:
+            self["limit-rate"] = _rate(self["limit-rate"])
 
 
 class ReceiveOptions(_PeerOptions):
     synopsis = "[--yes] [--output-dir DIR | --output -] [--overwrite] [--relay HOST:PORT] [--timeout S] [--no-progress] [--json] SERVER:PORT [CODE]"
     longdesc = (
-        "Receive a file.  Without CODE, asks for it on the terminal.  " + CODE_NOTE
+        "Receive files and folders.  Without CODE, asks for it on the terminal.  Shows what "
+        "is offered and asks before anything is written (--yes accepts).  Data arrives in "
+        "NAME.p2pft-partial files that are kept if the transfer is interrupted: running the "
+        "same send and receive again resumes, and files already complete are checked and "
+        "skipped.  Nothing is ever written outside the output folder.  " + CODE_NOTE
     )
     optFlags = _PeerOptions.optFlags + [
         ["yes", "y", "Accept the offer without asking."],
-        ["overwrite", None, "Replace an existing file of the same name."],
+        ["overwrite", None, "Replace existing files of the same names (never folders)."],
     ]
     optParameters = _PeerOptions.optParameters + [
-        ["output-dir", "o", ".", "Directory to save into."],
-        ["output", None, None, "'-': write the file to standard output instead (messages stay on stderr)."],
+        ["output-dir", "o", ".", "Folder to save into."],
+        ["output", None, None, "'-': write a single-file transfer to standard output instead "
+                               "(messages stay on stderr; cannot resume)."],
     ]
 
     def parseArgs(self, server=None, code=None, *extra):
@@ -240,8 +269,8 @@ class Options(_Options):
     synopsis = "Usage: p2pft [--version]"
     subCommands = [
         ["server", None, ServerOptions, "Run a rendezvous server."],
-        ["send", None, SendOptions, "Send a file."],
-        ["receive", None, ReceiveOptions, "Receive a file."],
+        ["send", None, SendOptions, "Send files and folders."],
+        ["receive", None, ReceiveOptions, "Receive files and folders."],
         ["rcv", None, ReceiveOptions, "Alias for receive."],
         ["relay", None, RelayOptions, "Run a relay on its own."],
     ]
@@ -288,7 +317,8 @@ async def run_peer(reactor, command: str, sub: usage.Options, ui, channels: list
         relay=sub.get("relay"),
     )
     if command == "send":
-        await send(reactor, settings, sub["path"], ui, channels=channels)
+        await send(reactor, settings, sub["paths"], ui, channels=channels,
+                   follow_symlinks=bool(sub["follow-symlinks"]), rate=sub["limit-rate"])
     else:
         await receive(reactor, settings, sub["output-dir"], ui.decide, ui,
                       overwrite=bool(sub["overwrite"]), channels=channels,

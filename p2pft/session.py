@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 import attrs
-from twisted.internet import defer, error
+from twisted.internet import defer, error, threads
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.tcp import makeBinding
@@ -27,11 +27,13 @@ from .channel import PeerConnection
 from .punch import PunchConnector, PunchFailed, PunchSchedule
 from .rendezvous import PeerGone, RendezvousClientProtocol, RendezvousError, normalise_host
 from .secure import RECEIVER, SENDER, Pake, SecurityError, WrongCode
+from .errors import ScanError
+from .manifest import FILE, Entry, Manifest, ManifestChecker, scan, stream_manifest
 from .transfer import (
     FDReader,
-    FileReceiver,
-    FileSender,
+    Receiver,
     Result,
+    Sender,
     StdoutReceiver,
     StreamSender,
     TransferFailed,
@@ -308,33 +310,46 @@ async def _connected(reactor, settings: Settings, role: str, ui, channels: list 
     return est
 
 
-async def send(reactor, settings: Settings, path: str, ui, channels: list | None = None) -> Result:
-    """Send one file (C{-}: standard input); fire with the L{Result} once
-    the receiver acknowledged it."""
-    if path == "-":
+def _in_thread(f, *args) -> defer.Deferred:
+    return threads.deferToThread(f, *args)
+
+
+async def send(reactor, settings: Settings, paths: list[str], ui, channels: list | None = None,
+               follow_symlinks: bool = False, rate: int | None = None) -> Result:
+    """Send files and folders (C{["-"]}: standard input); fire with the
+    L{Result} once the receiver acknowledged everything.  Every path is
+    checked before we connect."""
+    if list(paths) == ["-"]:
         return await _send_stdin(reactor, settings, ui, channels)
-    if not os.path.isfile(path):
-        raise SessionError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a regular file")
-    if not os.access(path, os.R_OK):
-        raise SessionError(f"{path}: permission denied")
+    try:
+        manifest = scan(paths, follow_symlinks, notice=ui.say)
+    except ScanError as e:
+        raise SessionError(str(e)) from None
     est = await _connected(reactor, settings, SENDER, ui, channels)
-    sender = FileSender(est.channel, reactor, path, progress=ui.progress)
-    ui.sending(sender.name, sender.size)
-    result = await sender.start()
-    ui.done(result, est.path)
-    return result
+    sender = Sender(est.channel, reactor, manifest, progress=ui.progress, run_blocking=_in_thread, rate=rate)
+    return await _run(sender, ui, est)
 
 
 async def _send_stdin(reactor, settings: Settings, ui, channels) -> Result:
     """Standard input: a stream of unknown length (pipe, terminal), or, when
     it is redirected from a regular file, that file with its size."""
-    est = await _connected(reactor, settings, SENDER, ui, channels)
     if is_stream(0):
-        sender = StreamSender(est.channel, reactor, FDReader(0, reactor), progress=ui.progress)
+        manifest = stream_manifest()
     else:
-        sender = FileSender(est.channel, reactor, "standard input", name="stdin",
-                            file=os.fdopen(os.dup(0), "rb"), progress=ui.progress)
-    ui.sending(sender.name, sender.size)
+        checker = ManifestChecker()
+        checker.add(Entry("stdin", FILE, os.fstat(0).st_size))
+        checker.finish()
+        manifest = Manifest(checker, ["/dev/stdin"])
+    est = await _connected(reactor, settings, SENDER, ui, channels)
+    if manifest.checker.streams:
+        sender = StreamSender(est.channel, reactor, manifest, FDReader(0, reactor), progress=ui.progress)
+    else:
+        sender = Sender(est.channel, reactor, manifest, progress=ui.progress, run_blocking=_in_thread)
+    return await _run(sender, ui, est)
+
+
+async def _run(sender: Sender, ui, est: _Established) -> Result:
+    ui.sending(sender.offer)
     result = await sender.start()
     ui.done(result, est.path)
     return result
@@ -342,17 +357,16 @@ async def _send_stdin(reactor, settings: Settings, ui, channels) -> Result:
 
 async def receive(reactor, settings: Settings, output_dir: str, decide, ui, overwrite: bool = False,
                   channels: list | None = None, stdout=None) -> Result:
-    """Receive one file into C{output_dir}, or to C{stdout} (a binary
-    stream) when given."""
+    """Receive an offer into C{output_dir}, or a single file to C{stdout} (a
+    binary stream) when given."""
     if stdout is None and not os.path.isdir(output_dir):
         raise SessionError(f"{output_dir}: no such directory")
     est = await _connected(reactor, settings, RECEIVER, ui, channels)
     if stdout is not None:
         receiver = StdoutReceiver(est.channel, reactor, stdout, decide, progress=ui.progress)
-        result = await receiver.start()
-        ui.done(result, est.path)
-        return result
-    receiver = FileReceiver(est.channel, reactor, output_dir, decide, overwrite=overwrite, progress=ui.progress)
+    else:
+        receiver = Receiver(est.channel, reactor, output_dir, decide, overwrite=overwrite,
+                            progress=ui.progress, run_blocking=_in_thread)
     result = await receiver.start()
     ui.done(result, est.path)
     return result

@@ -1,32 +1,42 @@
 """
 The transfer layer: what travels inside the encrypted records.
 
-    sender                         receiver
-    OFFER {name, size}      ->
-                            <-     ACCEPT {}            (or REJECT {message})
-    DATA bytes ... DATA     ->                          (flow-controlled)
-    END {size, sha256}      ->
-                            <-     ACK {sha256}         (after fsync + rename)
+    sender                               receiver
+    OFFER {entries, files, bytes}  ->
+    ENTRIES [[path, kind, size, mode, mtime], ...]  ->   (until all entries)
+                                   <-    HAVE {file, from, hashes, complete}*
+                                   <-    ACCEPT {}      (or REJECT {message})
+    per file:  FILE {file, offset} | FILE {file, skip}  ->
+               DATA bytes ... DATA ->                    (flow-controlled)
+               FILE_END {size, sha256} ->                (verified, moved into place)
+    END {files, bytes}             ->
+                                   <-    ACK {files, bytes}   (after syncing the disk)
+
+HAVE is the resume: the receiver's block hashes (L{p2pft.blocks}) of the
+partial data it kept, or of a complete file already there.  The sender reads
+its own file while the hashes match and continues from there, or skips a
+file that is already complete; anything that does not match starts over.
 
 Either side may send ABORT {message} and close.  The sender succeeds only on
-an ACK whose hash matches its own; the receiver only after the data verified
-and the file was renamed into place.  A connection that ends any other way
-is a failure on both sides, whatever was received.
+an ACK that matches what it sent; the receiver only after every file was
+verified and moved into place and the disk synced.  A connection that ends
+any other way is a failure on both sides, whatever was received; the
+receiver keeps its partial data for the next attempt.
 
-L{FileSender} and L{FileReceiver} talk to a channel (L{p2pft.channel}) only
-through C{attach}, C{send}, C{registerProducer}, C{unregisterProducer} and
-C{close}, so tests drive them with a fake channel.
+L{Sender} and L{Receiver} talk to a channel (L{p2pft.channel}) only through
+C{attach}, C{send}, C{registerProducer}, C{unregisterProducer}, C{close} and
+C{abort}, so tests drive them with a fake channel.  Disk reads that may take
+long (hashing for a resume) go through C{run_blocking}, a thread in real use.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
-import shutil
 import stat
-import tempfile
-import unicodedata
+import threading
 from typing import Callable
 
 import attrs
@@ -34,36 +44,46 @@ from twisted.internet import abstract, defer, error, main
 from twisted.python import failure
 from zope.interface import implementer
 
+from .blocks import BLOCK, HASHES_PER_MESSAGE, Prefix, block_count, hash_prefix, match_prefix
 from .channel import IRecordHandler
+from .errors import Declined, TransferFailed, UnsafeName
+from .manifest import (
+    DIR,
+    MAX_ENTRIES,
+    PARTIAL_SUFFIX,
+    Entry,
+    Manifest,
+    ManifestChecker,
+    entry_from_wire,
+    printable,
+    safe_mode,
+)
+from .store import OutputDir
 from .util import dump_object, load_object
 
-OFFER, ACCEPT, REJECT, DATA, END, ACK, ABORT = range(1, 8)
-KIND_NAMES = {1: "OFFER", 2: "ACCEPT", 3: "REJECT", 4: "DATA", 5: "END", 6: "ACK", 7: "ABORT"}
+__all__ = ["Sender", "StreamSender", "Receiver", "StdoutReceiver", "Offer", "Result",
+           "TransferFailed", "Declined", "UnsafeName", "FDReader", "is_stream"]
+
+OFFER, ACCEPT, REJECT, DATA, END, ACK, ABORT, ENTRIES, HAVE, FILE, FILE_END = range(1, 12)
+KIND_NAMES = dict(enumerate(
+    "OFFER ACCEPT REJECT DATA END ACK ABORT ENTRIES HAVE FILE FILE_END".split(), start=1))
 
 #: Plaintext bytes per DATA record.
 CHUNK = 256 * 1024
-#: DATA records written each time the transport asks for more.
-BURST = 4
+#: Payload bytes written each time the transport asks for more.
+BURST = 1 << 20
 #: Seconds to wait for a closing connection to flush before aborting it.
 CLOSE_TIMEOUT = 10.0
 #: Largest JSON control message accepted.
 MAX_CONTROL = 64 * 1024
-MAX_NAME_BYTES = 255
+#: Target size of one ENTRIES message.
+ENTRIES_BYTES = 32 * 1024
+
+RESUME_HINT = "the data received so far is kept: run the same send and receive again to resume"
 
 
-class TransferFailed(Exception):
-    """The transfer did not complete; the message says why, in one line."""
-
-
-class Declined(TransferFailed):
-    """The receiver said no (or could not take the file)."""
-
-
-class UnsafeName(TransferFailed):
-    """The sender offered a name we will not write."""
-
-
-_control = dump_object
+def _control(value: dict) -> bytes:
+    return dump_object(value)
 
 
 def _parse_control(payload: bytes) -> dict:
@@ -75,82 +95,61 @@ def _parse_control(payload: bytes) -> dict:
         raise TransferFailed("malformed control message") from None
 
 
-def printable(text: str, limit: int = 200) -> str:
-    """Text safe to print on a terminal: control, format (bidi) and escape
-    characters shown as \\x.. / \\u.... escapes."""
-    out = []
-    for ch in text[:limit]:
-        if ch == "\\" or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
-            out.append(ch.encode("unicode_escape").decode("ascii") if ch != "\\" else "\\\\")
-        else:
-            out.append(ch)
-    return "".join(out) + ("..." if len(text) > limit else "")
+def _count(value: object, what: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise TransferFailed(f"protocol error: invalid {what}")
+    return value
 
 
-_WINDOWS_RESERVED = frozenset(
-    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
-    + [f"{dev}{n}" for dev in ("COM", "LPT") for n in "123456789\u00b9\u00b2\u00b3"]
-)
-#: Characters that may never appear in a received name: control and format
-#: characters (that includes bidi overrides), surrogates, line separators.
-_FORBIDDEN_CATEGORIES = frozenset(["Cc", "Cf", "Cs", "Zl", "Zp"])
-
-
-def safe_component(part: str, whole: str) -> str:
-    """
-    Check one path component offered by the peer; return it NFC-normalised.
-    Raise L{UnsafeName} with a printable reason.  Refuses, on every platform,
-    what would be unsafe or ambiguous on any: separators of any OS, drive
-    letters, C{.} and C{..}, empty and over-long names, control and bidi
-    characters, Windows device names and names ending in a dot or space.
-    """
-    shown = printable(whole)
-    part = unicodedata.normalize("NFC", part)
-    if part in ("", ".", ".."):
-        raise UnsafeName(f"offered name {shown!r} has an empty, '.' or '..' component")
-    if "/" in part or "\\" in part:
-        raise UnsafeName(f"offered name {shown!r} contains a path separator")
-    if len(part) >= 2 and part[1] == ":" and part[0].isascii() and part[0].isalpha():
-        raise UnsafeName(f"offered name {shown!r} starts with a drive letter")
-    if len(part.encode("utf-8")) > MAX_NAME_BYTES:
-        raise UnsafeName(f"offered name {shown!r} is longer than {MAX_NAME_BYTES} bytes")
-    if any(unicodedata.category(c) in _FORBIDDEN_CATEGORIES for c in part):
-        raise UnsafeName(f"offered name {shown!r} contains control or formatting characters")
-    if part[-1] in ". ":
-        raise UnsafeName(f"offered name {shown!r} ends with a dot or space")
-    if part.split(".", 1)[0].rstrip(" ").upper() in _WINDOWS_RESERVED:
-        raise UnsafeName(f"offered name {shown!r} is a reserved device name")
-    return part
-
-
-def safe_name(name: object) -> str:
-    """The single file name the receiver will write (one component only)."""
-    if not isinstance(name, str):
-        raise UnsafeName("offered name is not text")
-    return safe_component(name, name)
+def run_now(f, *args) -> defer.Deferred:
+    """The C{run_blocking} of tests: run on the spot."""
+    return defer.maybeDeferred(f, *args)
 
 
 @attrs.frozen
 class Offer:
-    name: str
+    """What the receiver is asked to accept (computed by the receiver from
+    the checked entries, not taken from the sender's word)."""
+
+    files: int
+    dirs: int
     #: None for a stream of unknown length (standard input).
     size: int | None
+    #: The first top-level names, folders with a trailing "/".
+    top: list[str]
+    top_count: int
+
+    @property
+    def name(self) -> str:
+        """A short name for the whole offer."""
+        if self.top_count == 1:
+            return self.top[0].rstrip("/")
+        return f"{self.top_count} items"
+
+    @classmethod
+    def of(cls, checker: ManifestChecker) -> "Offer":
+        return cls(checker.files, checker.dirs, None if checker.streams else checker.bytes,
+                   list(checker.top), checker.top_count)
 
 
 @attrs.frozen
 class Result:
     name: str
     size: int
-    sha256: str
+    #: SHA-256 of the file, for a transfer of one file; None for several.
+    sha256: str | None
     seconds: float
+    #: Where the receiver put it (one file or folder), or None on the sender.
     path: str | None = None
+    files: int = 1
+    #: Bytes already there from an earlier attempt, not sent again.
+    resumed: int = 0
 
 
-def _offer_from(message: dict) -> Offer:
-    size = message.get("size")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-        raise TransferFailed("offer has an invalid size")
-    return Offer(safe_name(message.get("name")), size)
+def _os_error(e: OSError, what: str) -> TransferFailed:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return TransferFailed(f"the disk is full while writing {printable(what)}")
+    return TransferFailed(f"{e.strerror or e}: {printable(what)}")
 
 
 class _Endpoint:
@@ -161,15 +160,20 @@ class _Endpoint:
     a final ACK, REJECT or ABORT is never lost to a process that exits early.
     """
 
-    def __init__(self, channel, clock, progress: Callable[[int, int], None] | None):
+    def __init__(self, channel, clock, progress: Callable | None, run_blocking=run_now):
         self._channel = channel
         self._clock = clock
-        self._progress = progress or (lambda done, total: None)
+        self._progress_cb = progress or (lambda done, total, name: None)
+        self._run_blocking = run_blocking
+        self._stop = threading.Event()  # tells blocking work to give up
         self.done: defer.Deferred = defer.Deferred(self._cancelled)
         self.state = "new"
         self._started = clock.seconds()
         self._outcome: object = None
         self._close_timer = None
+        self._bytes_done = 0
+        self._resumed = 0
+        self._total: int | None = None
 
     def _elapsed(self) -> float:
         return self._clock.seconds() - self._started
@@ -178,13 +182,20 @@ class _Endpoint:
     def _ending(self) -> bool:
         return self.state in ("closing", "done", "failed")
 
+    def _progress(self, name: str) -> None:
+        self._progress_cb(self._bytes_done, self._total, name)
+
+    def _annotate(self, error: TransferFailed) -> TransferFailed:
+        """Add what the user can do about a failure."""
+        return error
+
     def _fail(self, error: TransferFailed, tell_peer: bool = True) -> None:
         if self._ending:
             return
         self._cleanup()
         if tell_peer:
             self._channel.send(ABORT, _control({"message": str(error)}))
-        self._close_then(error)
+        self._close_then(self._annotate(error))
 
     def _close_then(self, outcome: object) -> None:
         self.state = "closing"
@@ -197,7 +208,8 @@ class _Endpoint:
             return self._settle()
         if not self._ending:
             self._cleanup()
-            self._outcome = TransferFailed(f"connection lost before the transfer completed ({reason})")
+            self._outcome = self._annotate(
+                TransferFailed(f"connection lost before the transfer completed ({reason})"))
             self._settle()
 
     def _settle(self) -> None:
@@ -213,11 +225,11 @@ class _Endpoint:
             self.done.callback(outcome)
 
     def _cancelled(self, d: defer.Deferred) -> None:
-        # Ctrl-C: tell the other side why, and clean up what we wrote.
+        # Ctrl-C: tell the other side why.
         self._fail(TransferFailed("interrupted"))
 
     def _cleanup(self) -> None:
-        pass
+        self._stop.set()
 
     def _remote_abort(self, payload: bytes) -> None:
         try:
@@ -236,86 +248,270 @@ class _Endpoint:
         except TransferFailed as e:
             self._fail(e)
         except OSError as e:
-            self._fail(TransferFailed(f"{e.strerror or e}: {printable(e.filename or '')}".rstrip(": ")))
+            self._fail(_os_error(e, e.filename or ""))
+
+    def _later(self, work: defer.Deferred, then: Callable) -> None:
+        """Continue with C{then(result)} once blocking work is done, unless
+        the transfer ended meanwhile; its failure fails the transfer."""
+        def done(result):
+            if not self._ending:
+                try:
+                    then(result)
+                except TransferFailed as e:
+                    self._fail(e)
+
+        def failed(f):
+            if not self._ending:
+                if f.check(OSError):
+                    self._fail(_os_error(f.value, f.value.filename or ""))
+                elif f.check(TransferFailed):
+                    self._fail(f.value)
+                else:
+                    self._fail(TransferFailed(f"unexpected {f.type.__name__}: {f.getErrorMessage()}"))
+
+        work.addCallbacks(done, failed)
 
     def _unexpected(self, kind: int) -> TransferFailed:
         return TransferFailed(f"protocol error: unexpected {KIND_NAMES.get(kind, kind)} in state {self.state}")
 
 
+@attrs.define
+class _Outgoing:
+    """The file being sent."""
+
+    index: int
+    file: object
+    remaining: int
+    hash: object
+
+
 @implementer(IRecordHandler)
-class FileSender(_Endpoint):
-    """Offers one file and streams it as a pull producer."""
+class Sender(_Endpoint):
+    """
+    Offers a L{Manifest} and streams its files, one after the other, as a
+    pull producer: the transport asks for more when it has room, so memory
+    stays flat whatever the size or number of files.
+    """
 
-    def __init__(self, channel, clock, path: str, name: str | None = None, progress=None, file=None):
-        self._file = file if file is not None else open(path, "rb")
-        self._init_sender(channel, clock, progress, path, name or os.path.basename(os.path.abspath(path)),
-                          os.fstat(self._file.fileno()).st_size)
-
-    def _init_sender(self, channel, clock, progress, path: str, name: str, size: int | None) -> None:
-        _Endpoint.__init__(self, channel, clock, progress)
-        self._path = path
-        self.name = name
-        self.size = size
-        self._hash = hashlib.sha256()
-        self._sent = 0
+    def __init__(self, channel, clock, manifest: Manifest, progress=None, run_blocking=run_now,
+                 rate: int | None = None):
+        super().__init__(channel, clock, progress, run_blocking)
+        self._rate = rate  # bytes per second, or None
+        self._paced = 0  # data bytes sent since sending started
+        self._wakeup = None
+        self._manifest = manifest
+        self._entries = manifest.entries
+        self._files = [i for i, e in enumerate(self._entries) if e.kind != DIR]
+        self._total = None if manifest.checker.streams else manifest.checker.bytes
+        self._next_entry = 0
+        self._next_file = 0
+        self._have: dict[int, tuple[bool, list[bytes]]] = {}
+        self._plan: dict[int, tuple[bool, Prefix]] = {}
+        self._current: _Outgoing | None = None
+        self._name = ""  # of the file being sent
         self._producing = False
+        self._sha256: str | None = None
+
+    @property
+    def offer(self) -> Offer:
+        return Offer.of(self._manifest.checker)
 
     def start(self) -> defer.Deferred:
         self._channel.attach(self)
-        self._channel.send(OFFER, _control({"name": self.name, "size": self.size}))
-        self.state = "offered"
+        checker = self._manifest.checker
+        self._channel.send(OFFER, _control({"entries": len(self._entries), "files": checker.files,
+                                            "bytes": self._total}))
+        self.state = "offering"
+        self._startProducing()
         return self.done
 
-    def _handle(self, kind: int, payload: bytes) -> None:
-        if self.state == "offered" and kind == ACCEPT:
-            self.state = "sending"
-            self._started = self._clock.seconds()
+    def _startProducing(self) -> None:
+        if not self._producing:
             self._producing = True
             self._channel.registerProducer(self, False)
-        elif self.state == "offered" and kind == REJECT:
-            message = printable(str(_parse_control(payload).get("message", "declined")))
-            self._fail(Declined(f"the receiver declined: {message}"), tell_peer=False)
-        elif self.state == "ending" and kind == ACK:
-            theirs = _parse_control(payload).get("sha256")
-            if theirs != self._hash.hexdigest():
-                raise TransferFailed("the receiver's checksum does not match ours")
-            self._cleanup()
-            self._close_then(Result(self.name, self._sent, theirs, self._elapsed()))
-        else:
-            raise self._unexpected(kind)
-
-    # IPullProducer
-    def resumeProducing(self) -> None:
-        if self.state != "sending":
-            return
-        try:
-            for _ in range(BURST):
-                chunk = self._file.read(CHUNK)
-                if not chunk:
-                    return self._end()
-                self._sent += len(chunk)
-                if self._sent > self.size:
-                    raise TransferFailed(f"{printable(self.name)} grew while it was being sent")
-                self._hash.update(chunk)
-                self._channel.send(DATA, chunk)
-            self._progress(self._sent, self.size)
-        except TransferFailed as e:
-            self._fail(e)
-        except OSError as e:
-            self._fail(TransferFailed(f"cannot read {printable(self._path)}: {e.strerror or e}"))
 
     def _stopProducing(self) -> None:
         if self._producing:
             self._producing = False
             self._channel.unregisterProducer()
 
+    def _handle(self, kind: int, payload: bytes) -> None:
+        if self.state == "offered" and kind == HAVE:
+            self._add_have(_parse_control(payload))
+        elif self.state == "offered" and kind == ACCEPT:
+            self.state = "checking"
+            work = self._run_blocking(self._check_have, dict(self._have), self._stop)
+            self._have.clear()
+            self._later(work, self._send_files)
+        elif self.state == "offered" and kind == REJECT:
+            message = printable(str(_parse_control(payload).get("message", "declined")))
+            self._fail(Declined(f"the receiver declined: {message}"), tell_peer=False)
+        elif self.state == "ending" and kind == ACK:
+            ack = _parse_control(payload)
+            if ack.get("files") != len(self._files) or ack.get("bytes") != self._bytes_done:
+                raise TransferFailed("the receiver's acknowledgement does not match what we sent")
+            self._cleanup()
+            self._close_then(self._result())
+        else:
+            raise self._unexpected(kind)
+
+    def _result(self) -> Result:
+        return Result(self.offer.name, self._bytes_done, self._sha256 if len(self._files) == 1 else None,
+                      self._elapsed(), files=len(self._files), resumed=self._resumed)
+
+    def _add_have(self, have: dict) -> None:
+        index = _count(have.get("file"), "file index", 0, len(self._entries) - 1)
+        entry = self._entries[index]
+        hashes = have.get("hashes")
+        if entry.kind == DIR or entry.size is None or not isinstance(hashes, str):
+            raise TransferFailed("protocol error: invalid HAVE")
+        complete, known = self._have.get(index, (bool(have.get("complete")), []))
+        if _count(have.get("from"), "HAVE offset") != len(known) or len(hashes) % 64:
+            raise TransferFailed("protocol error: invalid HAVE")
+        try:
+            known.extend(bytes.fromhex(hashes[i:i + 64]) for i in range(0, len(hashes), 64))
+        except ValueError:
+            raise TransferFailed("protocol error: invalid HAVE") from None
+        if len(known) > block_count(entry.size):
+            raise TransferFailed("protocol error: HAVE for more blocks than the file has")
+        self._have[index] = (complete, known)
+
+    def _check_have(self, have: dict, stop: threading.Event) -> dict[int, tuple[bool, Prefix]]:
+        """(On a thread.)  For each file the receiver has: read ours while
+        its block hashes match; skip it if it is complete and identical,
+        resume it if all of its partial data matches, else start over."""
+        plan = {}
+        for index, (complete, hashes) in have.items():
+            if stop.is_set():
+                break
+            entry = self._entries[index]
+            path = self._manifest.sources[index]
+            try:
+                with open(path, "rb") as f:
+                    prefix = match_prefix(f, hashes)
+            except OSError as e:
+                raise TransferFailed(f"cannot read {printable(path)}: {e.strerror or e}") from None
+            if len(prefix.hashes) != len(hashes):
+                continue  # changed (or a different file): start over
+            if complete and prefix.length == entry.size:
+                plan[index] = (True, prefix)
+            elif not complete and prefix.length <= entry.size:
+                plan[index] = (False, prefix)
+        return plan
+
+    def _send_files(self, plan: dict) -> None:
+        self._plan = plan
+        self.state = "sending"
+        self._started = self._clock.seconds()
+        self._startProducing()
+
+    # IPullProducer
+    def resumeProducing(self) -> None:
+        try:
+            if self.state == "offering":
+                self._send_entries()
+            elif self.state == "sending":
+                self._send_data()
+        except TransferFailed as e:
+            self._fail(e)
+        except OSError as e:
+            self._fail(_os_error(e, e.filename or ""))
+
+    def _send_entries(self) -> None:
+        budget = BURST
+        while budget > 0 and self._next_entry < len(self._entries):
+            batch, size = [], 0
+            while self._next_entry < len(self._entries) and size < ENTRIES_BYTES:
+                wire = self._entries[self._next_entry].wire()
+                batch.append(wire)
+                size += len(wire[0]) * 3 + 48
+                self._next_entry += 1
+            payload = _control({"entries": batch})
+            self._channel.send(ENTRIES, payload)
+            budget -= len(payload)
+        if self._next_entry == len(self._entries):
+            self.state = "offered"
+            self._stopProducing()
+
+    def _allowance(self) -> int:
+        """Data bytes we may send now: L{BURST}, or less to keep to the rate
+        limit (then we ask again once there is room: the transport only asks
+        after we wrote something)."""
+        if self._rate is None:
+            return BURST
+        allowed = min(BURST, int(self._rate * self._elapsed()) - self._paced + CHUNK)
+        if allowed <= 0 and (self._wakeup is None or not self._wakeup.active()):
+            self._wakeup = self._clock.callLater(-allowed / self._rate + 0.01, self.resumeProducing)
+        return allowed
+
+    def _send_data(self) -> None:
+        budget = self._allowance()
+        while budget > 0 and self.state == "sending":
+            if self._current is None:
+                if self._next_file == len(self._files):
+                    return self._end()
+                self._open_next()
+                continue
+            current = self._current
+            want = min(CHUNK, current.remaining)
+            chunk = current.file.read(want) if want else b""
+            entry = self._entries[current.index]
+            if len(chunk) < want:
+                raise TransferFailed(f"{printable(entry.path)} shrank while it was being sent")
+            if want:
+                current.hash.update(chunk)
+                current.remaining -= len(chunk)
+                self._bytes_done += len(chunk)
+                self._paced += len(chunk)
+                self._channel.send(DATA, chunk)
+                budget -= len(chunk)
+            if current.remaining == 0:
+                if current.file.read(1):
+                    raise TransferFailed(f"{printable(entry.path)} grew while it was being sent")
+                self._finish_file(current.hash.hexdigest(), entry.size)
+        if self.state == "sending":
+            self._progress(self._name)
+
+    def _open_next(self) -> None:
+        index = self._files[self._next_file]
+        self._next_file += 1
+        entry, source = self._entries[index], self._manifest.sources[index]
+        self._name = entry.path
+        complete, prefix = self._plan.pop(index, (False, None))
+        if complete:
+            self._channel.send(FILE, _control({"file": index, "skip": True}))
+            self._bytes_done += entry.size
+            self._resumed += entry.size
+            self._sha256 = prefix.running.hexdigest()
+            return
+        try:
+            f = open(source, "rb", buffering=0)
+        except OSError as e:
+            raise TransferFailed(f"cannot read {printable(source)}: {e.strerror or e}") from None
+        size = os.fstat(f.fileno()).st_size
+        if size != entry.size:
+            f.close()
+            raise TransferFailed(
+                f"{printable(source)} changed after the transfer started ({entry.size} bytes "
+                f"then, {size} now); send again")
+        offset = prefix.length if prefix is not None else 0
+        f.seek(offset)
+        self._current = _Outgoing(index, f, entry.size - offset, prefix.running if prefix else hashlib.sha256())
+        self._bytes_done += offset
+        self._resumed += offset
+        self._channel.send(FILE, _control({"file": index, "offset": offset}))
+
+    def _finish_file(self, sha256: str, size: int) -> None:
+        self._current.file.close()
+        self._current = None
+        self._sha256 = sha256
+        self._channel.send(FILE_END, _control({"size": size, "sha256": sha256}))
+
     def _end(self) -> None:
         self._stopProducing()
-        if self._sent != self.size:
-            raise TransferFailed(f"{printable(self.name)} shrank while it was being sent")
-        self._progress(self._sent, self.size)
         self.state = "ending"
-        self._channel.send(END, _control({"size": self._sent, "sha256": self._hash.hexdigest()}))
+        self._progress("")
+        self._channel.send(END, _control({"files": len(self._files), "bytes": self._bytes_done}))
 
     def pauseProducing(self) -> None:
         pass
@@ -324,60 +520,67 @@ class FileSender(_Endpoint):
         # The transport is going away; its connectionLost will tell us why.
         self._producing = False
 
+    def _annotate(self, error: TransferFailed) -> TransferFailed:
+        if self._bytes_done and not isinstance(error, Declined) and self._total is not None:
+            return TransferFailed(f"{error}; the receiver keeps what arrived: run the same send and receive again to resume")
+        return error
+
     def _cleanup(self) -> None:
+        super()._cleanup()
+        if self._wakeup is not None and self._wakeup.active():
+            self._wakeup.cancel()
         # A registered producer keeps loseConnection from ever completing.
         self._stopProducing()
-        self._file.close()
+        if self._current is not None:
+            self._current.file.close()
+            self._current = None
 
 
 @implementer(IRecordHandler)
-class StreamSender(FileSender):
+class StreamSender(Sender):
     """
-    Offers a stream of unknown length (standard input, a pipe): size null
-    in the OFFER, the real size in END.  C{source} is a L{FDReader}-like
+    Sends a stream of unknown length (standard input, a pipe): size null in
+    the manifest, the real size in FILE_END.  C{source} is a L{FDReader}-like
     object: C{start(on_data, on_end)}, and an L{IPushProducer} that the
-    channel's transport pauses when it cannot keep up.
+    channel's transport pauses when it cannot keep up.  A stream cannot be
+    resumed.
     """
 
-    def __init__(self, channel, clock, source, name: str = "stdin", progress=None):
+    def __init__(self, channel, clock, manifest: Manifest, source, progress=None):
+        super().__init__(channel, clock, manifest, progress)
         self._source = source
-        self._init_sender(channel, clock, progress, "standard input", name, None)
+        self._hash = hashlib.sha256()
 
-    def _handle(self, kind: int, payload: bytes) -> None:
-        if self.state == "offered" and kind == ACCEPT:
-            self.state = "sending"
-            self._started = self._clock.seconds()
-            self._producing = True
-            self._channel.registerProducer(self._source, True)
-            self._source.start(self._data, self._eof)
-        else:
-            super()._handle(kind, payload)
-
-    def resumeProducing(self) -> None:  # not a pull producer
-        pass
+    def _send_files(self, plan: dict) -> None:
+        self.state = "sending"
+        self._started = self._clock.seconds()
+        self._next_file = 1
+        self._channel.send(FILE, _control({"file": 0, "offset": 0}))
+        self._producing = True
+        self._channel.registerProducer(self._source, True)
+        self._source.start(self._data, self._eof)
 
     def _data(self, chunk: bytes) -> None:
         if self.state != "sending":
             return
         for i in range(0, len(chunk), CHUNK):
             piece = chunk[i:i + CHUNK]
-            self._sent += len(piece)
+            self._bytes_done += len(piece)
             self._hash.update(piece)
             self._channel.send(DATA, piece)
-        self._progress(self._sent, None)
+        self._progress(self._entries[0].path)
 
     def _eof(self, error: str | None) -> None:
         if self.state != "sending":
             return
         if error is not None:
             return self._fail(TransferFailed(f"cannot read standard input: {error}"))
-        self._stopProducing()
-        self.state = "ending"
-        self._progress(self._sent, self._sent)
-        self._channel.send(END, _control({"size": self._sent, "sha256": self._hash.hexdigest()}))
+        self._sha256 = self._hash.hexdigest()
+        self._channel.send(FILE_END, _control({"size": self._bytes_done, "sha256": self._sha256}))
+        self._end()
 
     def _cleanup(self) -> None:
-        self._stopProducing()
+        super()._cleanup()
         self._source.stop()
 
 
@@ -437,26 +640,87 @@ def is_stream(fd: int) -> bool:
     return not stat.S_ISREG(os.fstat(fd).st_mode)
 
 
-@implementer(IRecordHandler)
-class FileReceiver(_Endpoint):
+@attrs.define
+class _Have:
+    """What the receiver already has of one file."""
+
+    complete: bool
+    prefix: Prefix
+
+
+@attrs.define
+class _Incoming:
+    """The file being received."""
+
+    index: int
+    entry: Entry
+    file: object
+    received: int
+    hash: object
+
+
+def find_existing(out: OutputDir, entries: list[Entry], stop: threading.Event) -> dict[int, _Have]:
     """
-    Takes one offered file into C{output_dir}: a temporary file beside the
-    destination, verified, fsync'd, then renamed into place (never over an
+    (On a thread, with its own L{OutputDir}.)  Hash what is already there
+    for each file: a complete file of the right size at its destination, or
+    the whole blocks of its partial file.
+    """
+    found = {}
+    try:
+        for index, entry in enumerate(entries):
+            if stop.is_set():
+                break
+            if entry.kind == DIR or entry.size is None:
+                continue
+            st = out.lstat(entry.path)
+            if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == entry.size:
+                with out.open_read(entry.path) as f:
+                    prefix = hash_prefix(f, entry.size)
+                if prefix.length == entry.size:
+                    found[index] = _Have(True, prefix)
+                continue
+            st = out.lstat(entry.path, partial=True)
+            if st is not None and stat.S_ISREG(st.st_mode):
+                limit = min(st.st_size, entry.size) // BLOCK * BLOCK
+                if limit:
+                    with out.open_read(entry.path, partial=True) as f:
+                        prefix = hash_prefix(f, limit)
+                    if prefix.length == limit:
+                        found[index] = _Have(False, prefix)
+    except Declined:
+        pass  # a folder on the way is not one: refused later, when it is written
+    finally:
+        out.close()
+    return found
+
+
+@implementer(IRecordHandler)
+class Receiver(_Endpoint):
+    """
+    Takes an offer into C{output_dir} (L{OutputDir}): checks every entry,
+    asks C{decide}, proves what it already has, then writes each file to its
+    partial file, verifies it and moves it into place (never over an
     existing file unless C{overwrite}).
 
     @param decide: called with the L{Offer}; returns a Deferred that fires
         with True to accept.
     """
 
-    def __init__(self, channel, clock, output_dir: str, decide, overwrite: bool = False, progress=None):
-        super().__init__(channel, clock, progress)
+    def __init__(self, channel, clock, output_dir: str, decide, overwrite: bool = False, progress=None,
+                 run_blocking=run_now):
+        super().__init__(channel, clock, progress, run_blocking)
         self._dir = os.path.abspath(output_dir)
         self._decide = decide
         self._overwrite = overwrite
-        self._hash = hashlib.sha256()
-        self._received = 0
-        self._file = None
-        self._temp: str | None = None
+        self._out: OutputDir | None = None
+        self._checker: ManifestChecker | None = None
+        self._expected = 0
+        self._files: list[int] = []
+        self._next_file = 0
+        self._have: dict[int, _Have] = {}
+        self._current: _Incoming | None = None
+        self._kept = False  # data on disk a later attempt can resume from
+        self._sha256: str | None = None
         self.offer: Offer | None = None
 
     def start(self) -> defer.Deferred:
@@ -466,39 +730,75 @@ class FileReceiver(_Endpoint):
 
     @property
     def destination(self) -> str:
+        """Where the offer lands: the one top-level file or folder, or the
+        output folder."""
         assert self.offer is not None
-        return os.path.join(self._dir, self.offer.name)
+        if self.offer.top_count == 1:
+            return os.path.join(self._dir, self.offer.name)
+        return self._dir
+
+    @property
+    def _entries(self) -> list[Entry]:
+        return self._checker.entries
 
     def _handle(self, kind: int, payload: bytes) -> None:
         if self.state == "waiting" and kind == OFFER:
-            self.offer = _offer_from(_parse_control(payload))
-            self._check_room()
-            self.state = "deciding"
-            d = defer.maybeDeferred(self._decide, self.offer)
-            d.addCallbacks(self._decided, lambda f: self._fail(TransferFailed(f.getErrorMessage())))
-        elif self.state == "receiving" and kind == DATA:
-            self._received += len(payload)
-            if self.offer.size is not None and self._received > self.offer.size:
-                raise TransferFailed("the sender sent more data than it offered")
-            self._hash.update(payload)
-            self._file.write(payload)
-            self._progress(self._received, self.offer.size)
-        elif self.state == "receiving" and kind == END:
+            offer = _parse_control(payload)
+            self._expected = _count(offer.get("entries"), "number of entries", 1, MAX_ENTRIES)
+            self._checker = ManifestChecker(self._expected)
+            self.state = "manifest"
+        elif self.state == "manifest" and kind == ENTRIES:
+            raw = _parse_control(payload).get("entries")
+            if not isinstance(raw, list) or len(self._entries) + len(raw) > self._expected:
+                raise TransferFailed("protocol error: invalid ENTRIES")
+            for item in raw:
+                self._checker.add(entry_from_wire(item))
+            if len(self._entries) == self._expected:
+                self._manifest_complete()
+        elif self.state == "receiving" and kind == FILE:
+            self._start_file(_parse_control(payload))
+        elif self.state == "receiving" and kind == DATA and self._current is not None:
+            self._write(payload)
+        elif self.state == "receiving" and kind == FILE_END and self._current is not None:
+            self._finish_file(_parse_control(payload))
+        elif self.state == "receiving" and kind == END and self._current is None:
             self._finish(_parse_control(payload))
         else:
             raise self._unexpected(kind)
 
-    def _check_room(self) -> None:
+    def _manifest_complete(self) -> None:
+        self._checker.finish()
+        self._files = [i for i, e in enumerate(self._entries) if e.kind != DIR]
+        self.offer = Offer.of(self._checker)
+        self._total = self.offer.size
+        self._open_output()
+        self._check_conflicts()
+        self.state = "deciding"
+        d = defer.maybeDeferred(self._decide, self.offer)
+        d.addCallbacks(self._decided, lambda f: self._fail(TransferFailed(f.getErrorMessage())))
+
+    def _open_output(self) -> None:
         if not os.path.isdir(self._dir):
-            raise Declined(f"output directory {printable(self._dir)} does not exist")
-        if os.path.lexists(self.destination) and not self._overwrite:
-            raise Declined(f"{printable(self.offer.name)} already exists (use --overwrite to replace it)")
-        free = shutil.disk_usage(self._dir).free
-        if self.offer.size is not None and self.offer.size > free:
-            raise Declined(
-                f"not enough free space for {printable(self.offer.name)}: "
-                f"{self.offer.size} bytes offered, {free} free"
-            )
+            raise Declined(f"output folder {printable(self._dir)} does not exist")
+        self._out = OutputDir(self._dir)
+
+    def _check_conflicts(self) -> None:
+        """Refuse before asking: an entry whose name is taken by something
+        we will not replace."""
+        for entry in self._entries:
+            st = self._out.lstat(entry.path)
+            if st is None:
+                continue
+            shown = printable(entry.path)
+            if stat.S_ISLNK(st.st_mode) and (entry.kind == DIR or not self._overwrite):
+                raise Declined(f"{shown} already exists as a symbolic link (p2pft never writes through symbolic links)")
+            if entry.kind == DIR:
+                if not stat.S_ISDIR(st.st_mode):
+                    raise Declined(f"{shown} already exists and is not a folder")
+            elif stat.S_ISDIR(st.st_mode):
+                raise Declined(f"{shown} already exists and is a folder")
+            elif not self._overwrite and not (stat.S_ISREG(st.st_mode) and st.st_size == entry.size):
+                raise Declined(f"{shown} already exists (use --overwrite to replace it)")
 
     def _decided(self, accepted: bool) -> None:
         if self.state != "deciding":
@@ -507,108 +807,190 @@ class FileReceiver(_Endpoint):
             self._channel.send(REJECT, _control({"message": "the receiver said no"}))
             self._fail(Declined("declined"), tell_peer=False)
             return
-        try:
-            self._check_room()  # the answer may have taken a while
-            self._open()
-        except (TransferFailed, OSError) as e:
-            return self._fail(e if isinstance(e, TransferFailed) else TransferFailed(str(e)))
+        self.state = "scanning"
+        self._later(self._run_blocking(find_existing, self._out.clone(), self._entries, self._stop), self._accept)
+
+    def _accept(self, have: dict[int, _Have]) -> None:
+        self._have = have
+        needed = (self.offer.size or 0) - sum(h.prefix.length for h in have.values())
+        free = self._out.free()
+        if needed > free:
+            raise Declined(f"not enough free space: {needed} more bytes needed, {free} free")
+        for entry in self._entries:
+            if entry.kind == DIR:
+                self._out.make_dir(entry.path)
+        for index, h in sorted(have.items()):
+            hexes = [d.hex() for d in h.prefix.hashes]
+            for start in range(0, max(len(hexes), 1), HASHES_PER_MESSAGE):
+                self._channel.send(HAVE, _control({
+                    "file": index, "complete": h.complete, "from": start,
+                    "hashes": "".join(hexes[start:start + HASHES_PER_MESSAGE])}))
         self.state = "receiving"
         self._started = self._clock.seconds()
         self._channel.send(ACCEPT, _control({}))
 
+    def _start_file(self, message: dict) -> None:
+        if self._current is not None or self._next_file == len(self._files):
+            raise TransferFailed("protocol error: unexpected FILE")
+        index = self._files[self._next_file]
+        if message.get("file") != index:
+            raise TransferFailed("protocol error: files out of order")
+        self._next_file += 1
+        entry = self._entries[index]
+        have = self._have.pop(index, None)
+        if message.get("skip") is True:
+            if have is None or not have.complete:
+                raise TransferFailed("protocol error: skipped a file we do not have")
+            self._bytes_done += entry.size
+            self._resumed += entry.size
+            self._sha256 = have.prefix.running.hexdigest()
+            self._out.remove_partial(entry.path)
+            self._progress(entry.path)
+            return
+        offset = _count(message.get("offset"), "offset", 0, entry.size if entry.size is not None else 0)
+        if have is not None and have.complete and not self._overwrite:
+            raise Declined(f"{printable(entry.path)} already exists with other content (use --overwrite to replace it)")
+        if offset and (have is None or have.complete or offset != have.prefix.length):
+            raise TransferFailed("protocol error: resumed from data we do not have")
+        f = self._out.open_partial(entry.path, offset)
+        self._current = _Incoming(index, entry, f, received=offset,
+                                  hash=have.prefix.running if offset else hashlib.sha256())
+        self._bytes_done += offset
+        self._resumed += offset
+
+    def _write(self, data: bytes) -> None:
+        current = self._current
+        current.received += len(data)
+        if current.entry.size is not None and current.received > current.entry.size:
+            raise TransferFailed("the sender sent more data than it offered")
+        current.hash.update(data)
+        view = memoryview(data)
+        self._kept = current.entry.size is not None
+        try:
+            while view:
+                view = view[current.file.write(view):]
+        except OSError as e:
+            raise _os_error(e, current.entry.path + PARTIAL_SUFFIX) from None
+        self._bytes_done += len(data)
+        self._progress(current.entry.path)
+
+    def _finish_file(self, end: dict) -> None:
+        current = self._current
+        entry = current.entry
+        digest = current.hash.hexdigest()
+        if end.get("size") != current.received or entry.size not in (None, current.received):
+            error = f"size mismatch for {printable(entry.path)}: offered {entry.size}, received {current.received} bytes"
+        elif end.get("sha256") != digest:
+            error = f"checksum mismatch: {printable(entry.path)} is not what was sent"
+        else:
+            error = None
+        if error:
+            current.file.close()
+            self._out.remove_partial(entry.path)  # not worth resuming from
+            raise TransferFailed(error)
+        self._current = None
+        self._out.place(entry.path, current.file, safe_mode(entry, self._out.umask), entry.mtime, self._overwrite)
+        self._kept = True
+        self._sha256 = digest
+        if entry.size is None:
+            self._total = current.received
+
     def _finish(self, end: dict) -> None:
-        digest = self._hash.hexdigest()
-        if end.get("size") != self._received or self.offer.size not in (None, self._received):
-            raise TransferFailed(
-                f"size mismatch: offered {self.offer.size}, received {self._received} bytes"
-            )
-        if end.get("sha256") != digest:
-            raise TransferFailed("checksum mismatch: the received data is not what was sent")
-        self._commit()
-        self._channel.send(ACK, _control({"sha256": digest}))
-        self._close_then(Result(self.offer.name, self._received, digest, self._elapsed(), self.destination))
+        if self._next_file != len(self._files) or end.get("files") != len(self._files) \
+                or end.get("bytes") != self._bytes_done:
+            raise TransferFailed("the transfer ended early or does not match what arrived")
+        self._sync()
+        self._channel.send(ACK, _control({"files": len(self._files), "bytes": self._bytes_done}))
+        self._cleanup()
+        self._close_then(Result(self.offer.name, self._bytes_done, self._sha256 if len(self._files) == 1 else None,
+                                self._elapsed(), self.destination, len(self._files), self._resumed))
 
-    def _open(self) -> None:
-        fd, self._temp = _mkstemp(self._dir, self.offer.name)
-        self._file = os.fdopen(fd, "wb")
+    def _sync(self) -> None:
+        self._out.sync()
 
-    def _commit(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        _place(self._temp, self.destination, self._overwrite)
-        self._temp = None
+    def _annotate(self, error: TransferFailed) -> TransferFailed:
+        if self._kept and not isinstance(error, Declined):
+            return TransferFailed(f"{error}; {RESUME_HINT}")
+        return error
 
     def _cleanup(self) -> None:
-        if self._file is not None and not self._file.closed:
-            self._file.close()
-        if self._temp is not None:
-            try:
-                os.unlink(self._temp)
-            except OSError:
-                pass
-            self._temp = None
-
-
-def _umask() -> int:
-    mask = os.umask(0o22)
-    os.umask(mask)
-    return mask
+        super()._cleanup()
+        current, self._current = self._current, None
+        if current is not None:
+            size = current.file.tell() if not current.file.closed else 0
+            current.file.close()
+            if current.entry.size is None or size == 0:
+                self._out.remove_partial(current.entry.path)  # nothing a resume could use
+        if self._out is not None:
+            self._out.close()
+            self._out = None
 
 
 @implementer(IRecordHandler)
-class StdoutReceiver(FileReceiver):
+class StdoutReceiver(Receiver):
     """
-    Writes a single-file transfer to a binary stream (standard output) as it
+    Writes a one-file transfer to a binary stream (standard output) as it
     arrives.  What was written cannot be taken back: if verification fails
     at the end, the transfer fails and the exit status says so.
     """
 
     def __init__(self, channel, clock, out, decide, progress=None):
         super().__init__(channel, clock, ".", decide, progress=progress)
-        self._out = out
+        self._stdout = out
 
     @property
     def destination(self) -> str:
         return "-"
 
-    def _check_room(self) -> None:
+    def _open_output(self) -> None:
+        if self.offer.files != 1 or self.offer.dirs:
+            raise Declined(
+                f"--output - takes a single file; this offer has {self.offer.files} files "
+                f"and {self.offer.dirs} folders")
+
+    def _check_conflicts(self) -> None:
         pass
 
-    def _open(self) -> None:
-        self._file = self._out
+    def _decided(self, accepted: bool) -> None:
+        if accepted and self.state == "deciding":
+            self.state = "scanning"
+            return self._accept({})
+        super()._decided(accepted)
 
-    def _commit(self) -> None:
-        self._out.flush()
+    def _accept(self, have: dict) -> None:
+        self.state = "receiving"
+        self._started = self._clock.seconds()
+        self._channel.send(ACCEPT, _control({}))
+
+    def _start_file(self, message: dict) -> None:
+        if self._current is not None or message.get("file") != 0 or message.get("offset") != 0:
+            raise TransferFailed("protocol error: unexpected FILE")
+        self._next_file = 1
+        self._current = _Incoming(0, self._entries[0], self._stdout, received=0, hash=hashlib.sha256())
+
+    def _finish_file(self, end: dict) -> None:
+        self._stdout.flush()
+        current = self._current
+        if end.get("size") != current.received or current.entry.size not in (None, current.received):
+            raise TransferFailed(f"size mismatch: offered {current.entry.size}, received {current.received} bytes")
+        if end.get("sha256") != current.hash.hexdigest():
+            raise TransferFailed("checksum mismatch: the received data is not what was sent")
+        self._sha256 = end["sha256"]
+        self._current = None
+        if current.entry.size is None:
+            self._total = current.received
+
+    def _sync(self) -> None:
+        self._stdout.flush()
+
+    def _annotate(self, error: TransferFailed) -> TransferFailed:
+        return error  # nothing to resume: what was written is gone
 
     def _cleanup(self) -> None:
+        self._current = None
+        self._stop.set()
         try:
-            self._out.flush()
+            self._stdout.flush()
         except (OSError, ValueError):
             pass
 
-
-def _mkstemp(directory: str, name: str) -> tuple[int, str]:
-    """A fresh partial file beside the destination, with the mode a newly
-    created file would get (never executable, whatever the sender says)."""
-    fd, path = tempfile.mkstemp(prefix=".p2pft-", suffix=".part", dir=directory)
-    os.fchmod(fd, 0o666 & ~_umask())
-    return fd, path
-
-
-def _place(temp: str, destination: str, overwrite: bool) -> None:
-    """Move the verified temporary file into place atomically."""
-    if overwrite:
-        os.replace(temp, destination)
-        return
-    try:
-        os.link(temp, destination)  # fails if destination exists: no clobbering
-    except FileExistsError:
-        raise Declined(f"{printable(os.path.basename(destination))} appeared while receiving; kept the existing file") from None
-    except OSError:
-        # File systems without hard links: check-then-rename is the best we can do.
-        if os.path.lexists(destination):
-            raise Declined(f"{printable(os.path.basename(destination))} already exists") from None
-        os.rename(temp, destination)
-        return
-    os.unlink(temp)

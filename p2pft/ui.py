@@ -12,7 +12,8 @@ import threading
 
 from twisted.internet import defer
 
-from .transfer import Offer, Result, printable
+from .manifest import printable
+from .transfer import Offer, Result
 
 
 def human_size(n: int | None) -> str:
@@ -28,6 +29,22 @@ def human_size(n: int | None) -> str:
 
 #: Most progress updates per second (bars and JSON events alike).
 PROGRESS_RATE = 4
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+def describe(offer: Offer) -> str:
+    """An offer in one line: its top-level names (escaped), how many files
+    and folders, and the size."""
+    names = ", ".join(printable(name, 60) for name in offer.top)
+    if offer.top_count > len(offer.top):
+        names += f" and {offer.top_count - len(offer.top)} more"
+    if offer.files == 1 and not offer.dirs:
+        return f"{names} ({human_size(offer.size)})"
+    counts = _plural(offer.files, "file") + (f" in {_plural(offer.dirs, 'folder')}" if offer.dirs else "")
+    return f"{names} ({counts}, {human_size(offer.size)})"
 
 
 class HumanUI:
@@ -86,19 +103,21 @@ class HumanUI:
         else:
             self.say(f"Connected to {peer} successfully!")
 
-    def sending(self, name: str, size: int) -> None:
-        self._name = name
-        self.say(f"Sending {printable(name)} ({human_size(size)})...")
+    def sending(self, offer: Offer) -> None:
+        self.say(f"Sending {describe(offer)}...")
 
-    def progress(self, done: int, total: int) -> None:
+    def progress(self, done: int, total: int | None, name: str = "") -> None:
+        """C{done} of C{total} bytes (None: unknown), now in file C{name}."""
         if not self._want_bar or not self._due("bar", done, total):
             return
         if self._bar is None:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000,
-                             desc=printable(self._name, 40), file=self._err, leave=False,
-                             dynamic_ncols=True, mininterval=0)
+                             file=self._err, leave=False, dynamic_ncols=True, mininterval=0)
+        if name != self._name:
+            self._name = name
+            self._bar.set_description_str(printable(name, 30), refresh=False)
         self._bar.update(done - self._bar.n)
 
     def _close_bar(self) -> None:
@@ -107,10 +126,9 @@ class HumanUI:
             self._bar = None
 
     def decide(self, offer: Offer) -> defer.Deferred:
-        self._name = offer.name
-        question = f"Receive {printable(offer.name)} ({human_size(offer.size)})? [y/N] "
+        question = f"Receive {describe(offer)}? [y/N] "
         if self.assume_yes:
-            self.say(f"Receiving {printable(offer.name)} ({human_size(offer.size)})...")
+            self.say(f"Receiving {describe(offer)}...")
             return defer.succeed(True)
         if not self._stdin.isatty():
             return defer.fail(RuntimeError("cannot ask whether to accept: standard input is not a terminal (use --yes)"))
@@ -140,12 +158,16 @@ class HumanUI:
 
     def done(self, result: Result, path: str) -> None:
         self._close_bar()
-        rate = result.size / result.seconds / 1e6 if result.seconds > 0 else 0.0
+        moved = result.size - result.resumed
+        rate = moved / result.seconds / 1e6 if result.seconds > 0 else 0.0
         verb = "Received" if result.path else "Sent"
-        self.say(
-            f"{verb} {printable(result.name)}: {result.size} bytes in {result.seconds:.2f} s "
-            f"({rate:.1f} MB/s, {path}), sha256 {result.sha256}"
-        )
+        what = f"{result.size} bytes" if result.files == 1 else f"{_plural(result.files, 'file')}, {result.size} bytes"
+        line = f"{verb} {printable(result.name)}: {what} in {result.seconds:.2f} s ({rate:.1f} MB/s, {path})"
+        if result.resumed:
+            line += f"; {result.resumed} bytes were already there (resumed)"
+        if result.sha256:
+            line += f", sha256 {result.sha256}"
+        self.say(line)
 
     def error(self, message: str) -> None:
         self._close_bar()
@@ -175,23 +197,27 @@ class JsonUI(HumanUI):
         super().connected(peer, path)
         self.emit("connected", peer=peer, path=path)
 
-    def sending(self, name: str, size: int) -> None:
-        super().sending(name, size)
-        self.emit("offer", name=name, size=size)
+    def _emit_offer(self, offer: Offer) -> None:
+        self.emit("offer", name=offer.name, files=offer.files, folders=offer.dirs, size=offer.size,
+                  top=offer.top, top_count=offer.top_count)
+
+    def sending(self, offer: Offer) -> None:
+        super().sending(offer)
+        self._emit_offer(offer)
 
     def decide(self, offer: Offer) -> defer.Deferred:
-        self.emit("offer", name=offer.name, size=offer.size)
+        self._emit_offer(offer)
         return super().decide(offer)
 
-    def progress(self, done: int, total: int) -> None:
+    def progress(self, done: int, total: int | None, name: str = "") -> None:
         if self._due("json", done, total):
-            self.emit("progress", bytes=done, total=total)
-        super().progress(done, total)
+            self.emit("progress", bytes=done, total=total, file=name)
+        super().progress(done, total, name)
 
     def done(self, result: Result, path: str) -> None:
         super().done(result, path)
-        fields = dict(name=result.name, bytes=result.size, sha256=result.sha256,
-                      seconds=round(result.seconds, 3), path=path)
+        fields = dict(name=result.name, files=result.files, bytes=result.size, resumed=result.resumed,
+                      sha256=result.sha256, seconds=round(result.seconds, 3), path=path)
         if result.path:
             fields["file"] = result.path
         self.emit("done", **fields)

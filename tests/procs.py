@@ -56,13 +56,26 @@ class Proc(ProcessProtocol):
         self._check()
         return _deadline(d, timeout, f"{self.name}: {pattern!r} not seen", self)
 
+    def wait_until(self, check, what: str, timeout: float = DEADLINE) -> defer.Deferred:
+        """Fire with C{check(self)} once it is true, checked on each output."""
+        d = defer.Deferred()
+        self._waiters.append((check, None, d))
+        self._check()
+        return _deadline(d, timeout, f"{self.name}: {what} not seen", self)
+
     def wait_exit(self, timeout: float = DEADLINE) -> defer.Deferred:
         d = defer.Deferred()
         self.ended.addBoth(lambda code: (d.callback(code) if not d.called else None, code)[1])
         return _deadline(d, timeout, f"{self.name}: did not exit", self)
 
     def events(self) -> list[dict]:
-        return [json.loads(line) for line in self.out.decode().splitlines() if line.startswith("{")]
+        complete = self.out.decode(errors="replace").split("\n")[:-1]  # not a line still arriving
+        return [json.loads(line) for line in complete if line.startswith("{")]
+
+    def progress(self) -> int:
+        """Bytes done in the last JSON progress event."""
+        done = [e["bytes"] for e in self.events() if e["event"] == "progress"]
+        return done[-1] if done else 0
 
     def text(self) -> str:
         return f"--- {self.name} exit={self.exit_code}\nstdout:\n{self.out.decode(errors='replace')}\nstderr:\n{self.err.decode(errors='replace')}"
@@ -71,13 +84,16 @@ class Proc(ProcessProtocol):
         streams = {"out": self.out, "err": self.err, "any": self.out + b"\n" + self.err}
         for item in list(self._waiters):
             stream, pattern, d = item
-            m = pattern.search(streams[stream].decode(errors="replace"))
+            if pattern is None:
+                m, what = stream(self), "the awaited condition"
+            else:
+                m, what = pattern.search(streams[stream].decode(errors="replace")), repr(pattern.pattern)
             if m:
                 self._waiters.remove(item)
                 d.callback(m)
             elif self.exit_code is not None:
                 self._waiters.remove(item)
-                d.errback(AssertionError(f"{self.name} exited ({self.exit_code}) before {pattern.pattern!r}\n{self.text()}"))
+                d.errback(AssertionError(f"{self.name} exited ({self.exit_code}) before {what}\n{self.text()}"))
 
     # -- ProcessProtocol
 

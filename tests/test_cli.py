@@ -16,7 +16,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2pft import cli, codes
 from p2pft.transfer import Offer, Result
-from p2pft.ui import HumanUI, JsonUI, human_size
+from p2pft.ui import HumanUI, JsonUI, describe, human_size
+
+
+def one_file(name, size):
+    return Offer(files=1, dirs=0, size=size, top=[name], top_count=1)
 
 
 def parse(*argv, env=None):
@@ -37,8 +41,11 @@ class OptionTests(SynchronousTestCase):
         c = parse("send", "--code", "7-Apple-River", "--json", "example.org:9000", "f.bin")
         self.assertEqual(c.subCommand, "send")
         s = c.subOptions
-        self.assertEqual((s["server"], s["path"], s["code"], s["json"]),
-                         (("example.org", 9000), "f.bin", "7-Apple-River", True))
+        self.assertEqual((s["server"], s["paths"], s["code"], s["json"], s["follow-symlinks"]),
+                         (("example.org", 9000), ["f.bin"], "7-Apple-River", True, 0))
+        c = parse("send", "-L", "h:1", "a.iso", "photos/", "notes.txt")
+        self.assertEqual((c.subOptions["paths"], c.subOptions["follow-symlinks"]),
+                         (["a.iso", "photos/", "notes.txt"], 1))
 
     def test_receive_and_rcv_alias(self):
         for name in ("receive", "rcv"):
@@ -68,7 +75,7 @@ class OptionTests(SynchronousTestCase):
         self.assertIn(cli.dual_stack(9000), ("tcp6:9000:interface=\\:\\:", "tcp:9000"))
 
     def test_usage_errors(self):
-        for argv in ([], ["send"], ["send", "h:1"], ["send", "h:1", "a", "b"], ["receive"],
+        for argv in ([], ["send"], ["send", "h:1"], ["send", "h:1", "a", "-"], ["receive"],
                      ["receive", "h:1", "c", "extra"], ["send", "h", "f"], ["send", "--code-length", "99", "h:1", "f"]):
             self.assertRaises(usage.UsageError, parse, *argv)
 
@@ -144,14 +151,22 @@ class UITests(SynchronousTestCase):
 
     def test_decide_needs_terminal_or_yes(self):
         ui = HumanUI(err=io.StringIO(), stdin=io.StringIO(""))
-        self.failureResultOf(ui.decide(Offer("f", 1)), RuntimeError)
+        self.failureResultOf(ui.decide(one_file("f", 1)), RuntimeError)
         ui = HumanUI(err=io.StringIO(), assume_yes=True)
-        self.assertTrue(self.successResultOf(ui.decide(Offer("f", 1))))
+        self.assertTrue(self.successResultOf(ui.decide(one_file("f", 1))))
 
     def test_offer_name_escaped(self):
         err = io.StringIO()
-        HumanUI(err=err, assume_yes=True).decide(Offer("evil\x1b[2J", 1))
+        HumanUI(err=err, assume_yes=True).decide(one_file("evil\x1b[2J", 1))
         self.assertNotIn("\x1b", err.getvalue())
+
+    def test_summary_of_many(self):
+        offer = Offer(files=120, dirs=3, size=2_100_000, top=["a.iso", "photos/"] + [f"n{i}" for i in range(6)],
+                      top_count=10)
+        self.assertEqual(describe(offer),
+                         "a.iso, photos/, n0, n1, n2, n3, n4, n5 and 2 more (120 files in 3 folders, 2.1 MB)")
+        self.assertEqual(describe(one_file("x", 5)), "x (5 B)")
+        self.assertEqual(offer.name, "10 items")
 
     def test_human_size(self):
         self.assertEqual(human_size(999), "999 B")
@@ -176,7 +191,7 @@ class ProgressTests(SynchronousTestCase):
     def test_unknown_total(self):
         clock, out = Clock(), io.StringIO()
         ui = JsonUI("h:1", out=out, err=io.StringIO(), reactor=clock, progress_bar=True)
-        ui.sending("stdin", None)
+        ui.sending(one_file("stdin", None))
         ui.progress(100, None)
         clock.advance(1)
         ui.progress(200, None)
@@ -187,15 +202,15 @@ class ProgressTests(SynchronousTestCase):
         clock = Clock()
         err = io.StringIO()
         ui = HumanUI(err=err, reactor=clock, progress_bar=True)
-        ui.sending("movie.mkv", 10_000_000)
-        ui.progress(5_000_000, 10_000_000)
-        ui.progress(10_000_000, 10_000_000)
+        ui.sending(one_file("movie.mkv", 10_000_000))
+        ui.progress(5_000_000, 10_000_000, "movie.mkv")
+        ui.progress(10_000_000, 10_000_000, "movie.mkv")
         ui.done(Result("movie.mkv", 10_000_000, "ab", 1.0), "direct")
         self.assertIn("movie.mkv", err.getvalue())
         self.assertIn("10.0M/10.0M", err.getvalue())
         quiet = io.StringIO()
         ui = HumanUI(err=quiet, reactor=clock, progress_bar=False)
-        ui.sending("movie.mkv", 10)
+        ui.sending(one_file("movie.mkv", 10))
         ui.progress(10, 10)
         self.assertNotIn("\r", quiet.getvalue())
         # Default: a bar only when stderr is a terminal (a StringIO is not).
@@ -227,7 +242,7 @@ class PromptFailureTests(SynchronousTestCase):
 
         reactor = LaterReactor()
         ui = HumanUI(err=io.StringIO(), stdin=BrokenTerminal(), reactor=reactor)
-        d = ui.decide(Offer("f", 1))
+        d = ui.decide(one_file("f", 1))
         # The prompt runs on its own thread; wait for it to hand over.
         import threading
 

@@ -150,7 +150,7 @@ class CommandLineErrorTests(TestCase):
 
     async def test_usage_errors_exit_2(self):
         cases = [
-            (("send",), "send needs SERVER:PORT and PATH"),
+            (("send",), "send needs SERVER:PORT and at least one PATH"),
             (("send", "nohostport", "x"), "server must be HOST:PORT"),
             (("receive", "h:1", "not-a-code"), "code must start with a number"),
             (("frobnicate",), "Unknown command"),
@@ -303,7 +303,8 @@ class PipeTests(TestCase):
         self.assertEqual(receiver.out, data)  # stdout holds the data and nothing else
         self.assertIn("Received stdin", receiver.err.decode())
         [offer] = [e for e in sender.events() if e["event"] == "offer"]
-        self.assertEqual(offer, {"event": "offer", "name": "stdin", "size": None})
+        self.assertEqual(offer, {"event": "offer", "name": "stdin", "files": 1, "folders": 0, "size": None,
+                                 "top": ["stdin"], "top_count": 1})
 
     async def test_stdin_redirected_from_a_file_has_its_size(self):
         ws = Workspace(self)

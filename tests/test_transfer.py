@@ -1,8 +1,12 @@
 """
 The transfer layer over an in-memory channel: offers, decisions, data,
-verification, placement, and every way it must fail safely.
+verification, placement, and every way it must fail safely.  Folders are in
+test_folders, resuming in test_resume.
 """
 
+import errno
+import hashlib
+import io
 import json
 import os
 
@@ -11,97 +15,29 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pft import transfer
+from p2pft.errors import Declined, TransferFailed, UnsafeName
+from p2pft.manifest import PARTIAL_SUFFIX, printable, safe_path, scan, stream_manifest
 from p2pft.transfer import (
     ABORT,
     ACCEPT,
+    ACK,
     DATA,
     END,
+    ENTRIES,
+    FILE,
+    FILE_END,
     OFFER,
-    Declined,
-    FileReceiver,
-    FileSender,
-    TransferFailed,
-    UnsafeName,
-    printable,
-    safe_name,
+    Receiver,
+    Sender,
+    StdoutReceiver,
+    StreamSender,
 )
 
-
-class FakeChannel:
-    """One end of an in-memory channel; records go to the peer on pump()."""
-
-    def __init__(self, log):
-        self.handler = None
-        self.peer = None
-        self.queue = []
-        self.producer = None
-        self.closed = False
-        self.lost = False
-        self.log = log
-
-    def attach(self, handler):
-        self.handler = handler
-
-    def send(self, kind, payload=b""):
-        assert not self.closed, "send after close"
-        self.log.append((self, kind, payload))
-        self.queue.append((kind, bytes(payload)))
-
-    def registerProducer(self, producer, streaming):
-        self.producer = producer
-        self.streaming = streaming
-
-    def unregisterProducer(self):
-        self.producer = None
-
-    def close(self):
-        # Like a transport: a registered producer would block the close.
-        assert self.producer is None, "close() with a producer still registered"
-        self.closed = True
-        # Like loseConnection: lost once what we sent has been flushed (to a
-        # peer that reads, or to nobody at all).
-        if not self.queue or self.peer.handler is None:
-            self.notify_lost()
-
-    def abort(self):
-        self.producer = None
-        self.close()
-
-    def notify_lost(self):
-        if not self.lost and self.handler is not None:
-            self.lost = True
-            self.handler.channelLost("closed")
+from .memlink import Link, accept, start_pair
 
 
-class Link:
-    def __init__(self):
-        self.log = []
-        self.a, self.b = FakeChannel(self.log), FakeChannel(self.log)
-        self.a.peer, self.b.peer = self.b, self.a
-
-    def pump(self, limit=100000):
-        for _ in range(limit):
-            progressed = False
-            for ch in (self.a, self.b):
-                while ch.queue and ch.peer.handler is not None:
-                    kind, payload = ch.queue.pop(0)
-                    ch.peer.handler.recordReceived(kind, payload)
-                    progressed = True
-                if ch.producer is not None and not ch.streaming and not ch.queue:
-                    ch.producer.resumeProducing()  # a pull producer asks for more
-                    progressed = True
-            if (self.a.closed or self.b.closed) and not self.a.queue and not self.b.queue:
-                for ch in (self.a, self.b):
-                    if not ch.lost:
-                        ch.notify_lost()
-                        progressed = True
-            if not progressed:
-                return
-        raise AssertionError("pump did not settle")
-
-
-def accept(offer):
-    return True
+def dumps(value) -> bytes:
+    return json.dumps(value).encode()
 
 
 class TransferTests(SynchronousTestCase):
@@ -119,40 +55,51 @@ class TransferTests(SynchronousTestCase):
         return path
 
     def run_pair(self, data=b"hello" * 100000, decide=accept, overwrite=False, name="file.bin"):
-        link = Link()
-        sender = FileSender(link.a, self.clock, self.source(data, name))
-        receiver = FileReceiver(link.b, self.clock, self.out, decide, overwrite=overwrite)
-        rd = receiver.start()
-        sd = sender.start()
+        link, sender, receiver, sd, rd = start_pair([self.source(data, name)], self.out, decide, overwrite,
+                                                    self.clock)
         link.pump()
         return link, sender, receiver, sd, rd
+
+    def read(self, name="file.bin"):
+        with open(os.path.join(self.out, name), "rb") as f:
+            return f.read()
 
     def test_transfer_roundtrip(self):
         data = os.urandom(3 * transfer.CHUNK + 123)
         link, sender, receiver, sd, rd = self.run_pair(data)
         sres, rres = self.successResultOf(sd), self.successResultOf(rd)
         self.assertEqual(sres.sha256, rres.sha256)
-        self.assertEqual(rres.size, len(data))
-        with open(os.path.join(self.out, "file.bin"), "rb") as f:
-            self.assertEqual(f.read(), data)
+        self.assertEqual(rres.sha256, hashlib.sha256(data).hexdigest())
+        self.assertEqual((rres.size, rres.files, rres.resumed), (len(data), 1, 0))
+        self.assertEqual(rres.path, os.path.join(os.path.abspath(self.out), "file.bin"))
+        self.assertEqual(self.read(), data)
         self.assertEqual(os.listdir(self.out), ["file.bin"])
         self.assertTrue(link.a.closed and link.b.closed)
 
     def test_empty_file(self):
         link, _, _, sd, rd = self.run_pair(b"")
         self.successResultOf(sd)
-        self.assertEqual(os.path.getsize(os.path.join(self.out, "file.bin")), 0)
+        self.assertEqual(self.read(), b"")
 
     def test_received_file_is_not_executable_and_follows_umask(self):
         self.run_pair(b"x")
-        mode = os.stat(os.path.join(self.out, "file.bin")).st_mode & 0o777
+        mode = os.stat(os.path.join(self.out, "file.bin")).st_mode & 0o7777
         self.assertEqual(mode & 0o111, 0)
-        self.assertTrue(mode & 0o600 == 0o600)
+        self.assertEqual(mode & 0o600, 0o600)
+
+    def test_executable_stays_executable_but_never_setuid_or_world_writable(self):
+        path = self.source(b"#!/bin/sh\n", "run.sh")
+        os.chmod(path, 0o4777)
+        link, _, _, sd, rd = start_pair([path], self.out, clock=self.clock)
+        link.pump()
+        self.successResultOf(rd)
+        mode = os.stat(os.path.join(self.out, "run.sh")).st_mode & 0o7777
+        self.assertEqual(mode & 0o100, 0o100)
+        self.assertEqual(mode & 0o7022, 0)
 
     def test_data_is_chunked_within_record_limit(self):
         link, *_ = self.run_pair(os.urandom(transfer.CHUNK * 2 + 1))
-        sizes = [len(p) for ch, k, p in link.log if k == DATA]
-        self.assertEqual(sizes, [transfer.CHUNK, transfer.CHUNK, 1])
+        self.assertEqual([len(p) for p in link.sent(DATA)], [transfer.CHUNK, transfer.CHUNK, 1])
 
     def test_declined(self):
         link, _, _, sd, rd = self.run_pair(decide=lambda offer: False)
@@ -164,65 +111,158 @@ class TransferTests(SynchronousTestCase):
         answer = defer.Deferred()
         link, _, receiver, sd, rd = self.run_pair(decide=lambda offer: answer)
         self.assertNoResult(sd)
-        self.assertEqual(receiver.offer.name, "file.bin")
+        self.assertEqual((receiver.offer.name, receiver.offer.files, receiver.offer.size), ("file.bin", 1, 500000))
         answer.callback(True)
         link.pump()
         self.successResultOf(sd)
         self.successResultOf(rd)
 
-    def test_existing_file_is_kept(self):
+    def test_existing_file_of_other_size_is_kept_without_asking(self):
+        with open(os.path.join(self.out, "file.bin"), "wb") as f:
+            f.write(b"precious")
+        asked = []
+        _, _, _, sd, rd = self.run_pair(b"new data!", decide=asked.append)
+        f = self.failureResultOf(sd, TransferFailed)
+        self.assertIn("already exists (use --overwrite", str(f.value))
+        self.failureResultOf(rd, Declined)
+        self.assertEqual(asked, [])
+        self.assertEqual(self.read(), b"precious")
+        self.assertEqual(os.listdir(self.out), ["file.bin"])
+
+    def test_existing_file_of_same_size_and_other_content_is_kept(self):
         with open(os.path.join(self.out, "file.bin"), "wb") as f:
             f.write(b"precious")
         _, _, _, sd, rd = self.run_pair(b"new data")
-        f = self.failureResultOf(sd, TransferFailed)
-        self.assertIn("already exists", str(f.value))
-        self.failureResultOf(rd, Declined)
-        with open(os.path.join(self.out, "file.bin"), "rb") as f:
-            self.assertEqual(f.read(), b"precious")
+        f = self.failureResultOf(rd, Declined)
+        self.assertIn("already exists with other content", str(f.value))
+        self.failureResultOf(sd, TransferFailed)
+        self.assertEqual(self.read(), b"precious")
         self.assertEqual(os.listdir(self.out), ["file.bin"])
+
+    def test_identical_existing_file_is_checked_and_skipped(self):
+        data = os.urandom(100_000)
+        with open(os.path.join(self.out, "file.bin"), "wb") as f:
+            f.write(data)
+        link, _, _, sd, rd = self.run_pair(data)
+        result = self.successResultOf(rd)
+        self.assertEqual((result.size, result.resumed, result.sha256), (len(data), len(data),
+                                                                         hashlib.sha256(data).hexdigest()))
+        self.assertEqual(link.sent(DATA), [])
+        self.successResultOf(sd)
 
     def test_overwrite_replaces(self):
         with open(os.path.join(self.out, "file.bin"), "wb") as f:
             f.write(b"old")
         _, _, _, sd, rd = self.run_pair(b"new data", overwrite=True)
         self.successResultOf(rd)
-        with open(os.path.join(self.out, "file.bin"), "rb") as f:
-            self.assertEqual(f.read(), b"new data")
+        self.assertEqual(self.read(), b"new data")
 
     def test_file_appearing_during_transfer_is_not_clobbered(self):
         answer = defer.Deferred()
         link, _, _, sd, rd = self.run_pair(b"new", decide=lambda o: answer)
         answer.callback(True)
-        # Someone creates the file after we accepted, before END.
+        # Someone creates the file after we accepted, before it is placed.
         with open(os.path.join(self.out, "file.bin"), "wb") as f:
             f.write(b"theirs")
         link.pump()
         self.failureResultOf(rd, TransferFailed)
         f = self.failureResultOf(sd, TransferFailed)
         self.assertIn("appeared while receiving", str(f.value))
-        with open(os.path.join(self.out, "file.bin"), "rb") as f:
-            self.assertEqual(f.read(), b"theirs")
-        self.assertEqual(os.listdir(self.out), ["file.bin"])
+        self.assertEqual(self.read(), b"theirs")
 
-    def test_connection_lost_midway_removes_partial(self):
-        link = Link()
-        sender = FileSender(link.a, self.clock, self.source(os.urandom(transfer.CHUNK * 8)))
-        receiver = FileReceiver(link.b, self.clock, self.out, accept)
-        rd = receiver.start()
-        sd = sender.start()
-        # Deliver offer/accept and a little data by hand, then cut.
-        for _ in range(3):
-            for ch in (link.a, link.b):
-                while ch.queue:
-                    ch.peer.handler.recordReceived(*ch.queue.pop(0))
-            if link.a.producer:
-                link.a.producer.resumeProducing()
-        self.assertTrue(any(n.endswith(".part") for n in os.listdir(self.out)))
-        receiver.channelLost("reset")
-        sender.channelLost("reset")
-        self.failureResultOf(rd, TransferFailed)
+    def test_connection_lost_midway_keeps_partial_data(self):
+        data = os.urandom(transfer.CHUNK * 8)
+        link, _, _, sd, rd = start_pair([self.source(data)], self.out, clock=self.clock)
+        link.pump(data_limit=transfer.CHUNK * 3)
+        link.cut()
+        f = self.failureResultOf(rd, TransferFailed)
+        self.assertIn("run the same send and receive again to resume", str(f.value))
         self.failureResultOf(sd, TransferFailed)
+        self.assertEqual(os.listdir(self.out), ["file.bin" + PARTIAL_SUFFIX])
+        with open(os.path.join(self.out, "file.bin" + PARTIAL_SUFFIX), "rb") as f:
+            self.assertEqual(f.read(), data[:transfer.CHUNK * 3])
+
+    def test_lost_before_any_data_leaves_nothing(self):
+        link, _, _, sd, rd = start_pair([self.source(b"abc")], self.out, clock=self.clock)
+        for ch in (link.a, link.b):  # the offer arrives, nothing more
+            while ch.queue:
+                ch.peer.handler.recordReceived(*ch.queue.pop(0))
+        link.cut()
+        f = self.failureResultOf(rd, TransferFailed)
+        self.assertNotIn("resume", str(f.value))
         self.assertEqual(os.listdir(self.out), [])
+
+    def test_full_disk_stops_with_a_clear_error_and_keeps_the_data(self):
+        from p2pft import store
+
+        real_open = store.OutputDir.open_partial
+
+        class FillingDisk(io.RawIOBase):
+            def __init__(self, f, room):
+                self.f, self.room = f, room
+
+            def write(self, data):
+                if self.room <= 0:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                n = self.f.write(data[: self.room])
+                self.room -= n
+                return n
+
+            def fileno(self):
+                return self.f.fileno()
+
+            def tell(self):
+                return self.f.tell()
+
+            def close(self):
+                self.f.close()
+                super().close()
+
+        self.patch(store.OutputDir, "open_partial",
+                   lambda out, path, offset: FillingDisk(real_open(out, path, offset), 1000))
+        data = os.urandom(5000)
+        _, _, _, sd, rd = self.run_pair(data)
+        f = self.failureResultOf(rd, TransferFailed)
+        self.assertIn("the disk is full while writing file.bin", str(f.value))
+        self.assertIn("resume", str(f.value))
+        f = self.failureResultOf(sd, TransferFailed)
+        self.assertIn("the disk is full", str(f.value))
+        with open(os.path.join(self.out, "file.bin" + PARTIAL_SUFFIX), "rb") as f:
+            self.assertEqual(f.read(), data[:1000])
+
+    def test_interrupted_receiver_tells_the_sender(self):
+        data = os.urandom(transfer.CHUNK * 8)
+        link, _, _, sd, rd = start_pair([self.source(data)], self.out, clock=self.clock)
+        link.pump(data_limit=transfer.CHUNK)
+        rd.cancel()
+        link.pump()
+        f = self.failureResultOf(sd, TransferFailed)
+        self.assertIn("the other side stopped: interrupted", str(f.value))
+        self.assertIn("resume", str(f.value))
+        self.failureResultOf(rd, defer.CancelledError)
+
+    def test_rate_limit_paces_the_data(self):
+        data = os.urandom(transfer.CHUNK * 20)
+        link, _, _, sd, rd = start_pair([self.source(data)], self.out, clock=self.clock, rate=transfer.CHUNK * 4)
+        link.pump()
+        self.assertLessEqual(link.delivered, transfer.CHUNK * 2)
+        for _ in range(60):
+            self.clock.advance(0.1)
+            link.pump()
+        self.successResultOf(rd)
+        self.successResultOf(sd)
+        self.assertGreaterEqual(self.clock.seconds(), 4.5)
+
+
+def offer_records(entries):
+    files = [e for e in entries if isinstance(e, list) and e[1:2] == ["file"]]
+    return [(OFFER, dumps({"entries": len(entries), "files": len(files),
+                           "bytes": sum(e[2] if isinstance(e[2], int) else 0 for e in files)})),
+            (ENTRIES, dumps({"entries": entries}))]
+
+
+def file_entry(name="f", size=5):
+    return [name, "file", size, 0o644, None]
 
 
 class HostileSenderTests(SynchronousTestCase):
@@ -232,7 +272,7 @@ class HostileSenderTests(SynchronousTestCase):
         self.out = self.mktemp()
         os.mkdir(self.out)
         self.link = Link()
-        self.receiver = FileReceiver(self.link.b, Clock(), self.out, accept)
+        self.receiver = Receiver(self.link.b, Clock(), self.out, accept)
         self.done = self.receiver.start()
 
     def feed(self, *records):
@@ -240,68 +280,106 @@ class HostileSenderTests(SynchronousTestCase):
             self.receiver.recordReceived(kind, payload)
 
     def offer(self, name="f", size=5):
-        return (OFFER, json.dumps({"name": name, "size": size}).encode())
+        return offer_records([file_entry(name, size)])
+
+    def start_file(self, size):
+        return self.offer(size=size) + [(FILE, dumps({"file": 0, "offset": 0}))]
 
     def assertFailedCleanly(self, fragment=""):
         f = self.failureResultOf(self.done, TransferFailed)
         self.assertIn(fragment, str(f.value))
         self.assertEqual([n for n in os.listdir(self.out)], [])
         self.assertTrue(self.link.b.closed)
+        self.assertEqual(self.link.b.queue[-1][0], ABORT)
         return f
 
     def test_more_data_than_offered(self):
-        self.feed(self.offer(size=3), (DATA, b"abcd"))
+        self.feed(*self.start_file(3), (DATA, b"abcd"))
         self.assertFailedCleanly("more data than it offered")
 
     def test_less_data_than_offered(self):
-        self.feed(self.offer(size=10), (DATA, b"abc"), (END, json.dumps({"size": 3, "sha256": "00"}).encode()))
+        self.feed(*self.start_file(10), (DATA, b"abc"), (FILE_END, dumps({"size": 3, "sha256": "00"})))
         self.assertFailedCleanly("size mismatch")
 
-    def test_wrong_checksum(self):
-        self.feed(self.offer(size=3), (DATA, b"abc"), (END, json.dumps({"size": 3, "sha256": "00" * 32}).encode()))
+    def test_wrong_checksum_throws_the_data_away(self):
+        self.feed(*self.start_file(3), (DATA, b"abc"), (FILE_END, dumps({"size": 3, "sha256": "00" * 32})))
         self.assertFailedCleanly("checksum mismatch")
+
+    def test_end_before_all_files(self):
+        self.feed(*self.offer(size=0), (END, dumps({"files": 1, "bytes": 0})))
+        self.assertFailedCleanly("ended early")
 
     def test_data_before_accept(self):
         self.feed((DATA, b"abc"))
         self.assertFailedCleanly("unexpected DATA")
 
+    def test_data_outside_a_file(self):
+        self.feed(*self.offer(size=3), (DATA, b"abc"))
+        self.assertFailedCleanly("unexpected DATA")
+
+    def test_files_out_of_order_or_unknown(self):
+        for message in ({"file": 1, "offset": 0}, {"file": "0", "offset": 0}, {"offset": 0}):
+            self.setUp()
+            self.feed(*offer_records([file_entry("a"), file_entry("b")]), (FILE, dumps(message)))
+            self.assertFailedCleanly("out of order")
+
+    def test_skip_or_resume_of_what_we_do_not_have(self):
+        for message, fragment in (({"file": 0, "skip": True}, "skipped a file we do not have"),
+                                  ({"file": 0, "offset": 3}, "resumed from data we do not have"),
+                                  ({"file": 0, "offset": 6}, "invalid offset"),
+                                  ({"file": 0, "offset": -1}, "invalid offset")):
+            self.setUp()
+            self.feed(*self.offer(size=5), (FILE, dumps(message)))
+            self.assertFailedCleanly(fragment)
+
     def test_malformed_offers(self):
-        for payload in (b"not json", b"[1]", json.dumps({"name": "x", "size": -1}).encode(),
-                        json.dumps({"name": "x", "size": True}).encode(),
-                        json.dumps({"name": 5, "size": 1}).encode(), b"{" * 70000, b"[" * 60000):
-            out = self.mktemp()
-            os.mkdir(out)
-            link = Link()
-            r = FileReceiver(link.b, Clock(), out, accept)
-            d = r.start()
-            r.recordReceived(OFFER, payload)
-            self.failureResultOf(d, TransferFailed)
-            self.assertEqual(os.listdir(out), [])
-            self.assertEqual(link.b.queue[-1][0], ABORT)
+        for payload in (b"not json", b"[1]", dumps({"entries": 0}), dumps({"entries": -1}),
+                        dumps({"entries": True}), dumps({"entries": 10**12}), b"{" * 70000, b"[" * 60000):
+            self.setUp()
+            self.feed((OFFER, payload))
+            self.assertFailedCleanly()
+
+    def test_malformed_entries(self):
+        for entry in ([1, "file", 5, 0, None], ["x", "link", 5, 0, None], ["x", "file", -1, 0, None],
+                      ["x", "file", True, 0, None], ["x", "file", 1.5, 0, None], ["x", "dir", 5, 0, None],
+                      ["x", "file", 5, 0o10000, None], ["x", "file", 5, 0, "yesterday"], ["x", "file", 5, 0],
+                      "x", None):
+            self.setUp()
+            self.feed(*offer_records([entry]))
+            self.assertFailedCleanly()
+
+    def test_more_entries_than_announced(self):
+        self.feed((OFFER, dumps({"entries": 1})), (ENTRIES, dumps({"entries": [file_entry("a"), file_entry("b")]})))
+        self.assertFailedCleanly("invalid ENTRIES")
+
+    def test_a_stream_only_alone(self):
+        self.feed(*offer_records([file_entry("a", None), file_entry("b", 1)]))
+        self.assertFailedCleanly("stream of unknown size")
 
     def test_hostile_names_refused(self):
         for bad in ("../../etc/passwd", "/etc/shadow", "C:\\Windows\\evil.dll", "..\\..\\x",
-                    "dir/sub/name.txt", "C:evil", "c:", "\\\\server\\share", "", ".", "..",
-                    "a/..", "/", "x\x00y", "bell\x07", "esc\x1b[31m", "new\nline",
-                    "bidi\u202etxt.exe", "zero\u200bwidth", "a" * 256, "\u00e9" * 128,
-                    "CON", "con.txt", "Nul", "COM1.log", "lpt9", "COM\u00b9", "trailing.", "trailing ",
-                    None, 5, ["x"]):
-            self.assertRaises(UnsafeName, safe_name, bad)
+                    "C:evil", "c:", "\\\\server\\share", "", ".", "..", "a/..", "a//b", "a/./b", "/",
+                    "x\x00y", "bell\x07", "esc\x1b[31m", "new\nline", "bidi\u202etxt.exe", "zero\u200bwidth",
+                    "a" * 256, "\u00e9" * 128, "CON", "con.txt", "Nul", "COM1.log", "lpt9", "COM\u00b9",
+                    "trailing.", "trailing ", "dir/trailing.", "x" + PARTIAL_SUFFIX, "X.P2PFT-PARTIAL",
+                    "surrogate\udc80", "/".join(["d"] * 200), "/".join(["d" * 200] * 30), None, 5, ["x"]):
+            self.assertRaises(UnsafeName, safe_path, bad)
 
     def test_ordinary_names_accepted(self):
         for good in ("movie.mkv", "12:30 notes.txt", ".bashrc", "r\u00e9sum\u00e9.pdf", "\u65e5\u672c.txt",
-                     "a" * 255, "console.log", "COM10", "-rf", "~user", " leading space"):
-            self.assertEqual(safe_name(good), good)
+                     "a" * 255, "console.log", "COM10", "-rf", "~user", " leading space", "dir/sub/name.txt",
+                     "notes.p2pft-partial.txt"):
+            self.assertEqual(safe_path(good), good)
 
     def test_names_are_nfc_normalised(self):
-        self.assertEqual(safe_name("re\u0301sume\u0301"), "r\u00e9sum\u00e9")
+        self.assertEqual(safe_path("re\u0301sume\u0301/x"), "r\u00e9sum\u00e9/x")
 
     def test_unsafe_offer_refused_nothing_written(self):
-        self.feed(self.offer(name="../../etc/passwd", size=1))
-        self.assertFailedCleanly("path separator")
+        self.feed(*self.offer(name="../../etc/passwd", size=1))
+        self.assertFailedCleanly("'.' or '..'")
 
     def test_offer_larger_than_disk(self):
-        self.feed(self.offer(size=1 << 62))
+        self.feed(*self.offer(size=1 << 62))
         self.assertFailedCleanly("not enough free space")
 
     def test_printable_escapes_terminal_sequences(self):
@@ -310,29 +388,37 @@ class HostileSenderTests(SynchronousTestCase):
         self.assertEqual(printable("ok ünïcode"), "ok ünïcode")
 
     def test_remote_abort_message_is_escaped(self):
-        self.feed((ABORT, json.dumps({"message": "boom\x1b[31m"}).encode()))
+        self.feed((ABORT, dumps({"message": "boom\x1b[31m"})))
         f = self.failureResultOf(self.done, TransferFailed)
         self.assertIn("boom\\x1b[31m", str(f.value))
 
 
-def offered_sender(testcase, data: bytes):
-    """A FileSender for a fresh file holding C{data}, its OFFER sent."""
+def offered_sender(testcase, data: bytes, **kw):
+    """A Sender for a fresh file holding C{data}, its offer sent."""
     src = testcase.mktemp()
     with open(src, "wb") as f:
         f.write(data)
     link = Link()
-    sender = FileSender(link.a, Clock(), src)
-    return src, link, sender, sender.start()
+    sender = Sender(link.a, Clock(), scan([src]), **kw)
+    d = sender.start()
+    sender.resumeProducing()  # the manifest
+    return src, link, sender, d
+
+
+def accepted_sender(testcase, data: bytes, **kw):
+    src, link, sender, d = offered_sender(testcase, data, **kw)
+    sender.recordReceived(ACCEPT, b"{}")
+    return src, link, sender, d
 
 
 class SenderTests(SynchronousTestCase):
     def test_receiver_wrong_ack_fails(self):
-        src, link, sender, d = offered_sender(self, b"data")
-        sender.recordReceived(ACCEPT, b"{}")
+        src, link, sender, d = accepted_sender(self, b"data")
         sender.resumeProducing()
         self.assertEqual(sender.state, "ending")
-        sender.recordReceived(transfer.ACK, json.dumps({"sha256": "00"}).encode())
-        self.failureResultOf(d, TransferFailed)
+        sender.recordReceived(ACK, dumps({"files": 1, "bytes": 3}))
+        f = self.failureResultOf(d, TransferFailed)
+        self.assertIn("does not match", str(f.value))
 
     def test_file_that_grows_is_detected(self):
         src, link, sender, d = offered_sender(self, b"data")
@@ -341,48 +427,61 @@ class SenderTests(SynchronousTestCase):
         sender.recordReceived(ACCEPT, b"{}")
         sender.resumeProducing()
         f = self.failureResultOf(d, TransferFailed)
-        self.assertIn("grew", str(f.value))
+        self.assertIn("changed after the transfer started (4 bytes then, 8 now)", str(f.value))
+
+    def test_file_that_grows_while_read_is_detected(self):
+        src, link, sender, d = accepted_sender(self, b"x" * (transfer.BURST * 2))
+        sender.resumeProducing()
+        with open(src, "ab") as f:
+            f.write(b"more")
+        sender.resumeProducing()
+        f = self.failureResultOf(d, TransferFailed)
+        self.assertIn("grew while it was being sent", str(f.value))
+
+    def test_file_that_shrinks_while_read_is_detected(self):
+        src, link, sender, d = accepted_sender(self, b"x" * (transfer.BURST * 2))
+        sender.resumeProducing()
+        os.truncate(src, 10)
+        sender.resumeProducing()
+        f = self.failureResultOf(d, TransferFailed)
+        self.assertIn("shrank", str(f.value))
+
+    def test_file_that_vanished_is_reported(self):
+        src, link, sender, d = offered_sender(self, b"data")
+        os.unlink(src)
+        sender.recordReceived(ACCEPT, b"{}")
+        sender.resumeProducing()
+        f = self.failureResultOf(d, TransferFailed)
+        self.assertIn("cannot read", str(f.value))
+
+    def test_accept_before_the_manifest_is_out(self):
+        link = Link()
+        src = self.mktemp()
+        os.mkdir(src)
+        for i in range(3000):
+            open(os.path.join(src, f"f{i}"), "w").close()
+        sender = Sender(link.a, Clock(), scan([src]))
+        d = sender.start()
+        sender.recordReceived(ACCEPT, b"{}")
+        self.failureResultOf(d, TransferFailed)
 
     def test_connection_lost_before_ack_is_failure(self):
-        src, link, sender, d = offered_sender(self, b"data")
-        sender.recordReceived(ACCEPT, b"{}")
+        src, link, sender, d = accepted_sender(self, b"data")
         sender.resumeProducing()
         sender.channelLost("closed")
         self.failureResultOf(d, TransferFailed)
 
-
-class LargeFileTests(SynchronousTestCase):
-    """Sizes beyond 32 bits survive offer and accounting (sparse file, no data read)."""
-
-    def test_offer_of_sparse_file_over_4_gib(self):
-        src = self.mktemp()
-        size = (1 << 32) + 12345
-        with open(src, "wb") as f:
-            f.truncate(size)
-        link = Link()
-        sender = FileSender(link.a, Clock(), src)
-        sender.start()
-        kind, payload = link.a.queue[0]
-        self.assertEqual((kind, json.loads(payload)["size"]), (OFFER, size))
-        sender.channelLost("test over")
-        self.failureResultOf(sender.done, TransferFailed)
-        self.assertEqual(transfer._offer_from({"name": "x", "size": size}).size, size)
-
-
-class SenderAbortTests(SynchronousTestCase):
     def test_abort_while_streaming_unregisters_and_reports_reason(self):
-        src, link, sender, d = offered_sender(self, os.urandom(transfer.CHUNK * 10))
-        sender.recordReceived(ACCEPT, b"{}")
+        src, link, sender, d = accepted_sender(self, os.urandom(transfer.BURST * 3))
         sender.resumeProducing()
         self.assertIsNotNone(link.a.producer)
-        sender.recordReceived(ABORT, json.dumps({"message": "disk full"}).encode())
+        sender.recordReceived(ABORT, dumps({"message": "disk full"}))
         self.assertIsNone(link.a.producer)
         f = self.failureResultOf(d, TransferFailed)
         self.assertIn("disk full", str(f.value))
 
     def test_stop_producing_does_not_hide_the_reason(self):
-        src, link, sender, d = offered_sender(self, b"x" * 10)
-        sender.recordReceived(ACCEPT, b"{}")
+        src, link, sender, d = accepted_sender(self, b"x" * 10)
         sender.stopProducing()
         self.assertNoResult(d)
         sender.channelLost("Connection reset by peer")
@@ -390,7 +489,26 @@ class SenderAbortTests(SynchronousTestCase):
         self.assertIn("reset by peer", str(f.value))
 
 
-class SymlinkTests(SynchronousTestCase):
+class LargeFileTests(SynchronousTestCase):
+    """Sizes beyond 32 bits survive the manifest (sparse file, no data read);
+    test_resume moves real data past 4 GiB."""
+
+    def test_offer_of_sparse_file_over_4_gib(self):
+        size = (1 << 32) + 12345
+        src, link, sender, d = offered_sender(self, b"")
+        os.truncate(src, size)
+        link = Link()
+        sender = Sender(link.a, Clock(), scan([src]))
+        sender.start()
+        sender.resumeProducing()
+        (_, offer), (_, entries) = link.a.queue[:2]
+        self.assertEqual(json.loads(offer)["bytes"], size)
+        self.assertEqual(json.loads(entries)["entries"][0][2], size)
+        sender.channelLost("test over")
+        self.failureResultOf(sender.done, TransferFailed)
+
+
+class SymlinkAtDestinationTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
         self.out = self.mktemp()
@@ -401,13 +519,12 @@ class SymlinkTests(SynchronousTestCase):
         os.symlink(self.outside, os.path.join(self.out, "file.bin"))
 
     def run_pair(self, overwrite):
-        src = self.mktemp()
-        with open(src, "wb") as f:
+        src = os.path.join(self.mktemp())
+        os.mkdir(src)
+        with open(os.path.join(src, "file.bin"), "wb") as f:
             f.write(b"payload")
-        link = Link()
-        sender = FileSender(link.a, self.clock, src, name="file.bin")
-        receiver = FileReceiver(link.b, self.clock, self.out, accept, overwrite=overwrite)
-        rd, sd = receiver.start(), sender.start()
+        link, _, _, sd, rd = start_pair([os.path.join(src, "file.bin")], self.out, overwrite=overwrite,
+                                        clock=self.clock)
         link.pump()
         return sd, rd
 
@@ -452,22 +569,24 @@ class FakeSource:
 
 
 class StreamTests(SynchronousTestCase):
-    """Streams of unknown length (pipes): size null in the offer, the real
-    size in END."""
+    """Streams of unknown length (pipes): size null in the manifest, the
+    real size in FILE_END."""
 
     def setUp(self):
         self.out = self.mktemp()
         os.mkdir(self.out)
 
-    def test_stream_roundtrip(self):
-        from p2pft.transfer import StreamSender
-
+    def stream_pair(self, receiver_class=Receiver, target=None):
         link, source = Link(), FakeSource()
-        sender = StreamSender(link.a, Clock(), source)
-        receiver = FileReceiver(link.b, Clock(), self.out, accept)
+        sender = StreamSender(link.a, Clock(), stream_manifest(), source)
+        receiver = receiver_class(link.b, Clock(), target or self.out, accept)
         rd, sd = receiver.start(), sender.start()
         link.pump()
-        self.assertEqual(json.loads(link.log[0][2]), {"name": "stdin", "size": None})
+        return link, source, sd, rd
+
+    def test_stream_roundtrip(self):
+        link, source, sd, rd = self.stream_pair()
+        self.assertEqual(json.loads(link.sent(ENTRIES)[0]), {"entries": [["stdin", "file", None, 0o644, None]]})
         self.assertIs(link.a.producer, source)
         chunks = [os.urandom(100), os.urandom(transfer.CHUNK * 2 + 5), b"tail"]
         for c in chunks:
@@ -480,49 +599,55 @@ class StreamTests(SynchronousTestCase):
         with open(os.path.join(self.out, "stdin"), "rb") as f:
             self.assertEqual(f.read(), b"".join(chunks))
         self.assertTrue(source.stopped)
-        self.assertTrue(all(len(p) <= transfer.CHUNK for ch, k, p in link.log if k == DATA))
+        self.assertTrue(all(len(p) <= transfer.CHUNK for p in link.sent(DATA)))
 
-    def test_read_error_fails_cleanly(self):
-        from p2pft.transfer import StreamSender
-
-        link, source = Link(), FakeSource()
-        sender = StreamSender(link.a, Clock(), source)
-        receiver = FileReceiver(link.b, Clock(), self.out, accept)
-        rd, sd = receiver.start(), sender.start()
-        link.pump()
+    def test_read_error_fails_cleanly_and_keeps_nothing(self):
+        link, source, sd, rd = self.stream_pair()
         source.on_data(b"some")
         source.on_end("Input/output error")
         link.pump()
         f = self.failureResultOf(sd, TransferFailed)
         self.assertIn("cannot read standard input", str(f.value))
-        self.failureResultOf(rd, TransferFailed)
+        f = self.failureResultOf(rd, TransferFailed)
+        self.assertNotIn("resume", str(f.value))  # a stream cannot be resumed
         self.assertEqual(os.listdir(self.out), [])
 
     def test_stream_end_must_match_what_arrived(self):
         link = Link()
-        receiver = FileReceiver(link.b, Clock(), self.out, accept)
+        receiver = Receiver(link.b, Clock(), self.out, accept)
         d = receiver.start()
-        receiver.recordReceived(OFFER, json.dumps({"name": "s", "size": None}).encode())
-        receiver.recordReceived(DATA, b"abc")
-        receiver.recordReceived(END, json.dumps({"size": 4, "sha256": "00"}).encode())
+        for kind, payload in offer_records([file_entry("s", None)]) + [
+                (FILE, dumps({"file": 0, "offset": 0})), (DATA, b"abc"),
+                (FILE_END, dumps({"size": 4, "sha256": "00"}))]:
+            receiver.recordReceived(kind, payload)
         self.failureResultOf(d, TransferFailed)
         self.assertEqual(os.listdir(self.out), [])
 
     def test_stdout_receiver(self):
-        import io
-
-        from p2pft.transfer import StdoutReceiver
-
         src = self.mktemp()
         data = os.urandom(transfer.CHUNK + 3)
         with open(src, "wb") as f:
             f.write(data)
         out = io.BytesIO()
+        link, _, _, sd, rd = start_pair([src], self.out)
+        link.b.handler = None
+        receiver = StdoutReceiver(link.b, Clock(), out, accept)
+        rd = receiver.start()
+        link.pump()
+        result = self.successResultOf(rd)
+        self.assertEqual((result.path, result.sha256), ("-", hashlib.sha256(data).hexdigest()))
+        self.successResultOf(sd)
+        self.assertEqual(out.getvalue(), data)
+
+    def test_stdout_takes_one_file_only(self):
+        src = self.mktemp()
+        os.mkdir(src)
+        out = io.BytesIO()
         link = Link()
-        sender = FileSender(link.a, Clock(), src)
+        sender = Sender(link.a, Clock(), scan([src]))
         receiver = StdoutReceiver(link.b, Clock(), out, accept)
         rd, sd = receiver.start(), sender.start()
         link.pump()
-        self.assertEqual(self.successResultOf(rd).path, "-")
-        self.successResultOf(sd)
-        self.assertEqual(out.getvalue(), data)
+        f = self.failureResultOf(rd, Declined)
+        self.assertIn("--output - takes a single file", str(f.value))
+        self.failureResultOf(sd, TransferFailed)
