@@ -73,10 +73,10 @@ def safe_component(part: str, whole: str) -> str:
         raise UnsafeName(f"offered name {shown!r} starts with a drive letter")
     if any("\udc80" <= c <= "\udcff" for c in part):
         raise UnsafeName(f"name {shown!r} is not valid UTF-8")
-    if len(part.encode("utf-8")) > MAX_NAME_BYTES:
-        raise UnsafeName(f"offered name {shown!r} is longer than {MAX_NAME_BYTES} bytes")
     if any(unicodedata.category(c) in _FORBIDDEN_CATEGORIES for c in part):
         raise UnsafeName(f"offered name {shown!r} contains control or formatting characters")
+    if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+        raise UnsafeName(f"offered name {shown!r} is longer than {MAX_NAME_BYTES} bytes")
     if part[-1] in ". ":
         raise UnsafeName(f"offered name {shown!r} ends with a dot or space")
     if part.split(".", 1)[0].rstrip(" ").upper() in _WINDOWS_RESERVED:

@@ -343,6 +343,7 @@ class HostileSenderTests(SynchronousTestCase):
         for entry in ([1, "file", 5, 0, None], ["x", "link", 5, 0, None], ["x", "file", -1, 0, None],
                       ["x", "file", True, 0, None], ["x", "file", 1.5, 0, None], ["x", "dir", 5, 0, None],
                       ["x", "file", 5, 0o10000, None], ["x", "file", 5, 0, "yesterday"], ["x", "file", 5, 0],
+                      ["lone\ud800", "file", 5, 0, None],
                       "x", None):
             self.setUp()
             self.feed(*offer_records([entry]))
@@ -362,7 +363,8 @@ class HostileSenderTests(SynchronousTestCase):
                     "x\x00y", "bell\x07", "esc\x1b[31m", "new\nline", "bidi\u202etxt.exe", "zero\u200bwidth",
                     "a" * 256, "\u00e9" * 128, "CON", "con.txt", "Nul", "COM1.log", "lpt9", "COM\u00b9",
                     "trailing.", "trailing ", "dir/trailing.", "x" + PARTIAL_SUFFIX, "X.P2PFT-PARTIAL",
-                    "surrogate\udc80", "/".join(["d"] * 200), "/".join(["d" * 200] * 30), None, 5, ["x"]):
+                    "surrogate\udc80", "lone\ud800", "low\udfff", "/".join(["d"] * 200),
+                    "/".join(["d" * 200] * 30), None, 5, ["x"]):
             self.assertRaises(UnsafeName, safe_path, bad)
 
     def test_ordinary_names_accepted(self):
