@@ -190,6 +190,7 @@ class TransferTests(SynchronousTestCase):
         link.cut()
         f = self.failureResultOf(rd, TransferFailed)
         self.assertNotIn("resume", str(f.value))
+        self.failureResultOf(sd, TransferFailed)
         self.assertEqual(os.listdir(self.out), [])
 
     def test_full_disk_stops_with_a_clear_error_and_keeps_the_data(self):
