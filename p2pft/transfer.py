@@ -245,10 +245,18 @@ class _Endpoint:
             return self._remote_abort(payload)
         try:
             self._handle(kind, payload)
-        except TransferFailed as e:
+        except (TransferFailed, OSError) as e:
+            self._failed(e)
+
+    def _failed(self, e: Exception) -> None:
+        """Fail the transfer because of C{e}: one of ours, a disk error, or
+        (from work on a thread) anything else."""
+        if isinstance(e, TransferFailed):
             self._fail(e)
-        except OSError as e:
+        elif isinstance(e, OSError):
             self._fail(_os_error(e, e.filename or ""))
+        else:
+            self._fail(TransferFailed(f"unexpected {type(e).__name__}: {e}"))
 
     def _later(self, work: defer.Deferred, then: Callable) -> None:
         """Continue with C{then(result)} once blocking work is done, unless
@@ -257,17 +265,12 @@ class _Endpoint:
             if not self._ending:
                 try:
                     then(result)
-                except TransferFailed as e:
-                    self._fail(e)
+                except (TransferFailed, OSError) as e:
+                    self._failed(e)
 
         def failed(f):
             if not self._ending:
-                if f.check(OSError):
-                    self._fail(_os_error(f.value, f.value.filename or ""))
-                elif f.check(TransferFailed):
-                    self._fail(f.value)
-                else:
-                    self._fail(TransferFailed(f"unexpected {f.type.__name__}: {f.getErrorMessage()}"))
+                self._failed(f.value)
 
         work.addCallbacks(done, failed)
 
@@ -412,10 +415,8 @@ class Sender(_Endpoint):
                 self._send_entries()
             elif self.state == "sending":
                 self._send_data()
-        except TransferFailed as e:
-            self._fail(e)
-        except OSError as e:
-            self._fail(_os_error(e, e.filename or ""))
+        except (TransferFailed, OSError) as e:
+            self._failed(e)
 
     def _send_entries(self) -> None:
         budget = BURST
@@ -658,6 +659,15 @@ class _Incoming:
     received: int
     hash: object
 
+    def mismatch(self, end: dict) -> str | None:
+        """What is wrong with the sender's FILE_END for what arrived, if anything."""
+        if end.get("size") != self.received or self.entry.size not in (None, self.received):
+            return (f"size mismatch for {printable(self.entry.path)}: offered {self.entry.size}, "
+                    f"received {self.received} bytes")
+        if end.get("sha256") != self.hash.hexdigest():
+            return f"checksum mismatch: {printable(self.entry.path)} is not what was sent"
+        return None
+
 
 def find_existing(out: OutputDir, entries: list[Entry], stop: threading.Event) -> dict[int, _Have]:
     """
@@ -877,13 +887,7 @@ class Receiver(_Endpoint):
     def _finish_file(self, end: dict) -> None:
         current = self._current
         entry = current.entry
-        digest = current.hash.hexdigest()
-        if end.get("size") != current.received or entry.size not in (None, current.received):
-            error = f"size mismatch for {printable(entry.path)}: offered {entry.size}, received {current.received} bytes"
-        elif end.get("sha256") != digest:
-            error = f"checksum mismatch: {printable(entry.path)} is not what was sent"
-        else:
-            error = None
+        error = current.mismatch(end)
         if error:
             current.file.close()
             self._out.remove_partial(entry.path)  # not worth resuming from
@@ -891,7 +895,7 @@ class Receiver(_Endpoint):
         self._current = None
         self._out.place(entry.path, current.file, safe_mode(entry, self._out.umask), entry.mtime, self._overwrite)
         self._kept = True
-        self._sha256 = digest
+        self._sha256 = end["sha256"]
         if entry.size is None:
             self._total = current.received
 
@@ -971,10 +975,9 @@ class StdoutReceiver(Receiver):
     def _finish_file(self, end: dict) -> None:
         self._stdout.flush()
         current = self._current
-        if end.get("size") != current.received or current.entry.size not in (None, current.received):
-            raise TransferFailed(f"size mismatch: offered {current.entry.size}, received {current.received} bytes")
-        if end.get("sha256") != current.hash.hexdigest():
-            raise TransferFailed("checksum mismatch: the received data is not what was sent")
+        error = current.mismatch(end)
+        if error:
+            raise TransferFailed(error)
         self._sha256 = end["sha256"]
         self._current = None
         if current.entry.size is None:
