@@ -1,7 +1,8 @@
 """
 CPU cost of p2pft's record encryption, per GiB, in this process: AES-256-GCM
 seal and open of 256 KiB DATA records exactly as the transfer does them, next
-to the SHA-256 both sides also compute.  Compare with bench/loopback.py's
+to what a SHA-256 of the same bytes costs (the resume's block hashes; the
+whole-file hash p2pft no longer computes, docs/PROTOCOL.md says why).  Compare with bench/loopback.py's
 CPU seconds to see the share of encryption in a whole transfer.
 
     .venv/bin/python bench/crypto_cost.py [--size MiB]
@@ -54,7 +55,7 @@ def main():
             h.update(chunk)
 
     gib = a.size / 1024
-    for name, fn in (("seal (sender)", seal), ("open (receiver)", open_), ("sha256 (each side)", sha)):
+    for name, fn in (("seal (sender)", seal), ("open (receiver)", open_), ("sha256 (for scale)", sha)):
         wall, cpu = timed(fn)
         print(f"{name:20} {cpu / gib:6.2f} CPU-s/GiB  {a.size * 1.048576 / wall:8.0f} MB/s")
 

@@ -34,7 +34,7 @@ def reap(proc):
     """Wait for a child and return (exit code, cpu seconds, peak RSS MiB)."""
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    return proc.returncode, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, usage.ru_stime
 
 
 def _status(pid, key):
@@ -73,7 +73,7 @@ def one_run(src, work, server_addr):
     if done[0]["path"] != ("relay" if PEER[-1].endswith("relayonly_p2pft.py") else "direct"):
         raise SystemExit(f"unexpected path {done[0]['path']}")
     return {"seconds": done[0]["seconds"], "wall": wall, "bytes": done[0]["bytes"],
-            "sender_cpu": s[1], "receiver_cpu": r[1], "sender_rss": s[2], "receiver_rss": r[2]}
+            "sender_cpu": s[1], "receiver_cpu": r[1], "sender_sys": s[3], "receiver_sys": r[3], "sender_rss": s[2], "receiver_rss": r[2]}
 
 
 def main():
@@ -113,7 +113,8 @@ def main():
     print(f"p2pft loopback, {label}, {size / 2**20:.0f} MiB, {a.runs} runs (medians)")
     print(f"  transfer throughput   {size / med('seconds') / 1e6:8.1f} MB/s  ({med('seconds'):.2f} s, OFFER..ACK)")
     print(f"  receiver start..exit  {size / med('wall') / 1e6:8.1f} MB/s  ({med('wall'):.2f} s, incl. rendezvous + punch)")
-    print(f"  CPU seconds           sender {med('sender_cpu'):.2f}, receiver {med('receiver_cpu'):.2f}")
+    print(f"  CPU seconds           sender {med('sender_cpu'):.2f}, receiver {med('receiver_cpu'):.2f}"
+          f"  (of which system: {med('sender_sys'):.2f}, {med('receiver_sys'):.2f})")
     print(f"  peak RSS              sender {med('sender_rss'):.0f} MiB, receiver {med('receiver_rss'):.0f} MiB")
     print(f"  server (+relay)       {server_cpu:.2f} CPU-s over all {a.runs} runs, peak RSS {server_rss:.0f} MiB")
     if not a.work_dir:

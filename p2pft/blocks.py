@@ -5,10 +5,9 @@ transfer sends only the rest.
 A file is cut into L{BLOCK}-sized blocks from its start; each block's proof
 is its SHA-256.  The receiver hashes every whole block of its partial file
 (every block of an existing complete file); the sender reads its own file
-block by block while the hashes match.  Both sides also keep a running
-SHA-256 of the matched bytes, so the whole-file hash checked at the end
-needs no second pass.  These functions block on disk reads: call them off
-the reactor thread.
+block by block while the hashes match.  Data that travels needs no such
+proof: the AEAD records already authenticate every byte and their order.
+These functions block on disk reads: call them off the reactor thread.
 """
 
 from __future__ import annotations
@@ -29,16 +28,13 @@ def block_count(size: int) -> int:
 
 @attrs.define
 class Prefix:
-    """The first C{length} bytes of a file: one hash per block, and the
-    running hash of all of them."""
+    """The first C{length} bytes of a file: one hash per block."""
 
     hashes: list[bytes] = attrs.Factory(list)
-    running: "hashlib._Hash" = attrs.Factory(hashlib.sha256)
     length: int = 0
 
     def add(self, block: bytes, digest: bytes) -> None:
         self.hashes.append(digest)
-        self.running.update(block)
         self.length += len(block)
 
 

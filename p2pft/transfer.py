@@ -8,7 +8,7 @@ The transfer layer: what travels inside the encrypted records.
                                    <-    ACCEPT {}      (or REJECT {message})
     per file:  FILE {file, offset} | FILE {file, skip}  ->
                DATA bytes ... DATA ->                    (flow-controlled)
-               FILE_END {size, sha256} ->                (verified, moved into place)
+               FILE_END {size} ->                        (checked, moved into place)
     END {files, bytes}             ->
                                    <-    ACK {files, bytes}   (after syncing the disk)
 
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import stat
 import threading
@@ -136,8 +135,6 @@ class Offer:
 class Result:
     name: str
     size: int
-    #: SHA-256 of the file, for a transfer of one file; None for several.
-    sha256: str | None
     seconds: float
     #: Where the receiver put it (one file or folder), or None on the sender.
     path: str | None = None
@@ -285,7 +282,6 @@ class _Outgoing:
     index: int
     file: object
     remaining: int
-    hash: object
 
 
 @implementer(IRecordHandler)
@@ -313,7 +309,6 @@ class Sender(_Endpoint):
         self._current: _Outgoing | None = None
         self._name = ""  # of the file being sent
         self._producing = False
-        self._sha256: str | None = None
 
     @property
     def offer(self) -> Offer:
@@ -359,8 +354,8 @@ class Sender(_Endpoint):
             raise self._unexpected(kind)
 
     def _result(self) -> Result:
-        return Result(self.offer.name, self._bytes_done, self._sha256 if len(self._files) == 1 else None,
-                      self._elapsed(), files=len(self._files), resumed=self._resumed)
+        return Result(self.offer.name, self._bytes_done, self._elapsed(), files=len(self._files),
+                      resumed=self._resumed)
 
     def _add_have(self, have: dict) -> None:
         index = _count(have.get("file"), "file index", 0, len(self._entries) - 1)
@@ -460,7 +455,6 @@ class Sender(_Endpoint):
             if len(chunk) < want:
                 raise TransferFailed(f"{printable(entry.path)} shrank while it was being sent")
             if want:
-                current.hash.update(chunk)
                 current.remaining -= len(chunk)
                 self._bytes_done += len(chunk)
                 self._paced += len(chunk)
@@ -469,7 +463,7 @@ class Sender(_Endpoint):
             if current.remaining == 0:
                 if current.file.read(1):
                     raise TransferFailed(f"{printable(entry.path)} grew while it was being sent")
-                self._finish_file(current.hash.hexdigest(), entry.size)
+                self._finish_file(entry.size)
         if self.state == "sending":
             self._progress(self._name)
 
@@ -483,7 +477,6 @@ class Sender(_Endpoint):
             self._channel.send(FILE, _control({"file": index, "skip": True}))
             self._bytes_done += entry.size
             self._resumed += entry.size
-            self._sha256 = prefix.running.hexdigest()
             return
         try:
             f = open(source, "rb", buffering=0)
@@ -497,16 +490,15 @@ class Sender(_Endpoint):
                 f"then, {size} now); send again")
         offset = prefix.length if prefix is not None else 0
         f.seek(offset)
-        self._current = _Outgoing(index, f, entry.size - offset, prefix.running if prefix else hashlib.sha256())
+        self._current = _Outgoing(index, f, entry.size - offset)
         self._bytes_done += offset
         self._resumed += offset
         self._channel.send(FILE, _control({"file": index, "offset": offset}))
 
-    def _finish_file(self, sha256: str, size: int) -> None:
+    def _finish_file(self, size: int) -> None:
         self._current.file.close()
         self._current = None
-        self._sha256 = sha256
-        self._channel.send(FILE_END, _control({"size": size, "sha256": sha256}))
+        self._channel.send(FILE_END, _control({"size": size}))
 
     def _end(self) -> None:
         self._stopProducing()
@@ -550,7 +542,6 @@ class StreamSender(Sender):
     def __init__(self, channel, clock, manifest: Manifest, source, progress=None):
         super().__init__(channel, clock, manifest, progress)
         self._source = source
-        self._hash = hashlib.sha256()
 
     def _send_files(self, plan: dict) -> None:
         self.state = "sending"
@@ -567,7 +558,6 @@ class StreamSender(Sender):
         for i in range(0, len(chunk), CHUNK):
             piece = chunk[i:i + CHUNK]
             self._bytes_done += len(piece)
-            self._hash.update(piece)
             self._channel.send(DATA, piece)
         self._progress(self._entries[0].path)
 
@@ -576,8 +566,7 @@ class StreamSender(Sender):
             return
         if error is not None:
             return self._fail(TransferFailed(f"cannot read standard input: {error}"))
-        self._sha256 = self._hash.hexdigest()
-        self._channel.send(FILE_END, _control({"size": self._bytes_done, "sha256": self._sha256}))
+        self._channel.send(FILE_END, _control({"size": self._bytes_done}))
         self._end()
 
     def _cleanup(self) -> None:
@@ -657,15 +646,12 @@ class _Incoming:
     entry: Entry
     file: object
     received: int
-    hash: object
 
     def mismatch(self, end: dict) -> str | None:
         """What is wrong with the sender's FILE_END for what arrived, if anything."""
         if end.get("size") != self.received or self.entry.size not in (None, self.received):
             return (f"size mismatch for {printable(self.entry.path)}: offered {self.entry.size}, "
                     f"received {self.received} bytes")
-        if end.get("sha256") != self.hash.hexdigest():
-            return f"checksum mismatch: {printable(self.entry.path)} is not what was sent"
         return None
 
 
@@ -730,7 +716,6 @@ class Receiver(_Endpoint):
         self._have: dict[int, _Have] = {}
         self._current: _Incoming | None = None
         self._kept = False  # data on disk a later attempt can resume from
-        self._sha256: str | None = None
         self.offer: Offer | None = None
 
     def start(self) -> defer.Deferred:
@@ -853,7 +838,6 @@ class Receiver(_Endpoint):
                 raise TransferFailed("protocol error: skipped a file we do not have")
             self._bytes_done += entry.size
             self._resumed += entry.size
-            self._sha256 = have.prefix.running.hexdigest()
             self._out.remove_partial(entry.path)
             self._progress(entry.path)
             return
@@ -863,8 +847,7 @@ class Receiver(_Endpoint):
         if offset and (have is None or have.complete or offset != have.prefix.length):
             raise TransferFailed("protocol error: resumed from data we do not have")
         f = self._out.open_partial(entry.path, offset)
-        self._current = _Incoming(index, entry, f, received=offset,
-                                  hash=have.prefix.running if offset else hashlib.sha256())
+        self._current = _Incoming(index, entry, f, received=offset)
         self._bytes_done += offset
         self._resumed += offset
 
@@ -873,7 +856,6 @@ class Receiver(_Endpoint):
         current.received += len(data)
         if current.entry.size is not None and current.received > current.entry.size:
             raise TransferFailed("the sender sent more data than it offered")
-        current.hash.update(data)
         view = memoryview(data)
         self._kept = current.entry.size is not None
         try:
@@ -895,7 +877,6 @@ class Receiver(_Endpoint):
         self._current = None
         self._out.place(entry.path, current.file, safe_mode(entry, self._out.umask), entry.mtime, self._overwrite)
         self._kept = True
-        self._sha256 = end["sha256"]
         if entry.size is None:
             self._total = current.received
 
@@ -906,8 +887,8 @@ class Receiver(_Endpoint):
         self._sync()
         self._channel.send(ACK, _control({"files": len(self._files), "bytes": self._bytes_done}))
         self._cleanup()
-        self._close_then(Result(self.offer.name, self._bytes_done, self._sha256 if len(self._files) == 1 else None,
-                                self._elapsed(), self.destination, len(self._files), self._resumed))
+        self._close_then(Result(self.offer.name, self._bytes_done, self._elapsed(), self.destination,
+                                len(self._files), self._resumed))
 
     def _sync(self) -> None:
         self._out.sync()
@@ -970,7 +951,7 @@ class StdoutReceiver(Receiver):
         if self._current is not None or message.get("file") != 0 or message.get("offset") != 0:
             raise TransferFailed("protocol error: unexpected FILE")
         self._next_file = 1
-        self._current = _Incoming(0, self._entries[0], self._stdout, received=0, hash=hashlib.sha256())
+        self._current = _Incoming(0, self._entries[0], self._stdout, received=0)
 
     def _finish_file(self, end: dict) -> None:
         self._stdout.flush()
@@ -978,7 +959,6 @@ class StdoutReceiver(Receiver):
         error = current.mismatch(end)
         if error:
             raise TransferFailed(error)
-        self._sha256 = end["sha256"]
         self._current = None
         if current.entry.size is None:
             self._total = current.received

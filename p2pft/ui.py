@@ -165,8 +165,6 @@ class HumanUI:
         line = f"{verb} {printable(result.name)}: {what} in {result.seconds:.2f} s ({rate:.1f} MB/s, {path})"
         if result.resumed:
             line += f"; {result.resumed} bytes were already there (resumed)"
-        if result.sha256:
-            line += f", sha256 {result.sha256}"
         self.say(line)
 
     def error(self, message: str) -> None:
@@ -217,7 +215,7 @@ class JsonUI(HumanUI):
     def done(self, result: Result, path: str) -> None:
         super().done(result, path)
         fields = dict(name=result.name, files=result.files, bytes=result.size, resumed=result.resumed,
-                      sha256=result.sha256, seconds=round(result.seconds, 3), path=path)
+                      seconds=round(result.seconds, 3), path=path)
         if result.path:
             fields["file"] = result.path
         self.emit("done", **fields)

@@ -58,7 +58,6 @@ class LoopbackEndToEndTests(TestCase):
             done = events[-1]
             self.assertEqual(done["event"], "done", proc.text())
             self.assertEqual(done["bytes"], os.path.getsize(src))
-            self.assertEqual(done["sha256"], sha256_of(src))
             self.assertIn(f"Connected to {connected[0]['peer']} successfully!", proc.err.decode())
         self.assertEqual(sorted(os.listdir(ws.out)), ["movie.bin"])
 
