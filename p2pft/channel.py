@@ -10,6 +10,8 @@ records below).  A candidate that fails the handshake is dropped silently.
 
 from __future__ import annotations
 
+from collections import deque
+
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -34,7 +36,7 @@ class IRecordHandler(Interface):
     """The layer above a chosen channel (the transfer)."""
 
     def recordReceived(kind: int, payload: bytes) -> None:
-        "One authenticated record, in order."
+        "One authenticated record, in order (none while reading is paused)."
 
     def channelLost(reason: str) -> None:
         "The connection ended (after or instead of a normal end)."
@@ -66,6 +68,8 @@ class PeerConnection(Protocol):
         self._closing = False
         self._ticker = None
         self._last_sent = 0.0
+        self._paused = False
+        self._held: deque[tuple[int, bytes]] = deque()  # opened, not yet delivered
         self._closed = OneShot()
         self.lost_reason: str | None = None
 
@@ -199,6 +203,20 @@ class PeerConnection(Protocol):
     def unregisterProducer(self) -> None:
         self.transport.unregisterProducer()
 
+    def pauseReading(self) -> None:
+        """Deliver no more records until L{resumeReading}; stop reading the
+        socket, so TCP flow control slows the other side down."""
+        if not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def resumeReading(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._deliver()
+            if not self._paused:
+                self.transport.resumeProducing()
+
     def close(self) -> None:
         """
         Close after flushing what was sent.  Only our direction is shut at
@@ -208,6 +226,10 @@ class PeerConnection(Protocol):
         closes too; the transfer layer aborts if that takes too long.
         """
         self._closing = True
+        self._held.clear()
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
         self._stopTicker()
         try:
             self.transport.loseWriteConnection()
@@ -227,9 +249,16 @@ class PeerConnection(Protocol):
             self.lost_reason = str(e)
             self.transport.abortConnection()
             return
-        for kind, payload in records:
+        self._held.extend(records)
+        self._deliver()
+
+    def _deliver(self) -> None:
+        held = self._held
+        while held and not self._paused:
             if self._handler is None or self._closing or self.transport.disconnecting:
+                held.clear()
                 return
+            kind, payload = held.popleft()
             if kind != KEEPALIVE:
                 self._handler.recordReceived(kind, payload)
 

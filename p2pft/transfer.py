@@ -57,6 +57,7 @@ from .manifest import (
     printable,
     safe_mode,
 )
+from .sink import BufferPool, FileSink, StreamSink
 from .store import OutputDir
 from .util import dump_object, load_object
 
@@ -644,8 +645,15 @@ class _Incoming:
 
     index: int
     entry: Entry
-    file: object
+    sink: FileSink | StreamSink
     received: int
+
+    def disk(self, work: defer.Deferred) -> defer.Deferred:
+        """C{work} with a disk error turned into a clear failure."""
+        def clear(f):
+            f.trap(OSError)
+            raise _os_error(f.value, self.entry.path + PARTIAL_SUFFIX)
+        return work.addErrback(clear)
 
     def mismatch(self, end: dict) -> str | None:
         """What is wrong with the sender's FILE_END for what arrived, if anything."""
@@ -716,6 +724,7 @@ class Receiver(_Endpoint):
         self._have: dict[int, _Have] = {}
         self._current: _Incoming | None = None
         self._kept = False  # data on disk a later attempt can resume from
+        self._pool = BufferPool()
         self.offer: Offer | None = None
 
     def start(self) -> defer.Deferred:
@@ -847,35 +856,53 @@ class Receiver(_Endpoint):
         if offset and (have is None or have.complete or offset != have.prefix.length):
             raise TransferFailed("protocol error: resumed from data we do not have")
         f = self._out.open_partial(entry.path, offset)
-        self._current = _Incoming(index, entry, f, received=offset)
+        self._current = _Incoming(index, entry, FileSink(f, offset, self._pool, self._run_blocking),
+                                  received=offset)
         self._bytes_done += offset
         self._resumed += offset
 
     def _write(self, data: bytes) -> None:
         current = self._current
-        current.received += len(data)
-        if current.entry.size is not None and current.received > current.entry.size:
+        if current.entry.size is not None and current.received + len(data) > current.entry.size:
             raise TransferFailed("the sender sent more data than it offered")
-        view = memoryview(data)
+        current.received += len(data)
         self._kept = current.entry.size is not None
         try:
-            while view:
-                view = view[current.file.write(view):]
+            current.sink.write(data)
         except OSError as e:
             raise _os_error(e, current.entry.path + PARTIAL_SUFFIX) from None
         self._bytes_done += len(data)
         self._progress(current.entry.path)
+        if not current.sink.ready():
+            self._after(current.disk(current.sink.when_ready()), lambda _: None)
+
+    def _after(self, work: defer.Deferred, then: Callable) -> None:
+        """Like L{_later}, and hold the records that arrive meanwhile
+        (the disk is behind: the sender is slowed down by TCP)."""
+        if work.called:
+            return self._later(work, then)
+        self._channel.pauseReading()
+
+        def resume(result):
+            then(result)
+            if not self._ending:
+                self._channel.resumeReading()
+        self._later(work, resume)
 
     def _finish_file(self, end: dict) -> None:
         current = self._current
-        entry = current.entry
         error = current.mismatch(end)
         if error:
-            current.file.close()
-            self._out.remove_partial(entry.path)  # not worth resuming from
+            current.sink.close()
+            self._out.remove_partial(current.entry.path)  # not worth resuming from
             raise TransferFailed(error)
+        self._after(current.disk(current.sink.finish()), lambda _: self._place(current))
+
+    def _place(self, current: "_Incoming") -> None:
+        entry = current.entry
         self._current = None
-        self._out.place(entry.path, current.file, safe_mode(entry, self._out.umask), entry.mtime, self._overwrite)
+        self._out.place(entry.path, current.sink.release(), safe_mode(entry, self._out.umask), entry.mtime,
+                        self._overwrite)
         self._kept = True
         if entry.size is None:
             self._total = current.received
@@ -902,10 +929,10 @@ class Receiver(_Endpoint):
         super()._cleanup()
         current, self._current = self._current, None
         if current is not None:
-            size = current.file.tell() if not current.file.closed else 0
-            current.file.close()
-            if current.entry.size is None or size == 0:
+            current.sink.close()
+            if current.entry.size is None or current.received == 0:
                 self._out.remove_partial(current.entry.path)  # nothing a resume could use
+        self._pool.close()
         if self._out is not None:
             self._out.close()
             self._out = None
@@ -951,7 +978,7 @@ class StdoutReceiver(Receiver):
         if self._current is not None or message.get("file") != 0 or message.get("offset") != 0:
             raise TransferFailed("protocol error: unexpected FILE")
         self._next_file = 1
-        self._current = _Incoming(0, self._entries[0], self._stdout, received=0)
+        self._current = _Incoming(0, self._entries[0], StreamSink(self._stdout), received=0)
 
     def _finish_file(self, end: dict) -> None:
         self._stdout.flush()

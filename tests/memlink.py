@@ -21,6 +21,7 @@ class FakeChannel:
         self.producer = None
         self.closed = False
         self.lost = False
+        self.paused = False  # the handler does not want records now
         self.log = log
 
     def attach(self, handler):
@@ -39,10 +40,19 @@ class FakeChannel:
     def unregisterProducer(self):
         self.producer = None
 
+    def pauseReading(self):
+        self.paused = True
+
+    def resumeReading(self):
+        # Like PeerConnection: records held meanwhile are delivered by the
+        # next pump().
+        self.paused = False
+
     def close(self):
         # Like a transport: a registered producer would block the close.
         assert self.producer is None, "close() with a producer still registered"
         self.closed = True
+        self.paused = False
         # Like loseConnection: lost once what we sent has been flushed (to a
         # peer that reads, or to nobody at all).
         if not self.queue or self.peer.handler is None:
@@ -71,7 +81,7 @@ class Link:
         for _ in range(limit):
             progressed = False
             for ch in (self.a, self.b):
-                while ch.queue and ch.peer.handler is not None:
+                while ch.queue and ch.peer.handler is not None and not ch.peer.paused:
                     kind, payload = ch.queue.pop(0)
                     ch.peer.handler.recordReceived(kind, payload)
                     if kind == DATA and ch is self.a:

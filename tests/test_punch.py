@@ -275,17 +275,19 @@ class LoopbackPunchTests(TestCase):
                 await d
 
 
-class ChannelKeepaliveTests(SynchronousTestCase):
-    """A chosen channel that has nothing to say sends KEEPALIVE records,
-    which the other side swallows without losing step."""
+class ChannelTests(SynchronousTestCase):
+    """A chosen channel: one that has nothing to say sends KEEPALIVE
+    records, which the other side swallows without losing step; one whose
+    reader pauses holds the records that arrive meanwhile."""
 
-    def test_keepalive(self):
+    def chosen_pair(self, clock):
+        """Two PeerConnections over iosim that chose each other, each
+        with a handler collecting its records: (sender, receiver, pump, got)."""
         from twisted.test import iosim
 
-        from p2pft.channel import KEEPALIVE_INTERVAL, PeerConnection
+        from p2pft.channel import PeerConnection
 
         s_keys, r_keys = LoopbackPunchTests.keys(None)
-        clock = Clock()
 
         class Connector:
             def __init__(self, leader):
@@ -320,6 +322,13 @@ class ChannelKeepaliveTests(SynchronousTestCase):
 
         sp.attach(Handler())
         rp.attach(Handler())
+        return sp, rp, pump, got
+
+    def test_keepalive(self):
+        from p2pft.channel import KEEPALIVE_INTERVAL
+
+        clock = Clock()
+        sp, rp, pump, got = self.chosen_pair(clock)
         sent_before = sp._sealer._counter
         clock.advance(KEEPALIVE_INTERVAL + 1)
         pump.flush()
@@ -339,3 +348,36 @@ class ChannelKeepaliveTests(SynchronousTestCase):
         clock.advance(KEEPALIVE_INTERVAL / 2)
         pump.flush()
         self.assertEqual(sp._sealer._counter, n + 1)
+
+    def test_paused_channel_holds_records_and_stops_reading(self):
+        sp, rp, pump, got = self.chosen_pair(Clock())
+        sp.send(9, b"one")
+        sp.send(9, b"two")
+        pump.flush()
+        self.assertEqual(got, [(9, b"one"), (9, b"two")])
+        del got[:]
+
+        class Pausing:
+            def recordReceived(self, kind, payload):
+                got.append(payload)
+                if payload == b"b":
+                    rp.pauseReading()
+
+            def channelLost(self, reason):
+                pass
+        rp.attach(Pausing())
+        calls = []
+        rp.transport.pauseProducing = lambda: calls.append("pause")
+        rp.transport.resumeProducing = lambda: calls.append("resume")
+        for payload in (b"a", b"b", b"c", b"d"):
+            sp.send(9, payload)
+        pump.flush()
+        self.assertEqual(got, [b"a", b"b"], "records after the pause are held")
+        self.assertEqual(calls, ["pause"], "the socket is not read meanwhile")
+        sp.send(9, b"e")
+        pump.flush()  # (iosim's transport cannot stop reading)
+        self.assertEqual(got, [b"a", b"b"])
+        rp.resumeReading()
+        pump.flush()
+        self.assertEqual(got, [b"a", b"b", b"c", b"d", b"e"], "nothing lost or reordered")
+        self.assertEqual(calls, ["pause", "resume"])

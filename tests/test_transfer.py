@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pft import transfer
+from p2pft import sink, transfer
 from p2pft.errors import Declined, TransferFailed, UnsafeName
 from p2pft.manifest import PARTIAL_SUFFIX, printable, safe_path, scan, stream_manifest
 from p2pft.transfer import (
@@ -33,6 +33,22 @@ from p2pft.transfer import (
 )
 
 from .memlink import Link, accept, start_pair
+
+
+def filling_disk(room: int):
+    """A stand-in for L{sink._write_all} on a disk with C{room} bytes left."""
+    left = [room]
+
+    def write_all(fd, view, offset):
+        n = min(len(view), left[0])
+        sink._write_all_real(fd, view[:n], offset)
+        left[0] -= n
+        if n < len(view):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    return write_all
+
+
+sink._write_all_real = sink._write_all
 
 
 def dumps(value) -> bytes:
@@ -191,42 +207,21 @@ class TransferTests(SynchronousTestCase):
         self.assertEqual(os.listdir(self.out), [])
 
     def test_full_disk_stops_with_a_clear_error_and_keeps_the_data(self):
-        from p2pft import store
-
-        real_open = store.OutputDir.open_partial
-
-        class FillingDisk(io.RawIOBase):
-            def __init__(self, f, room):
-                self.f, self.room = f, room
-
-            def write(self, data):
-                if self.room <= 0:
-                    raise OSError(errno.ENOSPC, "No space left on device")
-                n = self.f.write(data[: self.room])
-                self.room -= n
-                return n
-
-            def fileno(self):
-                return self.f.fileno()
-
-            def tell(self):
-                return self.f.tell()
-
-            def close(self):
-                self.f.close()
-                super().close()
-
-        self.patch(store.OutputDir, "open_partial",
-                   lambda out, path, offset: FillingDisk(real_open(out, path, offset), 1000))
-        data = os.urandom(5000)
-        _, _, _, sd, rd = self.run_pair(data)
-        f = self.failureResultOf(rd, TransferFailed)
-        self.assertIn("the disk is full while writing file.bin", str(f.value))
-        self.assertIn("resume", str(f.value))
-        f = self.failureResultOf(sd, TransferFailed)
-        self.assertIn("the disk is full", str(f.value))
-        with open(os.path.join(self.out, "file.bin" + PARTIAL_SUFFIX), "rb") as f:
-            self.assertEqual(f.read(), data[:1000])
+        for size, room in ((5000, 1000), (sink.BUFFER * 2 + 5000, sink.BUFFER + 1000)):
+            # The rest of a file, written when it ends; and a full buffer,
+            # written by the writer.
+            for name in os.listdir(self.out):
+                os.unlink(os.path.join(self.out, name))
+            self.patch(sink, "_write_all", filling_disk(room))
+            data = os.urandom(size)
+            _, _, _, sd, rd = self.run_pair(data)
+            f = self.failureResultOf(rd, TransferFailed)
+            self.assertIn("the disk is full while writing file.bin", str(f.value))
+            self.assertIn("resume", str(f.value))
+            f = self.failureResultOf(sd, TransferFailed)
+            self.assertIn("the disk is full", str(f.value))
+            with open(os.path.join(self.out, "file.bin" + PARTIAL_SUFFIX), "rb") as f:
+                self.assertEqual(f.read(), data[:room])
 
     def test_interrupted_receiver_tells_the_sender(self):
         data = os.urandom(transfer.CHUNK * 8)
