@@ -155,9 +155,12 @@ class PeerConnection(Protocol):
         self._opener = self._keys.opener(binding)
         _keepalive(self.transport)
         # Bulk data from here on: read up to 1 MiB per recv() (Twisted's
-        # default is 64 KiB) and let that much queue before pausing the
-        # producer.
+        # default is 64 KiB), let that much queue before pausing the
+        # producer, and hand the kernel up to 1 MiB per send() (Twisted's
+        # default SEND_LIMIT is 128 KiB: on loopback that alone cost a
+        # third of the throughput and 0.2 CPU-s per GiB in system time).
         self.transport.bufferSize = CHANNEL_BUFFER
+        self.transport.SEND_LIMIT = CHANNEL_BUFFER
         self._last_sent = self._clock.seconds()
         self._ticker = self._clock.callLater(KEEPALIVE_INTERVAL, self._tick)
 

@@ -100,6 +100,7 @@ def _set_direct(fd: int, on: bool) -> bool:
 class FileSink:
     """
     Writes one file from byte C{offset} on (a multiple of L{BUFFER}).
+    At most C{limit} buffers are written at once.
 
     C{write} and C{finish} are called on the reactor thread; the writes of
     full buffers run through C{run_blocking(f, *args) -> Deferred}.  An error
@@ -111,7 +112,6 @@ class FileSink:
                  run_blocking: Callable[..., defer.Deferred], direct: bool = True):
         assert offset % BUFFER == 0, offset
         self.file = file
-        self._fd = file.fileno()
         self._pool = pool
         self._run = run_blocking
         self._direct = direct and hasattr(os, "O_DIRECT")
@@ -123,6 +123,8 @@ class FileSink:
         self._waiters: list[tuple[Callable[[], bool], defer.Deferred]] = []
         self._closing = False
         self.closed = False
+
+    limit = IN_FLIGHT
 
     # -- reactor thread
 
@@ -141,7 +143,7 @@ class FileSink:
 
     def ready(self) -> bool:
         """Whether more data may come now (else wait for L{when_ready})."""
-        return self._in_flight < IN_FLIGHT
+        return self._in_flight < self.limit
 
     def when_ready(self) -> defer.Deferred:
         return self._wait(lambda: self.ready())
@@ -184,22 +186,28 @@ class FileSink:
 
     def _write_buffer(self, buf: mmap.mmap, base: int) -> None:
         """(On the thread.)"""
-        view = memoryview(buf)
+        with memoryview(buf) as view:
+            self._output(view, base)
+
+    def _output(self, view: memoryview, base: int) -> None:
+        """Write C{view} at file offset C{base}: with O_DIRECT if this is
+        a full buffer and the file system takes it."""
+        fd = self.file.fileno()
+        direct = self._direct and len(view) == BUFFER
+        if direct and not _set_direct(fd, True):
+            self._direct = direct = False
+        elif not direct and self._direct:
+            _set_direct(fd, False)
         try:
-            if self._direct and not _set_direct(self._fd, True):
-                self._direct = False
-            try:
-                _write_all(self._fd, view, base)
-            except OSError as e:
-                if not self._direct or e.errno != errno.EINVAL:
-                    raise
-                # Accepted at open, refused at write (some FUSE and network
-                # file systems): ordinary writes from now on.
-                self._direct = False
-                _set_direct(self._fd, False)
-                _write_all(self._fd, view, base)
-        finally:
-            view.release()
+            _write_all(fd, view, base)
+        except OSError as e:
+            if not direct or e.errno != errno.EINVAL:
+                raise
+            # Accepted at open, refused at write (some FUSE and network
+            # file systems): ordinary writes from now on.
+            self._direct = False
+            _set_direct(fd, False)
+            _write_all(fd, view, base)
 
     def _written(self, result, buf: mmap.mmap) -> None:
         self._in_flight -= 1
@@ -232,10 +240,8 @@ class FileSink:
             buf, fill = self._buf, self._fill
             self._buf, self._fill = None, 0
             try:
-                if self._direct:
-                    _set_direct(self._fd, False)
                 with memoryview(buf) as view:
-                    _write_all(self._fd, view[:fill], self._base)
+                    self._output(view[:fill], self._base)
                 self._base += fill
             finally:
                 self._pool.give(buf)
@@ -247,16 +253,22 @@ class FileSink:
         try:
             if self._error is None:
                 self._write_rest()
-        except OSError:
-            pass  # we are stopping anyway; the resume re-checks what is there
+        except (OSError, ValueError):
+            pass  # we are stopping anyway; a resume re-checks what is there
         finally:
-            self.file.close()
+            self._release_file()
 
+    def _release_file(self) -> None:
+        self.file.close()
 
 
 class StreamSink:
-    """The same interface over a binary stream (standard output): plain
-    blocking writes on the reactor thread, never closed."""
+    """
+    The same interface over a binary stream (standard output: a pipe, a
+    terminal or a file): plain blocking writes on the reactor thread, in
+    order; flushed at the end, never closed.  (A writer thread here was
+    measured: on a 2-core machine it only added CPU, the pipe is the limit.)
+    """
 
     def __init__(self, stream):
         self.file = stream

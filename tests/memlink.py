@@ -29,8 +29,9 @@ class FakeChannel:
 
     def send(self, kind, payload=b""):
         assert not self.closed, "send after close"
+        payload = bytes(payload)  # the sender reuses its buffers
         self.log.append((self, kind, payload))
-        self.queue.append((kind, bytes(payload)))
+        self.queue.append((kind, payload))
 
     def registerProducer(self, producer, streaming):
         assert self.producer is None, "a producer is already registered"

@@ -575,6 +575,24 @@ class StreamTests(SynchronousTestCase):
         link.pump()
         return link, source, sd, rd
 
+    def test_pipes_are_widened(self):
+        import fcntl
+
+        from p2pft.transfer import widen_pipe
+
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            if int(f.read()) < 1 << 20:
+                raise self.skipTest("pipe-max-size below 1 MiB here")
+        self.assertEqual(fcntl.fcntl(r, fcntl.F_GETPIPE_SZ), 65536)
+        widen_pipe(r)
+        self.assertEqual(fcntl.fcntl(r, fcntl.F_GETPIPE_SZ), 1 << 20)
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            widen_pipe(f.fileno())  # not a pipe: left alone, no error
+
     def test_stream_roundtrip(self):
         link, source, sd, rd = self.stream_pair()
         self.assertEqual(json.loads(link.sent(ENTRIES)[0]), {"entries": [["stdin", "file", None, 0o644, None]]})
