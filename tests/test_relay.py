@@ -25,7 +25,7 @@ from p2pft import relay as relay_module
 from p2pft.channel import PeerConnection
 from p2pft.cli import Options
 from p2pft.punch import PunchConnector, PunchFailed, PunchSchedule, _reason
-from p2pft.relay import RelayFactory, RelayLimits, RelayServer
+from p2pft.relay import SPLICE_BUFFER, RelayFactory, RelayLimits, RelayServer
 from p2pft.rendezvous import RendezvousClientProtocol, RendezvousServerFactory
 from p2pft.secure import RECEIVER, SENDER, Pake
 from p2pft.server_tap import makeService
@@ -118,6 +118,8 @@ class PairingTests(SynchronousTestCase):
         self.assertEqual(take(ta), b"OK\n")
         self.assertEqual(take(tb), b"OK\n")
         self.assertEqual((h.server.sessions, h.server.spliced), (1, 1))
+        # Spliced legs read and send in bigger pieces than Twisted's defaults.
+        self.assertEqual({(t.bufferSize, t.SEND_LIMIT) for t in (ta, tb)}, {(SPLICE_BUFFER, SPLICE_BUFFER)})
 
         a.rawDataReceived(PAYLOAD)
         self.assertEqual(take(tb), PAYLOAD)
