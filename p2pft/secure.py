@@ -311,32 +311,62 @@ class RecordOpener:
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        """Return every complete record as (type, plaintext); raise on forgery."""
-        buf = self._buffer
-        buf += data
-        records = []
-        offset = 0
-        while len(buf) - offset >= _HEADER.size:
-            length, kind = _HEADER.unpack_from(buf, offset)
-            if length < TAG or length > MAX_RECORD + TAG:
-                raise SecurityError("record length out of range")
-            end = offset + _HEADER.size + length
-            if len(buf) < end:
-                break
-            header = bytes(buf[offset: offset + _HEADER.size])
-            ct = memoryview(buf)[offset + _HEADER.size: end]
+        """Return every complete record as (type, plaintext); raise on forgery.
+
+        Records that lie whole in C{data} are opened where they are; only a
+        record split across reads is gathered in a buffer, so most bytes are
+        never copied before decryption."""
+        records: list[tuple[int, bytes]] = []
+        with memoryview(data) as view:
+            start = 0
+            buf = self._buffer
+            if buf:
+                # Complete the record begun in an earlier read: its header
+                # first, then exactly its body.
+                start = min(len(view), max(0, _HEADER.size - len(buf)))
+                buf += view[:start]
+                if len(buf) < _HEADER.size:
+                    return records
+                more = min(len(view) - start, _HEADER.size + self._length(buf, 0) - len(buf))
+                buf += view[start:start + more]
+                start += more
+                if len(buf) < _HEADER.size + self._length(buf, 0):
+                    return records
+                records.append(self._open(buf, 0))
+                buf.clear()
+            end = len(view)
+            while end - start >= _HEADER.size:
+                stop = start + _HEADER.size + self._length(view, start)
+                if stop > end:
+                    break
+                records.append(self._open(view, start))
+                start = stop
+            buf += view[start:]
+        return records
+
+    @staticmethod
+    def _length(frames, offset: int) -> int:
+        """The ciphertext length in the header at C{offset}, checked."""
+        length = _HEADER.unpack_from(frames, offset)[0]
+        if length < TAG or length > MAX_RECORD + TAG:
+            raise SecurityError("record length out of range")
+        return length
+
+    def _open(self, frames, offset: int) -> tuple[int, bytes]:
+        """Open the whole record at C{offset} of C{frames}."""
+        length, kind = _HEADER.unpack_from(frames, offset)
+        body = offset + _HEADER.size
+        with memoryview(frames) as view:
+            header, ct = view[offset:body], view[body:body + length]
             try:
                 pt = self._aead.decrypt(_nonce(self._counter), ct, header)
             except InvalidTag:
                 raise SecurityError("a record failed authentication (tampered, replayed or reordered)") from None
             finally:
+                header.release()
                 ct.release()
-            self._counter += 1
-            records.append((kind, pt))
-            offset = end
-        if offset:
-            del buf[:offset]
-        return records
+        self._counter += 1
+        return kind, pt
 
     @property
     def pending(self) -> int:

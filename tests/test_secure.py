@@ -225,6 +225,23 @@ class RecordTests(SynchronousTestCase):
             self.assertEqual(got, [(4, p) for p in payloads])
             self.assertEqual(opener.pending, 0)
 
+    def test_roundtrip_random_cuts(self):
+        import random
+
+        rng = random.Random(7)
+        ks, kr = agree()
+        sealer = ks.sealer(BINDING)
+        payloads = [rng.randbytes(rng.choice((0, 1, 5, 300, 70000, 262144))) for _ in range(60)]
+        data = b"".join(b"".join(sealer.seal(4, p)) for p in payloads)
+        for _ in range(20):
+            cuts = sorted(rng.sample(range(1, len(data)), 40)) + [len(data)]
+            opener, got, start = kr.opener(BINDING), [], 0
+            for cut in cuts:
+                got += opener.feed(data[start:cut])
+                start = cut
+            self.assertEqual(got, [(4, p) for p in payloads])
+            self.assertEqual(opener.pending, 0)
+
     def test_tampered_ciphertext(self):
         f = bytearray(self.frames(b"hello world")[0])
         f[-1] ^= 0x80
