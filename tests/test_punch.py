@@ -349,6 +349,13 @@ class ChannelTests(SynchronousTestCase):
         pump.flush()
         self.assertEqual(sp._sealer._counter, n + 1)
 
+    def test_chosen_channel_reads_and_sends_big_pieces(self):
+        from p2pft.channel import READ_SIZE, SEND_SIZE
+
+        sp, rp, pump, got = self.chosen_pair(Clock())
+        for p in (sp, rp):
+            self.assertEqual((p.transport.bufferSize, p.transport.SEND_LIMIT), (READ_SIZE, SEND_SIZE))
+
     def test_paused_channel_holds_records_and_stops_reading(self):
         sp, rp, pump, got = self.chosen_pair(Clock())
         sp.send(9, b"one")
