@@ -277,16 +277,25 @@ METHOD = """\
   stdin → stdout, the first byte on the receiver's stdout pipe, which the
   harness drains in 1 MiB reads.
 - **MB/s** (10^6 bytes/s): file size ÷ (first data byte → done).  Done is
-  the receiver's `done` JSON event for p2pft writing a file (after it has
-  verified the SHA-256, fsync'd and renamed the file), else the receiver's
-  exit.  **start→done s** includes start-up, pairing and key exchange.
+  the receiver's `done` JSON event for p2pft writing a file (after every
+  record was authenticated, the file written, renamed and its file system
+  synced with `syncfs`), else the receiver's exit.  **start→done s** includes start-up, pairing and key exchange.
 - **CPU s** (user + system) and **RSS MiB** (peak resident set) of each
   side come from `wait4` when it exits; **CPU s/GiB** adds both sides.
   Servers (p2pft's, magic-wormhole's mailbox and transit relay) are not in
   those columns; the relay row notes the p2pft relay's own cost.
-- p2pft sends with AES-256-GCM records and verifies a SHA-256 of the whole
-  file; socat is plain TCP with no encryption, checksum or fsync, as a
-  ceiling for file → file; iperf3 (memory to memory) is the link itself.
+- p2pft sends AES-256-GCM records (they are its integrity check: there is
+  no separate checksum, docs/PROTOCOL.md says why) and its receiver writes
+  whole 2 MiB buffers with `O_DIRECT`; socat is plain TCP with no
+  encryption or sync, as a ceiling for file → file; iperf3 (memory to
+  memory) is the link itself.
+- On a virtual machine that hands free memory back to its host (free page
+  reporting, as this project's machines do), memory freed more than a
+  second or so earlier is faulted in from the host when next used: a
+  buffered write or read of data not yet in the page cache then costs
+  about 2 CPU-seconds per GiB of system time.  The rows run back to back,
+  so they meet similar memory; the spread between runs of one row shows
+  how much this varies.
 - The relay row forces the relay path (`bench/relayonly_p2pft.py`, peers
   ignore direct candidates); its first byte includes the 2 s a peer waits
   before it dials a relay.
