@@ -19,14 +19,18 @@ control) instead of filling memory.  The rest of a file (less than one
 buffer) is written with an ordinary write when it ends, or when the
 transfer stops, so an interrupted transfer keeps everything that arrived.
 
-A file system that refuses C{O_DIRECT} (tmpfs, some network or FUSE file
-systems) gets ordinary writes, still from the thread.
+C{O_DIRECT} goes through a second descriptor of the same file, so the flag
+never changes under a write in flight.  A file system that refuses it
+(tmpfs, some network or FUSE file systems) gets ordinary writes, still from
+the thread.  Two writes in flight may land out of order: a receiver killed
+at that moment can leave a later buffer on disk and an earlier one not, and
+the resume then continues from the first block that does not match
+(L{p2pft.transfer}), so nothing but that block is sent again.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
 import os
 from typing import Callable
@@ -84,17 +88,15 @@ def _write_all(fd: int, view: memoryview, offset: int) -> None:
         offset += n
 
 
-def _set_direct(fd: int, on: bool) -> bool:
-    """Turn O_DIRECT on or off for fd; False if the file system refuses."""
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    wanted = flags | os.O_DIRECT if on else flags & ~os.O_DIRECT
-    if wanted == flags:
-        return True
+def _open_direct(fd: int) -> int | None:
+    """A second descriptor of fd's file, for writing with O_DIRECT (its own
+    open file description: the flag never changes under another write); None
+    if the file system refuses O_DIRECT or /proc is missing.  /proc/self/fd
+    names the very file fd has open, whatever has become of its path."""
     try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, wanted)
+        return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
     except OSError:
-        return False
-    return True
+        return None
 
 
 class FileSink:
@@ -115,6 +117,7 @@ class FileSink:
         self._pool = pool
         self._run = run_blocking
         self._direct = direct and hasattr(os, "O_DIRECT")
+        self._direct_fd: int | None = None  # opened at the first full buffer
         self._base = offset  # file offset of the buffer being filled
         self._buf: mmap.mmap | None = None
         self._fill = 0
@@ -159,7 +162,13 @@ class FileSink:
         """After L{finish}: hand the file over to the caller."""
         assert self._in_flight == 0 and self._buf is None
         self._closing = self.closed = True
+        self._close_direct()
         return self.file
+
+    def _close_direct(self) -> None:
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
 
     def close(self) -> None:
         """Write what is buffered (best effort: a transfer that stopped
@@ -177,6 +186,9 @@ class FileSink:
             raise self._error
 
     def _submit(self) -> None:
+        if self._direct and self._direct_fd is None:
+            self._direct_fd = _open_direct(self.file.fileno())
+            self._direct = self._direct_fd is not None
         buf, base = self._buf, self._base
         self._buf, self._fill = None, 0
         self._base += BUFFER
@@ -192,22 +204,16 @@ class FileSink:
     def _output(self, view: memoryview, base: int) -> None:
         """Write C{view} at file offset C{base}: with O_DIRECT if this is
         a full buffer and the file system takes it."""
-        fd = self.file.fileno()
-        direct = self._direct and len(view) == BUFFER
-        if direct and not _set_direct(fd, True):
-            self._direct = direct = False
-        elif not direct and self._direct:
-            _set_direct(fd, False)
-        try:
-            _write_all(fd, view, base)
-        except OSError as e:
-            if not direct or e.errno != errno.EINVAL:
-                raise
-            # Accepted at open, refused at write (some FUSE and network
-            # file systems): ordinary writes from now on.
-            self._direct = False
-            _set_direct(fd, False)
-            _write_all(fd, view, base)
+        if self._direct and len(view) == BUFFER:
+            try:
+                return _write_all(self._direct_fd, view, base)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                # Accepted at open, refused at write (some FUSE and network
+                # file systems): ordinary writes from now on.
+                self._direct = False
+        _write_all(self.file.fileno(), view, base)
 
     def _written(self, result, buf: mmap.mmap) -> None:
         self._in_flight -= 1
@@ -259,7 +265,12 @@ class FileSink:
             self._release_file()
 
     def _release_file(self) -> None:
-        self.file.close()
+        self._close_direct()
+        try:
+            self.file.close()
+        except OSError as e:  # a network file system may report a late write error here
+            if self._error is None:
+                self._error = e
 
 
 class StreamSink:

@@ -8,7 +8,7 @@ C{photos -> /etc}) is refused, never written through, so nothing lands
 outside the folder whatever it contains.  Data arrives in a partial file,
 C{NAME.p2pft-partial} beside its destination, which is kept when a transfer
 is interrupted (that is what a resume continues) and moved into place,
-without clobbering, once its hash is verified.
+without clobbering, once all of it arrived.
 """
 
 from __future__ import annotations
@@ -136,10 +136,10 @@ class OutputDir:
         """Close the verified partial file C{f} of C{path} and move it into
         place: never over an existing entry unless C{overwrite}, and never
         over a folder."""
-        os.fchmod(f.fileno(), mode)
-        if mtime is not None:
-            os.utime(f.fileno(), (mtime, mtime))
-        f.close()
+        with f:
+            os.fchmod(f.fileno(), mode)
+            if mtime is not None:
+                os.utime(f.fileno(), (mtime, mtime))
         parent, name = self._split(path, create=True)
         partial = name + PARTIAL_SUFFIX
         existing = self.lstat(path)

@@ -14,8 +14,8 @@ The transfer layer: what travels inside the encrypted records.
 
 HAVE is the resume: the receiver's block hashes (L{p2pft.blocks}) of the
 partial data it kept, or of a complete file already there.  The sender reads
-its own file while the hashes match and continues from there, or skips a
-file that is already complete; anything that does not match starts over.
+its own file while the hashes match and continues after the matching blocks,
+or skips a file that is already complete and identical.
 
 Either side may send ABORT {message} and close.  The sender succeeds only on
 an ACK that matches what it sent; the receiver only after every file was
@@ -263,7 +263,7 @@ class _Endpoint:
             if not self._ending:
                 try:
                     then(result)
-                except (TransferFailed, OSError) as e:
+                except Exception as e:  # ours, a disk error, or a bug: the transfer fails, loudly
                     self._failed(e)
 
         def failed(f):
@@ -378,8 +378,10 @@ class Sender(_Endpoint):
 
     def _check_have(self, have: dict, stop: threading.Event) -> dict[int, tuple[bool, Prefix]]:
         """(On a thread.)  For each file the receiver has: read ours while
-        its block hashes match; skip it if it is complete and identical,
-        resume it if all of its partial data matches, else start over."""
+        its block hashes match; skip it if it is complete and identical;
+        resume a partial file after its longest matching prefix of whole
+        blocks (what follows -- damaged, never written, or changed at the
+        source since -- is sent again); else start over."""
         plan = {}
         for index, (complete, hashes) in have.items():
             if stop.is_set():
@@ -391,11 +393,10 @@ class Sender(_Endpoint):
                     prefix = match_prefix(f, hashes)
             except OSError as e:
                 raise TransferFailed(f"cannot read {printable(path)}: {e.strerror or e}") from None
-            if len(prefix.hashes) != len(hashes):
-                continue  # changed (or a different file): start over
-            if complete and prefix.length == entry.size:
-                plan[index] = (True, prefix)
-            elif not complete and prefix.length <= entry.size:
+            if complete:
+                if len(prefix.hashes) == len(hashes) and prefix.length == entry.size:
+                    plan[index] = (True, prefix)
+            elif 0 < prefix.length <= entry.size:
                 plan[index] = (False, prefix)
         return plan
 
@@ -871,7 +872,7 @@ class Receiver(_Endpoint):
         offset = _count(message.get("offset"), "offset", 0, entry.size if entry.size is not None else 0)
         if have is not None and have.complete and not self._overwrite:
             raise Declined(f"{printable(entry.path)} already exists with other content (use --overwrite to replace it)")
-        if offset and (have is None or have.complete or offset != have.prefix.length):
+        if offset and (have is None or have.complete or offset > have.prefix.length or offset % BLOCK):
             raise TransferFailed("protocol error: resumed from data we do not have")
         f = self._out.open_partial(entry.path, offset)
         self._current = _Incoming(index, entry, FileSink(f, offset, self._pool, self._run_blocking),

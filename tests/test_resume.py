@@ -14,11 +14,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2pft.blocks import BLOCK, hash_prefix, match_prefix
 from p2pft.errors import TransferFailed
 from p2pft.manifest import PARTIAL_SUFFIX
-from p2pft.transfer import ACCEPT, DATA, HAVE
+from p2pft.transfer import ACCEPT, DATA, FILE, HAVE, Receiver
 
-from .memlink import start_pair, tree
+from .memlink import Link, accept, start_pair, tree
 from .files import write
-from .test_transfer import offered_sender
+from .test_transfer import dumps, file_entry, offer_records, offered_sender
 
 
 class BlockTests(SynchronousTestCase):
@@ -106,14 +106,14 @@ class ResumeTests(SynchronousTestCase):
         self.assertEqual((result.resumed, sent), (0, len(new)))
         self.assertEqual(tree(self.out), {"f.bin": new})
 
-    def test_changed_middle_starts_over(self):
+    def test_changed_middle_resumes_before_the_change(self):
         data = bytearray(os.urandom(BLOCK * 3))
         path = write(os.path.join(self.src, "f.bin"), data)
         self.interrupted([path], BLOCK * 2 + 1)
         data[BLOCK + 17] ^= 1
         write(path, data)
         result, sent = self.again([path])
-        self.assertEqual((result.resumed, sent), (0, len(data)))
+        self.assertEqual((result.resumed, sent), (BLOCK, len(data) - BLOCK))
         self.assertEqual(tree(self.out), {"f.bin": bytes(data)})
 
     def test_grown_source_resumes_and_gets_the_new_end(self):
@@ -129,12 +129,27 @@ class ResumeTests(SynchronousTestCase):
     def test_damaged_partial_data_is_not_trusted(self):
         data = os.urandom(BLOCK * 3)
         path = write(os.path.join(self.src, "f.bin"), data)
-        self.interrupted([path], BLOCK * 2 + 1)
-        with open(os.path.join(self.out, "f.bin" + PARTIAL_SUFFIX), "r+b") as f:
-            f.seek(BLOCK + 3)
-            f.write(b"\0")
+        for damage in (3, BLOCK + 3):
+            self.interrupted([path], BLOCK * 2 + 1)
+            with open(os.path.join(self.out, "f.bin" + PARTIAL_SUFFIX), "r+b") as f:
+                f.seek(damage)
+                f.write(bytes([data[damage] ^ 1]))
+            result, sent = self.again([path])
+            kept = damage // BLOCK * BLOCK  # the whole blocks before the damage
+            self.assertEqual((result.resumed, sent), (kept, len(data) - kept))
+            self.assertEqual(tree(self.out), {"f.bin": data})
+            os.unlink(os.path.join(self.out, "f.bin"))
+
+    def test_hole_left_by_an_unfinished_write_costs_only_what_follows_it(self):
+        # A receiver killed while two buffers were being written can leave
+        # a later one on disk and an earlier one not: a hole of zeros.
+        data = os.urandom(BLOCK * 4)
+        path = write(os.path.join(self.src, "f.bin"), data)
+        partial = bytearray(data[:BLOCK * 3])
+        partial[BLOCK:BLOCK * 2] = bytes(BLOCK)
+        write(os.path.join(self.out, "f.bin" + PARTIAL_SUFFIX), bytes(partial))
         result, sent = self.again([path])
-        self.assertEqual(result.resumed, 0)
+        self.assertEqual((result.resumed, sent), (BLOCK, len(data) - BLOCK))
         self.assertEqual(tree(self.out), {"f.bin": data})
 
     def test_completed_tree_is_checked_not_resent(self):
@@ -200,3 +215,28 @@ class HostileReceiverTests(SynchronousTestCase):
         sender.recordReceived(ACCEPT, b"{}")
         sender.resumeProducing()
         self.assertEqual(json.loads(link.sent(9 + 1)[0]), {"file": 0, "offset": 0})
+
+
+class HostileResumeTests(SynchronousTestCase):
+    """A receiver with partial data, driven by FILE offsets a hostile sender chose."""
+
+    def test_offset_must_be_a_whole_block_within_what_we_have(self):
+        for offset, ok in ((BLOCK, True), (2 * BLOCK, True), (BLOCK + 4096, False), (3 * BLOCK, False)):
+            out = os.path.abspath(self.mktemp())
+            data = os.urandom(2 * BLOCK + 10)
+            write(os.path.join(out, "f" + PARTIAL_SUFFIX), data)
+            link = Link()
+            receiver = Receiver(link.b, Clock(), out, accept)
+            d = receiver.start()
+            for kind, payload in offer_records([file_entry("f", 4 * BLOCK)]):
+                receiver.recordReceived(kind, payload)
+            self.assertEqual([k for k, _ in link.b.queue][-1], ACCEPT)
+            receiver.recordReceived(FILE, dumps({"file": 0, "offset": offset}))
+            if ok:
+                self.assertNoResult(d)
+                with open(os.path.join(out, "f" + PARTIAL_SUFFIX), "rb") as f:
+                    self.assertEqual(f.read(), data[:offset])  # cut where the sender resumes
+                receiver._cleanup()
+            else:
+                self.assertIn("resumed from data we do not have", str(self.failureResultOf(d, TransferFailed).value))
+

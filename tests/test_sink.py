@@ -59,6 +59,12 @@ class FileSinkTests(SynchronousTestCase):
         os.ftruncate(fd, offset)
         return os.fdopen(fd, "r+b", buffering=0)
 
+    def skip_without_o_direct(self, f):
+        fd = sink._open_direct(f.fileno())
+        if fd is None:
+            raise self.skipTest("this file system refuses O_DIRECT")
+        os.close(fd)
+
     def content(self):
         with open(self.path, "rb") as f:
             return f.read()
@@ -111,19 +117,19 @@ class FileSinkTests(SynchronousTestCase):
             real(fd, view, offset)
         self.patch(sink, "_write_all", spy)
         f = self.open()
-        if not sink._set_direct(f.fileno(), True):
-            raise self.skipTest("this file system refuses O_DIRECT")
-        sink._set_direct(f.fileno(), False)
+        self.skip_without_o_direct(f)
+        fds = len(os.listdir("/proc/self/fd"))
         s = FileSink(f, 0, BufferPool(), run_now)
         data = os.urandom(BUFFER + 100)
         s.write(data)
         self.successResultOf(s.finish())
         s.release().close()
+        self.assertEqual(len(os.listdir("/proc/self/fd")), fds - 1, "both descriptors closed")
         self.assertEqual(flags, [(True, BUFFER, 0), (False, 100, BUFFER)])
         self.assertEqual(self.content(), data)
 
     def test_file_system_refusing_o_direct_gets_ordinary_writes(self):
-        self.patch(sink, "_set_direct", lambda fd, on: not on)  # refused at fcntl
+        self.patch(sink, "_open_direct", lambda fd: None)  # refused at open
         s = FileSink(self.open(), 0, BufferPool(), run_now)
         data = os.urandom(BUFFER * 2 + 1)
         s.write(data)
@@ -143,8 +149,7 @@ class FileSinkTests(SynchronousTestCase):
             real(fd, view, offset)
         self.patch(sink, "_write_all", einval_when_direct)
         f = self.open()
-        if not sink._set_direct(f.fileno(), True):
-            raise self.skipTest("this file system refuses O_DIRECT")
+        self.skip_without_o_direct(f)
         s = FileSink(f, 0, BufferPool(), run_now)
         data = os.urandom(BUFFER * 3)
         s.write(data)
