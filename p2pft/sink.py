@@ -102,7 +102,6 @@ def _open_direct(fd: int) -> int | None:
 class FileSink:
     """
     Writes one file from byte C{offset} on (a multiple of L{BUFFER}).
-    At most C{limit} buffers are written at once.
 
     C{write} and C{finish} are called on the reactor thread; the writes of
     full buffers run through C{run_blocking(f, *args) -> Deferred}.  An error
@@ -127,8 +126,6 @@ class FileSink:
         self._closing = False
         self.closed = False
 
-    limit = IN_FLIGHT
-
     # -- reactor thread
 
     def write(self, data: bytes) -> None:
@@ -146,7 +143,7 @@ class FileSink:
 
     def ready(self) -> bool:
         """Whether more data may come now (else wait for L{when_ready})."""
-        return self._in_flight < self.limit
+        return self._in_flight < IN_FLIGHT
 
     def when_ready(self) -> defer.Deferred:
         return self._wait(lambda: self.ready())
