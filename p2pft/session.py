@@ -320,7 +320,7 @@ async def send(reactor, settings: Settings, paths: list[str], ui, channels: list
     L{Result} once the receiver acknowledged everything.  Every path is
     checked before we connect."""
     if list(paths) == ["-"]:
-        return await _send_stdin(reactor, settings, ui, channels)
+        return await _send_stdin(reactor, settings, ui, channels, rate)
     try:
         manifest = scan(paths, follow_symlinks, notice=ui.say)
     except ScanError as e:
@@ -330,7 +330,7 @@ async def send(reactor, settings: Settings, paths: list[str], ui, channels: list
     return await _run(sender, ui, est)
 
 
-async def _send_stdin(reactor, settings: Settings, ui, channels) -> Result:
+async def _send_stdin(reactor, settings: Settings, ui, channels, rate: int | None) -> Result:
     """Standard input: a stream of unknown length (pipe, terminal), or, when
     it is redirected from a regular file, that file with its size."""
     if is_stream(0):
@@ -342,9 +342,9 @@ async def _send_stdin(reactor, settings: Settings, ui, channels) -> Result:
         manifest = Manifest(checker, ["/dev/stdin"])
     est = await _connected(reactor, settings, SENDER, ui, channels)
     if manifest.checker.streams:
-        sender = StreamSender(est.channel, reactor, manifest, FDReader(0, reactor), progress=ui.progress)
+        sender = StreamSender(est.channel, reactor, manifest, FDReader(0, reactor), progress=ui.progress, rate=rate)
     else:
-        sender = Sender(est.channel, reactor, manifest, progress=ui.progress, run_blocking=_in_thread)
+        sender = Sender(est.channel, reactor, manifest, progress=ui.progress, run_blocking=_in_thread, rate=rate)
     return await _run(sender, ui, est)
 
 

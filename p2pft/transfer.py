@@ -543,9 +543,10 @@ class StreamSender(Sender):
     resumed.
     """
 
-    def __init__(self, channel, clock, manifest: Manifest, source, progress=None):
-        super().__init__(channel, clock, manifest, progress)
+    def __init__(self, channel, clock, manifest: Manifest, source, progress=None, rate: int | None = None):
+        super().__init__(channel, clock, manifest, progress, rate=rate)
         self._source = source
+        self._pacer = _Paced(source)
 
     def _send_files(self, plan: dict) -> None:
         self.state = "sending"
@@ -553,7 +554,7 @@ class StreamSender(Sender):
         self._next_file = 1
         self._channel.send(FILE, _control({"file": 0, "offset": 0}))
         self._producing = True
-        self._channel.registerProducer(self._source, True)
+        self._channel.registerProducer(self._pacer, True)
         self._source.start(self._data, self._eof)
 
     def _data(self, chunk: bytes) -> None:
@@ -564,7 +565,13 @@ class StreamSender(Sender):
             piece = chunk[i:i + CHUNK]
             self._bytes_done += len(piece)
             self._channel.send(DATA, piece)
+        self._paced += len(chunk)
         self._progress(self._entries[0].path)
+        if self._rate is not None and not self._pacer.early:
+            ahead = self._paced - self._rate * self._elapsed()
+            if ahead > 0:  # stop reading until the rate limit catches up
+                self._pacer.hold(True)
+                self._wakeup = self._clock.callLater(ahead / self._rate, self._pacer.hold, False)
 
     def _eof(self, error: str | None) -> None:
         if self.state != "sending":
@@ -577,6 +584,36 @@ class StreamSender(Sender):
     def _cleanup(self) -> None:
         super()._cleanup()
         self._source.stop()
+
+
+class _Paced:
+    """A stream's push producer as the transport sees it: paused while the
+    transport's buffer is full, or while the rate limit holds it back."""
+
+    def __init__(self, source):
+        self.source = source
+        self.full = self.early = False
+
+    def pauseProducing(self) -> None:
+        self.full = True
+        self._update()
+
+    def resumeProducing(self) -> None:
+        self.full = False
+        self._update()
+
+    def stopProducing(self) -> None:
+        self.source.stopProducing()
+
+    def hold(self, early: bool) -> None:
+        self.early = early
+        self._update()
+
+    def _update(self) -> None:
+        if self.full or self.early:
+            self.source.pauseProducing()
+        else:
+            self.source.resumeProducing()
 
 
 class FDReader(abstract.FileDescriptor):

@@ -305,6 +305,22 @@ class PipeTests(TestCase):
         self.assertEqual(offer, {"event": "offer", "name": "stdin", "files": 1, "folders": 0, "size": None,
                                  "top": ["stdin"], "top_count": 1})
 
+    async def test_limit_rate_holds_a_pipe_back(self):
+        server, addr = await start_server(self)
+        data = os.urandom(3_000_000)
+        sender = spawn(self, "sender", p2pft_argv("send", "--json", "--limit-rate", "2M", "--code", "83-pipe-rate",
+                                                  addr, "-"), childFDs={0: "w", 1: "r", 2: "r"})
+        receiver = spawn(self, "receiver", p2pft_argv("receive", "--yes", "--output", "-", addr, "83-pipe-rate"))
+        await sender.wait_for(r'"event": "connected"', "out")
+        sender.transport.writeToChild(0, data)
+        sender.transport.closeChildFD(0)
+        self.assertEqual(await receiver.wait_exit(), 0, receiver.text()[-2000:])
+        self.assertEqual(await sender.wait_exit(), 0, sender.text())
+        self.assertEqual(receiver.out, data)
+        done = sender.events()[-1]
+        # At 2 MB/s, all but the first read (at most 1 MiB) waits for the limit.
+        self.assertGreaterEqual(done["seconds"], (len(data) - (1 << 20)) / 2_000_000 * 0.95, done)
+
     async def test_stdin_redirected_from_a_file_has_its_size(self):
         ws = Workspace(self)
         src = make_file(os.path.join(ws.src, "r.bin"), 100_000)

@@ -542,6 +542,7 @@ class FakeSource:
     def __init__(self):
         self.on_data = self.on_end = None
         self.stopped = False
+        self.paused = False
 
     def start(self, on_data, on_end):
         self.on_data, self.on_end = on_data, on_end
@@ -550,10 +551,10 @@ class FakeSource:
         self.stopped = True
 
     def pauseProducing(self):
-        pass
+        self.paused = True
 
     def resumeProducing(self):
-        pass
+        self.paused = False
 
     def stopProducing(self):
         pass
@@ -567,9 +568,9 @@ class StreamTests(SynchronousTestCase):
         self.out = self.mktemp()
         os.mkdir(self.out)
 
-    def stream_pair(self, receiver_class=Receiver, target=None):
+    def stream_pair(self, receiver_class=Receiver, target=None, clock=None, rate=None):
         link, source = Link(), FakeSource()
-        sender = StreamSender(link.a, Clock(), stream_manifest(), source)
+        sender = StreamSender(link.a, clock or Clock(), stream_manifest(), source, rate=rate)
         receiver = receiver_class(link.b, Clock(), target or self.out, accept)
         rd, sd = receiver.start(), sender.start()
         link.pump()
@@ -596,7 +597,7 @@ class StreamTests(SynchronousTestCase):
     def test_stream_roundtrip(self):
         link, source, sd, rd = self.stream_pair()
         self.assertEqual(json.loads(link.sent(ENTRIES)[0]), {"entries": [["stdin", "file", None, 0o644, None]]})
-        self.assertIs(link.a.producer, source)
+        self.assertIs(link.a.producer.source, source)
         chunks = [os.urandom(100), os.urandom(transfer.CHUNK * 2 + 5), b"tail"]
         for c in chunks:
             source.on_data(c)
@@ -609,6 +610,27 @@ class StreamTests(SynchronousTestCase):
             self.assertEqual(f.read(), b"".join(chunks))
         self.assertTrue(source.stopped)
         self.assertTrue(all(len(p) <= transfer.CHUNK for p in link.sent(DATA)))
+
+    def test_rate_limit_holds_the_stream_back(self):
+        clock = Clock()
+        link, source, sd, rd = self.stream_pair(clock=clock, rate=1_000_000)
+        producer = link.a.producer
+        source.on_data(os.urandom(500_000))
+        self.assertTrue(source.paused, "500 kB at once is ahead of 1 MB/s")
+        producer.resumeProducing()  # the transport has room: still held by the rate
+        self.assertTrue(source.paused)
+        clock.advance(0.4)
+        self.assertTrue(source.paused)
+        clock.advance(0.2)
+        self.assertFalse(source.paused)
+        producer.pauseProducing()  # the transport is full: paused whatever the rate
+        self.assertTrue(source.paused)
+        producer.resumeProducing()
+        self.assertFalse(source.paused)
+        source.on_end(None)
+        link.pump()
+        self.assertEqual(self.successResultOf(rd).size, 500_000)
+        self.successResultOf(sd)
 
     def test_read_error_fails_cleanly_and_keeps_nothing(self):
         link, source, sd, rd = self.stream_pair()
