@@ -133,7 +133,9 @@ def machine() -> dict[str, str]:
     with open("/proc/cpuinfo") as f:
         models = re.findall(r"^model name\s*:\s*(.+)$", f.read(), re.M)
     head = _output(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
-    dirty = _output(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"])
+    # The suite's own output (an earlier run's report) does not count.
+    dirty = _output(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no", "--",
+                     ".", ":!docs/BENCHMARKS.md", ":!docs/benchmarks.png"])
     return {
         "CPU": f"{os.cpu_count()} × {models[0] if models else platform.processor() or '?'}",
         "kernel": platform.release(),
