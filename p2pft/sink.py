@@ -54,31 +54,25 @@ class BufferPool:
 
     def __init__(self):
         self._free: list[mmap.mmap] = []
-        self._all: list[mmap.mmap] = []
+        #: Buffers made so far (for tests: memory stays bounded).
+        self.size = 0
         self._closed = False
 
     def take(self) -> mmap.mmap:
         if self._free:
             return self._free.pop()
-        buf = mmap.mmap(-1, BUFFER)
-        self._all.append(buf)
-        return buf
+        self.size += 1
+        return mmap.mmap(-1, BUFFER)
 
     def give(self, buf: mmap.mmap) -> None:
         if not self._closed:
             self._free.append(buf)
-
-    @property
-    def size(self) -> int:
-        """Buffers made so far (for tests: memory stays bounded)."""
-        return len(self._all)
 
     def close(self) -> None:
         """Let the buffers go (they are unmapped once nothing, say a write
         still running, holds them)."""
         self._closed = True
         self._free.clear()
-        self._all.clear()
 
 
 def _write_all(fd: int, view: memoryview, offset: int) -> None:
