@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,7 +59,9 @@ class Runner:
             if is_json and line.startswith("{"):
                 self.events.put((label, json.loads(line), time.monotonic()))
             else:
-                print(f"  [{label:8}] {line}", flush=True)
+                # One write per line: two pump threads must not interleave.
+                sys.stdout.write(f"  [{label:8}] {line}\n")
+                sys.stdout.flush()
                 self.events.put((label, {"event": "_line", "line": line}, time.monotonic()))
 
     def wait_event(self, label: str, name: str, pattern: str | None = None):
@@ -101,13 +104,22 @@ def main() -> int:
         server_ip = "127.0.0.1"
 
     work = tempfile.mkdtemp(prefix="p2pft-demo-")
+    try:
+        return _run(lab, server_ip, work, args.size)
+    finally:
+        if lab is not None:
+            lab.down()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(lab, server_ip: str, work: str, size_mib: int) -> int:
     src = os.path.join(work, "demo-file.bin")
     out = os.path.join(work, "received")
     os.makedirs(out)
     with open(src, "wb") as f:
-        for _ in range(args.size):
+        for _ in range(size_mib):
             f.write(os.urandom(1 << 20))
-    print(f"Sending {src} ({args.size} MiB) into {out}\n")
+    print(f"Sending {src} ({size_mib} MiB) into {out}\n")
 
     runner = Runner(lab)
     try:
@@ -123,16 +135,16 @@ def main() -> int:
         r_code, s_code = receiver.wait(DEADLINE), sender.wait(DEADLINE)
     finally:
         runner.stop()
-        if lab is not None:
-            lab.down()
 
     received = os.path.join(out, "demo-file.bin")
-    ok = r_code == 0 and s_code == 0 and os.path.exists(received) and sha256_of(received) == sha256_of(src)
+    digest = sha256_of(src)
+    ok = r_code == 0 and s_code == 0 and os.path.exists(received) and sha256_of(received) == digest
     print()
     print(f"path:             {connected['path']} (receiver connected to {connected['peer']})")
     print(f"connection setup: {connected_at - paired_at:.3f} s from pairing to the chosen connection")
     print(f"transfer:         {done['bytes']} bytes, {done['bytes'] / max(done['seconds'], 1e-9) / 1e6:.1f} MB/s")
-    print(f"result:           {'identical, sha256 ' + done['sha256'] if ok else 'FAILED'}")
+    print(f"exit status:      sender {s_code}, receiver {r_code}")
+    print(f"result:           {'identical, sha256 ' + digest if ok else 'FAILED'}")
     return 0 if ok else 1
 
 
