@@ -30,9 +30,10 @@ LISTEN_BACKLOG = 4096
 #: Connections accepted in one reactor turn, at least, when that many are
 #: queued.  Twisted starts at 100 and then accepts only as many as the last
 #: turn found (+20 when it found the full batch), so after a quiet moment a
-#: flood is drained 1, 21, 41... per turn while the queue overflows.  Each
-#: accept with its WELCOME costs some 30 us here, so 500 is about 15 ms of
-#: one turn: short next to a client's round trip.
+#: flood is drained 1, 21, 41... per turn while the queue overflows.  A
+#: connection costs about 80 us of CPU in all (accept, WELCOME, close;
+#: measured on the 2-core test machine), so 256 is about 20 ms of one turn:
+#: short next to a client's round trip and its SYN retransmission.
 ACCEPT_BATCH = 256
 
 _OWN_BACKLOG = re.compile(r"(?:^|(?<!\\):)backlog=")
