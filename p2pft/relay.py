@@ -29,6 +29,7 @@ from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
 from .addresses import ip_key
+from .limits import FIRST_LINE_MIN_WAIT, Lobby, TokenBucket
 
 SIDES = ("sender", "receiver")
 _TOKEN = re.compile(r"[0-9a-f]{64}\Z")
@@ -36,6 +37,21 @@ _TOKEN = re.compile(r"[0-9a-f]{64}\Z")
 
 #: Read size, send size and write buffer of each leg of a splice.
 SPLICE_BUFFER = 256 * 1024
+
+#: Seconds a standalone relay's connection may take to send its RELAY line
+#: while the relay is not under pressure (the lobby is at most half full).
+#: A peer sends it as soon as it is connected, so this only matters for a
+#: link that stalls right after the handshake.
+RELAY_LINE_TIMEOUT = 30.0
+
+#: How much a session's rate limit lets through at once after a pause, in
+#: seconds' worth of the rate.  A tenth of a second: above the reactor's
+#: timer granularity and the scheduling jitter of a busy relay (a few ms),
+#: so a flow at exactly the rate never stalls on the limiter, and about an
+#: RTT's worth of data on a long path, so TCP's ack clock is not broken up;
+#: yet a session that was silent for a while gets at most 0.1 s of the
+#: rate (plus the one read already taken, L{SPLICE_BUFFER}) ahead of it.
+RATE_BURST_SECONDS = 0.1
 
 
 @attrs.frozen
@@ -47,6 +63,12 @@ class RelayLimits:
     @ivar rate: bytes per second one session may carry (0: no cap).
     @ivar idle_timeout: seconds a session may carry nothing before it is cut.
     @ivar waiting_timeout: seconds one side may wait for the other.
+    @ivar max_pending: connections at once that have not sent their RELAY
+        line yet (a standalone relay; see L{Lobby}).  A peer sends the line
+        as soon as it is connected, so even a busy relay has a handful
+        pending; 1000 is generous and keeps a flood of silent connections
+        to 1000 descriptors (server_tap also keeps it below the open-file
+        limit).
     """
 
     max_sessions: int = 1000
@@ -55,6 +77,7 @@ class RelayLimits:
     rate: int = 0
     idle_timeout: float = 300.0
     waiting_timeout: float = 60.0
+    max_pending: int = 1000
 
 
 class RelayServer:
@@ -64,6 +87,8 @@ class RelayServer:
 
     def __init__(self, clock: IReactorTime, limits: RelayLimits = RelayLimits()):
         self._clock = clock
+        #: Standalone connections that have not sent RELAY yet.
+        self.lobby = Lobby(clock, limits.max_pending, RELAY_LINE_TIMEOUT, FIRST_LINE_MIN_WAIT)
         self.limits = limits
         self._waiting: dict[str, "RelayMixin"] = {}
         self._sessions = 0
@@ -71,12 +96,30 @@ class RelayServer:
         self.spliced = 0
 
     @property
+    def limits(self) -> RelayLimits:
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: RelayLimits) -> None:
+        self._limits = limits
+        self.lobby.capacity = limits.max_pending
+
+    @property
     def sessions(self) -> int:
         return self._sessions
 
     def connected(self, member: "RelayMixin", ip: str) -> str | None:
-        """A new connection (before its RELAY line): counted against its
-        address at once, so idle connections cannot pile up."""
+        """A new standalone connection (before its RELAY line): counted
+        against its address at once, so idle connections cannot pile up,
+        and kept in the lobby, whose wait shrinks as it fills."""
+        reason = self._count(member, ip)
+        if reason is not None:
+            return reason
+        if not self.lobby.enter(member, lambda: member.relayRefuse("timed out waiting for RELAY")):
+            return "relay is busy, try again later"
+        return None
+
+    def _count(self, member: "RelayMixin", ip: str) -> str | None:
         if self._per_ip.get(ip, 0) >= self.limits.max_per_ip:
             return "too many relay connections from your address"
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
@@ -86,10 +129,13 @@ class RelayServer:
 
     def join(self, member: "RelayMixin", token: str, side: str, ip: str) -> str | None:
         """Admit C{member}; return a refusal reason, or None."""
+        self.lobby.leave(member)
         if not _TOKEN.match(token) or side not in SIDES:
             return "malformed RELAY line"
         if not member.relay_counted:
-            reason = self.connected(member, ip)
+            # A leg on a rendezvous port: it waited in the rendezvous
+            # server's lobby, not ours.
+            reason = self._count(member, ip)
             if reason is not None:
                 return reason
         partner = self._waiting.get(token)
@@ -115,6 +161,7 @@ class RelayServer:
 
     def left(self, member: "RelayMixin") -> None:
         """C{member} is gone (called once per counted member)."""
+        self.lobby.leave(member)
         if member.relay_counted:
             member.relay_counted = False
             ip = member.relay_ip
@@ -182,8 +229,9 @@ class _Splice:
         self.members = (a, b)
         self.bytes = 0
         self.rate_paused = False
-        self._window_start = clock.seconds()
-        self._window_bytes = 0
+        rate = server.limits.rate
+        # Starts empty: a new session has earned no burst.
+        self._bucket = TokenBucket(rate, rate * RATE_BURST_SECONDS, clock.seconds()) if rate else None
         self._idle = None
         self._resume = None
         self._ended = False
@@ -221,18 +269,21 @@ class _Splice:
             return self.end()
         src.relayPeer.transport.write(data)
         self._touch()
-        if limits.rate:
-            now = self._clock.seconds()
-            self._window_bytes += len(data)
-            ahead = self._window_bytes / limits.rate - (now - self._window_start)
+        if self._bucket is not None:
+            # What was read is forwarded; reading stops until it is paid for.
+            ahead = self._bucket.take(len(data), self._clock.seconds())
             if ahead > 0 and not self.rate_paused:
                 self.rate_paused = True
                 self._update()
                 self._resume = self._clock.callLater(ahead, self._unthrottle)
-            if now - self._window_start > 10:
-                self._window_start, self._window_bytes = now, 0
 
     def _unthrottle(self) -> None:
+        # Both directions share the bucket: bytes read while we were paused
+        # (already in flight from the other side) may have deepened the debt.
+        ahead = self._bucket.take(0, self._clock.seconds())
+        if ahead > 0.001:  # (not for rounding errors)
+            self._resume = self._clock.callLater(ahead, self._unthrottle)
+            return
         self.rate_paused = False
         self._update()
 
@@ -358,7 +409,8 @@ class RelayProtocol(RelayMixin, LineReceiver):
         reason = self.factory.relay.connected(self, ip_key(self.transport.getPeer().host))
         if reason is not None:
             return self.relayRefuse(reason)
-        self._hello = self.factory.clock.callLater(30, self.relayRefuse, "timed out waiting for RELAY")
+        self._hello = self.factory.clock.callLater(
+            RELAY_LINE_TIMEOUT, self.relayRefuse, "timed out waiting for RELAY")
 
     def lineReceived(self, line: bytes) -> None:
         _cancel(self._hello)

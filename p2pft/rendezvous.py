@@ -28,6 +28,7 @@ from zope.interface import Interface, implementer
 
 from .addresses import ip_key
 from .codes import valid_nameplate
+from .limits import FIRST_LINE_MIN_WAIT, ClaimLimiter, Lobby
 from .relay import RelayMixin, RelayServer
 from .util import OneShot
 
@@ -42,6 +43,47 @@ MAX_MESSAGE = 4096
 MAX_MESSAGES = 64
 
 _B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}\Z")
+
+# Claims.  The only claim that can spoil somebody's code is one that joins
+# a nameplate a peer at another address is waiting on: the claimer gets one
+# SPAKE2 guess at that peer's code, and a wrong guess burns it.  Those
+# claims are metered per address key (an IPv4 address, or an IPv6 /64:
+# L{ip_key}) with a token bucket; joining a nameplate first taken from the
+# same address key, or creating one, is free.
+
+#: Claims of other addresses' nameplates one address key may make at once.
+#: Sized for many real users behind one IPv4 address (an office NAT, a
+#: carrier-grade NAT, a classroom): 30 people all typing a code within the
+#: same minute.
+CLAIM_BURST = 30
+#: ...then this many a second (12 a minute), sustained.  A pairing whose two
+#: members go on to confirm the key gives its claim back, so real users,
+#: whose pairings confirm unless someone mistyped a code, are held back
+#: only by how many of their claims are still being confirmed at once.
+CLAIM_RATE = 0.2
+#: What a pairing that ends without confirming costs its claimer in all,
+#: the claim's own token included: a wrong code, an abandoned pairing, an
+#: attacker's guess.  At CLAIM_RATE an address pays for one failure every
+#: 25 s, 144 an hour.
+UNCONFIRMED_CLAIM_COST = 5
+#: The deepest an address's claims can go into debt: after a burst of
+#: failures it may claim again within (1 + CLAIM_DEBT) / CLAIM_RATE = 155 s.
+CLAIM_DEBT = 30
+#: MSGs each member of a pair has sent once the key is confirmed: the
+#: SPAKE2 message, the key confirmation, and the candidates, which a peer
+#: sends only after its partner's confirmation opened (PROTOCOL.md §2), so
+#: nobody who lacks the code can make a peer send its third.
+CONFIRMED_MESSAGES = 3
+#: Address keys whose claims are remembered at once, beyond those whose
+#: buckets have refilled (forgotten anyway): about 400 bytes each, 40 MB
+#: in all (measured with IPv6 keys).
+MAX_CLAIM_KEYS = 100_000
+#: At most this share of --max-connections may be connections that have not
+#: said their first line yet (see L{Lobby}); the rest stays for clients on
+#: nameplates.  But at least LOBBY_MIN (or all of them, on a server
+#: allowed fewer), so a small server is not starved of new clients.
+LOBBY_SHARE = 0.25
+LOBBY_MIN = 100
 
 
 class RendezvousError(Exception):
@@ -101,6 +143,11 @@ class _Nameplate:
     #: Once two members met, the nameplate never takes another one.
     paired: bool = False
     expired: bool = False
+    #: The address key of the member that took the nameplate first.
+    owner: str = ""
+    #: The address key that paid for joining it, until the pair confirms
+    #: (refunded) or breaks up unconfirmed (charged the rest).
+    claimer: str | None = None
 
 
 @attrs.define(eq=False)
@@ -143,12 +190,24 @@ class RendezvousServer:
         self.waiting_timeout = waiting_timeout
         self.paired_timeout = paired_timeout
         self.max_nameplates = max_nameplates
+        #: Connections that have not sent ALLOCATE, CLAIM or RELAY yet.
+        self.lobby = Lobby(clock, 1, hello_timeout, FIRST_LINE_MIN_WAIT)
         self.max_connections = max_connections
         self.max_per_ip = max_per_ip
+        self.claims = ClaimLimiter(clock, CLAIM_BURST, CLAIM_RATE, -CLAIM_DEBT, MAX_CLAIM_KEYS)
         self._nameplates: dict[str, _Nameplate] = {}
         self._members: dict[IRendezvousConnection, _Member] = {}
         self._per_ip: dict[str, int] = {}
         self.pairings = 0
+
+    @property
+    def max_connections(self) -> int:
+        return self._max_connections
+
+    @max_connections.setter
+    def max_connections(self, n: int) -> None:
+        self._max_connections = n
+        self.lobby.capacity = max(1, int(n * LOBBY_SHARE), min(n, LOBBY_MIN))
 
     # -- what connections tell us
 
@@ -159,6 +218,8 @@ class RendezvousServer:
             return conn.refuse("server is busy, try again later")
         if self._per_ip.get(ip, 0) >= self.max_per_ip:
             return conn.refuse("too many connections from your address")
+        if not self.lobby.enter(conn, lambda: conn.refuse("timed out waiting for ALLOCATE or CLAIM")):
+            return conn.refuse("server is busy, try again later")
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         member = _Member(conn, ip=ip)
         member.timer = self._clock.callLater(
@@ -167,6 +228,7 @@ class RendezvousServer:
         self._members[conn] = member
 
     def allocate(self, conn: IRendezvousConnection) -> None:
+        self.lobby.leave(conn)
         member = self._members[conn]
         if member.nameplate is not None:
             return conn.refuse("already on a nameplate")
@@ -177,6 +239,7 @@ class RendezvousServer:
         self._join(member, name)
 
     def claim(self, conn: IRendezvousConnection, name: str) -> None:
+        self.lobby.leave(conn)
         member = self._members[conn]
         if member.nameplate is not None:
             return conn.refuse("already on a nameplate")
@@ -187,6 +250,12 @@ class RendezvousServer:
             return conn.refuse(f"nameplate {name} is in use")
         if nameplate is None and len(self._nameplates) >= self.max_nameplates:
             return conn.refuse("server is full, try again later")
+        if nameplate is not None and nameplate.owner != member.ip:
+            # A guess at a stranger's code: it costs, and costs more unless
+            # the pair goes on to confirm the key.
+            if not self.claims.try_take(member.ip):
+                return conn.refuse("too many claims from your address, try again later")
+            nameplate.claimer = member.ip
         self._join(member, name)
 
     def message(self, conn: IRendezvousConnection, payload: str) -> None:
@@ -200,8 +269,15 @@ class RendezvousServer:
         for other in nameplate.members:
             if other is not member:
                 other.connection.sendLine(f"MSG {payload}".encode("ascii"))
+        if nameplate.claimer is not None and all(
+            m.messages >= CONFIRMED_MESSAGES for m in nameplate.members
+        ):
+            # Both confirmed the key: that claim was no guess.
+            self.claims.refund(nameplate.claimer, 1)
+            nameplate.claimer = None
 
     def disconnected(self, conn: IRendezvousConnection) -> None:
+        self.lobby.leave(conn)
         member = self._members.pop(conn, None)
         if member is None:
             return
@@ -214,6 +290,10 @@ class RendezvousServer:
         nameplate = member.nameplate
         if nameplate is None:
             return
+        if nameplate.paired and nameplate.claimer is not None:
+            # The pair broke up (or expired) before confirming the key.
+            self.claims.charge(nameplate.claimer, UNCONFIRMED_CLAIM_COST - 1)
+            nameplate.claimer = None
         nameplate.members.remove(member)
         if not nameplate.members:
             _cancel(nameplate.timer)
@@ -249,7 +329,7 @@ class RendezvousServer:
         member.timer = None
         nameplate = self._nameplates.get(name)
         if nameplate is None:
-            nameplate = self._nameplates[name] = _Nameplate(name, [])
+            nameplate = self._nameplates[name] = _Nameplate(name, [], owner=member.ip)
             nameplate.timer = self._clock.callLater(
                 self.waiting_timeout, self._expire, nameplate,
                 "nobody claimed the nameplate in time",
@@ -476,6 +556,12 @@ class RendezvousClientProtocol(LineReceiver):
         if command == "WELCOME":
             self._welcome(rest)
         elif command == "NAMEPLATE" and self._allocated is not None:
+            if not valid_nameplate(rest):
+                # It becomes part of the code we print and the command line
+                # we tell the user to run: a number, or nothing.
+                self._fail(RendezvousError("server sent a malformed NAMEPLATE"))
+                self.transport.loseConnection()
+                return
             d, self._allocated = self._allocated, None
             d.callback(rest)
         elif command == "PAIRED":
@@ -511,13 +597,19 @@ class RendezvousClientProtocol(LineReceiver):
             self.transport.loseConnection()
             return
         try:
+            if "%" in parts[2] or not (parts[3].isascii() and parts[3].isdigit()):
+                raise ValueError("scoped address or odd port")
             host, port = str(ipaddress.ip_address(parts[2])), int(parts[3])
+            if not 0 < port < 65536:
+                raise ValueError("port out of range")
             relays = [] if parts[4] == "-" else parts[4].split(",")[:8]
             for spec in relays:
                 if spec != "*":
-                    parse_server(spec)
+                    _check_advertised_relay(spec)
         except ValueError:
-            return self._fail(RendezvousError("server sent a malformed WELCOME"))
+            self._fail(RendezvousError("server sent a malformed WELCOME"))
+            self.transport.loseConnection()
+            return
         self.relays = relays
         self._welcomed.fire((host, port))
 
@@ -540,6 +632,25 @@ class RendezvousClientProtocol(LineReceiver):
         for d in pending:
             if d is not None and not d.called:
                 d.errback(error)
+
+
+#: A host name a server may advertise as a relay: ASCII letters, digits,
+#: hyphens and dots (RFC 1123; IDNs in their xn-- form), 253 at most.  It
+#: reaches the user's terminal in error messages, so nothing else.
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\Z")
+
+
+def _check_advertised_relay(spec: str) -> None:
+    """Raise ValueError unless C{spec} is C{HOST:PORT} with an IP literal
+    (no scope) or a plain host name."""
+    host, _ = parse_server(spec)
+    if "%" in host or spec != spec.strip():
+        raise ValueError("malformed relay")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME.match(host):
+            raise ValueError("malformed relay host") from None
 
 
 def parse_server(text: str) -> tuple[str, int]:

@@ -5,9 +5,11 @@ a service.  The console script's C{p2pft server} uses the same makeService.
 
 from __future__ import annotations
 
+import re
+
 import attrs
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
@@ -15,6 +17,70 @@ from .cli import ServerOptions as Options
 from .relay import RelayFactory, RelayServer
 from .rendezvous import RendezvousServerFactory
 from .util import OneShot
+
+#: The listen() backlog: connections the kernel has completed and queues
+#: until the reactor accepts them.  Twisted's default, 50, is gone within
+#: milliseconds of a connect-and-close flood, and every SYN that finds the
+#: queue full is dropped: a real client then waits for its retransmission
+#: (1 s, then 3 s, 7 s...).  4096 is about a second of such a flood (a few
+#: thousand connections a second) and what Linux allows by default since
+#: 5.4: the kernel silently caps it at net.core.somaxconn (128 on older
+#: kernels: raise that sysctl too).  It costs nothing until it is used.
+LISTEN_BACKLOG = 4096
+#: Connections accepted in one reactor turn, at least, when that many are
+#: queued.  Twisted starts at 100 and then accepts only as many as the last
+#: turn found (+20 when it found the full batch), so after a quiet moment a
+#: flood is drained 1, 21, 41... per turn while the queue overflows.  A
+#: connection costs about 80 us of CPU in all (accept, WELCOME, close;
+#: measured on the 2-core test machine), so 256 is about 20 ms of one turn:
+#: short next to a client's round trip and its SYN retransmission.
+ACCEPT_BATCH = 256
+
+_OWN_BACKLOG = re.compile(r"(?:^|(?<!\\):)backlog=")
+
+
+def with_backlog(description: str) -> str:
+    """C{description} with C{backlog=}L{LISTEN_BACKLOG} added to a TCP
+    endpoint that does not choose its own."""
+    kind = description.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6", "ssl") or _OWN_BACKLOG.search(description):
+        return description
+    return f"{description}:backlog={LISTEN_BACKLOG}"
+
+
+class _BatchAcceptPort(tcp.Port):
+    """A TCP port that accepts up to L{ACCEPT_BATCH} queued connections per
+    reactor turn, whatever the last turn found."""
+
+    @property
+    def numberAccepts(self) -> int:
+        return self._numberAccepts
+
+    @numberAccepts.setter
+    def numberAccepts(self, n: int) -> None:
+        self._numberAccepts = max(ACCEPT_BATCH, n)
+
+
+class _ListeningReactor:
+    """The reactor, whose listenTCP (which TCP endpoints call) makes a
+    L{_BatchAcceptPort}."""
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+
+    def __getattr__(self, name):
+        return getattr(self._reactor, name)
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        listening = _BatchAcceptPort(port, factory, backlog, interface, self._reactor)
+        listening.startListening()
+        return listening
+
+
+def server_endpoint(reactor, description: str):
+    """The endpoint a server listens on: C{description}, with our backlog
+    and accept batch."""
+    return serverFromString(_ListeningReactor(reactor), with_backlog(description))
 
 
 class RendezvousService(Service):
@@ -71,7 +137,8 @@ class RendezvousService(Service):
 def _raise_fd_limit(state, relay) -> None:
     """
     Use the hard limit on open files, and keep the caps under it: each
-    relayed session holds two sockets, each rendezvous client one.
+    relayed session holds two sockets, each rendezvous client one, each
+    connection in a standalone relay's lobby (no RELAY line yet) one.
     """
     try:
         import resource
@@ -86,9 +153,14 @@ def _raise_fd_limit(state, relay) -> None:
         return
     budget = max(32, soft - 64)
     if relay is not None:
-        sessions = min(relay.limits.max_sessions, budget // 4)
-        relay.limits = attrs.evolve(relay.limits, max_sessions=max(1, sessions))
-        budget -= 2 * relay.limits.max_sessions
+        sessions = max(1, min(relay.limits.max_sessions, budget // 4))
+        budget -= 2 * sessions
+        pending = max(1, min(relay.limits.max_pending, budget // 4))
+        relay.limits = attrs.evolve(relay.limits, max_sessions=sessions, max_pending=pending)
+        if state is None:
+            budget -= pending
+        # (With a rendezvous server, legs wait in its lobby, which is part
+        # of max_connections.)
     if state is not None:
         state.max_connections = min(state.max_connections, max(16, budget))
 
@@ -109,7 +181,7 @@ def makeService(config, reactor=None) -> MultiService:
         max_per_ip=config["max-per-ip"],
     )
     parent = MultiService()
-    parent.rendezvous = RendezvousService(serverFromString(reactor, config["port"]), factory, reactor)
+    parent.rendezvous = RendezvousService(server_endpoint(reactor, config["port"]), factory, reactor)
     parent.rendezvous.setServiceParent(parent)
     return parent
 
@@ -120,7 +192,7 @@ def makeRelayService(config, reactor=None) -> MultiService:
         from twisted.internet import reactor
     factory = RelayFactory(reactor, config["limits"])
     parent = MultiService()
-    parent.rendezvous = RendezvousService(serverFromString(reactor, config["port"]), factory, reactor)
+    parent.rendezvous = RendezvousService(server_endpoint(reactor, config["port"]), factory, reactor)
     parent.rendezvous.setServiceParent(parent)
     return parent
 
