@@ -365,11 +365,14 @@ def _candidate_allowed(ip: Address, host: str, loopback_server: bool) -> bool:
     this machine); never an address that is this host or many hosts
     (unspecified, 0.0.0.0/8, multicast, broadcast), nor IPv6 link-local (it
     needs a scope we cannot know), IPv4-mapped (IPv4 in disguise: the IPv4
-    form is what a peer sends) or IPv4-compatible."""
+    form is what a peer sends) or IPv4-compatible.  IPv4 link-local is kept:
+    a peer on the same link without DHCP has nothing else."""
     if ":" in host and ip.version == 4:
         return False  # ::ffff:a.b.c.d
     if ip.is_loopback:
         return loopback_server
+    if ip.version == 4 and ip.is_link_local:
+        return True
     return not is_host_or_link_only(ip)
 
 

@@ -186,6 +186,8 @@ class CandidateTypeTests(SynchronousTestCase):
         for host in ("127.0.0.1", "127.5.6.7", "::1", "::ffff:127.0.0.1", "0.1.2.3", "::127.0.0.1",
                      "fe80::1%eth0", "2001:db8::1%1", " 10.0.0.1"):
             self.assertEqual(self.usable([host, 80]), [], host)
+        for host in ("169.254.1.2", "192.168.1.20", "100.64.0.1", "fd00::1", "2001:db8::1"):
+            self.assertEqual(self.usable([host, 80]), [(host, 80)], "a peer's LAN addresses are kept")
 
     def test_loopback_kept_when_the_server_is_on_loopback(self):
         self.assertEqual(self.usable(["127.0.0.1", 80], server="127.0.0.1"), [("127.0.0.1", 80)])
