@@ -154,6 +154,21 @@ class HardLinkTests(SynchronousTestCase):
         self.assertEqual(content(os.path.join(self.out, "r.bin")), b"old")
         self.assertEqual(content(outside), b"outside")
 
+    def test_place_without_proc_checks_the_partial_name(self):
+        real_link = os.link
+
+        def link(src, *args, **kw):
+            if isinstance(src, str) and src.startswith("/proc/"):
+                raise FileNotFoundError(src)  # no /proc here
+            return real_link(src, *args, **kw)
+
+        self.patch(os, "link", link)
+        out, f, outside = self.swapped()
+        with self.assertRaises(Declined) as e:
+            out.place("r.bin", f, 0o644, None, overwrite=False)
+        self.assertIn(f"r.bin{PARTIAL_SUFFIX} was replaced by another file", str(e.exception))
+        self.assertFalse(os.path.exists(os.path.join(self.out, "r.bin")))
+
     def test_open_read_refuses_a_link_on_the_descriptor(self):
         outside = self.outside_file(b"x" * 10)
         os.link(outside, os.path.join(self.out, "r.bin"))
