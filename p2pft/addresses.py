@@ -1,5 +1,6 @@
 """
-Local addresses worth offering as candidates, found without any network I/O.
+Local addresses worth offering as candidates, found without any network I/O,
+and what kind of address a peer or a server gave us.
 """
 
 from __future__ import annotations
@@ -58,7 +59,55 @@ def ip_key(host: str) -> str:
 
 
 def is_loopback(host: str) -> bool:
+    """Whether C{host} is a loopback address (IPv4-mapped ones included)."""
+    ip = parse_ip(host.split("%", 1)[0])
+    return ip is not None and ip.is_loopback
+
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: Networks that are not "the Internet": this host, this link, private
+#: LANs (RFC 1918, IPv6 ULA) and carrier-grade NAT's shared space (RFC 6598,
+#: the inside of a carrier's NAT, never the address a server observes for
+#: a peer on the Internet).  A peer's address in one of these is some host
+#: near us, not a NAT racing our SYNs.
+LOCAL_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.168.0.0/16", "::1/128", "fc00::/7", "fe80::/10",
+))
+_V4_COMPATIBLE = ipaddress.ip_network("::/96")
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def parse_ip(host: object) -> Address | None:
+    """The IP address C{host} spells, IPv4-mapped IPv6 turned into the IPv4
+    address it stands for; None for anything but a str holding a plain
+    literal (no names, no scope id, no legacy numeric forms such as
+    C{127.1} or C{2130706433}, which C{ipaddress} refuses)."""
+    if not isinstance(host, str) or "%" in host:
+        return None
     try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_public(ip: Address) -> bool:
+    """Not in L{LOCAL_NETWORKS} (documentation and benchmark ranges count
+    as public: the NAT lab's "Internet" is TEST-NET-3)."""
+    return not any(ip.version == net.version and ip in net for net in LOCAL_NETWORKS)
+
+
+def is_host_or_link_only(ip: Address) -> bool:
+    """Addresses that never lead to another computer across a network:
+    this host (loopback, 0.0.0.0/8 and ::, which Linux connects to this
+    host, IPv4-compatible ::a.b.c.d), this link only (link-local), or
+    many hosts (multicast, broadcast)."""
+    if ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast:
+        return True
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip in LOCAL_NETWORKS[0] or ip == _BROADCAST
+    return ip in _V4_COMPATIBLE

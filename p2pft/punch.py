@@ -29,6 +29,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
+from .addresses import is_public, parse_ip
+
 
 def _reason(failure: Failure) -> str:
     """A few words for why an attempt failed (for the final error line)."""
@@ -73,15 +75,30 @@ class PunchSchedule:
 
     @ivar redial: seconds between a failed attempt (timeout, unreachable)
         at a candidate and the next attempt at it.
-    @ivar redial_refused: seconds before redialling a candidate that
+    @ivar redial_refused: seconds before redialling the peer's public
+        address (its first candidate, the one the server observed) when it
         answered with RST, plus up to as much again at random.  A NAT that
         answers unsolicited SYNs with RST lets a connection through only
         while our own SYN is in flight through our NAT at the same moment
         as the peer's SYN through theirs, and each refused attempt lasts one
         round trip: so retry soon, at a jittered pace, to make those windows
         overlap -- but never in a tight loop.
-    @ivar max_attempts: attempts per candidate, at most (a peer's addresses
-        are untrusted: this bounds what we send to any of them).
+    @ivar max_attempts: attempts at the peer's public address (and at each
+        relay), at most (a peer's addresses are untrusted: this bounds what
+        we send to any of them).
+    @ivar redial_others: seconds before redialling any other candidate
+        (private, link-local, loopback on a loopback server, or a further
+        public address such as a global IPv6 one) that answered with RST.
+        No NAT races us there: an RST from a LAN address is the peer before
+        its listener is up (both sides start within about one server round
+        trip of each other) or some other host.  A quarter of a second
+        keeps the same-LAN case well inside the relay delay while sending
+        any such address at most 4 SYNs a second.
+    @ivar max_attempts_others: attempts per other candidate, at most: 20
+        at the pace above covers 5 s of resets, several times what a peer
+        on our LAN needs to start listening; after that the address is not
+        the peer.  With 16 candidates, at most 300 attempts in all at
+        addresses other than the peer's public one (60 a second).
     @ivar relay_delay: seconds before relays are tried: direct paths that
         work connect well within it, so they win.
     @ivar relay_delay_refused: the same, when the peer's NAT has been
@@ -101,6 +118,8 @@ class PunchSchedule:
     redial: float = 0.5
     redial_refused: float = 0.001
     max_attempts: int = 6000
+    redial_others: float = 0.25
+    max_attempts_others: int = 20
     relay_delay: float = 2.0
     relay_delay_refused: float = 6.0
     attempt_timeout: float = 4.0
@@ -148,10 +167,12 @@ class PunchConnector:
         connection goes through a relay; returns a new L{ICandidate}
         protocol that reports back through L{authenticated}, L{selected}
         and L{lost}.
-    @param candidates: the peer's addresses, its public (server-observed)
-        one first.
-    @param relays: relay addresses, dialled (from any port) after
-        C{schedule.relay_delay}.
+    @param candidates: the peer's addresses (IP literals), its public
+        (server-observed) one first: only that one, and only if it is a
+        public address, is raced at the fast pace after RSTs.
+    @param relays: relay addresses (IP literals, or a name the user gave),
+        dialled (from any port) after C{schedule.relay_delay}; see also
+        L{add_relays}.
     @param leader: whether we choose the connection (the sender) or wait for
         the other side's choice.
     """
@@ -174,6 +195,9 @@ class PunchConnector:
         self._local_port = local_port
         self._interface = interface
         self._candidates = list(dict.fromkeys(candidates))
+        first = parse_ip(self._candidates[0][0]) if self._candidates else None
+        #: The candidate raced at the fast pace: the peer's public address.
+        self._racing = self._candidates[0] if first is not None and is_public(first) else None
         self._relays = list(dict.fromkeys(relays))
         self._factory = candidate_factory
         self._leader = leader
@@ -187,6 +211,8 @@ class PunchConnector:
         self._done = False
         self._random = rng or random.Random()
         self._attempts: dict[tuple[str, int], int] = {}
+        self._relay_timer = None
+        self._relays_due = False
         self.refused = 0
 
     def _binding(self):
@@ -214,15 +240,32 @@ class PunchConnector:
         for address in self._candidates:
             self._dial(address)
         if self._relays:
-            self._timers.append(self._reactor.callLater(self._schedule.relay_delay, self._dialRelays))
+            self._relaysAfter(self._schedule.relay_delay)
         return self._result
+
+    def add_relays(self, relays: list[tuple[str, int]]) -> None:
+        """Relay addresses learnt after L{run} (names resolved meanwhile):
+        dialled with the others, or at once if their time has come."""
+        new = [r for r in dict.fromkeys(relays) if r not in self._relays]
+        if self._done or self._result is None or not new:
+            return
+        self._relays.extend(new)
+        if self._relays_due:
+            for address in new:
+                self._dial(address, relay=True)
+        elif self._relay_timer is None or not self._relay_timer.active():
+            self._relaysAfter(self._started + self._schedule.relay_delay - self._reactor.seconds())
+
+    def _relaysAfter(self, delay: float) -> None:
+        self._relay_timer = self._reactor.callLater(max(delay, 0), self._dialRelays)
+        self._timers.append(self._relay_timer)
 
     def _dialRelays(self) -> None:
         waited = self._reactor.seconds() - self._started
         if self.refused and waited < self._schedule.relay_delay_refused:
-            self._timers.append(self._reactor.callLater(
-                self._schedule.relay_delay_refused - waited, self._dialRelays))
+            self._relaysAfter(self._schedule.relay_delay_refused - waited)
             return
+        self._relays_due = True
         for address in self._relays:
             self._dial(address, relay=True)
 
@@ -245,19 +288,23 @@ class PunchConnector:
     def _dialFailed(self, address: tuple[str, int], reason: Failure, relay: bool = False) -> None:
         self._dialling.pop((address, relay), None)
         self._errors[address] = ("relay: " if relay else "") + _reason(reason)
-        if self._done or self._attempts.get(address, 0) >= self._schedule.max_attempts:
+        racing = not relay and address == self._racing
+        cap = self._schedule.max_attempts if relay or racing else self._schedule.max_attempts_others
+        if self._done or self._attempts.get(address, 0) >= cap:
             return
         if relay:
             self._timers.append(self._reactor.callLater(
                 self._schedule.redial, self._dial, address, True))
             return
-        if reason.check(error.ConnectionRefusedError):
-            if address == self._candidates[0]:
-                # The peer's public address (the one the server saw) answers:
-                # its NAT is there and racing us.  A reset from elsewhere (a
-                # private address that is some other host here) says nothing.
-                self.refused += 1
+        if reason.check(error.ConnectionRefusedError) and racing:
+            # The peer's public address (the one the server saw) answers:
+            # its NAT is there and racing us.
+            self.refused += 1
             delay = self._schedule.redial_refused * (1 + self._random.random())
+        elif reason.check(error.ConnectionRefusedError):
+            # A reset from elsewhere (a private address: some other host
+            # here, or the peer not listening yet) says nothing of a race.
+            delay = self._schedule.redial_others
         else:
             delay = self._schedule.redial
         self._timers = [t for t in self._timers if t.active()]

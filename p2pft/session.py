@@ -13,22 +13,25 @@ the twistd plugin.
 from __future__ import annotations
 
 import os
+import re
 
 import attrs
 from twisted.internet import defer, error, threads
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
+from twisted.internet.interfaces import IResolutionReceiver
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from . import codes
-from .addresses import global_ipv6_addresses, is_loopback
+from .addresses import Address, global_ipv6_addresses, is_host_or_link_only, is_loopback, parse_ip
 from .channel import PeerConnection
 from .punch import PunchConnector, PunchFailed, PunchSchedule
 from .rendezvous import PeerGone, RendezvousClientProtocol, RendezvousError, normalise_host
 from .secure import RECEIVER, SENDER, Pake, SecurityError, WrongCode
 from .errors import ScanError
-from .manifest import FILE, Entry, Manifest, ManifestChecker, scan, stream_manifest
+from .manifest import FILE, Entry, Manifest, ManifestChecker, printable, scan, stream_manifest
 from .transfer import (
     FDReader,
     Receiver,
@@ -45,8 +48,21 @@ log = Logger()
 
 #: Default seconds to wait for each step once paired.
 MESSAGE_TIMEOUT = 60.0
-#: Most candidates accepted from the peer.
+#: Most candidates accepted from the peer (a host has a few addresses: one
+#: per interface and family, and the one the server saw).
 MAX_CANDIDATES = 16
+#: Addresses dialled per relay name the server advertised, at most (one per
+#: family is what a dual-stack relay needs; a name resolving to a hundred
+#: addresses must not make us open a hundred connections).
+MAX_RELAY_ADDRESSES = 2
+#: What a relay name the server advertises must look like: a DNS host name
+#: (letters, digits, hyphens, dots; RFC 1123), and not a numeric form only
+#: the C library's legacy parser reads as an address (C{127.1},
+#: C{2130706433}, C{0x7f.1}: a last label of digits or 0x-hex, which no
+#: top-level domain is).
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}\Z)(?:(?!-)[A-Za-z0-9-]{1,63}(?<!-)\.)*(?!-)(?![0-9]+\.?\Z)(?!0[xX][0-9a-fA-F]*\.?\Z)"
+    r"[A-Za-z0-9-]{1,63}(?<!-)\.?\Z")
 
 
 class SessionError(Exception):
@@ -62,6 +78,9 @@ class Settings:
     #: A relay the user named (HOST, PORT): used instead of the server's.
     relay: tuple[str, int] | None = None
     schedule: PunchSchedule = PunchSchedule()
+    #: An IHostnameResolver for relay names the server advertises (None:
+    #: the reactor's).
+    resolver: object = None
 
 
 def _timeout(reactor, d: defer.Deferred, seconds: float, what: str) -> defer.Deferred:
@@ -153,56 +172,115 @@ async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
         raise SessionError("the other side speaks another version of p2pft")
 
     local = client.transport.getHost()
+    server_host = client.transport.getPeer().host
     mine = _candidates(public, (normalise_host(local.host), local.port),
-                       [] if is_loopback(client.transport.getPeer().host) else global_ipv6_addresses())
+                       [] if is_loopback(server_host) else global_ipv6_addresses())
     client.send(box.seal(_encode({"candidates": mine})))
     theirs = _parse_candidates(_decode(box.open(
         await _timeout(reactor, client.receive(), settings.timeout, "the other side's addresses")
-    )))
+    )), server_host)
     log.info("punching from port {port} to {theirs}", port=local.port, theirs=theirs)
 
-    relays = _relays(settings, client, client.transport.getPeer().host)
+    relays, names = _relays(settings, client.relays, server_host)
     connector = PunchConnector(
         reactor, local.port, theirs,
         lambda c, relay: PeerConnection(c, keys, reactor, settings.schedule.handshake_timeout, relay=relay),
         leader=(role == SENDER), schedule=settings.schedule, relays=relays,
     )
+    if names:
+        # Resolved while we punch (DNS must not hold up the race); only
+        # what the names resolve to, filtered, is ever dialled.
+        resolving = _resolve_relays(settings.resolver or reactor.nameResolver, names, server_host)
+        resolving.addCallback(connector.add_relays)
+        resolving.addErrback(lambda f: log.failure("resolving relays", f))
     channel = await _punch_watching_partner(reactor, client, connector, role, settings.schedule)
     return _Established(channel, channel.path)
 
 
-def _relays(settings: Settings, client, server_ip: str) -> list[tuple[str, int]]:
+def _relays(settings: Settings, specs: list[str],
+            server_host: str) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """
-    The relay the user named, else the ones the server advertised: "*" is
-    the server itself, at the address we reached it on.  The server is not
-    trusted to steer our connections: advertised addresses that are
-    loopback, link-local, unspecified or multicast are ignored unless the
-    server itself is on loopback.
+    The relay the user named (trusted as given: dialled as named), else the
+    ones the server advertised, as (addresses to dial, names to resolve
+    first with L{_resolve_relays}).  C{"*"} is the server itself, at the
+    address we reached it on.  The server is not trusted to steer our
+    connections: an address that leads to this host or this link only
+    (L{is_host_or_link_only}; IPv4-mapped IPv6 is judged as the IPv4
+    address it is) is ignored unless the server itself is on loopback, and
+    so is anything that is neither an IP literal nor a DNS host name.
     """
-    import ipaddress
-
     from .rendezvous import parse_server
 
     if settings.relay is not None:
-        return [settings.relay]
-    server_ip = normalise_host(server_ip)
-    out = []
-    for spec in client.relays:
+        return [settings.relay], []
+    server_host = normalise_host(server_host)
+    out, names = [], []
+    for spec in specs:
         if spec == "*":
-            out.append((server_ip, settings.server[1]))
+            out.append((server_host, settings.server[1]))
             continue
-        host, port = parse_server(spec)
         try:
-            ip = ipaddress.ip_address(host)
+            host, port = parse_server(spec)
         except ValueError:
-            out.append((host, port))  # a name: resolved when dialled
-            continue
-        local_only = ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast
-        if local_only and not is_loopback(server_ip):
-            log.warn("ignoring relay {spec} advertised by the server", spec=spec)
-            continue
-        out.append((str(ip), port))
-    return out
+            host, port = "", 0
+        ip = parse_ip(host)
+        if ip is not None and _relay_allowed(ip, server_host):
+            out.append((str(ip), port))
+        elif ip is None and port and _HOST_NAME.match(host):
+            names.append((host, port))
+        else:
+            log.warn("ignoring relay {spec} advertised by the server", spec=printable(spec, 80))
+    return out, names
+
+
+def _relay_allowed(ip: Address, server_host: str) -> bool:
+    return not is_host_or_link_only(ip) or is_loopback(server_host)
+
+
+@implementer(IResolutionReceiver)
+class _Addresses:
+    """Collects what a name resolves to (an L{IResolutionReceiver})."""
+
+    def __init__(self):
+        self.found: list[str] = []
+        self.done = defer.Deferred()
+
+    def resolutionBegan(self, resolution) -> None:
+        pass
+
+    def addressResolved(self, address) -> None:
+        self.found.append(address.host)
+
+    def resolutionComplete(self) -> None:
+        self.done.callback(self.found)
+
+
+def _resolve_relays(resolver, names: list[tuple[str, int]], server_host: str) -> defer.Deferred:
+    """
+    Resolve relay names with C{resolver} (an
+    L{twisted.internet.interfaces.IHostnameResolver}: the reactor's
+    C{nameResolver}, getaddrinfo on a thread) and fire with the addresses
+    to dial: what each name resolves to, filtered like a literal relay
+    address (L{_relays}), at most L{MAX_RELAY_ADDRESSES} per name.  A name
+    that resolves to nothing usable is dropped.
+    """
+    def usable(found: list[str], spec: str, port: int) -> list[tuple[str, int]]:
+        keep = []
+        for host in found:
+            ip = parse_ip(host)  # (a scoped link-local address: None)
+            if ip is None or not _relay_allowed(ip, server_host):
+                log.warn("ignoring relay {spec}: it resolves to {ip}", spec=spec, ip=printable(host, 80))
+            elif (str(ip), port) not in keep:
+                keep.append((str(ip), port))
+        return keep[:MAX_RELAY_ADDRESSES]
+
+    lookups = []
+    for host, port in names:
+        receiver = _Addresses()
+        resolver.resolveHostName(receiver, host, port)
+        lookups.append(receiver.done.addCallback(usable, printable(host, 80), port))
+    d = defer.gatherResults(lookups, consumeErrors=True)
+    return d.addCallback(lambda found: [a for addresses in found for a in addresses])
 
 
 async def _punch_watching_partner(reactor, client, connector, role, schedule) -> PeerConnection:
@@ -251,33 +329,51 @@ def _candidates(public: tuple[str, int], local: tuple[str, int], ipv6: list[str]
     return found
 
 
-def _parse_candidates(message: dict) -> list[tuple[str, int]]:
-    import ipaddress
-
+def _parse_candidates(message: dict, server_host: str = "") -> list[tuple[str, int]]:
+    """
+    The peer's candidates, as docs/PROTOCOL.md section 2 says: of the first
+    C{4 * MAX_CANDIDATES} entries, those that are C{[host, port]} with
+    C{host} a str holding an IP literal and C{port} an int (not a bool) in
+    1..65535, and whose address can be another computer's
+    (L{_candidate_allowed}); duplicates dropped; at most L{MAX_CANDIDATES}.
+    """
     raw = message.get("candidates")
     if not isinstance(raw, list):
         raise SessionError("the other side sent no addresses")
-    out = []
+    loopback_server = is_loopback(server_host)
+    out: list[tuple[str, int]] = []
     for item in raw[: MAX_CANDIDATES * 4]:
         if len(out) == MAX_CANDIDATES:
             break
-        try:
-            host, port = item
-            ip = ipaddress.ip_address(host)
-            port = int(port)
-        except (TypeError, ValueError):
+        if not (isinstance(item, list) and len(item) == 2):
             continue
-        if ip.is_unspecified or ip.is_multicast or not 0 < port < 65536:
+        host, port = item
+        ip = parse_ip(host)
+        if ip is None or type(port) is not int or not 0 < port < 65536:
             continue
-        if isinstance(ip, ipaddress.IPv6Address) and (ip.is_link_local or ip.ipv4_mapped):
-            # Link-local needs a scope we cannot know; mapped is IPv4 in disguise.
+        if not _candidate_allowed(ip, host, loopback_server):
             continue
-        if isinstance(ip, ipaddress.IPv4Address) and ip == ipaddress.IPv4Address("255.255.255.255"):
-            continue
-        out.append((str(ip), port))
+        if (str(ip), port) not in out:
+            out.append((str(ip), port))
     if not out:
         raise SessionError("the other side sent no usable addresses")
     return out
+
+
+def _candidate_allowed(ip: Address, host: str, loopback_server: bool) -> bool:
+    """Loopback only when the server is on loopback (both peers are then on
+    this machine); never an address that is this host or many hosts
+    (unspecified, 0.0.0.0/8, multicast, broadcast), nor IPv6 link-local (it
+    needs a scope we cannot know), IPv4-mapped (IPv4 in disguise: the IPv4
+    form is what a peer sends) or IPv4-compatible.  IPv4 link-local is kept:
+    a peer on the same link without DHCP has nothing else."""
+    if ":" in host and ip.version == 4:
+        return False  # ::ffff:a.b.c.d
+    if ip.is_loopback:
+        return loopback_server
+    if ip.version == 4 and ip.is_link_local:
+        return True
+    return not is_host_or_link_only(ip)
 
 
 _encode = dump_object

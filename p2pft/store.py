@@ -5,7 +5,10 @@ output folder.
 Every path is opened component by component from a descriptor of the output
 folder, with C{O_NOFOLLOW}: a symbolic link already inside the folder (say
 C{photos -> /etc}) is refused, never written through, so nothing lands
-outside the folder whatever it contains.  Data arrives in a partial file,
+outside the folder whatever it contains.  A file that has other hard links
+(C{OUT/r.bin.p2pft-partial} made a second name of a file elsewhere) is never
+read, hashed or written either: every file is checked on its descriptor,
+after opening, to be a regular file with exactly one link.  Data arrives in a partial file,
 C{NAME.p2pft-partial} beside its destination, which is kept when a transfer
 is interrupted (that is what a resume continues) and moved into place,
 without clobbering, once all of it arrived.
@@ -104,20 +107,51 @@ class OutputDir:
     def make_dir(self, path: str) -> None:
         self._dir(path.split("/"), create=True)
 
+    def _open_own(self, parent: int, name: str, shown: str, flags: int) -> int:
+        """Open C{name} in the folder C{parent} without following a link and
+        return the descriptor, once I{it} (not the name: no check-then-open
+        race) is a regular file with exactly one link.  Anything else is not
+        a file of ours: reading it could leak another file's content (as
+        block hashes), writing it would write through the link."""
+        try:
+            # O_NONBLOCK: a FIFO planted at the name must not hang the open.
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                         0o600, dir_fd=parent)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise Declined(f"{shown} is a symbolic link (p2pft never reads or writes through links)") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise Declined(f"{shown} is not a regular file")
+            if st.st_nlink != 1:
+                raise Declined(
+                    f"{shown} has {st.st_nlink} hard links, so it is also a file elsewhere "
+                    "(p2pft never reads or writes through links): delete or move it, then try again")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def open_read(self, path: str, partial: bool = False) -> BinaryIO:
+        """What is at C{path} (its partial file), for reading: only a regular
+        file with one link (L{Declined} otherwise)."""
         parent, name = self._split(path)
-        fd = os.open(name + PARTIAL_SUFFIX * partial, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        fd = self._open_own(parent, name + PARTIAL_SUFFIX * partial,
+                            printable(path + PARTIAL_SUFFIX * partial), os.O_RDONLY)
         return os.fdopen(fd, "rb")
 
     def open_partial(self, path: str, offset: int) -> BinaryIO:
         """The partial file of C{path}, cut to C{offset} bytes and positioned
-        there; made if missing.  Unbuffered: a full disk shows at once."""
+        there; made if missing.  An existing one that is not a regular file
+        with one link is refused (L{Declined}), never written or cut.
+        Unbuffered: a full disk shows at once."""
         parent, name = self._split(path, create=True)
-        fd = os.open(name + PARTIAL_SUFFIX, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=parent)
+        fd = self._open_own(parent, name + PARTIAL_SUFFIX, printable(path + PARTIAL_SUFFIX),
+                            os.O_RDWR | os.O_CREAT)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise Declined(f"{printable(path + PARTIAL_SUFFIX)} is not a regular file")
             os.ftruncate(fd, offset)
             os.lseek(fd, offset, os.SEEK_SET)
         except BaseException:
@@ -135,18 +169,66 @@ class OutputDir:
     def place(self, path: str, f: BinaryIO, mode: int, mtime: int | None, overwrite: bool) -> None:
         """Close the verified partial file C{f} of C{path} and move it into
         place: never over an existing entry unless C{overwrite}, and never
-        over a folder."""
+        over a folder.  What lands at C{path} is the file C{f} is open on,
+        whatever the partial name meanwhile became (another file, a hard
+        link to a file elsewhere): never anything else."""
         with f:
-            os.fchmod(f.fileno(), mode)
+            fd = f.fileno()
+            os.fchmod(fd, mode)
             if mtime is not None:
-                os.utime(f.fileno(), (mtime, mtime))
-        parent, name = self._split(path, create=True)
-        partial = name + PARTIAL_SUFFIX
-        existing = self.lstat(path)
-        if existing is not None and stat.S_ISDIR(existing.st_mode):
-            raise Declined(f"{printable(path)} appeared as a folder while receiving; kept the partial file")
+                os.utime(fd, (mtime, mtime))
+            ours = os.fstat(fd)
+            shown = printable(path + PARTIAL_SUFFIX)
+            if ours.st_nlink == 0:
+                raise Declined(f"{shown} was deleted or replaced while receiving; nothing was moved into place")
+            if ours.st_nlink != 1:
+                raise Declined(f"{shown} got another hard link while receiving; kept it where it is")
+            parent, name = self._split(path, create=True)
+            existing = self.lstat(path)
+            if existing is not None and stat.S_ISDIR(existing.st_mode):
+                raise Declined(f"{printable(path)} appeared as a folder while receiving; kept the partial file")
+            try:
+                # Link the file we wrote, by its descriptor (Linux, /proc):
+                # fails if the destination exists (no clobbering, no race),
+                # and whatever the partial name is now does not matter.
+                os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=parent, follow_symlinks=True)
+            except FileExistsError:
+                if not overwrite:
+                    raise Declined(f"{printable(path)} appeared while receiving; kept the existing file") from None
+                self._check_ours(parent, name + PARTIAL_SUFFIX, ours, shown)
+                # The destination's name now means our file; another hard
+                # link of what was there keeps its old content.
+                os.replace(name + PARTIAL_SUFFIX, name, src_dir_fd=parent, dst_dir_fd=parent)
+                self._check_ours(parent, name, ours, printable(path))
+                return
+            except OSError:
+                self._place_by_name(path, parent, name, ours, overwrite)
+                return
+        if self._is(parent, name + PARTIAL_SUFFIX, ours):
+            os.unlink(name + PARTIAL_SUFFIX, dir_fd=parent)
+
+    @staticmethod
+    def _is(parent: int, name: str, ours: os.stat_result) -> bool:
+        """Whether C{name} is (still) the file C{ours} describes."""
+        try:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino)
+
+    def _check_ours(self, parent: int, name: str, ours: os.stat_result, shown: str) -> None:
+        if not self._is(parent, name, ours):
+            raise Declined(f"{shown} was replaced by another file while receiving (p2pft never moves "
+                           "a file it did not write)")
+
+    def _place_by_name(self, path: str, parent: int, name: str, ours: os.stat_result, overwrite: bool) -> None:
+        """L{place} without /proc, or on a file system without hard links:
+        by the partial name, checked to be our file before and after."""
+        partial, shown = name + PARTIAL_SUFFIX, printable(path + PARTIAL_SUFFIX)
+        self._check_ours(parent, partial, ours, shown)
         if overwrite:
             os.replace(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
+            self._check_ours(parent, name, ours, printable(path))
             return
         try:
             # Fails if the destination exists: no clobbering, no race.
@@ -158,7 +240,9 @@ class OutputDir:
             if self.lstat(path) is not None:
                 raise Declined(f"{printable(path)} already exists") from None
             os.rename(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
+            self._check_ours(parent, name, ours, printable(path))
             return
+        self._check_ours(parent, name, ours, printable(path))
         os.unlink(partial, dir_fd=parent)
 
     def free(self) -> int:

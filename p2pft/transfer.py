@@ -857,7 +857,8 @@ class Receiver(_Endpoint):
                     raise Declined(f"{shown} already exists and is not a folder")
             elif stat.S_ISDIR(st.st_mode):
                 raise Declined(f"{shown} already exists and is a folder")
-            elif not self._overwrite and not (stat.S_ISREG(st.st_mode) and st.st_size == entry.size):
+            elif not self._overwrite and not (stat.S_ISREG(st.st_mode) and st.st_size == entry.size
+                                              and st.st_nlink == 1):  # other links: not ours to check
                 raise Declined(f"{shown} already exists (use --overwrite to replace it)")
 
     def _decided(self, accepted: bool) -> None:
