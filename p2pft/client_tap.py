@@ -11,11 +11,33 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from twisted.python.failure import Failure
+
 from .cli import Options as _CLIOptions
 
 
 class Options(_CLIOptions):
     synopsis = "Usage: twistd [twistd options] p2pft"
+    subCommands = [row for row in _CLIOptions.subCommands if row[0] in ("server", "send", "receive", "rcv")]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self.subCommand == "receive":
+            _check_no_prompt(self.subOptions)
+
+
+def _check_no_prompt(sub) -> None:
+    """twistd cannot prompt for a code; and an offer that cannot be
+    answered, found out only after pairing, would burn the sender's code.
+    Checked while parsing, so that twistd prints one line."""
+    import sys
+
+    from twisted.python import usage
+
+    if not sub.get("code"):
+        raise usage.UsageError("twistd cannot prompt: pass CODE or set P2PFT_CODE")
+    if not sub["yes"] and not sys.stdin.isatty():
+        raise usage.UsageError("cannot ask whether to accept: standard input is not a terminal (use --yes)")
 
 
 class PeerService(Service):
@@ -36,20 +58,31 @@ class PeerService(Service):
             self._child = makeService(sub, self._reactor)
             self._child.startService()
             return
-        from .cli import make_ui, run_peer
+        from .cli import explain, make_ui, run_peer
 
         ui = make_ui(sub, self._reactor)
         self.result = defer.ensureDeferred(run_peer(self._reactor, command, sub, ui))
 
         def finished(outcome):
-            if isinstance(outcome, Exception) or hasattr(outcome, "getErrorMessage"):
-                message = outcome.getErrorMessage() if hasattr(outcome, "getErrorMessage") else str(outcome)
+            if isinstance(outcome, Failure) and outcome.check(defer.CancelledError) and not self.running:
+                ui.error("interrupted")  # twistd is shutting down (SIGTERM, SIGINT)
+            elif isinstance(outcome, Failure):
+                message, expected = explain(outcome.value)
                 ui.error(message)
-                self.log.error("p2pft {command} failed: {message}", command=command, message=message)
-            if self._reactor.running:
-                self._reactor.stop()
+                if not expected:  # an expected one is the line above, already in the log
+                    self.log.failure("p2pft {command} failed", outcome, command=command)
+            # An early failure (a missing file, a missing output folder)
+            # arrives while twistd is still starting services, before the
+            # reactor runs: stopping it then would do nothing, and the
+            # process would idle forever.  callWhenRunning runs at once when
+            # the reactor already runs.
+            self._reactor.callWhenRunning(self._stop)
 
         self.result.addBoth(finished)
+
+    def _stop(self) -> None:
+        if self._reactor.running:
+            self._reactor.stop()
 
     def stopService(self):
         super().stopService()
@@ -65,8 +98,6 @@ def makeService(config: Options, reactor=None) -> Service:
     _tune_allocator()
     if reactor is None:
         from twisted.internet import reactor
-    if config.subCommand == "receive" and not config.subOptions.get("code"):
-        from twisted.python import usage
-
-        raise usage.UsageError("twistd cannot prompt: pass CODE or set P2PFT_CODE")
+    if config.subCommand == "receive":
+        _check_no_prompt(config.subOptions)
     return PeerService(reactor, config)

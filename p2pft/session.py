@@ -116,7 +116,8 @@ async def _connect_rendezvous(reactor, server: tuple[str, int]) -> RendezvousCli
             return await endpoint.connect(factory)
     except (error.ConnectError, error.DNSLookupError) as e:
         why = {error.ConnectionRefusedError: "connection refused", error.TimeoutError: "timed out",
-               error.DNSLookupError: "name not found"}.get(type(e), e.__class__.__name__)
+               error.DNSLookupError: "name not found", error.NoRouteError: "no route to host"}.get(
+                   type(e), str(e.args[0] if e.args and e.args[0] else e.__doc__).lower())
         raise SessionError(f"cannot reach the rendezvous server {host}:{port}: {why}") from None
 
 

@@ -144,6 +144,12 @@ class Result:
     resumed: int = 0
 
 
+def _peer_text(message: str) -> str:
+    """The peer's message, already escaped by the peer: make it safe again
+    without escaping its escapes a second time (backslashes stay)."""
+    return printable(message).replace("\\\\", "\\")
+
+
 def _os_error(e: OSError, what: str) -> TransferFailed:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return TransferFailed(f"the disk is full while writing {printable(what)}")
@@ -234,7 +240,7 @@ class _Endpoint:
             message = str(_parse_control(payload).get("message", ""))
         except TransferFailed:
             message = ""
-        self._fail(TransferFailed(f"the other side stopped: {printable(message) or 'no reason given'}"), tell_peer=False)
+        self._fail(TransferFailed(f"the other side stopped: {_peer_text(message) or 'no reason given'}"), tell_peer=False)
 
     def recordReceived(self, kind: int, payload: bytes) -> None:
         if self._ending:
@@ -344,7 +350,7 @@ class Sender(_Endpoint):
             self._have.clear()
             self._later(work, self._send_files)
         elif self.state == "offered" and kind == REJECT:
-            message = printable(str(_parse_control(payload).get("message", "declined")))
+            message = _peer_text(str(_parse_control(payload).get("message", "declined")))
             self._fail(Declined(f"the receiver declined: {message}"), tell_peer=False)
         elif self.state == "ending" and kind == ACK:
             ack = _parse_control(payload)

@@ -29,10 +29,23 @@ def human_size(n: int | None) -> str:
 
 #: Most progress updates per second (bars and JSON events alike).
 PROGRESS_RATE = 4
+#: Characters of the current file's name on the progress bar: tqdm's
+#: numbers and rate take about 45 of a terminal's 80 columns, which leaves
+#: a readable bar beside this (longer names keep their tail: the file name).
+BAR_NAME_WIDTH = 24
 
 
 def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'s' if n != 1 else ''}"
+    return f"{n:,} {word}{'s' if n != 1 else ''}"
+
+
+def tail(name: str, width: int = BAR_NAME_WIDTH) -> str:
+    """C{name} made printable, in exactly C{width} characters: padded, or
+    cut at the front (the end of a path is the part that says which file)."""
+    shown = printable(name, 4096)
+    if len(shown) > width:
+        shown = "\u2026" + shown[-(width - 1):]
+    return shown.ljust(width)
 
 
 def describe(offer: Offer) -> str:
@@ -54,8 +67,9 @@ class HumanUI:
     """
 
     def __init__(self, server: str = "SERVER:PORT", err=None, assume_yes: bool = False, stdin=None,
-                 reactor=None, progress_bar: bool | None = None):
+                 reactor=None, progress_bar: bool | None = None, quiet: bool = False):
         self._server = server
+        self._quiet = quiet
         self._err = err or sys.stderr
         self._stdin = stdin or sys.stdin
         self._reactor = reactor
@@ -84,11 +98,20 @@ class HumanUI:
         self._last[what] = now
         return True
 
-    def say(self, text: str) -> None:
+    def _write(self, text: str) -> None:
         self._err.write(text + "\n")
         self._err.flush()
 
+    def say(self, text: str) -> None:
+        """A progress message (none with --quiet)."""
+        if not self._quiet:
+            self._write(text)
+
     def code(self, code: str, announce: bool) -> None:
+        if self._quiet:
+            if announce:
+                self._write(code)  # all a script needs
+            return
         if announce:
             self.say(f"Code: {code}")
             self.say(f"On the other computer run:  p2pft receive {self._server} {code}")
@@ -111,14 +134,30 @@ class HumanUI:
         if not self._want_bar or not self._due("bar", done, total):
             return
         if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000,
-                             file=self._err, leave=False, dynamic_ncols=True, mininterval=0)
-        if name != self._name:
+            self._bar = self._make_bar(done, total)
+        renamed = name != self._name
+        if renamed:
             self._name = name
-            self._bar.set_description_str(printable(name, 30), refresh=False)
-        self._bar.update(done - self._bar.n)
+            self._bar.set_description_str(tail(name), refresh=False)
+        if not self._bar.update(done - self._bar.n) and renamed:
+            self._bar.refresh()
+
+    def _make_bar(self, done: int, total: int | None):
+        """
+        A tqdm bar that starts where the transfer starts: C{initial=done},
+        so a resumed transfer's rate counts only the bytes that move.  We
+        rate-limit updates ourselves (L{_due}), so tqdm must draw every one:
+        with its default dynamic C{miniters} it learns from the first update
+        (the resumed offset, say 1.15 GB) to wait for that many more bytes
+        before drawing again, i.e. never.  The bar's clock is ours.
+        """
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=done, unit="B", unit_scale=True, unit_divisor=1000,
+                   file=self._err, leave=False, dynamic_ncols=True, mininterval=0, miniters=1)
+        bar._time = self._now
+        bar.start_t = bar.last_print_t = self._now()
+        return bar
 
     def _close_bar(self) -> None:
         if self._bar is not None:
@@ -161,15 +200,16 @@ class HumanUI:
         moved = result.size - result.resumed
         rate = moved / result.seconds / 1e6 if result.seconds > 0 else 0.0
         verb = "Received" if result.path else "Sent"
-        what = f"{result.size} bytes" if result.files == 1 else f"{_plural(result.files, 'file')}, {result.size} bytes"
+        size = human_size(result.size)
+        what = size if result.files == 1 else f"{_plural(result.files, 'file')}, {size}"
         line = f"{verb} {printable(result.name)}: {what} in {result.seconds:.2f} s ({rate:.1f} MB/s, {path})"
         if result.resumed:
-            line += f"; {result.resumed} bytes were already there (resumed)"
+            line += f"; {human_size(result.resumed)} of it already there (resumed)"
         self.say(line)
 
     def error(self, message: str) -> None:
         self._close_bar()
-        self.say(f"p2pft: error: {message}")
+        self._write(f"p2pft: error: {message}")
 
 
 class JsonUI(HumanUI):

@@ -14,6 +14,7 @@ import time
 from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
+from p2pft.ui import human_size
 from tests.files import make_file
 from tests.memlink import tree
 from tests.procs import p2pft_argv, spawn
@@ -55,7 +56,7 @@ class FolderEndToEndTests(TestCase):
         self.assertEqual(await receiver.wait_exit(), 0, receiver.text())
         self.assertEqual(await sender.wait_exit(), 0, sender.text())
         self.assertEqual(tree(ws.out), tree(ws.src))
-        self.assertIn("Received 3 items: 3 files, 305010 bytes", receiver.err.decode())
+        self.assertIn("Received 3 items: 3 files, 305.0 kB", receiver.err.decode())  # exact bytes: --json
         done = sender.events()[-1]
         self.assertEqual((done["event"], done["files"], done["bytes"], done["resumed"], done["name"]),
                          ("done", 3, 305010, 0, "3 items"))
@@ -109,7 +110,7 @@ class FolderEndToEndTests(TestCase):
         # Whole 4 MiB blocks that arrived before the cut are not sent again.
         self.assertGreaterEqual(done["resumed"], at - 4 * MiB - 4 * MiB)
         self.assertLess(done["resumed"], 48 * MiB)
-        self.assertIn(f"{done['resumed']} bytes were already there (resumed)", receiver.err.decode())
+        self.assertIn(f"{human_size(done['resumed'])} of it already there (resumed)", receiver.err.decode())
         return done
 
     async def test_receiver_killed_in_the_first_file(self):
