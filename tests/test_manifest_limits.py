@@ -259,7 +259,7 @@ class ManifestMemoryTests(SynchronousTestCase):
         os.mkdir(out)
         asked = []
         receiver = Receiver(Link().b, Clock(), out, lambda offer: asked.append(offer) or False, rules=LINUX)
-        receiver.start()
+        done = receiver.start()
         tracemalloc.start()
         self.addCleanup(tracemalloc.stop)
         before = tracemalloc.get_traced_memory()[0]
@@ -269,6 +269,7 @@ class ManifestMemoryTests(SynchronousTestCase):
         held = tracemalloc.get_traced_memory()[0] - before
         self.assertEqual(asked[0].files, n - n // 100)
         self.assertLess(held / n, 120)
+        self.failureResultOf(done, Declined)
 
     def test_more_entries_than_a_receiver_holds_is_refused_up_front(self):
         self.assertLessEqual(MAX_ENTRIES, 2_000_000)
