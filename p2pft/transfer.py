@@ -35,8 +35,11 @@ import errno
 import fcntl
 import os
 import stat
+import sys
 import threading
 from typing import Callable
+
+from array import array
 
 import attrs
 from twisted.internet import abstract, defer, error, main
@@ -45,15 +48,18 @@ from zope.interface import implementer
 
 from .blocks import BLOCK, HASHES_PER_MESSAGE, Prefix, block_count, hash_prefix, match_prefix
 from .channel import IRecordHandler
+from . import fsprobe
 from .errors import Declined, TransferFailed, UnsafeName
 from .manifest import (
     DIR,
     MAX_ENTRIES,
     PARTIAL_SUFFIX,
+    POSIX,
     Entry,
     Manifest,
     ManifestChecker,
-    entry_from_wire,
+    NameRules,
+    listing,
     printable,
     safe_mode,
 )
@@ -80,6 +86,9 @@ MAX_CONTROL = 64 * 1024
 ENTRIES_BYTES = 32 * 1024
 
 RESUME_HINT = "the data received so far is kept: run the same send and receive again to resume"
+#: After a file failed its check: its data is gone, what came before it is not.
+DISCARDED_HINT = ("its partial data was deleted; the files received before it are kept: "
+                  "run the same send and receive again to resume")
 
 
 def _control(value: dict) -> bytes:
@@ -93,6 +102,10 @@ def _parse_control(payload: bytes) -> dict:
         return load_object(payload)
     except ValueError:
         raise TransferFailed("malformed control message") from None
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _count(value: object, what: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
@@ -118,6 +131,10 @@ class Offer:
     #: The first top-level names, folders with a trailing "/".
     top: list[str]
     top_count: int
+    #: Entries whose names cannot be written here, left out (C{skip_unsafe}),
+    #: and the first of them with the reason (printable).
+    refused: int = 0
+    refused_names: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -129,7 +146,7 @@ class Offer:
     @classmethod
     def of(cls, checker: ManifestChecker) -> "Offer":
         return cls(checker.files, checker.dirs, None if checker.streams else checker.bytes,
-                   list(checker.top), checker.top_count)
+                   list(checker.top), checker.top_count, checker.refused, tuple(checker.refused_names))
 
 
 @attrs.frozen
@@ -140,8 +157,14 @@ class Result:
     #: Where the receiver put it (one file or folder), or None on the sender.
     path: str | None = None
     files: int = 1
-    #: Bytes already there from an earlier attempt, not sent again.
+    #: Bytes of partial data kept from an earlier attempt and continued, not sent again.
     resumed: int = 0
+    #: Bytes of files already complete and identical at the receiver, checked and not sent again.
+    skipped: int = 0
+    #: Entries the receiver left out because their names cannot be written
+    #: there (C{skip_unsafe}); their data crossed the network and was dropped.
+    #: Always 0 on the sender, which cannot know.
+    refused: int = 0
 
 
 def _peer_text(message: str) -> str:
@@ -177,6 +200,7 @@ class _Endpoint:
         self._close_timer = None
         self._bytes_done = 0
         self._resumed = 0
+        self._skipped = 0
         self._total: int | None = None
 
     def _elapsed(self) -> float:
@@ -307,7 +331,7 @@ class Sender(_Endpoint):
         self._wakeup = None
         self._manifest = manifest
         self._entries = manifest.entries
-        self._files = [i for i, e in enumerate(self._entries) if e.kind != DIR]
+        self._files = manifest.checker.file_indices()
         self._total = None if manifest.checker.streams else manifest.checker.bytes
         self._next_entry = 0
         self._next_file = 0
@@ -363,7 +387,7 @@ class Sender(_Endpoint):
 
     def _result(self) -> Result:
         return Result(self.offer.name, self._bytes_done, self._elapsed(), files=len(self._files),
-                      resumed=self._resumed)
+                      resumed=self._resumed, skipped=self._skipped)
 
     def _add_have(self, have: dict) -> None:
         index = _count(have.get("file"), "file index", 0, len(self._entries) - 1)
@@ -486,7 +510,7 @@ class Sender(_Endpoint):
         if complete:
             self._channel.send(FILE, _control({"file": index, "skip": True}))
             self._bytes_done += entry.size
-            self._resumed += entry.size
+            self._skipped += entry.size
             return
         try:
             f = open(source, "rb", buffering=0)
@@ -709,6 +733,8 @@ class _Incoming:
     entry: Entry
     sink: FileSink | StreamSink
     received: int
+    #: A left-out file (C{skip_unsafe}): its data is dropped.
+    dropped: bool = False
 
     def disk(self, work: defer.Deferred) -> defer.Deferred:
         """C{work} with a disk error turned into a clear failure."""
@@ -725,17 +751,21 @@ class _Incoming:
         return None
 
 
-def find_existing(out: OutputDir, entries: list[Entry], stop: threading.Event) -> dict[int, _Have]:
+def find_existing(out: OutputDir, entries, stop: threading.Event,
+                  skipped: Callable[[int], bool] = lambda index: False) -> dict[int, _Have]:
     """
     (On a thread, with its own L{OutputDir}.)  Hash what is already there
-    for each file: a complete file of the right size at its destination, or
-    the whole blocks of its partial file.
+    for each file (not C{skipped}): a complete file of the right size at
+    its destination, or the whole blocks of its partial file.
     """
     found = {}
     try:
-        for index, entry in enumerate(entries):
+        for index in range(len(entries)):
             if stop.is_set():
                 break
+            if skipped(index):
+                continue
+            entry = entries[index]
             if entry.kind == DIR or entry.size is None:
                 continue
             st = out.lstat(entry.path)
@@ -760,6 +790,22 @@ def find_existing(out: OutputDir, entries: list[Entry], stop: threading.Event) -
     return found
 
 
+class _Nowhere:
+    """Where the data of a left-out file goes."""
+
+    def write(self, data) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def name_rules(out: OutputDir, platform: str = sys.platform) -> NameRules:
+    """The name rules of the output folder C{out}: its platform's, and
+    case clashes if its file system ignores case (probed)."""
+    return NameRules.where(platform, fsprobe.probe(out._fd).case)
+
+
 @implementer(IRecordHandler)
 class Receiver(_Endpoint):
     """
@@ -770,22 +816,31 @@ class Receiver(_Endpoint):
 
     @param decide: called with the L{Offer}; returns a Deferred that fires
         with True to accept.
+    @param skip_unsafe: leave out the entries whose names cannot be written
+        here (and what is below a refused folder), and take the rest; else
+        such names refuse the whole offer, all of them listed.
+    @param rules: the L{NameRules} to apply; by default those of this
+        platform and the output folder's file system (L{name_rules}).
     """
 
     def __init__(self, channel, clock, output_dir: str, decide, overwrite: bool = False, progress=None,
-                 run_blocking=run_now):
+                 run_blocking=run_now, skip_unsafe: bool = False, rules: NameRules | None = None):
         super().__init__(channel, clock, progress, run_blocking)
         self._dir = os.path.abspath(output_dir)
         self._decide = decide
         self._overwrite = overwrite
+        self._skip_unsafe = skip_unsafe
+        self._rules = rules
         self._out: OutputDir | None = None
         self._checker: ManifestChecker | None = None
         self._expected = 0
-        self._files: list[int] = []
+        self._files = array("l")
         self._next_file = 0
         self._have: dict[int, _Have] = {}
         self._current: _Incoming | None = None
         self._kept = False  # data on disk a later attempt can resume from
+        self._placed = 0  # files moved into place
+        self._dropped = 0  # data bytes of left-out files, read and dropped
         self._pool = BufferPool()
         self.offer: Offer | None = None
 
@@ -804,21 +859,26 @@ class Receiver(_Endpoint):
         return self._dir
 
     @property
-    def _entries(self) -> list[Entry]:
+    def _entries(self):
         return self._checker.entries
 
     def _handle(self, kind: int, payload: bytes) -> None:
         if self.state == "waiting" and kind == OFFER:
             offer = _parse_control(payload)
-            self._expected = _count(offer.get("entries"), "number of entries", 1, MAX_ENTRIES)
-            self._checker = ManifestChecker(self._expected)
+            entries = offer.get("entries")
+            if _int(entries) and entries > MAX_ENTRIES:
+                raise Declined(f"the offer has {entries:,} entries; p2pft takes at most {MAX_ENTRIES:,} "
+                               "in one transfer: send the folders separately")
+            self._expected = _count(entries, "number of entries", 1, MAX_ENTRIES)
+            self._checker = ManifestChecker(self._expected, self._name_rules())
             self.state = "manifest"
         elif self.state == "manifest" and kind == ENTRIES:
             raw = _parse_control(payload).get("entries")
             if not isinstance(raw, list) or len(self._entries) + len(raw) > self._expected:
                 raise TransferFailed("protocol error: invalid ENTRIES")
+            offer = self._checker.offer
             for item in raw:
-                self._checker.add(entry_from_wire(item))
+                offer(item)
             if len(self._entries) == self._expected:
                 self._manifest_complete()
         elif self.state == "receiving" and kind == FILE:
@@ -832,11 +892,24 @@ class Receiver(_Endpoint):
         else:
             raise self._unexpected(kind)
 
+    def _name_rules(self) -> NameRules:
+        if self._rules is None:
+            self._open_output()
+            self._rules = name_rules(self._out)
+        return self._rules
+
     def _manifest_complete(self) -> None:
-        self._checker.finish()
-        self._files = [i for i, e in enumerate(self._entries) if e.kind != DIR]
-        self.offer = Offer.of(self._checker)
-        self._total = self.offer.size
+        checker = self._checker
+        checker.finish()
+        if checker.refused and (not self._skip_unsafe or checker.refused == len(checker.entries)):
+            n = checker.refused
+            hint = "; receive with --skip-unsafe to leave them out and take the rest" \
+                if self._skip_unsafe is False and n < len(checker.entries) else ""
+            raise UnsafeName(f"{n} offered name{'s' if n != 1 else ''} cannot be written "
+                             f"{checker.rules.describe()}: {listing(checker.refused_names, n)}{hint}")
+        self._files = checker.file_indices()
+        self.offer = Offer.of(checker)
+        self._total = None if self.offer.size is None else self.offer.size + checker.refused_bytes
         self._open_output()
         self._check_conflicts()
         self.state = "deciding"
@@ -844,6 +917,8 @@ class Receiver(_Endpoint):
         d.addCallbacks(self._decided, lambda f: self._fail(TransferFailed(f.getErrorMessage())))
 
     def _open_output(self) -> None:
+        if self._out is not None:
+            return
         if not os.path.isdir(self._dir):
             raise Declined(f"output folder {printable(self._dir)} does not exist")
         self._out = OutputDir(self._dir)
@@ -851,10 +926,7 @@ class Receiver(_Endpoint):
     def _check_conflicts(self) -> None:
         """Refuse before asking: an entry whose name is taken by something
         we will not replace."""
-        for entry in self._entries:
-            st = self._out.lstat(entry.path)
-            if st is None:
-                continue
+        for entry, st in self._checker.existing(self._out.lstat):
             shown = printable(entry.path)
             if stat.S_ISLNK(st.st_mode) and (entry.kind == DIR or not self._overwrite):
                 raise Declined(f"{shown} already exists as a symbolic link (p2pft never writes through symbolic links)")
@@ -875,7 +947,8 @@ class Receiver(_Endpoint):
             self._fail(Declined("declined"), tell_peer=False)
             return
         self.state = "scanning"
-        self._later(self._run_blocking(find_existing, self._out.clone(), self._entries, self._stop), self._accept)
+        self._later(self._run_blocking(find_existing, self._out.clone(), self._entries, self._stop,
+                                       self._checker.skipped), self._accept)
 
     def _accept(self, have: dict[int, _Have]) -> None:
         self._have = have
@@ -883,9 +956,10 @@ class Receiver(_Endpoint):
         free = self._out.free()
         if needed > free:
             raise Declined(f"not enough free space: {needed} more bytes needed, {free} free")
-        for entry in self._entries:
-            if entry.kind == DIR:
-                self._out.make_dir(entry.path)
+        checker = self._checker
+        for index in range(len(checker.entries)):
+            if checker.is_dir(index) and not checker.skipped(index):
+                self._out.make_dir(checker.entries[index].path)
         for index, h in sorted(have.items()):
             hexes = [d.hex() for d in h.prefix.hashes]
             for start in range(0, max(len(hexes), 1), HASHES_PER_MESSAGE):
@@ -909,11 +983,16 @@ class Receiver(_Endpoint):
             if have is None or not have.complete:
                 raise TransferFailed("protocol error: skipped a file we do not have")
             self._bytes_done += entry.size
-            self._resumed += entry.size
+            self._skipped += entry.size
             self._out.remove_partial(entry.path)
             self._progress(entry.path)
             return
         offset = _count(message.get("offset"), "offset", 0, entry.size if entry.size is not None else 0)
+        if self._checker.skipped(index):  # left out: its data goes nowhere, and nothing is touched
+            if offset:
+                raise TransferFailed("protocol error: resumed from data we do not have")
+            self._current = _Incoming(index, entry, StreamSink(_Nowhere()), received=0, dropped=True)
+            return
         if have is not None and have.complete and not self._overwrite:
             raise Declined(f"{printable(entry.path)} already exists with other content (use --overwrite to replace it)")
         if offset and (have is None or have.complete or offset > have.prefix.length or offset % BLOCK):
@@ -929,7 +1008,10 @@ class Receiver(_Endpoint):
         if current.entry.size is not None and current.received + len(data) > current.entry.size:
             raise TransferFailed("the sender sent more data than it offered")
         current.received += len(data)
-        self._kept = current.entry.size is not None
+        if current.dropped:
+            self._dropped += len(data)
+        else:
+            self._kept = self._kept or current.entry.size is not None
         try:
             current.sink.write(data)
         except OSError as e:
@@ -962,14 +1044,20 @@ class Receiver(_Endpoint):
 
     def _discard(self, current: "_Incoming") -> None:
         current.sink.close()
-        self._out.remove_partial(current.entry.path)  # not worth resuming from
+        self._current = None
+        if not current.dropped:
+            self._out.remove_partial(current.entry.path)  # not worth resuming from
+            self._discarded = True
 
     def _place(self, current: "_Incoming") -> None:
         entry = current.entry
         self._current = None
+        if current.dropped:
+            return
         self._out.place(entry.path, current.sink.release(), safe_mode(entry, self._out.umask), entry.mtime,
                         self._overwrite)
         self._kept = True
+        self._placed += 1
         if entry.size is None:
             self._total = current.received
 
@@ -980,14 +1068,22 @@ class Receiver(_Endpoint):
         self._sync()
         self._channel.send(ACK, _control({"files": len(self._files), "bytes": self._bytes_done}))
         self._cleanup()
-        self._close_then(Result(self.offer.name, self._bytes_done, self._elapsed(), self.destination,
-                                len(self._files), self._resumed))
+        checker = self._checker
+        self._close_then(Result(self.offer.name, self._bytes_done - self._dropped, self._elapsed(),
+                                self.destination, checker.files, self._resumed, self._skipped,
+                                checker.refused))
 
     def _sync(self) -> None:
         self._out.sync()
 
+    _discarded = False  # a file failed its check and its partial data was deleted
+
     def _annotate(self, error: TransferFailed) -> TransferFailed:
-        if self._kept and not isinstance(error, Declined):
+        if isinstance(error, Declined):
+            return error
+        if self._discarded:
+            return TransferFailed(f"{error}; {DISCARDED_HINT}") if self._placed else error
+        if self._kept:
             return TransferFailed(f"{error}; {RESUME_HINT}")
         return error
 
@@ -996,7 +1092,7 @@ class Receiver(_Endpoint):
         current, self._current = self._current, None
         if current is not None:
             current.sink.close()
-            if current.entry.size is None or current.received == 0:
+            if not current.dropped and (current.entry.size is None or current.received == 0):
                 self._out.remove_partial(current.entry.path)  # nothing a resume could use
         self._pool.close()
         if self._out is not None:
@@ -1023,6 +1119,9 @@ class StdoutReceiver(Receiver):
     @property
     def destination(self) -> str:
         return "-"
+
+    def _name_rules(self) -> NameRules:
+        return self._rules or POSIX  # nothing is written under these names
 
     def _open_output(self) -> None:
         if self.offer.files != 1 or self.offer.dirs:

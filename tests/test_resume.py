@@ -93,8 +93,8 @@ class ResumeTests(SynchronousTestCase):
         first_two = sum(len(files[f"d/{i}.bin"]) for i in range(2))
         self.interrupted([os.path.join(self.src, "d")], first_two + BLOCK + 7)
         result, sent = self.again([os.path.join(self.src, "d")])
-        self.assertEqual(result.resumed, first_two + BLOCK)  # two files checked and skipped, one resumed
-        self.assertEqual(sent, sum(map(len, files.values())) - result.resumed)
+        self.assertEqual((result.skipped, result.resumed), (first_two, BLOCK))  # two files checked and skipped, one resumed
+        self.assertEqual(sent, sum(map(len, files.values())) - result.resumed - result.skipped)
         self.assertEqual(tree(self.out), {"d": None, **files})
 
     def test_changed_source_starts_over(self):
@@ -158,7 +158,7 @@ class ResumeTests(SynchronousTestCase):
             write(os.path.join(self.src, name), data)
         self.again([os.path.join(self.src, "t")])
         result, sent = self.again([os.path.join(self.src, "t")])
-        self.assertEqual((result.resumed, sent, result.files), (10_000, 0, 5))
+        self.assertEqual((result.skipped, result.resumed, sent, result.files), (10_000, 0, 0, 5))
 
     def test_overwrite_of_a_different_file_sends_it_all(self):
         write(os.path.join(self.out, "f.bin"), b"x" * 1000)
