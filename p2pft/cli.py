@@ -52,6 +52,24 @@ def format_server(server: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _text(value: str) -> str:
+    """The --text message, read from standard input for '-' (bounded)."""
+    from .errors import TransferFailed
+    from .text import MAX_TEXT, encode_text
+
+    if value == "-":
+        data = sys.stdin.buffer.read(MAX_TEXT + 1)
+        try:
+            value = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise usage.UsageError("--text -: standard input is not UTF-8 text (send it as a file)") from None
+    try:
+        encode_text(value)
+    except TransferFailed as e:
+        raise usage.UsageError(f"--text: {e}") from None
+    return value
+
+
 def _looks_like_server(text: str) -> bool:
     try:
         parse_server(text)
@@ -210,11 +228,12 @@ class _PeerOptions(_Options):
 class SendOptions(_PeerOptions):
     synopsis = ("[--code CODE] [--code-length N] [--follow-symlinks] [--limit-rate BYTES/S] "
                 "[--relay HOST:PORT] [--timeout S] [-q | -v] "
-                "[--no-progress] [--json] [SERVER:PORT] PATH...")
-    needs = "send needs SERVER:PORT and at least one PATH"
+                "[--no-progress] [--json] [SERVER:PORT] (PATH... | --text TEXT)")
+    needs = "send needs SERVER:PORT and at least one PATH (or --text TEXT)"
     longdesc = (
         "Send files and folders (folders with everything in them, empty folders too); "
-        "PATH '-' alone sends standard input.  Prints a code such as 7-apple-river; "
+        "PATH '-' alone sends standard input; --text sends a short message instead, which the "
+        "receiver prints on its standard output.  Prints a code such as 7-apple-river; "
         "give it to the receiver.  An interrupted transfer resumes when the same send and "
         "receive run again.  Symbolic links inside folders are skipped unless "
         "--follow-symlinks; sockets, FIFOs and devices always are.  " + CODE_NOTE + "  " + SERVER_NOTE
@@ -223,6 +242,8 @@ class SendOptions(_PeerOptions):
         ["follow-symlinks", "L", "Send what symbolic links inside folders point to."],
     ]
     optParameters = _PeerOptions.optParameters + [
+        ["text", "t", None, "Send this text instead of files ('-': read it from standard input); "
+                            "the receiver shows it, nothing is written.  At most 64 KiB."],
         ["limit-rate", None, None, "Send at most this many bytes per second (suffixes k, M, G: "
                                    "powers of 1000), to leave room on a slow link."],
         ["code", "c", None, "Use this code instead of asking the server for one (NAMEPLATE-WORD-WORD)."],
@@ -236,7 +257,11 @@ class SendOptions(_PeerOptions):
             return _looks_like_server(arg) and not os.path.lexists(arg)
 
         paths = self._split_server(first_is_server)
-        if not paths:
+        if self["text"] is not None:
+            if paths:
+                raise usage.UsageError("--text sends text instead of files: give no PATH")
+            self["text"] = _text(self["text"])
+        elif not paths:
             raise usage.UsageError(self.needs)
         if "-" in paths and len(paths) > 1:
             raise usage.UsageError("'-' (standard input) must be the only PATH")
@@ -541,7 +566,7 @@ def preflight(command: str, sub: usage.Options, stdin=None, ask=None) -> None:
 async def run_peer(reactor, command: str, sub: usage.Options, ui, channels: list | None = None) -> None:
     """Run send or receive; raise the one-line errors as exceptions.
     The chosen peer connection is appended to C{channels}."""
-    from .session import SessionError, Settings, receive, send
+    from .session import SessionError, Settings, receive, send, send_text
 
     if command == "receive" and sub["output"] != "-":
         try:
@@ -553,7 +578,9 @@ async def run_peer(reactor, command: str, sub: usage.Options, ui, channels: list
         code_length=sub.get("code-length", codes.DEFAULT_WORDS), timeout=sub["timeout"],
         relay=sub.get("relay"),
     )
-    if command == "send":
+    if command == "send" and sub["text"] is not None:
+        await send_text(reactor, settings, sub["text"], ui, channels=channels)
+    elif command == "send":
         await send(reactor, settings, sub["paths"], ui, channels=channels,
                    follow_symlinks=bool(sub["follow-symlinks"]), rate=sub["limit-rate"])
     else:

@@ -24,7 +24,7 @@ from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from . import codes
+from . import codes, text
 from .addresses import Address, global_ipv6_addresses, is_host_or_link_only, is_loopback, parse_ip
 from .channel import PeerConnection
 from .punch import PunchConnector, PunchFailed, PunchSchedule
@@ -39,6 +39,7 @@ from .transfer import (
     Sender,
     StdoutReceiver,
     StreamSender,
+    TextSender,
     TransferFailed,
     is_stream,
 )
@@ -48,6 +49,9 @@ log = Logger()
 
 #: Default seconds to wait for each step once paired.
 MESSAGE_TIMEOUT = 60.0
+#: What this p2pft announces in its key confirmation beyond protocol v1
+#: (docs/PROTOCOL.md section 2): "text", it takes TEXT records.
+FEATURES = (text.FEATURE,)
 #: Most candidates accepted from the peer (a host has a few addresses: one
 #: per interface and family, and the one the server saw).
 MAX_CANDIDATES = 16
@@ -125,6 +129,8 @@ async def _connect_rendezvous(reactor, server: tuple[str, int]) -> RendezvousCli
 class _Established:
     channel: PeerConnection
     path: str = "direct"
+    #: What the other side's p2pft announced it can do (L{FEATURES}).
+    features: frozenset = frozenset()
 
 
 async def _establish(reactor, settings: Settings, role: str, ui) -> _Established:
@@ -161,7 +167,7 @@ async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
     client.send(pake.start())
     keys = pake.finish(await _timeout(reactor, client.receive(), settings.timeout, "the other side"))
     box = keys.box()
-    client.send(box.seal(_encode({"confirm": "p2pft/v1"})))
+    client.send(box.seal(_encode({"confirm": "p2pft/v1", "features": list(FEATURES)})))
     try:
         confirm = _decode(box.open(await _timeout(reactor, client.receive(), settings.timeout, "key confirmation")))
     except SecurityError:
@@ -171,6 +177,8 @@ async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
         ) from None
     if confirm.get("confirm") != "p2pft/v1":
         raise SessionError("the other side speaks another version of p2pft")
+    features = confirm.get("features")
+    features = frozenset(f for f in features if isinstance(f, str)) if isinstance(features, list) else frozenset()
 
     local = client.transport.getHost()
     server_host = client.transport.getPeer().host
@@ -195,7 +203,7 @@ async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
         resolving.addCallback(connector.add_relays)
         resolving.addErrback(lambda f: log.failure("resolving relays", f))
     channel = await _punch_watching_partner(reactor, client, connector, role, settings.schedule)
-    return _Established(channel, channel.path)
+    return _Established(channel, channel.path, features)
 
 
 def _relays(settings: Settings, specs: list[str],
@@ -427,6 +435,20 @@ async def send(reactor, settings: Settings, paths: list[str], ui, channels: list
     return await _run(sender, ui, est)
 
 
+async def send_text(reactor, settings: Settings, message: str, ui, channels: list | None = None) -> Result:
+    """Send a short text (checked before we connect) for the receiver to
+    show; fire once it was acknowledged."""
+    try:
+        text.encode_text(message)
+    except TransferFailed as e:
+        raise SessionError(str(e)) from None
+    est = await _connected(reactor, settings, SENDER, ui, channels)
+    sender = TextSender(est.channel, reactor, message, supported=text.FEATURE in est.features)
+    result = await sender.start()
+    ui.done(result, est.path)
+    return result
+
+
 async def _send_stdin(reactor, settings: Settings, ui, channels, rate: int | None) -> Result:
     """Standard input: a stream of unknown length (pipe, terminal), or, when
     it is redirected from a regular file, that file with its size."""
@@ -460,10 +482,11 @@ async def receive(reactor, settings: Settings, output_dir: str, decide, ui, over
         raise SessionError(f"{output_dir}: no such directory")
     est = await _connected(reactor, settings, RECEIVER, ui, channels)
     if stdout is not None:
-        receiver = StdoutReceiver(est.channel, reactor, stdout, decide, progress=ui.progress)
+        receiver = StdoutReceiver(est.channel, reactor, stdout, decide, progress=ui.progress,
+                                  show_text=ui.text)
     else:
         receiver = Receiver(est.channel, reactor, output_dir, decide, overwrite=overwrite,
-                            progress=ui.progress, run_blocking=_in_thread)
+                            progress=ui.progress, run_blocking=_in_thread, show_text=ui.text)
     result = await receiver.start()
     ui.done(result, est.path)
     return result

@@ -65,14 +65,15 @@ from .manifest import (
 )
 from .sink import BufferPool, FileSink, StreamSink
 from .store import OutputDir
+from .text import decode_text, encode_text
 from .util import dump_object, load_object
 
-__all__ = ["Sender", "StreamSender", "Receiver", "StdoutReceiver", "Offer", "Result",
+__all__ = ["Sender", "StreamSender", "TextSender", "Receiver", "StdoutReceiver", "Offer", "Result",
            "TransferFailed", "Declined", "UnsafeName", "FDReader", "is_stream"]
 
-OFFER, ACCEPT, REJECT, DATA, END, ACK, ABORT, ENTRIES, HAVE, FILE, FILE_END = range(1, 12)
+OFFER, ACCEPT, REJECT, DATA, END, ACK, ABORT, ENTRIES, HAVE, FILE, FILE_END, TEXT = range(1, 13)
 KIND_NAMES = dict(enumerate(
-    "OFFER ACCEPT REJECT DATA END ACK ABORT ENTRIES HAVE FILE FILE_END".split(), start=1))
+    "OFFER ACCEPT REJECT DATA END ACK ABORT ENTRIES HAVE FILE FILE_END TEXT".split(), start=1))
 
 #: Plaintext bytes per DATA record.
 CHUNK = 256 * 1024
@@ -165,6 +166,8 @@ class Result:
     #: there (C{skip_unsafe}); their data crossed the network and was dropped.
     #: Always 0 on the sender, which cannot know.
     refused: int = 0
+    #: A text message (C{send --text}), not files.
+    text: bool = False
 
 
 def _peer_text(message: str) -> str:
@@ -564,6 +567,49 @@ class Sender(_Endpoint):
 
 
 @implementer(IRecordHandler)
+class TextSender(_Endpoint):
+    """
+    Sends one short text (L{p2pft.text}) in a TEXT record instead of an
+    offer; fires with a L{Result} once the receiver acknowledged it.
+    C{supported}: whether the receiver announced the text feature.  An
+    older receiver would wait for an OFFER: it is sent an ABORT that says
+    why instead.
+    """
+
+    def __init__(self, channel, clock, text: str, supported: bool = True, progress=None):
+        super().__init__(channel, clock, progress)
+        self._data = encode_text(text)
+        self._supported = supported
+
+    def start(self) -> defer.Deferred:
+        self._channel.attach(self)
+        if not self._supported:
+            self._fail(TransferFailed(
+                "the sender sent a text message, which this version of p2pft cannot receive: "
+                "update p2pft"))
+            return self.done
+        self._channel.send(TEXT, self._data)
+        self.state = "sent"
+        return self.done
+
+    def _handle(self, kind: int, payload: bytes) -> None:
+        if self.state == "sent" and kind == ACK:
+            if _parse_control(payload).get("bytes") != len(self._data):
+                raise TransferFailed("the receiver's acknowledgement does not match what we sent")
+            self._bytes_done = len(self._data)
+            self._cleanup()
+            self._close_then(Result("text", len(self._data), self._elapsed(), files=0, text=True))
+        else:
+            raise self._unexpected(kind)
+
+    def _annotate(self, error: TransferFailed) -> TransferFailed:
+        if not self._supported:
+            return TransferFailed("the receiver runs an older p2pft that cannot receive text; "
+                                  "send it as a file, or ask them to update")
+        return error
+
+
+@implementer(IRecordHandler)
 class StreamSender(Sender):
     """
     Sends a stream of unknown length (standard input, a pipe): size null in
@@ -824,10 +870,12 @@ class Receiver(_Endpoint):
     """
 
     def __init__(self, channel, clock, output_dir: str, decide, overwrite: bool = False, progress=None,
-                 run_blocking=run_now, skip_unsafe: bool = False, rules: NameRules | None = None):
+                 run_blocking=run_now, skip_unsafe: bool = False, rules: NameRules | None = None,
+                 show_text=None):
         super().__init__(channel, clock, progress, run_blocking)
         self._dir = os.path.abspath(output_dir)
         self._decide = decide
+        self._show_text = show_text
         self._overwrite = overwrite
         self._skip_unsafe = skip_unsafe
         self._rules = rules
@@ -863,7 +911,9 @@ class Receiver(_Endpoint):
         return self._checker.entries
 
     def _handle(self, kind: int, payload: bytes) -> None:
-        if self.state == "waiting" and kind == OFFER:
+        if self.state == "waiting" and kind == TEXT:
+            self._take_text(payload)
+        elif self.state == "waiting" and kind == OFFER:
             offer = _parse_control(payload)
             entries = offer.get("entries")
             if _int(entries) and entries > MAX_ENTRIES:
@@ -897,6 +947,15 @@ class Receiver(_Endpoint):
             self._open_output()
             self._rules = name_rules(self._out)
         return self._rules
+
+    def _take_text(self, payload: bytes) -> None:
+        """A text message instead of an offer: show it, acknowledge, end."""
+        if self._show_text is None:
+            raise Declined("the other side sent a text message, and this receiver does not take text")
+        self._show_text(decode_text(payload))
+        self._channel.send(ACK, _control({"bytes": len(payload)}))
+        self._cleanup()
+        self._close_then(Result("text", len(payload), self._elapsed(), "-", files=0, text=True))
 
     def _manifest_complete(self) -> None:
         checker = self._checker
@@ -1108,8 +1167,8 @@ class StdoutReceiver(Receiver):
     at the end, the transfer fails and the exit status says so.
     """
 
-    def __init__(self, channel, clock, out, decide, progress=None):
-        super().__init__(channel, clock, ".", decide, progress=progress)
+    def __init__(self, channel, clock, out, decide, progress=None, show_text=None):
+        super().__init__(channel, clock, ".", decide, progress=progress, show_text=show_text)
         self._stdout = out
         try:
             widen_pipe(out.fileno())

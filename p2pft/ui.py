@@ -13,6 +13,7 @@ import threading
 from twisted.internet import defer
 
 from .manifest import printable
+from .text import displayable
 from .transfer import Offer, Result
 
 
@@ -67,10 +68,11 @@ class HumanUI:
     """
 
     def __init__(self, server: str = "SERVER:PORT", err=None, assume_yes: bool = False, stdin=None,
-                 reactor=None, progress_bar: bool | None = None, quiet: bool = False):
+                 reactor=None, progress_bar: bool | None = None, quiet: bool = False, out=None):
         self._server = server
         self._quiet = quiet
         self._err = err or sys.stderr
+        self._out = out or sys.stdout
         self._stdin = stdin or sys.stdin
         self._reactor = reactor
         self.assume_yes = assume_yes
@@ -195,8 +197,19 @@ class HumanUI:
         threading.Thread(target=ask, name="p2pft-prompt", daemon=True).start()
         return answer
 
+    def text(self, message: str) -> None:
+        """A text message arrived: it goes to standard output, like a file
+        to C{--output -}, with control characters escaped."""
+        shown = displayable(message)
+        self._out.write(shown if shown.endswith("\n") else shown + "\n")
+        self._out.flush()
+
     def done(self, result: Result, path: str) -> None:
         self._close_bar()
+        if result.text:
+            verb = "Received" if result.path else "Sent"
+            self.say(f"{verb} a text message ({human_size(result.size)}, {path})")
+            return
         moved = result.size - result.resumed
         rate = moved / result.seconds / 1e6 if result.seconds > 0 else 0.0
         verb = "Received" if result.path else "Sent"
@@ -216,8 +229,7 @@ class JsonUI(HumanUI):
     """Human lines on stderr, plus JSON events on stdout."""
 
     def __init__(self, server: str = "SERVER:PORT", out=None, **kw):
-        super().__init__(server, **kw)
-        self._out = out or sys.stdout
+        super().__init__(server, out=out, **kw)
 
     def emit(self, event: str, **fields) -> None:
         self._out.write(json.dumps({"event": event, **fields}) + "\n")
@@ -252,8 +264,15 @@ class JsonUI(HumanUI):
             self.emit("progress", bytes=done, total=total, file=name)
         super().progress(done, total, name)
 
+    def text(self, message: str) -> None:
+        self.emit("text", text=message)  # JSON escapes it; nothing raw on stdout
+
     def done(self, result: Result, path: str) -> None:
         super().done(result, path)
+        if result.text:
+            self.emit("done", name="text", text=True, bytes=result.size, seconds=round(result.seconds, 3),
+                      path=path)
+            return
         fields = dict(name=result.name, files=result.files, bytes=result.size, resumed=result.resumed,
                       seconds=round(result.seconds, 3), path=path)
         if result.path:
