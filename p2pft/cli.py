@@ -275,7 +275,7 @@ class SendOptions(_PeerOptions):
 
 
 class ReceiveOptions(_PeerOptions):
-    synopsis = ("[--yes] [--output-dir DIR | --output -] [--overwrite] [--relay HOST:PORT] [--timeout S] "
+    synopsis = ("[--yes] [--output-dir DIR | --output -] [--overwrite] [--skip-unsafe] [--relay HOST:PORT] [--timeout S] "
                 "[-q | -v] [--no-progress] [--json] [SERVER:PORT] [CODE]")
     needs = "receive needs SERVER:PORT"
     longdesc = (
@@ -289,6 +289,8 @@ class ReceiveOptions(_PeerOptions):
     optFlags = _PeerOptions.optFlags + [
         ["yes", "y", "Accept the offer without asking."],
         ["overwrite", None, "Replace existing files of the same names (never folders)."],
+        ["skip-unsafe", None, "Leave out the entries whose names cannot be written here (they are "
+                              "listed when refused) and receive the rest."],
     ]
     optParameters = _PeerOptions.optParameters + [
         ["output-dir", "o", ".", "Folder to save into."],
@@ -586,7 +588,8 @@ async def run_peer(reactor, command: str, sub: usage.Options, ui, channels: list
     else:
         await receive(reactor, settings, sub["output-dir"], ui.decide, ui,
                       overwrite=bool(sub["overwrite"]), channels=channels,
-                      stdout=sys.stdout.buffer if sub["output"] == "-" else None)
+                      stdout=sys.stdout.buffer if sub["output"] == "-" else None,
+                      skip_unsafe=bool(sub["skip-unsafe"]))
 
 
 def explain(e: BaseException) -> tuple[str, bool]:

@@ -475,9 +475,10 @@ async def _run(sender: Sender, ui, est: _Established) -> Result:
 
 
 async def receive(reactor, settings: Settings, output_dir: str, decide, ui, overwrite: bool = False,
-                  channels: list | None = None, stdout=None) -> Result:
+                  channels: list | None = None, stdout=None, skip_unsafe: bool = False) -> Result:
     """Receive an offer into C{output_dir}, or a single file to C{stdout} (a
-    binary stream) when given."""
+    binary stream) when given.  C{skip_unsafe}: leave out entries whose
+    names cannot be written there instead of refusing the offer."""
     if stdout is None and not os.path.isdir(output_dir):
         raise SessionError(f"{output_dir}: no such directory")
     est = await _connected(reactor, settings, RECEIVER, ui, channels)
@@ -486,7 +487,8 @@ async def receive(reactor, settings: Settings, output_dir: str, decide, ui, over
                                   show_text=ui.text)
     else:
         receiver = Receiver(est.channel, reactor, output_dir, decide, overwrite=overwrite,
-                            progress=ui.progress, run_blocking=_in_thread, show_text=ui.text)
+                            progress=ui.progress, run_blocking=_in_thread, show_text=ui.text,
+                            skip_unsafe=skip_unsafe)
     result = await receiver.start()
     ui.done(result, est.path)
     return result

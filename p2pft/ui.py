@@ -36,8 +36,8 @@ PROGRESS_RATE = 4
 BAR_NAME_WIDTH = 24
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n:,} {word}{'s' if n != 1 else ''}"
+def _plural(n: int, word: str, many: str | None = None) -> str:
+    return f"{n:,} {word if n == 1 else many or word + 's'}"
 
 
 def tail(name: str, width: int = BAR_NAME_WIDTH) -> str:
@@ -167,6 +167,13 @@ class HumanUI:
             self._bar = None
 
     def decide(self, offer: Offer) -> defer.Deferred:
+        if offer.refused:
+            self.say(f"Leaving out {_plural(offer.refused, 'entry', 'entries')} whose names "
+                     "cannot be written here (--skip-unsafe):")
+            for line in offer.refused_names:
+                self.say(f"  {line}")
+            if offer.refused > len(offer.refused_names):
+                self.say(f"  and {offer.refused - len(offer.refused_names)} more")
         question = f"Receive {describe(offer)}? [y/N] "
         if self.assume_yes:
             self.say(f"Receiving {describe(offer)}...")
@@ -210,14 +217,21 @@ class HumanUI:
             verb = "Received" if result.path else "Sent"
             self.say(f"{verb} a text message ({human_size(result.size)}, {path})")
             return
-        moved = result.size - result.resumed
+        moved = result.size - result.resumed - result.skipped
         rate = moved / result.seconds / 1e6 if result.seconds > 0 else 0.0
         verb = "Received" if result.path else "Sent"
         size = human_size(result.size)
         what = size if result.files == 1 else f"{_plural(result.files, 'file')}, {size}"
         line = f"{verb} {printable(result.name)}: {what} in {result.seconds:.2f} s ({rate:.1f} MB/s, {path})"
+        notes = []
+        if result.skipped:
+            notes.append(f"{human_size(result.skipped)} already there and identical (checked, not sent)")
         if result.resumed:
-            line += f"; {human_size(result.resumed)} of it already there (resumed)"
+            notes.append(f"{human_size(result.resumed)} of it already there (resumed)")
+        if result.refused:
+            notes.append(f"{_plural(result.refused, 'entry', 'entries')} left out (--skip-unsafe)")
+        if notes:
+            line += "; " + ", ".join(notes)
         self.say(line)
 
     def error(self, message: str) -> None:
@@ -248,8 +262,11 @@ class JsonUI(HumanUI):
         self.emit("connected", peer=peer, path=path)
 
     def _emit_offer(self, offer: Offer) -> None:
-        self.emit("offer", name=offer.name, files=offer.files, folders=offer.dirs, size=offer.size,
-                  top=offer.top, top_count=offer.top_count)
+        fields = dict(name=offer.name, files=offer.files, folders=offer.dirs, size=offer.size,
+                      top=offer.top, top_count=offer.top_count)
+        if offer.refused:
+            fields.update(refused=offer.refused, refused_names=list(offer.refused_names))
+        self.emit("offer", **fields)
 
     def sending(self, offer: Offer) -> None:
         super().sending(offer)
@@ -274,7 +291,9 @@ class JsonUI(HumanUI):
                       path=path)
             return
         fields = dict(name=result.name, files=result.files, bytes=result.size, resumed=result.resumed,
-                      seconds=round(result.seconds, 3), path=path)
+                      skipped=result.skipped, seconds=round(result.seconds, 3), path=path)
+        if result.refused:
+            fields["refused"] = result.refused
         if result.path:
             fields["file"] = result.path
         self.emit("done", **fields)
