@@ -73,19 +73,34 @@ class Entry:
     size: int | None
     #: Permission bits as the sender has them; the receiver masks them (L{safe_mode}).
     mode: int = 0o644
-    #: Seconds since the epoch, or None.
-    mtime: int | None = None
+    #: Nanoseconds since the epoch, or None.
+    mtime_ns: int | None = None
 
-    def wire(self) -> list:
-        return [self.path, self.kind, self.size, self.mode, self.mtime]
+    def wire(self, ns: bool = False) -> list:
+        """The entry as ENTRIES carries it: its time in nanoseconds where
+        both sides announced the "mtime-ns" feature, else in whole seconds
+        (protocol v1 as first written)."""
+        mtime = self.mtime_ns
+        if mtime is not None and not ns:
+            mtime //= NS
+        return [self.path, self.kind, self.size, self.mode, mtime]
 
 
 def _int(value: object, lo: int, hi: int) -> bool:
     return value.__class__ is int and lo <= value <= hi
 
 
-def _check_wire(raw: object) -> None:
-    """Refuse (L{UnsafeName}) a malformed entry: a protocol error, never skipped."""
+#: Nanoseconds in a second.
+NS = 10**9
+#: Times on the wire: nanoseconds within what a signed 64-bit count holds
+#: (the years 1678 to 2262), or seconds within what converts to that.
+_MAX_NS = 2**63 - 1
+_MAX_SECONDS = _MAX_NS // NS
+
+
+def _check_wire(raw: object, ns: bool = False) -> int | None:
+    """Refuse (L{UnsafeName}) a malformed entry: a protocol error, never
+    skipped.  Return its time in nanoseconds (C{ns}: it came in them)."""
     if raw.__class__ is not list or len(raw) != 5:
         raise UnsafeName("malformed manifest entry")
     path, kind, size, mode, mtime = raw
@@ -95,13 +110,15 @@ def _check_wire(raw: object) -> None:
         raise UnsafeName("manifest entry of unknown kind")
     if kind == DIR and size is not None or kind == FILE and size is not None and not _int(size, 0, 2**63 - 1):
         raise UnsafeName("manifest entry with an invalid size")
-    if not _int(mode, 0, 0o7777) or mtime is not None and not _int(mtime, -2**62, 2**62):
+    limit = _MAX_NS if ns else _MAX_SECONDS
+    if not _int(mode, 0, 0o7777) or mtime is not None and not _int(mtime, -limit, limit):
         raise UnsafeName("manifest entry with an invalid mode or time")
+    return mtime if mtime is None or ns else mtime * NS
 
 
-def entry_from_wire(raw: object, rules: NameRules = PORTABLE) -> Entry:
-    _check_wire(raw)
-    path, kind, size, mode, mtime = raw
+def entry_from_wire(raw: object, rules: NameRules = PORTABLE, ns: bool = False) -> Entry:
+    mtime = _check_wire(raw, ns)
+    path, kind, size, mode, _ = raw
     return Entry(safe_path(path, rules), kind, size, mode, mtime)
 
 
@@ -274,6 +291,9 @@ class ManifestChecker:
                  warn: NameRules | None = None):
         self.rules = rules
         self.warn = warn if warn is not None and warn != rules else None
+        #: Whether L{offer}ed entries carry their times in nanoseconds (both
+        #: sides announced "mtime-ns") rather than seconds.
+        self.wire_ns = False
         self.files = self.dirs = self.bytes = 0
         self.streams = 0
         #: First top-level names (with a trailing "/" for folders), and how many there are.
@@ -301,7 +321,7 @@ class ManifestChecker:
 
     def add(self, entry: Entry) -> Entry:
         """Add C{entry} or raise L{UnsafeName} (nothing is recorded then)."""
-        self._add(entry.path, entry.kind, entry.size, entry.mode, entry.mtime, refuse=True)
+        self._add(entry.path, entry.kind, entry.size, entry.mode, entry.mtime_ns, refuse=True)
         return entry
 
     def offer(self, raw: object) -> None:
@@ -309,8 +329,9 @@ class ManifestChecker:
         mode, mtime]}): a malformed one raises L{UnsafeName}; a name that
         cannot be written is recorded in L{refused} and the entry is kept,
         skipped."""
-        _check_wire(raw)
-        self._add(*raw, refuse=False)
+        mtime = _check_wire(raw, self.wire_ns)
+        path, kind, size, mode, _ = raw
+        self._add(path, kind, size, mode, mtime, refuse=False)
 
     def skipped(self, index: int) -> bool:
         return bool(self._flags[index] & _E_SKIPPED)
@@ -600,7 +621,7 @@ def _add_tree(checker: ManifestChecker, sources: _Sources, local: str, rel: str,
               follow: bool, notice: Callable[[str], None], ancestors: set) -> None:
     def add(kind, size):
         path = safe_path(rel, checker.rules)
-        checker.add(Entry(path, kind, size, stat.S_IMODE(st.st_mode), int(st.st_mtime)))
+        checker.add(Entry(path, kind, size, stat.S_IMODE(st.st_mode), st.st_mtime_ns))
         sources.append(local, rel, path)
     if stat.S_ISREG(st.st_mode):
         if not os.access(local, os.R_OK):

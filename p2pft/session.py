@@ -50,8 +50,10 @@ log = Logger()
 #: Default seconds to wait for each step once paired.
 MESSAGE_TIMEOUT = 60.0
 #: What this p2pft announces in its key confirmation beyond protocol v1
-#: (docs/PROTOCOL.md section 2): "text", it takes TEXT records.
-FEATURES = (text.FEATURE,)
+#: (docs/PROTOCOL.md section 2): "text", it takes TEXT records; "mtime-ns",
+#: manifest times in nanoseconds (used only when both sides announce it).
+MTIME_NS = "mtime-ns"
+FEATURES = (text.FEATURE, MTIME_NS)
 #: Most candidates accepted from the peer (a host has a few addresses: one
 #: per interface and family, and the one the server saw).
 MAX_CANDIDATES = 16
@@ -431,7 +433,8 @@ async def send(reactor, settings: Settings, paths: list[str], ui, channels: list
     except ScanError as e:
         raise SessionError(str(e)) from None
     est = await _connected(reactor, settings, SENDER, ui, channels)
-    sender = Sender(est.channel, reactor, manifest, progress=ui.progress, run_blocking=_in_thread, rate=rate)
+    sender = Sender(est.channel, reactor, manifest, progress=ui.progress, run_blocking=_in_thread, rate=rate,
+                    mtime_ns=MTIME_NS in est.features)
     return await _run(sender, ui, est)
 
 
@@ -463,7 +466,8 @@ async def _send_stdin(reactor, settings: Settings, ui, channels, rate: int | Non
     if manifest.checker.streams:
         sender = StreamSender(est.channel, reactor, manifest, FDReader(0, reactor), progress=ui.progress, rate=rate)
     else:
-        sender = Sender(est.channel, reactor, manifest, progress=ui.progress, run_blocking=_in_thread, rate=rate)
+        sender = Sender(est.channel, reactor, manifest, progress=ui.progress, run_blocking=_in_thread, rate=rate,
+                        mtime_ns=MTIME_NS in est.features)
     return await _run(sender, ui, est)
 
 
@@ -484,11 +488,11 @@ async def receive(reactor, settings: Settings, output_dir: str, decide, ui, over
     est = await _connected(reactor, settings, RECEIVER, ui, channels)
     if stdout is not None:
         receiver = StdoutReceiver(est.channel, reactor, stdout, decide, progress=ui.progress,
-                                  show_text=ui.text)
+                                  show_text=ui.text, mtime_ns=MTIME_NS in est.features)
     else:
         receiver = Receiver(est.channel, reactor, output_dir, decide, overwrite=overwrite,
                             progress=ui.progress, run_blocking=_in_thread, show_text=ui.text,
-                            skip_unsafe=skip_unsafe)
+                            skip_unsafe=skip_unsafe, mtime_ns=MTIME_NS in est.features)
     result = await receiver.start()
     ui.done(result, est.path)
     return result

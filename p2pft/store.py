@@ -166,7 +166,7 @@ class OutputDir:
         except (FileNotFoundError, TransferFailed):
             pass
 
-    def place(self, path: str, f: BinaryIO, mode: int, mtime: int | None, overwrite: bool) -> None:
+    def place(self, path: str, f: BinaryIO, mode: int, mtime_ns: int | None, overwrite: bool) -> None:
         """Close the verified partial file C{f} of C{path} and move it into
         place: never over an existing entry unless C{overwrite}, and never
         over a folder.  What lands at C{path} is the file C{f} is open on,
@@ -175,8 +175,8 @@ class OutputDir:
         with f:
             fd = f.fileno()
             os.fchmod(fd, mode)
-            if mtime is not None:
-                os.utime(fd, (mtime, mtime))
+            if mtime_ns is not None:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
             ours = os.fstat(fd)
             shown = printable(path + PARTIAL_SUFFIX)
             if ours.st_nlink == 0:

@@ -3,7 +3,8 @@ The transfer layer: what travels inside the encrypted records.
 
     sender                               receiver
     OFFER {entries, files, bytes}  ->
-    ENTRIES [[path, kind, size, mode, mtime], ...]  ->   (until all entries)
+    ENTRIES [[path, kind, size, mode, mtime], ...]  ->   (until all entries; mtime in ns
+                                                          where both announced "mtime-ns")
                                    <-    HAVE {file, from, hashes, complete}*
                                    <-    ACCEPT {}      (or REJECT {message})
     per file:  FILE {file, offset} | FILE {file, skip}  ->
@@ -327,9 +328,10 @@ class Sender(_Endpoint):
     """
 
     def __init__(self, channel, clock, manifest: Manifest, progress=None, run_blocking=run_now,
-                 rate: int | None = None):
+                 rate: int | None = None, mtime_ns: bool = False):
         super().__init__(channel, clock, progress, run_blocking)
         self._rate = rate  # bytes per second, or None
+        self._mtime_ns = mtime_ns  # the receiver takes times in nanoseconds
         self._paced = 0  # data bytes sent since sending started
         self._wakeup = None
         self._manifest = manifest
@@ -454,7 +456,7 @@ class Sender(_Endpoint):
         while budget > 0 and self._next_entry < len(self._entries):
             batch, size = [], 0
             while self._next_entry < len(self._entries) and size < ENTRIES_BYTES:
-                wire = self._entries[self._next_entry].wire()
+                wire = self._entries[self._next_entry].wire(self._mtime_ns)
                 batch.append(wire)
                 size += len(wire[0]) * 3 + 48
                 self._next_entry += 1
@@ -871,8 +873,9 @@ class Receiver(_Endpoint):
 
     def __init__(self, channel, clock, output_dir: str, decide, overwrite: bool = False, progress=None,
                  run_blocking=run_now, skip_unsafe: bool = False, rules: NameRules | None = None,
-                 show_text=None):
+                 show_text=None, mtime_ns: bool = False):
         super().__init__(channel, clock, progress, run_blocking)
+        self._mtime_ns = mtime_ns  # the sender sends times in nanoseconds
         self._dir = os.path.abspath(output_dir)
         self._decide = decide
         self._show_text = show_text
@@ -921,6 +924,7 @@ class Receiver(_Endpoint):
                                "in one transfer: send the folders separately")
             self._expected = _count(entries, "number of entries", 1, MAX_ENTRIES)
             self._checker = ManifestChecker(self._expected, self._name_rules())
+            self._checker.wire_ns = self._mtime_ns
             self.state = "manifest"
         elif self.state == "manifest" and kind == ENTRIES:
             raw = _parse_control(payload).get("entries")
@@ -1113,7 +1117,7 @@ class Receiver(_Endpoint):
         self._current = None
         if current.dropped:
             return
-        self._out.place(entry.path, current.sink.release(), safe_mode(entry, self._out.umask), entry.mtime,
+        self._out.place(entry.path, current.sink.release(), safe_mode(entry, self._out.umask), entry.mtime_ns,
                         self._overwrite)
         self._kept = True
         self._placed += 1
@@ -1167,8 +1171,9 @@ class StdoutReceiver(Receiver):
     at the end, the transfer fails and the exit status says so.
     """
 
-    def __init__(self, channel, clock, out, decide, progress=None, show_text=None):
-        super().__init__(channel, clock, ".", decide, progress=progress, show_text=show_text)
+    def __init__(self, channel, clock, out, decide, progress=None, show_text=None, mtime_ns: bool = False):
+        super().__init__(channel, clock, ".", decide, progress=progress, show_text=show_text,
+                         mtime_ns=mtime_ns)
         self._stdout = out
         try:
             widen_pipe(out.fileno())
