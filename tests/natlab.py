@@ -72,6 +72,7 @@ import functools
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -79,10 +80,12 @@ import sys
 import time
 import unittest
 import weakref
+import zlib
 
 __all__ = [
     "REQUIRED_ENV",
     "NAT_KINDS",
+    "DelayLineProcess",
     "Nat",
     "NatLab",
     "NatLabError",
@@ -118,6 +121,26 @@ CARRIER_NET = "100.64.{}"         # 100.64.N.0/24, RFC 6598 shared space
 _HOSTS = ("a", "b")
 _CMD_TIMEOUT = 20.0
 
+#: Longest one-way delay a Nat accepts: a geostationary satellite hop is
+#: ~270 ms; anything above a second is a typo.
+MAX_DELAY_MS = 1000
+#: Fastest shaped link: the delay line tops out near 50k packets/s (about
+#: 600 Mbit/s of MTU-sized packets without GSO), so a faster tbf would not
+#: be the bottleneck it claims to be.
+MAX_RATE_MBIT = 10000
+#: tbf burst: 1 ms worth of bytes at the link rate (at least two 1500-byte
+#: packets), about what a DSL/cable modem's shaper lets through at once.
+RATE_BURST_MS = 1.0
+#: tbf queue: 50 ms worth of bytes at the link rate, a modest home-router
+#: buffer (bufferbloated ones hold far more; AQM ones far less).
+RATE_BUFFER_MS = 50.0
+#: Real-time (SCHED_FIFO) priority of delay lines: above every normal
+#: process, so a busy machine delays packets late by microseconds rather
+#: than by a scheduler tick; below the kernel's own threads (50+).
+DELAYLINE_RT_PRIO = 40
+#: The delay line itself, run with the interpreter that runs the tests.
+DELAYLINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "delayline.py")
+
 
 class NatLabError(RuntimeError):
     """Building (or probing for) the lab failed."""
@@ -131,16 +154,40 @@ class Nat:
     cgnat: ``None``, or the kind ("masquerade", "reject", "symmetric") of a
         carrier-grade NAT sitting between the home router and the public
         network.
+    delay_ms: one-way delay of the host's public (wan) link, in ms, applied
+        in each direction (so it adds 2*delay_ms to every round trip that
+        crosses the link).  0: no delay line at all.
+    loss: probability that a packet crossing the wan link is dropped, drawn
+        independently for each packet and each direction.
+    rate_mbit: ``None``, or the link's rate in Mbit/s in each direction
+        (a ``tbf`` shaper with RATE_BURST_MS of burst and RATE_BUFFER_MS of
+        queue).
     """
 
     kind: str = "masquerade"
     cgnat: str | None = None
+    delay_ms: float = 0
+    loss: float = 0.0
+    rate_mbit: float | None = None
 
     def __post_init__(self):
         if self.kind not in NAT_KINDS:
             raise ValueError(f"unknown NAT kind {self.kind!r}; expected one of {NAT_KINDS}")
         if self.cgnat is not None and self.cgnat not in ("masquerade", "reject", "symmetric"):
             raise ValueError(f"unknown carrier NAT kind {self.cgnat!r}")
+        if not 0 <= self.delay_ms <= MAX_DELAY_MS:
+            raise ValueError(f"delay_ms must be within [0, {MAX_DELAY_MS}], "
+                             f"not {self.delay_ms!r}")
+        if not 0 <= self.loss < 1:
+            raise ValueError(f"loss is a probability in [0, 1), not {self.loss!r}")
+        if self.rate_mbit is not None and not 0 < self.rate_mbit <= MAX_RATE_MBIT:
+            raise ValueError(f"rate_mbit must be within (0, {MAX_RATE_MBIT}], "
+                             f"not {self.rate_mbit!r}")
+
+    @property
+    def shaped(self):
+        """True if the wan link has any path property (delay, loss, rate)."""
+        return bool(self.delay_ms or self.loss or self.rate_mbit)
 
 
 # ---------------------------------------------------------------------------
@@ -253,6 +300,77 @@ def _router_rules(kind, wan="wan0", lan="lan0"):
         "",
     ]
     return "\n".join(lines)
+
+
+def _tbf_args(rate_mbit):
+    """tc arguments of a tbf shaper for rate_mbit (see RATE_BURST_MS and
+    RATE_BUFFER_MS)."""
+    bytes_per_ms = rate_mbit * 1e6 / 8 / 1000
+    burst = max(int(bytes_per_ms * RATE_BURST_MS), 3028)
+    limit = max(int(bytes_per_ms * RATE_BUFFER_MS), 2 * burst)
+    return ["tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst), "limit", str(limit)]
+
+
+class DelayLineProcess:
+    """One running tests/delayline.py, holding packets of one NFQUEUE."""
+
+    def __init__(self, ns, queue_num, delay_ms, proc):
+        self.ns = ns
+        self.queue_num = queue_num
+        self.delay_ms = delay_ms
+        self.proc = proc
+        self.stats = None       # its counters line, once stopped
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    @classmethod
+    def start(cls, ns, queue_num, delay_ms, timeout=_CMD_TIMEOUT, gso=True):
+        """Start a delay line in ns and wait (bounded) until it has bound
+        its queue; NatLabError if it does not."""
+        argv = ["ip", "netns", "exec", ns]
+        if shutil.which("chrt"):
+            argv += ["chrt", "-f", str(DELAYLINE_RT_PRIO)]
+        argv += [sys.executable, DELAYLINE, "--queue-num", str(queue_num),
+                 "--delay-ms", repr(float(delay_ms))]
+        if not gso:
+            argv.append("--no-gso")
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        except OSError as e:
+            raise NatLabError(f"cannot start the delay line: {e}") from e
+        line = cls(ns, queue_num, delay_ms, proc)
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        first = proc.stdout.readline() if ready else ""
+        if first.strip() != "ready":
+            line.stop()
+            err = proc.stderr.read().strip() if proc.poll() is not None else ""
+            raise NatLabError(f"delay line for queue {queue_num} in {ns} did not start: "
+                              f"{err or first.strip() or 'no answer within %ss' % timeout}")
+        return line
+
+    def stop(self):
+        """SIGTERM (it prints its counters), SIGKILL if it does not exit."""
+        proc = self.proc
+        if proc.poll() is None:
+            try:
+                proc.terminate()
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+            except OSError:
+                pass
+        if self.stats is None and proc.stdout is not None:
+            try:
+                self.stats = proc.stdout.read().strip()
+            except (OSError, ValueError):
+                self.stats = ""
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 # ---------------------------------------------------------------------------
@@ -437,7 +555,7 @@ class NatLab:
     "cgnA", "cgnB" (the latter only when present).
     """
 
-    def __init__(self, a=None, b=None, prefix=None, shared_lan=False):
+    def __init__(self, a=None, b=None, prefix=None, shared_lan=False, congestion=None):
         a = Nat() if a is None else a
         if shared_lan:
             if b is not None and b != a:
@@ -453,9 +571,13 @@ class NatLab:
             prefix = f"{PREFIX_STEM}{secrets.token_hex(3)}"
         elif not _CUSTOM_PREFIX_RE.match(prefix):
             raise ValueError(f"bad prefix {prefix!r}: 1-12 letters/digits")
+        if congestion is not None and not re.match(r"^[a-z0-9_]{1,16}$", congestion):
+            raise ValueError(f"bad congestion control name {congestion!r}")
         self.prefix = prefix
         self.nats = {"a": a, "b": b}
         self.shared_lan = shared_lan
+        self.congestion = congestion
+        self.delay_lines = {}       # wan port -> DelayLineProcess
         self.server_ip = SERVER_IP
         self._created = []          # namespaces we created, in order
         self._procs = []            # Popen objects started via popen()
@@ -529,6 +651,26 @@ class NatLab:
         self._links = links
         self._routers = routers
         self._bridges = bridges
+        # each host's public (wan) link: the veth whose upstream end is on
+        # the public bridge in "inet" (port p-<role>) and whose downstream
+        # end is on the host's outermost box (carrier NAT, NAT or the host)
+        wan = {}
+        queue_base = (zlib.crc32(self.prefix.encode()) % 16000) * 4
+        hosts = ("a",) if self.shared_lan else _HOSTS
+        for idx, host in enumerate(hosts):
+            nat = self.nats[host]
+            if not nat.shaped:
+                continue
+            letter = host.upper()
+            if nat.cgnat is not None:
+                outer = f"cgn{letter}"
+            elif nat.kind == "none":
+                outer = host
+            else:
+                outer = f"nat{letter}"
+            ifname = "eth0" if outer == host else "wan0"
+            wan[f"p-{outer}"] = (outer, ifname, nat, queue_base + idx)
+        self._wan = wan
 
     def _ns(self, role):
         return f"{self.prefix}-{role}"
@@ -681,6 +823,12 @@ class NatLab:
                 _cmd(["ip", "-n", down_ns, "link", "set", ifname, "up"])
                 if gw is not None:
                     _cmd(["ip", "-n", down_ns, "route", "add", "default", "via", gw])
+            if self.congestion is not None:
+                for host in ("server",) + _HOSTS:
+                    _cmd(["ip", "netns", "exec", self.host_ns(host), "sysctl", "-q", "-w",
+                          f"net.ipv4.tcp_congestion_control={self.congestion}"])
+            if self._wan:
+                self._shape_wan()
         except BaseException as e:
             try:
                 self.down()
@@ -694,12 +842,55 @@ class NatLab:
         self._is_up = True
         self.up_seconds = time.monotonic() - started
 
+    def _shape_wan(self):
+        """Delay lines, loss rules and shapers on the wan links (up() only
+        calls this when some Nat has a path property)."""
+        inet = self.host_ns("inet")
+        # A delay line per delayed link, bound before any rule sends it
+        # packets (until then --queue-bypass would let them through).
+        for port, (outer, _ifname, nat, qnum) in self._wan.items():
+            if nat.delay_ms:
+                self.delay_lines[port] = DelayLineProcess.start(
+                    inet, qnum, nat.delay_ms)
+        # Packets coming up the link are matched in PREROUTING (only the
+        # in-port is known there), packets going down it in POSTROUTING:
+        # two different hooks, so a packet from one delayed link to
+        # another waits in both lines (an accept verdict resumes at the
+        # next hook, not at the next rule).
+        lines = ["*mangle", ":PREROUTING ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]"]
+        for port, (_outer, _ifname, nat, qnum) in self._wan.items():
+            for chain, match in (("PREROUTING", f"--physdev-in {port}"),
+                                 ("POSTROUTING", f"--physdev-out {port}")):
+                if nat.loss:
+                    lines.append(f"-A {chain} -m physdev {match} -m statistic "
+                                 f"--mode random --probability {nat.loss:.6f} -j DROP")
+                if nat.delay_ms:
+                    lines.append(f"-A {chain} -m physdev {match} -j NFQUEUE "
+                                 f"--queue-num {qnum} --queue-bypass")
+        lines += ["COMMIT", ""]
+        if len(lines) > 5:
+            _cmd(["ip", "netns", "exec", inet] + _iptables_restore_argv(),
+                 input="\n".join(lines))
+            # bridged frames now traverse inet's iptables (only its mangle
+            # rules above exist; nothing else there looks at them)
+            _cmd(["ip", "netns", "exec", inet, "sysctl", "-q", "-w",
+                  "net.bridge.bridge-nf-call-iptables=1"])
+        for port, (outer, ifname, nat, _qnum) in self._wan.items():
+            if nat.rate_mbit:
+                # up the link: egress of the box's wan interface; down it:
+                # egress of the bridge port towards the box
+                for ns, dev in ((self.host_ns(outer), ifname), (inet, port)):
+                    _cmd(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root"]
+                         + _tbf_args(nat.rate_mbit))
+
     def down(self):
         """Kill the lab's processes and delete every namespace it created
         (which removes their veths and bridges).  Idempotent; safe before,
         during-failure-of and after up()."""
         started = time.monotonic()
         self._is_up = False
+        for line in self.delay_lines.values():
+            line.stop()
         for proc in self._procs:
             if proc.poll() is None:
                 try:
