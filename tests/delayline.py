@@ -7,12 +7,16 @@ to one NFQUEUE for a fixed time, then lets it go.
 It speaks nfnetlink_queue directly over a raw ``NETLINK_NETFILTER`` socket
 (no third-party binding, nothing to compile), asks for packet metadata
 only (``NFQNL_COPY_META``: the payload never crosses into userspace) and
-keeps ``(due time, packet id)`` in a deque.  Every packet has the same
+keeps ``(due time, packet id)`` in a deque.  A packet is due ``delay``
+after the kernel queued it (the message's ``NFQA_TIMESTAMP``; the line
+keeps a ``SO_TIMESTAMP`` socket open so the kernel stamps packets), not
+after the line happened to wake up.  Every packet has the same
 delay, so due times are in arrival order, and a single
 ``NFQNL_MSG_VERDICT_BATCH`` ("accept every queued id up to X") releases
 everything that has come due at once.  When it has bound its queue it
 prints ``ready`` on stdout; on SIGTERM/SIGINT it prints one line of
-counters and exits (the kernel drops its queue; the lab's iptables rules
+counters (packets, batches, most packets held at once, worst lateness of a
+release and worst time from queueing to recv(), CPU seconds) and exits (the kernel drops its queue; the lab's iptables rules
 use ``--queue-bypass``, so a dead line never blackholes traffic).
 
 The lab (tests/natlab.py) runs one of these per delayed link inside the

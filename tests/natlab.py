@@ -58,6 +58,74 @@ Usage::
 or ``with NatLab() as lab: ...``, or ``start_lab(testcase, ...)`` which also
 does the skip/fail dance of :func:`require_lab`.
 
+Paths: delay, loss, rate
+------------------------
+
+By default every link is an ideal wire (no delay, no loss, veth speed).
+Each host's *public (wan) link* - the veth from its outermost box (carrier
+NAT, home NAT, or the host itself for ``Nat("none")``) to the public
+bridge - can be given path properties::
+
+    NatLab(a=Nat("masquerade", delay_ms=15, loss=0.01, rate_mbit=100),
+           b=Nat("none", delay_ms=35), congestion="reno")
+
+``delay_ms``  one-way delay, added in each direction: a round trip a<->b
+    takes 2*(delay_a + delay_b), a<->server 2*delay_a (the server's link
+    is ideal).  0 (the default) starts no delay line at all.
+``loss``  each packet crossing the link is dropped with this probability,
+    independently per packet and per direction (data and ACKs alike), by
+    ``-m statistic --mode random --probability P -j DROP``.
+``rate_mbit``  a ``tbf`` shaper of this rate at the egress of both ends of
+    the link, with RATE_BURST_MS of burst and RATE_BUFFER_MS of queue
+    (the bottleneck buffer, which sets how much a loss-based sender can
+    fill the pipe).
+``NatLab(congestion="reno")``  sets ``net.ipv4.tcp_congestion_control``
+    in the host namespaces (server, a, b).  Why: new namespaces inherit
+    this kernel's BBR, which paces at its bandwidth estimate and does not
+    back off on random loss, so it would hide exactly what lossy paths do
+    to ordinary users, who run CUBIC (the Linux/Windows/macOS default).
+    Child namespaces may not select CUBIC here
+    (``tcp_allowed_congestion_control`` is "reno bbr"), so reno is the
+    loss-based stand-in: the same multiplicative decrease on loss, slower
+    growth afterwards, so reno numbers are a pessimistic bound on CUBIC's.
+    ``None`` (default) leaves the namespace default alone.
+
+Where the delay lives: in the ``inet`` namespace, on the bridge port of the
+link (``net.bridge.bridge-nf-call-iptables=1`` there, ``-m physdev``
+rules in mangle PREROUTING for packets coming up the link and POSTROUTING
+for packets going down it - two hooks, so a packet from one delayed link to
+another waits in both lines).  So the NAT routers keep their state at the
+host end of the wire, as real ones do: a mapping exists the moment a packet
+leaves the router, and an inbound packet meets the router's state only
+after it has crossed the wire.  Timed hole punching depends on exactly
+this; delaying inside the router (before SNAT, or before the conntrack
+lookup) would move the NAT to the wrong end of the link.  The lab's other
+links stay ideal, and a lab without path properties does not touch inet's
+iptables or sysctls at all.
+
+The delay line is tests/delayline.py: this kernel has no ``netem`` qdisc
+(nor ``fq``), but NFQUEUE works.  One process per delayed link, started by
+up() inside ``inet`` under ``chrt -f`` (DELAYLINE_RT_PRIO), bound to its
+queue *before* the rules that feed it are installed, tracked by PID in
+``lab.delay_lines`` (wan port -> DelayLineProcess) and stopped by down()
+(always: also when up() fails or a test fails; on SIGTERM it prints its
+counters to ``.stats``).  It is pure Python speaking nfnetlink_queue over a
+raw netlink socket (metadata only, no payload copy, GSO packets queued
+whole, one batch verdict per release, due times from the kernel's queueing
+timestamp so a late wakeup does not lengthen the delay).  Queue numbers
+are derived from the lab prefix (``crc32(prefix) % 16000 * 4 + link``):
+queues are per network namespace anyway, so coexisting labs could not
+collide, and distinct numbers keep counters readable.  Every rule uses
+``--queue-bypass`` (no listener - e.g. a crashed line - means packets pass
+undelayed rather than a blackholed test) and the queue fails open when
+full (QUEUE_MAXLEN in delayline.py): overload shows as too little delay,
+never as unasked-for loss.
+
+Measured here (2 vCPUs shared with other jobs, so medians of 3 runs and
+noisy; ``python3 tests/measure_paths.py limit|accuracy|socat``):
+
+MEASUREMENTS
+
 The lab needs root, iproute2 and iptables (either backend).  Set
 ``P2PFT_NATLAB_REQUIRED=1`` to turn "cannot build the lab" from a skip into
 a test failure (for CI machines that are supposed to run these tests).
@@ -868,6 +936,15 @@ class NatLab:
                     lines.append(f"-A {chain} -m physdev {match} -j NFQUEUE "
                                  f"--queue-num {qnum} --queue-bypass")
         lines += ["COMMIT", ""]
+        if any(nat.loss for _o, _i, nat, _q in self._wan.values()):
+            # Loss is per wire packet: a GSO super-packet dropped whole
+            # would be up to 45 packets lost in one event (reno at 100 ms,
+            # 1 % ran at twice the Mathis rate that way).  So every box on
+            # the public bridge sends MTU-sized packets onto it.
+            for up_role, _br, down_role, ifname, _cidr, _gw in self._links:
+                if up_role == "inet":
+                    _cmd(["ip", "-n", self.host_ns(down_role), "link", "set", "dev",
+                          ifname, "gso_max_segs", "1"])
         if len(lines) > 5:
             _cmd(["ip", "netns", "exec", inet] + _iptables_restore_argv(),
                  input="\n".join(lines))

@@ -267,6 +267,10 @@ class LossTests(unittest.SynchronousTestCase):
         lab = start_lab(self, a=Nat("none", loss=LOSS_P), b=Nat("none"))
         # loss alone needs no delay line
         self.assertEqual(lab.delay_lines, {})
+        # and is per wire packet: nothing puts GSO super-packets on the wire
+        for role, dev in (("server", "eth0"), ("a", "eth0"), ("b", "eth0")):
+            r = lab.run(role, ["ip", "-d", "link", "show", "dev", dev])
+            self.assertIn("gso_max_segs 1 ", r.stdout, role)
         n = LOSS_ROUNDS * LOSS_ROUND
         mean = n * LOSS_P
         sd = math.sqrt(n * LOSS_P * (1 - LOSS_P))
