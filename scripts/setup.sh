@@ -9,7 +9,11 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     command -v iptables >/dev/null || missing+=(iptables)
     command -v ip >/dev/null || missing+=(iproute2)
+    # path emulation: tc (tbf rates) and chrt (real-time delay lines)
+    command -v tc >/dev/null || missing+=(iproute2)
+    command -v chrt >/dev/null || missing+=(util-linux)
     if [ ${#missing[@]} -gt 0 ]; then
+        mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
         echo "setup: installing ${missing[*]} for the NAT lab" >&2
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

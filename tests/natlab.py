@@ -58,6 +58,112 @@ Usage::
 or ``with NatLab() as lab: ...``, or ``start_lab(testcase, ...)`` which also
 does the skip/fail dance of :func:`require_lab`.
 
+Paths: delay, loss, rate
+------------------------
+
+By default every link is an ideal wire (no delay, no loss, veth speed).
+Each host's *public (wan) link* - the veth from its outermost box (carrier
+NAT, home NAT, or the host itself for ``Nat("none")``) to the public
+bridge - can be given path properties::
+
+    NatLab(a=Nat("masquerade", delay_ms=15, loss=0.01, rate_mbit=100),
+           b=Nat("none", delay_ms=35), congestion="reno")
+
+``delay_ms``  one-way delay, added in each direction: a round trip a<->b
+    takes 2*(delay_a + delay_b), a<->server 2*delay_a (the server's link
+    is ideal).  0 (the default) starts no delay line at all.
+``loss``  each packet crossing the link is dropped with this probability,
+    independently per packet and per direction (data and ACKs alike), by
+    ``-m statistic --mode random --probability P -j DROP``.  Per *wire*
+    packet: while any link is lossy, every box on the public bridge sends
+    MTU-sized packets onto it (``gso_max_segs 1``), since dropping a GSO
+    super-packet whole would lose dozens of packets in one event.
+``rate_mbit``  a ``tbf`` shaper of this rate at the egress of both ends of
+    the link, with RATE_BURST_MS of burst and RATE_BUFFER_MS of queue
+    (the bottleneck buffer, which sets how much a loss-based sender can
+    fill the pipe).
+``NatLab(congestion="reno")``  sets ``net.ipv4.tcp_congestion_control``
+    in the host namespaces (server, a, b).  Why: new namespaces inherit
+    this kernel's BBR, which paces at its bandwidth estimate and does not
+    back off on random loss, so it would hide exactly what lossy paths do
+    to ordinary users, who run CUBIC (the Linux/Windows/macOS default).
+    Child namespaces may not select CUBIC here
+    (``tcp_allowed_congestion_control`` is "reno bbr"), so reno is the
+    loss-based stand-in: the same multiplicative decrease on loss, slower
+    growth afterwards, so reno numbers are a pessimistic bound on CUBIC's.
+    ``None`` (default) leaves the namespace default alone.
+
+Where the delay lives: in the ``inet`` namespace, on the bridge port of the
+link (``net.bridge.bridge-nf-call-iptables=1`` there, ``-m physdev``
+rules in mangle PREROUTING for packets coming up the link and POSTROUTING
+for packets going down it - two hooks, so a packet from one delayed link to
+another waits in both lines).  So the NAT routers keep their state at the
+host end of the wire, as real ones do: a mapping exists the moment a packet
+leaves the router, and an inbound packet meets the router's state only
+after it has crossed the wire.  Timed hole punching depends on exactly
+this; delaying inside the router (before SNAT, or before the conntrack
+lookup) would move the NAT to the wrong end of the link.  The lab's other
+links stay ideal, and a lab without path properties does not touch inet's
+iptables or sysctls at all.
+
+The delay line is tests/delayline.py: this kernel has no ``netem`` qdisc
+(nor ``fq``), but NFQUEUE works.  One process per delayed link, started by
+up() inside ``inet`` under ``chrt -f`` (DELAYLINE_RT_PRIO), bound to its
+queue *before* the rules that feed it are installed, tracked by PID in
+``lab.delay_lines`` (wan port -> DelayLineProcess) and stopped by down()
+(always: also when up() fails or a test fails; on SIGTERM it prints its
+counters to ``.stats``).  It is pure Python speaking nfnetlink_queue over a
+raw netlink socket (metadata only, no payload copy, GSO packets queued
+whole, one batch verdict per release, due times from the kernel's queueing
+timestamp so a late wakeup does not lengthen the delay).  Queue numbers
+are derived from the lab prefix (``crc32(prefix) % 16000 * 4 + link``):
+queues are per network namespace anyway, so coexisting labs could not
+collide, and distinct numbers keep counters readable.  Every rule uses
+``--queue-bypass`` (no listener - e.g. a crashed line - means packets pass
+undelayed rather than a blackholed test) and the queue fails open when
+full (QUEUE_MAXLEN in delayline.py): overload shows as too little delay,
+never as unasked-for loss.
+
+Measured here (2 vCPUs shared with other jobs, so medians of 3 runs and
+noisy; ``python3 tests/measure_paths.py limit|accuracy|socat``):
+
+* Delay line ceiling (one unshaped socat stream through one 1 ms line,
+  MTU 1500; without a line the same stream runs at 2.0-3.3 Gbit/s):
+  GSO on (whole super-packets queued): 0.63-1.43 Gbit/s at 8-12k
+  packets/s, 47-75 % of a core - the line is not the limit there, the
+  stream's CPU is.  GSO off (``--no-gso``, as on lossy links): 39-117k
+  packets/s = 0.34-1.27 Gbit/s, median of the loaded runs 60k packets/s
+  = 0.64 Gbit/s at 78 % of a core; about 8 us of CPU per packet on a quiet
+  core, so ~120k packets/s is the ceiling of one line, and it needs one
+  core for it.  The ``late_max_ms``/``wake_max_ms`` counters show how long
+  the busy, non-preemptible (PREEMPT_NONE) kernel kept the real-time line
+  from running: up to 20-56 ms in the worst instant of a saturated run.
+* RTT accuracy, 2x(15+15) ms configured, 30 connects: idle 61.1 min /
+  61.5 median; with 10k or 40k UDP packets/s, or a TCP stream (GSO on or
+  off, ~60k packets/s), crossing the same lines: 60.3 min / 60.5-60.6
+  median / <= 62 max.  So the lab adds +0.3-1.5 ms to a configured RTT
+  until the line saturates; at saturation (the 117k packets/s run above,
+  2 ms configured) the median connect took 4.8 ms (+2.8 ms, packets
+  waiting for the line's CPU), the worst 7.8 ms.
+* One socat stream a->b (a: masquerade, b: public), reno on both hosts,
+  100 Mbit/s tbf on both wan links, RTT split evenly over the two links,
+  loss on a's link (1 % each direction), 15-20 s per run, median of 3
+  (range), against Mathis MSS/RTT*sqrt(3/2)/sqrt(p) with MSS 1448:
+
+  ========  =================  ===========================  ========
+  RTT       0 % loss           1 % loss                     Mathis
+  ========  =================  ===========================  ========
+  0 ms      11.9 (11.6-11.9)   10.9 (10.8-11.4) MB/s        (link)
+  30 ms     11.2 (5.3-11.6)    0.43 (0.40-0.55) MB/s        0.59
+  100 ms    8.2 (6.0-11.4)     0.19 (0.15-0.25) MB/s        0.18
+  ========  =================  ===========================  ========
+
+  The issue's 0.32 MB/s at 100 ms/1 % is within a factor of two of this;
+  before loss was made per wire packet (GSO super-packets dropped whole)
+  this lab gave 0.36 MB/s too, twice Mathis: the loss model matters more
+  than the delay.  At 30 ms reno is below Mathis because each timeout
+  costs a 200 ms minimum RTO, several RTTs.
+
 The lab needs root, iproute2 and iptables (either backend).  Set
 ``P2PFT_NATLAB_REQUIRED=1`` to turn "cannot build the lab" from a skip into
 a test failure (for CI machines that are supposed to run these tests).
@@ -72,6 +178,7 @@ import functools
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -79,10 +186,12 @@ import sys
 import time
 import unittest
 import weakref
+import zlib
 
 __all__ = [
     "REQUIRED_ENV",
     "NAT_KINDS",
+    "DelayLineProcess",
     "Nat",
     "NatLab",
     "NatLabError",
@@ -118,6 +227,28 @@ CARRIER_NET = "100.64.{}"         # 100.64.N.0/24, RFC 6598 shared space
 _HOSTS = ("a", "b")
 _CMD_TIMEOUT = 20.0
 
+#: Longest one-way delay a Nat accepts: a geostationary satellite hop is
+#: ~270 ms; anything above a second is a typo.
+MAX_DELAY_MS = 1000
+#: Fastest shaped link: veth streams here run at 2-3 Gbit/s, so a faster
+#: tbf shapes nothing.  A *delayed* (or lossy, hence GSO-less) link tops
+#: out lower, at the delay line's packet rate (docstring: measured).
+MAX_RATE_MBIT = 10000
+#: tbf burst: 1 ms worth of bytes at the link rate (at least two 1500-byte
+#: packets), about what a DSL/cable modem's shaper lets through at once.
+RATE_BURST_MS = 1.0
+#: tbf queue: 50 ms worth of bytes at the link rate, a modest home-router
+#: buffer (bufferbloated ones hold far more; AQM ones far less).
+RATE_BUFFER_MS = 50.0
+#: Real-time (SCHED_FIFO) priority of delay lines: above every normal
+#: process, so busy CPUs do not make releases late by whole scheduler
+#: slices (a CPU busy in kernel code can still hold one off for a few ms on
+#: a non-preemptible kernel like this one; see the measurements); below
+#: the 50 of threaded interrupt handlers.
+DELAYLINE_RT_PRIO = 40
+#: The delay line itself, run with the interpreter that runs the tests.
+DELAYLINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "delayline.py")
+
 
 class NatLabError(RuntimeError):
     """Building (or probing for) the lab failed."""
@@ -131,16 +262,40 @@ class Nat:
     cgnat: ``None``, or the kind ("masquerade", "reject", "symmetric") of a
         carrier-grade NAT sitting between the home router and the public
         network.
+    delay_ms: one-way delay of the host's public (wan) link, in ms, applied
+        in each direction (so it adds 2*delay_ms to every round trip that
+        crosses the link).  0: no delay line at all.
+    loss: probability that a packet crossing the wan link is dropped, drawn
+        independently for each packet and each direction.
+    rate_mbit: ``None``, or the link's rate in Mbit/s in each direction
+        (a ``tbf`` shaper with RATE_BURST_MS of burst and RATE_BUFFER_MS of
+        queue).
     """
 
     kind: str = "masquerade"
     cgnat: str | None = None
+    delay_ms: float = 0
+    loss: float = 0.0
+    rate_mbit: float | None = None
 
     def __post_init__(self):
         if self.kind not in NAT_KINDS:
             raise ValueError(f"unknown NAT kind {self.kind!r}; expected one of {NAT_KINDS}")
         if self.cgnat is not None and self.cgnat not in ("masquerade", "reject", "symmetric"):
             raise ValueError(f"unknown carrier NAT kind {self.cgnat!r}")
+        if not 0 <= self.delay_ms <= MAX_DELAY_MS:
+            raise ValueError(f"delay_ms must be within [0, {MAX_DELAY_MS}], "
+                             f"not {self.delay_ms!r}")
+        if not 0 <= self.loss < 1:
+            raise ValueError(f"loss is a probability in [0, 1), not {self.loss!r}")
+        if self.rate_mbit is not None and not 0 < self.rate_mbit <= MAX_RATE_MBIT:
+            raise ValueError(f"rate_mbit must be within (0, {MAX_RATE_MBIT}], "
+                             f"not {self.rate_mbit!r}")
+
+    @property
+    def shaped(self):
+        """True if the wan link has any path property (delay, loss, rate)."""
+        return bool(self.delay_ms or self.loss or self.rate_mbit)
 
 
 # ---------------------------------------------------------------------------
@@ -253,6 +408,77 @@ def _router_rules(kind, wan="wan0", lan="lan0"):
         "",
     ]
     return "\n".join(lines)
+
+
+def _tbf_args(rate_mbit):
+    """tc arguments of a tbf shaper for rate_mbit (see RATE_BURST_MS and
+    RATE_BUFFER_MS)."""
+    bytes_per_ms = rate_mbit * 1e6 / 8 / 1000
+    burst = max(int(bytes_per_ms * RATE_BURST_MS), 3028)
+    limit = max(int(bytes_per_ms * RATE_BUFFER_MS), 2 * burst)
+    return ["tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst), "limit", str(limit)]
+
+
+class DelayLineProcess:
+    """One running tests/delayline.py, holding packets of one NFQUEUE."""
+
+    def __init__(self, ns, queue_num, delay_ms, proc):
+        self.ns = ns
+        self.queue_num = queue_num
+        self.delay_ms = delay_ms
+        self.proc = proc
+        self.stats = None       # its counters line, once stopped
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    @classmethod
+    def start(cls, ns, queue_num, delay_ms, timeout=_CMD_TIMEOUT, gso=True):
+        """Start a delay line in ns and wait (bounded) until it has bound
+        its queue; NatLabError if it does not."""
+        argv = ["ip", "netns", "exec", ns]
+        if shutil.which("chrt"):
+            argv += ["chrt", "-f", str(DELAYLINE_RT_PRIO)]
+        argv += [sys.executable, DELAYLINE, "--queue-num", str(queue_num),
+                 "--delay-ms", repr(float(delay_ms))]
+        if not gso:
+            argv.append("--no-gso")
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        except OSError as e:
+            raise NatLabError(f"cannot start the delay line: {e}") from e
+        line = cls(ns, queue_num, delay_ms, proc)
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        first = proc.stdout.readline() if ready else ""
+        if first.strip() != "ready":
+            line.stop()
+            err = proc.stderr.read().strip() if proc.poll() is not None else ""
+            raise NatLabError(f"delay line for queue {queue_num} in {ns} did not start: "
+                              f"{err or first.strip() or 'no answer within %ss' % timeout}")
+        return line
+
+    def stop(self):
+        """SIGTERM (it prints its counters), SIGKILL if it does not exit."""
+        proc = self.proc
+        if proc.poll() is None:
+            try:
+                proc.terminate()
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+            except OSError:
+                pass
+        if self.stats is None and proc.stdout is not None:
+            try:
+                self.stats = proc.stdout.read().strip()
+            except (OSError, ValueError):
+                self.stats = ""
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 # ---------------------------------------------------------------------------
@@ -437,7 +663,7 @@ class NatLab:
     "cgnA", "cgnB" (the latter only when present).
     """
 
-    def __init__(self, a=None, b=None, prefix=None, shared_lan=False):
+    def __init__(self, a=None, b=None, prefix=None, shared_lan=False, congestion=None):
         a = Nat() if a is None else a
         if shared_lan:
             if b is not None and b != a:
@@ -453,9 +679,13 @@ class NatLab:
             prefix = f"{PREFIX_STEM}{secrets.token_hex(3)}"
         elif not _CUSTOM_PREFIX_RE.match(prefix):
             raise ValueError(f"bad prefix {prefix!r}: 1-12 letters/digits")
+        if congestion is not None and not re.match(r"^[a-z0-9_]{1,16}$", congestion):
+            raise ValueError(f"bad congestion control name {congestion!r}")
         self.prefix = prefix
         self.nats = {"a": a, "b": b}
         self.shared_lan = shared_lan
+        self.congestion = congestion
+        self.delay_lines = {}       # wan port -> DelayLineProcess
         self.server_ip = SERVER_IP
         self._created = []          # namespaces we created, in order
         self._procs = []            # Popen objects started via popen()
@@ -529,6 +759,26 @@ class NatLab:
         self._links = links
         self._routers = routers
         self._bridges = bridges
+        # each host's public (wan) link: the veth whose upstream end is on
+        # the public bridge in "inet" (port p-<role>) and whose downstream
+        # end is on the host's outermost box (carrier NAT, NAT or the host)
+        wan = {}
+        queue_base = (zlib.crc32(self.prefix.encode()) % 16000) * 4
+        hosts = ("a",) if self.shared_lan else _HOSTS
+        for idx, host in enumerate(hosts):
+            nat = self.nats[host]
+            if not nat.shaped:
+                continue
+            letter = host.upper()
+            if nat.cgnat is not None:
+                outer = f"cgn{letter}"
+            elif nat.kind == "none":
+                outer = host
+            else:
+                outer = f"nat{letter}"
+            ifname = "eth0" if outer == host else "wan0"
+            wan[f"p-{outer}"] = (outer, ifname, nat, queue_base + idx)
+        self._wan = wan
 
     def _ns(self, role):
         return f"{self.prefix}-{role}"
@@ -681,6 +931,12 @@ class NatLab:
                 _cmd(["ip", "-n", down_ns, "link", "set", ifname, "up"])
                 if gw is not None:
                     _cmd(["ip", "-n", down_ns, "route", "add", "default", "via", gw])
+            if self.congestion is not None:
+                for host in ("server",) + _HOSTS:
+                    _cmd(["ip", "netns", "exec", self.host_ns(host), "sysctl", "-q", "-w",
+                          f"net.ipv4.tcp_congestion_control={self.congestion}"])
+            if self._wan:
+                self._shape_wan()
         except BaseException as e:
             try:
                 self.down()
@@ -694,12 +950,64 @@ class NatLab:
         self._is_up = True
         self.up_seconds = time.monotonic() - started
 
+    def _shape_wan(self):
+        """Delay lines, loss rules and shapers on the wan links (up() only
+        calls this when some Nat has a path property)."""
+        inet = self.host_ns("inet")
+        # A delay line per delayed link, bound before any rule sends it
+        # packets (until then --queue-bypass would let them through).
+        for port, (outer, _ifname, nat, qnum) in self._wan.items():
+            if nat.delay_ms:
+                self.delay_lines[port] = DelayLineProcess.start(
+                    inet, qnum, nat.delay_ms)
+        # Packets coming up the link are matched in PREROUTING (only the
+        # in-port is known there), packets going down it in POSTROUTING:
+        # two different hooks, so a packet from one delayed link to
+        # another waits in both lines (an accept verdict resumes at the
+        # next hook, not at the next rule).
+        lines = ["*mangle", ":PREROUTING ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]"]
+        for port, (_outer, _ifname, nat, qnum) in self._wan.items():
+            for chain, match in (("PREROUTING", f"--physdev-in {port}"),
+                                 ("POSTROUTING", f"--physdev-out {port}")):
+                if nat.loss:
+                    lines.append(f"-A {chain} -m physdev {match} -m statistic "
+                                 f"--mode random --probability {nat.loss:.6f} -j DROP")
+                if nat.delay_ms:
+                    lines.append(f"-A {chain} -m physdev {match} -j NFQUEUE "
+                                 f"--queue-num {qnum} --queue-bypass")
+        lines += ["COMMIT", ""]
+        if any(nat.loss for _o, _i, nat, _q in self._wan.values()):
+            # Loss is per wire packet: a GSO super-packet dropped whole
+            # would be up to 45 packets lost in one event (reno at 100 ms,
+            # 1 % ran at twice the Mathis rate that way).  So every box on
+            # the public bridge sends MTU-sized packets onto it.
+            for up_role, _br, down_role, ifname, _cidr, _gw in self._links:
+                if up_role == "inet":
+                    _cmd(["ip", "-n", self.host_ns(down_role), "link", "set", "dev",
+                          ifname, "gso_max_segs", "1"])
+        if len(lines) > 5:
+            _cmd(["ip", "netns", "exec", inet] + _iptables_restore_argv(),
+                 input="\n".join(lines))
+            # bridged frames now traverse inet's iptables (only its mangle
+            # rules above exist; nothing else there looks at them)
+            _cmd(["ip", "netns", "exec", inet, "sysctl", "-q", "-w",
+                  "net.bridge.bridge-nf-call-iptables=1"])
+        for port, (outer, ifname, nat, _qnum) in self._wan.items():
+            if nat.rate_mbit:
+                # up the link: egress of the box's wan interface; down it:
+                # egress of the bridge port towards the box
+                for ns, dev in ((self.host_ns(outer), ifname), (inet, port)):
+                    _cmd(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root"]
+                         + _tbf_args(nat.rate_mbit))
+
     def down(self):
         """Kill the lab's processes and delete every namespace it created
         (which removes their veths and bridges).  Idempotent; safe before,
         during-failure-of and after up()."""
         started = time.monotonic()
         self._is_up = False
+        for line in self.delay_lines.values():
+            line.stop()
         for proc in self._procs:
             if proc.poll() is None:
                 try:
