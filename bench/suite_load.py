@@ -6,13 +6,17 @@ The clients live in C{WORKERS} load-generator processes (this file run as
 C{suite_load.py worker ...}, Twisted), each holding its share of the
 connections.  The harness steers them over stdin/stdout (JSON lines):
 
- 1. connect: every client connects and reads WELCOME, a few at a time
-    (the server listens with Twisted's default backlog of 50);
-    then the server's RSS per waiting client is measured;
- 2. pair: every client sends C{CLAIM n} (two per nameplate), waits for
-    PAIRED, sends one MSG, and waits for its partner's MSG; pairings per
-    second count from the first CLAIM to the last MSG, over all workers
-    (C{time.monotonic()} is one clock for every process);
+ 1. connect: half the clients connect, a few at a time, and each sends
+    C{CLAIM n} for a nameplate of its own as soon as WELCOME arrives: a
+    peer waiting for its partner, which is what a server holds for long
+    (a connection that says nothing is turned away after a while, and
+    only so many may be silent at once); then the server's RSS per
+    waiting client is measured;
+ 2. pair: the other half, the partners, connect the same way and claim
+    those nameplates; each pair, once PAIRED, exchanges one MSG; pairings
+    per second count from the first partner's connect to the last MSG,
+    over all workers (C{time.monotonic()} is one clock for every process),
+    so they include what a real pairing costs: a new connection;
  3. quit: the clients, all still connected, disconnect.
 
 Relay: a second server with C{--relay}, two raw TCP legs (WELCOME skipped,
@@ -48,7 +52,7 @@ RELAY_CHUNK = 4 * MiB
 @dataclass
 class LoadResult:
     clients: int
-    #: Seconds until every client had its WELCOME.
+    #: Seconds until every waiting client had its WELCOME and claimed.
     connect_seconds: float
     #: Server VmRSS in KiB: idle, with every client waiting, with every client paired.
     rss_idle: int
@@ -64,7 +68,7 @@ class LoadResult:
 
     @property
     def kib_per_client(self) -> float:
-        return (self.rss_waiting - self.rss_idle) / self.clients
+        return (self.rss_waiting - self.rss_idle) / (self.clients // 2)
 
 
 def run_load(clients: int, relay_bytes: int, log_dir: str) -> LoadResult:
@@ -206,8 +210,9 @@ def _raise_fd_limit(want: int = 0) -> int:
 
 
 def worker(source: str, host: str, port: int, first_nameplate: int, pairs: int) -> None:
-    """From address C{source}, hold C{2 * pairs} clients on nameplates from
-    C{first_nameplate} on, as the harness says."""
+    """From address C{source}, hold C{pairs} clients waiting on nameplates
+    from C{first_nameplate} on, then bring in their partners, as the
+    harness says."""
     from twisted.internet import reactor, stdio
     from twisted.internet.protocol import ClientFactory
     from twisted.protocols.basic import LineReceiver
@@ -221,6 +226,7 @@ def worker(source: str, host: str, port: int, first_nameplate: int, pairs: int) 
         def lineReceived(self, line: bytes) -> None:
             verb = line.split(b" ", 1)[0]
             if verb == b"WELCOME":
+                self.sendLine(b"CLAIM %d" % self.nameplate)
                 swarm.welcomed()
             elif verb == b"PAIRED":
                 self.sendLine(payload)
@@ -245,16 +251,20 @@ def worker(source: str, host: str, port: int, first_nameplate: int, pairs: int) 
 
         def buildProtocol(self, addr):
             client = super().buildProtocol(addr)
+            # Waiters and partners alike: nameplates in order of connection.
+            client.nameplate = first_nameplate + len(self.clients) % pairs
             self.clients.append(client)
             return client
 
         def clientConnectionFailed(self, connector, reason) -> None:
             self.fail(f"cannot connect: {reason.getErrorMessage()}")
 
-        def connect(self) -> None:
+        def connect(self, then: str = "held") -> None:
+            """Connect C{pairs} more clients (each claims on WELCOME)."""
             self._first = time.monotonic()
-            self._started = 0
-            for _ in range(min(CONNECT_WINDOW, 2 * pairs)):
+            self._started = self._count = 0
+            self._then = then
+            for _ in range(min(CONNECT_WINDOW, pairs)):
                 self._connect_one()
 
         def _connect_one(self) -> None:
@@ -262,17 +272,15 @@ def worker(source: str, host: str, port: int, first_nameplate: int, pairs: int) 
             reactor.connectTCP(host, port, self, timeout=60, bindAddress=(source, 0))
 
         def welcomed(self) -> None:
-            self._count += 1
-            if self._started < 2 * pairs:
+            if self._started < pairs:
                 self._connect_one()
-            if self._count == 2 * pairs:
-                self._report("held")
+            if self._then == "held":
+                self._count += 1
+                if self._count == pairs:
+                    self._report("held")
 
         def pair(self) -> None:
-            self._count = 0
-            self._first = time.monotonic()
-            for i, client in enumerate(self.clients):
-                client.sendLine(b"CLAIM %d" % (first_nameplate + i // 2))
+            self.connect(then="paired")
 
         def messaged(self) -> None:
             self._count += 1

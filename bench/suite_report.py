@@ -301,12 +301,15 @@ METHOD = """\
   before it dials a relay.
 - Server load: one `p2pft server` process; two load-generator processes
   (Twisted), each connecting from its own 127.0.0.x, 24 connections at a
-  time (under the server's listen backlog).  A client is *waiting* once it
-  has read its WELCOME: RSS per waiting client = (server VmRSS with every
-  client waiting − VmRSS idle) ÷ clients.  Then every client sends
-  `CLAIM n` (two per nameplate), waits for PAIRED, sends one MSG and waits
-  for its partner's: pairings/s = pairs ÷ (first CLAIM → last MSG, over
-  both generators).  The clients stay connected until all are paired.
+  time (under the server's listen backlog).  Half the clients connect and
+  each claims a nameplate of its own on WELCOME: a peer *waiting* for its
+  partner, which is what a server holds for long (a connection that says
+  nothing may stay only so long, and only so many at once): RSS per waiting
+  client = (server VmRSS with every one waiting − VmRSS idle) ÷ waiting
+  clients.  Then their partners connect and claim the same nameplates, and
+  each pair, once PAIRED, exchanges one MSG: pairings/s = pairs ÷ (first
+  partner's connect → last MSG, over both generators), a new connection
+  included.  The clients stay connected until all are paired.
 - Relay throughput: a `p2pft server --relay`, two raw TCP legs
   (`RELAY <token> sender|receiver`, then `OK`), twice `--size` pushed one
   way in 4 MiB sends and drained in 4 MiB `recv_into`s by two threads of
