@@ -185,12 +185,12 @@ def load_lines(load: LoadResult) -> list[tuple[str, str]]:
     mib = 1 / 1024
     return [
         ("clients", f"{load.clients:,} rendezvous connections to one server process"),
-        ("connect all (each to its WELCOME)", f"{load.connect_seconds:.2f} s"),
+        (f"{load.clients // 2:,} waiting (connect, CLAIM)", f"{load.connect_seconds:.2f} s"),
         ("server RSS idle", f"{load.rss_idle * mib:.1f} MiB"),
-        ("server RSS, all clients waiting", f"{load.rss_waiting * mib:.1f} MiB "
-                                            f"({load.kib_per_client:.2f} KiB per waiting client)"),
+        ("server RSS, half the clients waiting", f"{load.rss_waiting * mib:.1f} MiB "
+                                                 f"({load.kib_per_client:.2f} KiB per waiting client)"),
         ("server RSS, all clients paired", f"{load.rss_paired * mib:.1f} MiB"),
-        ("pairings (both CLAIM → PAIRED → MSG each way)", f"{load.pairings_per_s:,.0f} pairings/s"),
+        ("pairings (partner connects, CLAIM → PAIRED → MSG each way)", f"{load.pairings_per_s:,.0f} pairings/s"),
         ("load generators' CPU", f"{load.generator_cpu:.2f} s"),
         ("relay, one session, one way", f"{load.relay_mb_per_s:.0f} MB/s "
                                         f"({load.relay_bytes / MiB:.0f} MiB; server CPU {load.relay_cpu:.2f} s)"),
