@@ -190,14 +190,19 @@ class PunchConnector:
         interface: str = "",
         rng: random.Random | None = None,
         relays: list[tuple[str, int]] = (),
+        own_hosts: frozenset[str] = frozenset(),
     ):
         self._reactor = reactor
         self._local_port = local_port
         self._interface = interface
         self._candidates = list(dict.fromkeys(candidates))
         first = parse_ip(self._candidates[0][0]) if self._candidates else None
-        #: The candidate raced at the fast pace: the peer's public address.
-        self._racing = self._candidates[0] if first is not None and is_public(first) else None
+        #: The candidate raced at the fast pace: the peer's public address --
+        #: never one of our own (C{own_hosts}): a peer behind our NAT has our
+        #: public address, and a hostile one may name it to aim the race at
+        #: our own services.
+        racing = first is not None and is_public(first) and str(first) not in own_hosts
+        self._racing = self._candidates[0] if racing else None
         self._relays = list(dict.fromkeys(relays))
         self._factory = candidate_factory
         self._leader = leader

@@ -189,7 +189,7 @@ async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
     client.send(box.seal(_encode({"candidates": mine})))
     theirs = _parse_candidates(_decode(box.open(
         await _timeout(reactor, client.receive(), settings.timeout, "the other side's addresses")
-    )), server_host)
+    )), server_host, mine)
     log.info("punching from port {port} to {theirs}", port=local.port, theirs=theirs)
 
     relays, names = _relays(settings, client.relays, server_host)
@@ -197,6 +197,7 @@ async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
         reactor, local.port, theirs,
         lambda c, relay: PeerConnection(c, keys, reactor, settings.schedule.handshake_timeout, relay=relay),
         leader=(role == SENDER), schedule=settings.schedule, relays=relays,
+        own_hosts=frozenset(str(parse_ip(h)) for h, _ in mine if parse_ip(h) is not None),
     )
     if names:
         # Resolved while we punch (DNS must not hold up the race); only
@@ -340,14 +341,16 @@ def _candidates(public: tuple[str, int], local: tuple[str, int], ipv6: list[str]
     return found
 
 
-def _parse_candidates(message: dict, server_host: str = "") -> list[tuple[str, int]]:
+def _parse_candidates(message: dict, server_host: str = "", mine=()) -> list[tuple[str, int]]:
     """
     The peer's candidates, as docs/PROTOCOL.md section 2 says: of the first
     C{4 * MAX_CANDIDATES} entries, those that are C{[host, port]} with
     C{host} a str holding an IP literal and C{port} an int (not a bool) in
     1..65535, and whose address can be another computer's
-    (L{_candidate_allowed}); duplicates dropped; at most L{MAX_CANDIDATES}.
+    (L{_candidate_allowed}) and is not one of C{mine} (our own candidates,
+    mirrored back at us); duplicates dropped; at most L{MAX_CANDIDATES}.
     """
+    ours = {(str(parse_ip(h)), p) for h, p in mine if parse_ip(h) is not None}
     raw = message.get("candidates")
     if not isinstance(raw, list):
         raise SessionError("the other side sent no addresses")
@@ -364,7 +367,7 @@ def _parse_candidates(message: dict, server_host: str = "") -> list[tuple[str, i
             continue
         if not _candidate_allowed(ip, host, loopback_server):
             continue
-        if (str(ip), port) not in out:
+        if (str(ip), port) not in out and (str(ip), port) not in ours:
             out.append((str(ip), port))
     if not out:
         raise SessionError("the other side sent no usable addresses")

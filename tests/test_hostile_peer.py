@@ -335,3 +335,34 @@ class RelayNameTests(SynchronousTestCase):
         self.assertIn(("203.0.113.10", 9002, None), [(c[0], c[1], c[4]) for c in reactor.tcpClients])
         connector.add_relays([("203.0.113.11", 9002)])  # resolved after it: dialled at once
         self.assertEqual(reactor.tcpClients[-1][:2], ("203.0.113.11", 9002))
+
+
+class MirroredCandidateTests(SynchronousTestCase):
+    """A peer that sends our own addresses back: never dialled at our own
+    port, and our own public address is never raced."""
+
+    MINE = [["198.51.100.7", 40000], ["192.168.1.5", 40000], ["2001:db8::5", 40000]]
+
+    def test_our_own_candidates_are_dropped(self):
+        out = _parse_candidates({"candidates": [["198.51.100.7", 40000], ["192.168.1.5", 40000],
+                                                ["2001:db8::5", 40000], ["203.0.113.9", 5000]]},
+                                SERVER, self.MINE)
+        self.assertEqual(out, [("203.0.113.9", 5000)])
+
+    def test_our_public_address_on_another_port_is_paced_not_raced(self):
+        # A peer behind our own NAT legitimately has our public address, so
+        # it is kept -- but at the pace of "other" candidates, so a hostile
+        # peer cannot aim 6,000 fast attempts at our own port 22.
+        reactor = MemoryReactorClock()
+        c = PunchConnector(reactor, 5555, [("198.51.100.7", 22)], FakeCandidate, True, PunchSchedule(),
+                           own_hosts=frozenset(["198.51.100.7"]))
+        c.run().addErrback(lambda f: f.trap(PunchFailed))
+        failed = 0
+        while reactor.seconds() < 4:
+            for i in range(failed, len(reactor.tcpClients)):
+                reactor.tcpClients[i][2].clientConnectionFailed(
+                    reactor.connectors[i], Failure(error.ConnectionRefusedError()))
+            failed = len(reactor.tcpClients)
+            reactor.advance(0.001)
+        self.assertLessEqual(len(reactor.tcpClients), 17)
+        self.assertEqual(c.refused, 0, "its resets do not hold the relay back either")
