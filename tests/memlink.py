@@ -7,7 +7,7 @@ import os
 
 from twisted.internet.task import Clock
 
-from p2pft.manifest import scan
+from p2pft.transfer.manifest import scan
 from p2pft.transfer import DATA, Receiver, Sender
 
 

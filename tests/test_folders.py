@@ -10,9 +10,9 @@ import stat
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pft import manifest
+from p2pft.transfer import manifest
 from p2pft.errors import Declined, ScanError, TransferFailed, UnsafeName
-from p2pft.manifest import DIR, FILE, Entry, ManifestChecker, scan
+from p2pft.transfer.manifest import DIR, FILE, Entry, ManifestChecker, scan
 from p2pft.transfer import ENTRIES, MAX_CONTROL, Receiver
 
 from .files import write

@@ -11,9 +11,9 @@ import os
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pft.blocks import BLOCK, hash_prefix, match_prefix
+from p2pft.transfer.blocks import BLOCK, hash_prefix, match_prefix
 from p2pft.errors import TransferFailed
-from p2pft.manifest import PARTIAL_SUFFIX
+from p2pft.transfer.manifest import PARTIAL_SUFFIX
 from p2pft.transfer import ACCEPT, DATA, FILE, HAVE, Receiver
 
 from .memlink import Link, accept, start_pair, tree

@@ -13,9 +13,9 @@ import tempfile
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pft import sink
-from p2pft.blocks import BLOCK
-from p2pft.sink import BUFFER, IN_FLIGHT, BufferPool, FileSink
+from p2pft.transfer import sink
+from p2pft.transfer.blocks import BLOCK
+from p2pft.transfer.sink import BUFFER, IN_FLIGHT, BufferPool, FileSink
 from p2pft.transfer import DATA
 
 from .files import write

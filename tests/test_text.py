@@ -9,7 +9,7 @@ import os
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from p2pft import text
+from p2pft.transfer import text
 from p2pft.errors import TransferFailed
 from p2pft.transfer import ABORT, ACK, OFFER, Receiver, TextSender
 

@@ -13,9 +13,10 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pft import sink, transfer
+from p2pft import transfer
+from p2pft.transfer import sink
 from p2pft.errors import Declined, TransferFailed, UnsafeName
-from p2pft.manifest import PARTIAL_SUFFIX, printable, safe_path, scan, stream_manifest
+from p2pft.transfer.manifest import PARTIAL_SUFFIX, printable, safe_path, scan, stream_manifest
 from p2pft.transfer import (
     ABORT,
     ACCEPT,

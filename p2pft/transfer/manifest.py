@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import attrs
 
-from .errors import ScanError, UnsafeName
+from ..errors import ScanError, UnsafeName
 from .names import (
     MAX_DEPTH,
     MAX_NAME_BYTES,

@@ -48,9 +48,9 @@ from twisted.python import failure
 from zope.interface import implementer
 
 from .blocks import BLOCK, HASHES_PER_MESSAGE, Prefix, block_count, hash_prefix, match_prefix
-from .channel import IRecordHandler
+from ..channel import IRecordHandler
 from . import fsprobe
-from .errors import Declined, TransferFailed, UnsafeName
+from ..errors import Declined, TransferFailed, UnsafeName
 from .manifest import (
     DIR,
     MAX_ENTRIES,
@@ -67,7 +67,7 @@ from .manifest import (
 from .sink import BufferPool, FileSink, StreamSink
 from .store import OutputDir
 from .text import decode_text, encode_text
-from .util import dump_object, load_object
+from ..util import dump_object, load_object
 
 __all__ = ["Sender", "StreamSender", "TextSender", "Receiver", "StdoutReceiver", "Offer", "Result",
            "TransferFailed", "Declined", "UnsafeName", "FDReader", "is_stream"]

@@ -17,7 +17,7 @@ import unicodedata
 
 import attrs
 
-from .errors import UnsafeName
+from ..errors import UnsafeName
 
 #: Suffix of the file a receiver keeps partial data in.  No offered name may
 #: end with it, so a partial file can never be mistaken for a received one.
