@@ -14,9 +14,9 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pft.transfer import sink
-from p2pft.transfer.blocks import BLOCK
+from p2pft.transfer.resume import BLOCK
 from p2pft.transfer.sink import BUFFER, IN_FLIGHT, BufferPool, FileSink
-from p2pft.transfer import DATA
+from p2pft.transfer.records import DATA
 
 from .files import write
 from .memlink import start_pair, tree

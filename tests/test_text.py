@@ -11,7 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from p2pft.transfer import text
 from p2pft.errors import TransferFailed
-from p2pft.transfer import ABORT, ACK, OFFER, Receiver, TextSender
+from p2pft.transfer import Receiver, TextSender
+from p2pft.transfer.records import ABORT, ACK, OFFER
 
 from .memlink import Link, accept
 from .procs import p2pft_argv, spawn
