@@ -32,7 +32,8 @@ from .punch import PunchConnector, PunchFailed, PunchSchedule
 from .rendezvous import PeerGone, RendezvousClientProtocol, RendezvousError, normalise_host
 from .secure import RECEIVER, SENDER, Pake, SecurityError, WrongCode
 from .errors import ScanError
-from .transfer.manifest import FILE, Entry, Manifest, ManifestChecker, printable, scan, stream_manifest
+from .transfer.manifest import FILE, Entry, ManifestChecker, printable
+from .transfer.scan import Manifest, scan, stream_manifest
 from .transfer import (
     FDReader,
     Receiver,

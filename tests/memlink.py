@@ -7,7 +7,7 @@ import os
 
 from twisted.internet.task import Clock
 
-from p2pft.transfer.manifest import scan
+from p2pft.transfer.scan import scan
 from p2pft.transfer import Receiver, Sender
 from p2pft.transfer.records import DATA
 

@@ -15,7 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2pft.transfer import sink
 from p2pft.errors import Declined, TransferFailed, UnsafeName
-from p2pft.transfer.manifest import PARTIAL_SUFFIX, printable, safe_path, scan, stream_manifest
+from p2pft.transfer.manifest import PARTIAL_SUFFIX, printable, safe_path
+from p2pft.transfer.scan import scan, stream_manifest
 from p2pft.transfer import Receiver, Sender, StdoutReceiver, StreamSender
 from p2pft.transfer.records import ABORT, ACCEPT, ACK, DATA, END, ENTRIES, FILE, FILE_END, OFFER
 from p2pft.transfer.sender import BURST, CHUNK

@@ -36,7 +36,8 @@ The modules, by responsibility:
   sender       L{Sender}, L{StreamSender}, L{TextSender}; pacing: the rate limit
   receiver     L{Receiver}; destination: a folder on disk, or standard output
   resume       block hashes, HAVE, and every rule of resuming
-  manifest     the entries (compact: tree), and scanning what to send (scan)
+  manifest     the entries and their checks (tree: their compact storage)
+  scan         the sender's manifest, from the paths it was given
   names fsprobe store sink text pipes   names, the output folder, disk writes,
                                         text messages, standard input/output
 """

@@ -22,7 +22,8 @@ from zope.interface import implementer
 from ..channel import IRecordHandler
 from ..errors import Declined, TransferFailed
 from .endpoint import Endpoint, peer_text, run_now
-from .manifest import Manifest, printable
+from .manifest import printable
+from .scan import Manifest
 from .offer import Offer, Result, entry_batches
 from .pacing import Paced, Pacer
 from .records import ACCEPT, ACK, DATA, END, ENTRIES, FILE, FILE_END, HAVE, OFFER, REJECT, TEXT, control, parse_control
