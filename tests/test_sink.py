@@ -1,5 +1,5 @@
 """
-The receiver's disk writer (L{p2pft.sink}): aligned buffers written in the
+The receiver's disk writer (L{p2pft.transfer.sink}): aligned buffers written in the
 background, bounded memory, back-pressure, errors, and O_DIRECT fallbacks.
 """
 
