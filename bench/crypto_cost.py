@@ -14,7 +14,8 @@ import os
 import time
 
 from p2pft.secure import RecordOpener, RecordSealer
-from p2pft.transfer import CHUNK, DATA
+from p2pft.transfer.records import DATA
+from p2pft.transfer.sender import CHUNK
 
 
 def timed(fn):

@@ -67,7 +67,7 @@ def tree(n: int):
 
 def records(n: int, per_message: int = 32 * 1024):
     """The OFFER, then ENTRIES records of about C{per_message} bytes."""
-    from p2pft.transfer import ENTRIES, OFFER
+    from p2pft.transfer.records import ENTRIES, OFFER
 
     yield OFFER, json.dumps({"entries": n, "files": 0, "bytes": 0}).encode()
     batch, size = [], 0

@@ -55,7 +55,7 @@ def format_server(server: tuple[str, int]) -> str:
 def _text(value: str) -> str:
     """The --text message, read from standard input for '-' (bounded)."""
     from .errors import TransferFailed
-    from .text import MAX_TEXT, encode_text
+    from .transfer.text import MAX_TEXT, encode_text
 
     if value == "-":
         data = sys.stdin.buffer.read(MAX_TEXT + 1)
@@ -533,7 +533,7 @@ def check_output_dir(path: str, access=os.access) -> None:
     import errno
     import tempfile
 
-    from .manifest import printable
+    from .transfer.manifest import printable
 
     shown = printable(path)
     if not os.path.isdir(path):
@@ -603,7 +603,7 @@ def explain(e: BaseException) -> tuple[str, bool]:
     if isinstance(e, (SessionError, TransferFailed, SecurityError, RuntimeError)):
         return str(e), True
     if isinstance(e, OSError):
-        from .manifest import printable
+        from .transfer.manifest import printable
 
         return f"{e.strerror or e}" + (f": {printable(str(e.filename))}" if e.filename else ""), True
     return f"unexpected {e.__class__.__name__}: {e} (set P2PFT_DEBUG=1 for details)", False

@@ -24,14 +24,16 @@ from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from . import codes, text
+from . import codes
+from .transfer import text
 from .addresses import Address, global_ipv6_addresses, is_host_or_link_only, is_loopback, parse_ip
 from .channel import PeerConnection
 from .punch import PunchConnector, PunchFailed, PunchSchedule
 from .rendezvous import PeerGone, RendezvousClientProtocol, RendezvousError, normalise_host
 from .secure import RECEIVER, SENDER, Pake, SecurityError, WrongCode
 from .errors import ScanError
-from .manifest import FILE, Entry, Manifest, ManifestChecker, printable, scan, stream_manifest
+from .transfer.manifest import FILE, Entry, ManifestChecker, printable
+from .transfer.scan import Manifest, scan, stream_manifest
 from .transfer import (
     FDReader,
     Receiver,

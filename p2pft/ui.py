@@ -12,8 +12,8 @@ import threading
 
 from twisted.internet import defer
 
-from .manifest import printable
-from .text import displayable
+from .transfer.manifest import printable
+from .transfer.text import displayable
 from .transfer import Offer, Result
 
 

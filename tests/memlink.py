@@ -7,8 +7,9 @@ import os
 
 from twisted.internet.task import Clock
 
-from p2pft.manifest import scan
-from p2pft.transfer import DATA, Receiver, Sender
+from p2pft.transfer.scan import scan
+from p2pft.transfer import Receiver, Sender
+from p2pft.transfer.records import DATA
 
 
 class FakeChannel:

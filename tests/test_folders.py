@@ -10,10 +10,12 @@ import stat
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pft import manifest
+from p2pft.transfer import manifest
 from p2pft.errors import Declined, ScanError, TransferFailed, UnsafeName
-from p2pft.manifest import DIR, FILE, Entry, ManifestChecker, scan
-from p2pft.transfer import ENTRIES, MAX_CONTROL, Receiver
+from p2pft.transfer.manifest import DIR, FILE, Entry, ManifestChecker
+from p2pft.transfer.scan import scan
+from p2pft.transfer import Receiver
+from p2pft.transfer.records import ENTRIES, MAX_CONTROL
 
 from .files import write
 from .memlink import Link, accept, start_pair, tree

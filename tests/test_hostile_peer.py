@@ -24,13 +24,13 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from p2pft.blocks import BLOCK
+from p2pft.transfer.resume import BLOCK
 from p2pft.errors import Declined, TransferFailed
-from p2pft.manifest import PARTIAL_SUFFIX
+from p2pft.transfer.manifest import PARTIAL_SUFFIX
 from p2pft.punch import PunchConnector, PunchFailed, PunchSchedule
 from p2pft.session import SessionError, Settings, _parse_candidates, _relays, _resolve_relays
-from p2pft.store import OutputDir
-from p2pft.transfer import HAVE
+from p2pft.transfer.store import OutputDir
+from p2pft.transfer.records import HAVE
 
 from .files import write
 from .memlink import start_pair

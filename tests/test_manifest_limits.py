@@ -17,11 +17,13 @@ import tracemalloc
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pft import fsprobe
+from p2pft.transfer import fsprobe
 from p2pft.errors import Declined, TransferFailed, UnsafeName
-from p2pft.manifest import MAX_ENTRIES, PARTIAL_SUFFIX, ManifestChecker, scan
-from p2pft.names import PORTABLE, POSIX, NameRules, component_problem, safe_path
-from p2pft.transfer import DATA, ENTRIES, FILE, FILE_END, OFFER, Receiver, Sender
+from p2pft.transfer.manifest import MAX_ENTRIES, PARTIAL_SUFFIX, ManifestChecker
+from p2pft.transfer.scan import scan
+from p2pft.transfer.names import PORTABLE, POSIX, NameRules, component_problem, safe_path
+from p2pft.transfer import Receiver, Sender
+from p2pft.transfer.records import DATA, ENTRIES, FILE, FILE_END, OFFER
 
 from .files import write
 from .memlink import Link, accept, tree

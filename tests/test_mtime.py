@@ -9,7 +9,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pft.errors import UnsafeName
-from p2pft.manifest import Entry, FILE, entry_from_wire, scan
+from p2pft.transfer.manifest import Entry, FILE, entry_from_wire
+from p2pft.transfer.scan import scan
 from p2pft.session import FEATURES, MTIME_NS
 from p2pft.transfer import Receiver, Sender
 

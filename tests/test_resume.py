@@ -11,10 +11,11 @@ import os
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pft.blocks import BLOCK, hash_prefix, match_prefix
+from p2pft.transfer.resume import BLOCK, hash_prefix, match_prefix
 from p2pft.errors import TransferFailed
-from p2pft.manifest import PARTIAL_SUFFIX
-from p2pft.transfer import ACCEPT, DATA, FILE, HAVE, Receiver
+from p2pft.transfer.manifest import PARTIAL_SUFFIX
+from p2pft.transfer import Receiver
+from p2pft.transfer.records import ACCEPT, DATA, FILE, HAVE
 
 from .memlink import Link, accept, start_pair, tree
 from .files import write

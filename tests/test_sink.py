@@ -1,5 +1,5 @@
 """
-The receiver's disk writer (L{p2pft.sink}): aligned buffers written in the
+The receiver's disk writer (L{p2pft.transfer.sink}): aligned buffers written in the
 background, bounded memory, back-pressure, errors, and O_DIRECT fallbacks.
 """
 
@@ -13,10 +13,10 @@ import tempfile
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pft import sink
-from p2pft.blocks import BLOCK
-from p2pft.sink import BUFFER, IN_FLIGHT, BufferPool, FileSink
-from p2pft.transfer import DATA
+from p2pft.transfer import sink
+from p2pft.transfer.resume import BLOCK
+from p2pft.transfer.sink import BUFFER, IN_FLIGHT, BufferPool, FileSink
+from p2pft.transfer.records import DATA
 
 from .files import write
 from .memlink import start_pair, tree

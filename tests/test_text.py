@@ -9,9 +9,10 @@ import os
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from p2pft import text
+from p2pft.transfer import text
 from p2pft.errors import TransferFailed
-from p2pft.transfer import ABORT, ACK, OFFER, Receiver, TextSender
+from p2pft.transfer import Receiver, TextSender
+from p2pft.transfer.records import ABORT, ACK, OFFER
 
 from .memlink import Link, accept
 from .procs import p2pft_argv, spawn

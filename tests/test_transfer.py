@@ -13,24 +13,13 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pft import sink, transfer
+from p2pft.transfer import sink
 from p2pft.errors import Declined, TransferFailed, UnsafeName
-from p2pft.manifest import PARTIAL_SUFFIX, printable, safe_path, scan, stream_manifest
-from p2pft.transfer import (
-    ABORT,
-    ACCEPT,
-    ACK,
-    DATA,
-    END,
-    ENTRIES,
-    FILE,
-    FILE_END,
-    OFFER,
-    Receiver,
-    Sender,
-    StdoutReceiver,
-    StreamSender,
-)
+from p2pft.transfer.manifest import PARTIAL_SUFFIX, printable, safe_path
+from p2pft.transfer.scan import scan, stream_manifest
+from p2pft.transfer import Receiver, Sender, StdoutReceiver, StreamSender
+from p2pft.transfer.records import ABORT, ACCEPT, ACK, DATA, END, ENTRIES, FILE, FILE_END, OFFER
+from p2pft.transfer.sender import BURST, CHUNK
 
 from .memlink import Link, accept, start_pair
 
@@ -80,7 +69,7 @@ class TransferTests(SynchronousTestCase):
             return f.read()
 
     def test_transfer_roundtrip(self):
-        data = os.urandom(3 * transfer.CHUNK + 123)
+        data = os.urandom(3 * CHUNK + 123)
         link, sender, receiver, sd, rd = self.run_pair(data)
         sres, rres = self.successResultOf(sd), self.successResultOf(rd)
         self.assertEqual((sres.size, sres.files, sres.resumed), (len(data), 1, 0))
@@ -112,8 +101,8 @@ class TransferTests(SynchronousTestCase):
         self.assertEqual(mode & 0o7022, 0)
 
     def test_data_is_chunked_within_record_limit(self):
-        link, *_ = self.run_pair(os.urandom(transfer.CHUNK * 2 + 1))
-        self.assertEqual([len(p) for p in link.sent(DATA)], [transfer.CHUNK, transfer.CHUNK, 1])
+        link, *_ = self.run_pair(os.urandom(CHUNK * 2 + 1))
+        self.assertEqual([len(p) for p in link.sent(DATA)], [CHUNK, CHUNK, 1])
 
     def test_declined(self):
         link, _, _, sd, rd = self.run_pair(decide=lambda offer: False)
@@ -184,16 +173,16 @@ class TransferTests(SynchronousTestCase):
         self.assertEqual(self.read(), b"theirs")
 
     def test_connection_lost_midway_keeps_partial_data(self):
-        data = os.urandom(transfer.CHUNK * 8)
+        data = os.urandom(CHUNK * 8)
         link, _, _, sd, rd = start_pair([self.source(data)], self.out, clock=self.clock)
-        link.pump(data_limit=transfer.CHUNK * 3)
+        link.pump(data_limit=CHUNK * 3)
         link.cut()
         f = self.failureResultOf(rd, TransferFailed)
         self.assertIn("run the same send and receive again to resume", str(f.value))
         self.failureResultOf(sd, TransferFailed)
         self.assertEqual(os.listdir(self.out), ["file.bin" + PARTIAL_SUFFIX])
         with open(os.path.join(self.out, "file.bin" + PARTIAL_SUFFIX), "rb") as f:
-            self.assertEqual(f.read(), data[:transfer.CHUNK * 3])
+            self.assertEqual(f.read(), data[:CHUNK * 3])
 
     def test_lost_before_any_data_leaves_nothing(self):
         link, _, _, sd, rd = start_pair([self.source(b"abc")], self.out, clock=self.clock)
@@ -224,9 +213,9 @@ class TransferTests(SynchronousTestCase):
                 self.assertEqual(f.read(), data[:room])
 
     def test_interrupted_receiver_tells_the_sender(self):
-        data = os.urandom(transfer.CHUNK * 8)
+        data = os.urandom(CHUNK * 8)
         link, _, _, sd, rd = start_pair([self.source(data)], self.out, clock=self.clock)
-        link.pump(data_limit=transfer.CHUNK)
+        link.pump(data_limit=CHUNK)
         rd.cancel()
         link.pump()
         f = self.failureResultOf(sd, TransferFailed)
@@ -235,10 +224,10 @@ class TransferTests(SynchronousTestCase):
         self.failureResultOf(rd, defer.CancelledError)
 
     def test_rate_limit_paces_the_data(self):
-        data = os.urandom(transfer.CHUNK * 20)
-        link, _, _, sd, rd = start_pair([self.source(data)], self.out, clock=self.clock, rate=transfer.CHUNK * 4)
+        data = os.urandom(CHUNK * 20)
+        link, _, _, sd, rd = start_pair([self.source(data)], self.out, clock=self.clock, rate=CHUNK * 4)
         link.pump()
-        self.assertLessEqual(link.delivered, transfer.CHUNK * 2)
+        self.assertLessEqual(link.delivered, CHUNK * 2)
         for _ in range(60):
             self.clock.advance(0.1)
             link.pump()
@@ -421,7 +410,7 @@ class SenderTests(SynchronousTestCase):
         self.assertIn("changed after the transfer started (4 bytes then, 8 now)", str(f.value))
 
     def test_file_that_grows_while_read_is_detected(self):
-        src, link, sender, d = accepted_sender(self, b"x" * (transfer.BURST * 2))
+        src, link, sender, d = accepted_sender(self, b"x" * (BURST * 2))
         sender.resumeProducing()
         with open(src, "ab") as f:
             f.write(b"more")
@@ -430,7 +419,7 @@ class SenderTests(SynchronousTestCase):
         self.assertIn("grew while it was being sent", str(f.value))
 
     def test_file_that_shrinks_while_read_is_detected(self):
-        src, link, sender, d = accepted_sender(self, b"x" * (transfer.BURST * 2))
+        src, link, sender, d = accepted_sender(self, b"x" * (BURST * 2))
         sender.resumeProducing()
         os.truncate(src, 10)
         sender.resumeProducing()
@@ -463,7 +452,7 @@ class SenderTests(SynchronousTestCase):
         self.failureResultOf(d, TransferFailed)
 
     def test_abort_while_streaming_unregisters_and_reports_reason(self):
-        src, link, sender, d = accepted_sender(self, os.urandom(transfer.BURST * 3))
+        src, link, sender, d = accepted_sender(self, os.urandom(BURST * 3))
         sender.resumeProducing()
         self.assertIsNotNone(link.a.producer)
         sender.recordReceived(ABORT, dumps({"message": "disk full"}))
@@ -579,7 +568,7 @@ class StreamTests(SynchronousTestCase):
     def test_pipes_are_widened(self):
         import fcntl
 
-        from p2pft.transfer import widen_pipe
+        from p2pft.transfer.pipes import widen_pipe
 
         r, w = os.pipe()
         self.addCleanup(os.close, r)
@@ -598,7 +587,7 @@ class StreamTests(SynchronousTestCase):
         link, source, sd, rd = self.stream_pair()
         self.assertEqual(json.loads(link.sent(ENTRIES)[0]), {"entries": [["stdin", "file", None, 0o644, None]]})
         self.assertIs(link.a.producer.source, source)
-        chunks = [os.urandom(100), os.urandom(transfer.CHUNK * 2 + 5), b"tail"]
+        chunks = [os.urandom(100), os.urandom(CHUNK * 2 + 5), b"tail"]
         for c in chunks:
             source.on_data(c)
         source.on_end(None)
@@ -609,7 +598,7 @@ class StreamTests(SynchronousTestCase):
         with open(os.path.join(self.out, "stdin"), "rb") as f:
             self.assertEqual(f.read(), b"".join(chunks))
         self.assertTrue(source.stopped)
-        self.assertTrue(all(len(p) <= transfer.CHUNK for p in link.sent(DATA)))
+        self.assertTrue(all(len(p) <= CHUNK for p in link.sent(DATA)))
 
     def test_rate_limit_holds_the_stream_back(self):
         clock = Clock()
@@ -656,7 +645,7 @@ class StreamTests(SynchronousTestCase):
 
     def test_stdout_receiver(self):
         src = self.mktemp()
-        data = os.urandom(transfer.CHUNK + 3)
+        data = os.urandom(CHUNK + 3)
         with open(src, "wb") as f:
             f.write(data)
         out = io.BytesIO()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import unicodedata
 
-from .errors import TransferFailed
+from ..errors import TransferFailed
 
 #: Feature name announced by receivers that take TEXT.
 FEATURE = "text"

@@ -2,7 +2,7 @@
 Writing a received file without stalling the reactor or the page cache.
 
 A L{FileSink} copies arriving data into page-aligned buffers of L{BUFFER}
-bytes that start on L{p2pft.blocks.BLOCK} boundaries of the file.  Each full
+bytes that start on L{p2pft.transfer.resume.BLOCK} boundaries of the file.  Each full
 buffer is written by C{run_blocking} (a thread in real use) with C{pwrite}
 and, where the file system allows it, C{O_DIRECT}: the data goes from our
 buffer to the disk without a page-cache copy.  That matters for big files:
@@ -25,7 +25,7 @@ never changes under a write in flight.  A file system that refuses it
 the thread.  Two writes in flight may land out of order: a receiver killed
 at that moment can leave a later buffer on disk and an earlier one not, and
 the resume then continues from the first block that does not match
-(L{p2pft.transfer}), so nothing but that block is sent again.
+(L{p2pft.transfer.resume}), so nothing but that block is sent again.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 Which offered names a receiver writes, as pure functions of where the files
 land (L{NameRules}): the universal rules everywhere, the Windows rules on
 Windows, case clashes only where the output folder's file system ignores
-case (L{p2pft.fsprobe} finds out).
+case (L{p2pft.transfer.fsprobe} finds out).
 
 Every name is NFC-normalised before it is checked or written, so two names
 that differ only in Unicode form are the same name everywhere and clash on
@@ -17,7 +17,7 @@ import unicodedata
 
 import attrs
 
-from .errors import UnsafeName
+from ..errors import UnsafeName
 
 #: Suffix of the file a receiver keeps partial data in.  No offered name may
 #: end with it, so a partial file can never be mistaken for a received one.

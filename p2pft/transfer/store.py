@@ -23,7 +23,7 @@ import shutil
 import stat
 from typing import BinaryIO
 
-from .errors import Declined, TransferFailed
+from ..errors import Declined, TransferFailed
 from .manifest import PARTIAL_SUFFIX, printable
 
 #: Folder descriptors kept open (a tree of 10,000 folders must not use 10,000).

@@ -1,7 +1,7 @@
 """
-What a transfer carries: the manifest of entries (files and folders), how a
-sender builds it from the paths it was given, and how a receiver checks,
-entry by entry, what a possibly hostile sender offers.
+What a transfer carries: the entries (files and folders) of a manifest, and
+how a receiver checks, entry by entry, what a possibly hostile sender offers
+(how a sender builds its manifest: L{p2pft.transfer.scan}).
 
 An entry's path is relative, its components joined by C{/}.  The same
 L{ManifestChecker} runs on both sides, under the L{NameRules} of where the
@@ -11,20 +11,19 @@ ignores case), the sender's with every rule of every platform as warnings.
 A manifest is kept compact, because a sender may offer millions of entries
 and the receiver holds all of them before anyone is asked: each distinct
 name is stored once, as UTF-8 in one bytearray, with the index of its
-folder; sizes, modes and times live in C{array} columns; L{Entry} objects
+folder (L{p2pft.transfer.tree}); sizes, modes and times live in C{array} columns; L{Entry} objects
 are made on demand.  About 60 bytes per entry instead of several hundred.
 """
 
 from __future__ import annotations
 
 import os
-import stat
 from array import array
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import attrs
 
-from .errors import ScanError, UnsafeName
+from ..errors import UnsafeName
 from .names import (
     MAX_DEPTH,
     MAX_NAME_BYTES,
@@ -41,10 +40,11 @@ from .names import (
     safe_path,
     windows_problem,
 )
+from .tree import _DIR, _FILE, _IMPLIED, _SKIPPED, _Tree
 
 __all__ = ["FILE", "DIR", "MAX_ENTRIES", "MAX_DEPTH", "MAX_NAME_BYTES", "MAX_PATH_BYTES", "PARTIAL_SUFFIX",
-           "PORTABLE", "POSIX", "NameRules", "Entry", "Entries", "ManifestChecker", "Manifest", "printable",
-           "quoted", "safe_component", "safe_path", "safe_mode", "entry_from_wire", "scan", "stream_manifest"]
+           "PORTABLE", "POSIX", "NameRules", "Entry", "Entries", "ManifestChecker", "printable",
+           "quoted", "safe_component", "safe_path", "safe_mode", "entry_from_wire", "listing"]
 
 FILE, DIR = "file", "dir"
 #: Most entries one offer may hold.  A receiver keeps about 60 bytes per
@@ -60,8 +60,6 @@ SHOWN_NAMES = 20
 
 _NO_SIZE = -1
 _NO_TIME = -(2**63)
-_IMPLIED, _FILE, _DIR = 0, 1, 2
-_SKIPPED = 4  # node flag: a refused folder (what is below it is refused too)
 _E_DIR, _E_SKIPPED = 1, 2  # entry flags
 
 
@@ -129,123 +127,6 @@ def safe_mode(entry: Entry, umask: int) -> int:
     if entry.kind == DIR:
         return 0o755 & ~umask | 0o700
     return (0o755 if entry.mode & 0o100 else 0o644) & ~umask | 0o600
-
-
-class _Slots:
-    """An open-addressing hash index of ids whose keys and 64-bit hashes the
-    owner keeps: 4 bytes per slot, at most half full."""
-
-    def __init__(self):
-        self.slots = array("i", [-1]) * 16
-        self.mask = 15
-        self.used = 0
-
-    def grow(self, hashes: array) -> None:
-        if 2 * (self.used + 1) <= len(self.slots):
-            return
-        size = len(self.slots) * 2
-        slots, mask = array("i", [-1]) * size, size - 1
-        for ident in self.slots:
-            if ident >= 0:
-                i = hashes[ident] & mask
-                while slots[i] >= 0:
-                    i = (i + 1) & mask
-                slots[i] = ident
-        self.slots, self.mask = slots, mask
-
-
-class _Tree:
-    """
-    Every distinct name of a manifest, once: node C{n} is C{names[ends[n-1]:
-    ends[n]]} (UTF-8) inside folder node C{parents[n]} (-1: the top), with
-    its kind (implied folder, file, folder) and flags.  When the folder
-    ignores case, nodes that fold to the same name share a I{group}: that is
-    where clashes and "inside a file" are decided.
-    """
-
-    def __init__(self, folding: bool):
-        self.parents = array("i")
-        self.ends = array("q")
-        self.names = bytearray()
-        self.kinds = bytearray()
-        self.hashes = array("q")
-        self._index = _Slots()
-        self.folding = folding
-        if folding:
-            self.node_group = array("i")
-            self.g_rep = array("i")  # the group's first node, whose name it folds
-            self.g_parent = array("i")
-            self.g_kind = bytearray()
-            self.g_hashes = array("q")
-            self._g_index = _Slots()
-        self._paths: dict[int, str] = {}  # a few folder paths, for path()
-
-    def name(self, node: int) -> str:
-        return self.names[self.ends[node - 1] if node else 0:self.ends[node]].decode("utf-8", "surrogatepass")
-
-    def find(self, parent: int, raw: bytes, h: int) -> tuple[int, int]:
-        """The node of C{raw} in C{parent}, or -1; and the slot it is or goes in."""
-        slots, mask, hashes = self._index.slots, self._index.mask, self.hashes
-        i = h & mask
-        while True:
-            node = slots[i]
-            if node < 0:
-                return -1, i
-            if hashes[node] == h and self.parents[node] == parent and \
-                    self.names[self.ends[node - 1] if node else 0:self.ends[node]] == raw:
-                return node, i
-            i = (i + 1) & mask
-
-    def add(self, parent: int, raw: bytes, h: int, kind: int) -> int:
-        self._index.grow(self.hashes)
-        node = len(self.parents)
-        _, slot = self.find(parent, raw, h)
-        self._index.slots[slot] = node
-        self._index.used += 1
-        self.parents.append(parent)
-        self.names += raw
-        self.ends.append(len(self.names))
-        self.kinds.append(kind | (self.kinds[parent] & _SKIPPED if parent >= 0 else 0))
-        self.hashes.append(h)
-        return node
-
-    def find_group(self, parent: int, folded: str, h: int) -> tuple[int, int]:
-        slots, mask = self._g_index.slots, self._g_index.mask
-        i = h & mask
-        while True:
-            group = slots[i]
-            if group < 0:
-                return -1, i
-            if self.g_hashes[group] == h and self.g_parent[group] == parent and \
-                    fold(self.name(self.g_rep[group])) == folded:
-                return group, i
-            i = (i + 1) & mask
-
-    def add_group(self, parent: int, folded: str, h: int, rep: int, kind: int) -> int:
-        self._g_index.grow(self.g_hashes)
-        group = len(self.g_rep)
-        _, slot = self.find_group(parent, folded, h)
-        self._g_index.slots[slot] = group
-        self._g_index.used += 1
-        self.g_rep.append(rep)
-        self.g_parent.append(parent)
-        self.g_kind.append(kind)
-        self.g_hashes.append(h)
-        return group
-
-    def path(self, node: int) -> str:
-        """The full path of C{node}."""
-        parent = self.parents[node]
-        if parent < 0:
-            return self.name(node)
-        above = self._paths.get(parent)
-        if above is None:
-            above = self.path(parent)
-            if len(self._paths) >= 64:
-                self._paths.clear()
-            self._paths[parent] = above
-        return f"{above}/{self.name(node)}"
-
 
 class Entries(Sequence):
     """The entries of a L{ManifestChecker}, as L{Entry} objects made on demand."""
@@ -513,145 +394,7 @@ class ManifestChecker:
             raise UnsafeName("a stream of unknown size can only be offered alone")
 
 
-class _Sources(Sequence):
-    """Where a scanned manifest's entries are read from: the folder of the
-    command-line path each came from, joined to the entry's path, except
-    where the name on disk is not the entry's (not in NFC form)."""
-
-    def __init__(self, entries: Entries):
-        self._entries = entries
-        self.bases: list[str] = []
-        self.base_of = array("i")
-        self.other: dict[int, str] = {}
-
-    def append(self, local: str, rel: str, path: str) -> None:
-        index = len(self.base_of)
-        base = local[:len(local) - len(rel)]
-        if not self.bases or self.bases[-1] != base:
-            self.bases.append(base)
-        self.base_of.append(len(self.bases) - 1)
-        if rel != path:
-            self.other[index] = local
-
-    def __len__(self) -> int:
-        return len(self.base_of)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        local = self.other.get(index)
-        if local is not None:
-            return local
-        return self.bases[self.base_of[index]] + self._entries[index].path
-
-
-@attrs.frozen
-class Manifest:
-    """What a sender offers: the checked entries, and for each the path it
-    is read from on this computer."""
-
-    checker: ManifestChecker
-    sources: Sequence[str]
-
-    @property
-    def entries(self) -> Entries:
-        return self.checker.entries
-
-
-def stream_manifest(name: str = "stdin") -> Manifest:
-    checker = ManifestChecker()
-    checker.add(Entry(name, FILE, None))
-    checker.finish()
-    return Manifest(checker, ["standard input"])
-
-
-def scan(paths: Iterable[str], follow_symlinks: bool = False,
-         notice: Callable[[str], None] = lambda text: None, rules: NameRules = POSIX) -> Manifest:
-    """
-    Build the manifest of C{paths} (files and folders, folders recursively,
-    in name order), or raise L{ScanError} for the first path that cannot be
-    sent (a name no receiver accepts: C{rules}).  Symbolic links named on
-    the command line are followed; inside folders they are skipped (with a
-    C{notice}) unless C{follow_symlinks}, and so are sockets, FIFOs and
-    devices.  Names only some receivers refuse (L{PORTABLE}: a Windows
-    receiver, a folder that ignores case) get one C{notice} at the end.
-    """
-    checker = ManifestChecker(rules=rules, warn=PORTABLE)
-    sources = _Sources(checker.entries)
-    for path in paths:
-        local = os.path.abspath(path)
-        name = os.path.basename(local)
-        if not name:
-            raise ScanError(f"{path}: cannot send the root folder; name what is inside it")
-        try:
-            st = os.stat(local)
-        except FileNotFoundError:
-            raise ScanError(f"{path}: no such file or folder") from None
-        except OSError as e:
-            raise ScanError(f"{path}: {e.strerror}") from None
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-            raise ScanError(f"{path}: not a regular file or folder")
-        try:
-            _add_tree(checker, sources, local, name, st, follow_symlinks, notice, set())
-        except UnsafeName as e:
-            raise ScanError(f"{path}: {e}") from None
-    checker.finish()
-    if checker.warned:
-        notice(warning(checker))
-    return Manifest(checker, sources)
-
-
 def listing(names: list[str], count: int) -> str:
     """The first names of C{count}, and how many more."""
     more = f"; and {count - len(names)} more" if count > len(names) else ""
     return "; ".join(names) + more
-
-
-def warning(checker: ManifestChecker) -> str:
-    """The sender's notice about names some receivers refuse."""
-    n = checker.warned
-    return (f"{n} name{'s' if n != 1 else ''} would be refused by a receiver on Windows or in a folder "
-            f"that ignores case (it can leave them out with --skip-unsafe): "
-            f"{listing(checker.warned_names, n)}")
-
-
-def _add_tree(checker: ManifestChecker, sources: _Sources, local: str, rel: str, st: os.stat_result,
-              follow: bool, notice: Callable[[str], None], ancestors: set) -> None:
-    def add(kind, size):
-        path = safe_path(rel, checker.rules)
-        checker.add(Entry(path, kind, size, stat.S_IMODE(st.st_mode), st.st_mtime_ns))
-        sources.append(local, rel, path)
-    if stat.S_ISREG(st.st_mode):
-        if not os.access(local, os.R_OK):
-            raise ScanError(f"{local}: permission denied")
-        return add(FILE, st.st_size)
-    add(DIR, None)
-    try:
-        with os.scandir(local) as it:
-            children = sorted(it, key=lambda e: e.name)
-    except OSError as e:
-        raise ScanError(f"{local}: {e.strerror}") from None
-    ancestors = ancestors | {(st.st_dev, st.st_ino)}
-    for child in children:
-        child_rel = f"{rel}/{child.name}"
-        try:
-            if child.is_symlink():
-                if not follow:
-                    notice(f"skipping symbolic link {printable(child.path)} (--follow-symlinks sends what it points to)")
-                    continue
-                child_st = os.stat(child.path)
-            else:
-                child_st = child.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            notice(f"skipping {printable(child.path)}: it points nowhere or vanished")
-            continue
-        except OSError as e:
-            raise ScanError(f"{child.path}: {e.strerror}") from None
-        if stat.S_ISDIR(child_st.st_mode) and (child_st.st_dev, child_st.st_ino) in ancestors:
-            notice(f"skipping {printable(child.path)}: it links back to a folder above it")
-        elif stat.S_ISDIR(child_st.st_mode) or stat.S_ISREG(child_st.st_mode):
-            _add_tree(checker, sources, child.path, child_rel, child_st, follow, notice, ancestors)
-        else:
-            notice(f"skipping {printable(child.path)}: not a regular file or folder")

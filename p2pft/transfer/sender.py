@@ -1,0 +1,361 @@
+"""
+The sending side: L{Sender} offers a L{Manifest} and sends its files,
+L{StreamSender} one stream of unknown length (standard input), and
+L{TextSender} a short text instead of files.
+
+    OFFER {entries, files, bytes}, ENTRIES ...     ->
+                                                   <-  HAVE*, ACCEPT (or REJECT)
+    per file: FILE {file, offset} | FILE {file, skip}, DATA ..., FILE_END {size}  ->
+    END {files, bytes}                             ->
+                                                   <-  ACK {files, bytes}
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+
+import attrs
+from twisted.internet import defer
+from zope.interface import implementer
+
+from ..channel import IRecordHandler
+from ..errors import Declined, TransferFailed
+from .endpoint import Endpoint, peer_text, run_now
+from .manifest import printable
+from .scan import Manifest
+from .offer import Offer, Result, entry_batches
+from .pacing import Paced, Pacer
+from .records import ACCEPT, ACK, DATA, END, ENTRIES, FILE, FILE_END, HAVE, OFFER, REJECT, TEXT, control, parse_control
+from .resume import HaveBook, check_have
+from .text import encode_text
+
+#: Plaintext bytes per DATA record: big enough that sealing and framing
+#: cost little per byte, small enough to keep the receiver's buffers small.
+CHUNK = 256 * 1024
+#: Payload bytes written each time the transport asks for more (a pull
+#: producer that wrote less than the socket takes would idle the link).
+BURST = 1 << 20
+
+
+class SenderState(str, Enum):
+    NEW = "new"
+    OFFERING = "offering"  # sending ENTRIES
+    OFFERED = "offered"  # waiting for HAVE*, ACCEPT or REJECT
+    CHECKING = "checking"  # hashing our files against the HAVEs (on a thread)
+    SENDING = "sending"
+    ENDING = "ending"  # END sent, waiting for the ACK
+    CLOSING = "closing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@attrs.define
+class _Outgoing:
+    """The file being sent."""
+
+    index: int
+    file: object
+    remaining: int
+
+
+def _open_source(entry, source: str):
+    """The file C{source} of C{entry}, unbuffered, if it is still its size."""
+    try:
+        f = open(source, "rb", buffering=0)
+    except OSError as e:
+        raise TransferFailed(f"cannot read {printable(source)}: {e.strerror or e}") from None
+    size = os.fstat(f.fileno()).st_size
+    if size != entry.size:
+        f.close()
+        raise TransferFailed(
+            f"{printable(source)} changed after the transfer started ({entry.size} bytes "
+            f"then, {size} now); send again")
+    return f
+
+
+@implementer(IRecordHandler)
+class Sender(Endpoint):
+    """
+    Offers a L{Manifest} and streams its files, one after the other, as a
+    pull producer: the transport asks for more when it has room, so memory
+    stays flat whatever the size or number of files.
+    """
+
+    State = SenderState
+
+    def __init__(self, channel, clock, manifest: Manifest, progress=None, run_blocking=run_now,
+                 rate: int | None = None, mtime_ns: bool = False):
+        super().__init__(channel, clock, progress, run_blocking)
+        self._pacer = Pacer(clock, rate, self._elapsed)  # rate: bytes per second, or None
+        self._mtime_ns = mtime_ns  # the receiver takes times in nanoseconds
+        self._manifest = manifest
+        self._entries = manifest.entries
+        self._files = manifest.checker.file_indices()
+        self._total = None if manifest.checker.streams else manifest.checker.bytes
+        self._next_entry = 0
+        self._next_file = 0
+        self._have = HaveBook(self._entries)
+        self._plan: dict = {}
+        self._current: _Outgoing | None = None
+        self._chunk = memoryview(bytearray(CHUNK))
+        self._name = ""  # of the file being sent
+        self._producing = False
+
+    @property
+    def offer(self) -> Offer:
+        return Offer.of(self._manifest.checker)
+
+    def start(self) -> defer.Deferred:
+        self._channel.attach(self)
+        checker = self._manifest.checker
+        self._channel.send(OFFER, control({"entries": len(self._entries), "files": checker.files,
+                                           "bytes": self._total}))
+        self.state = SenderState.OFFERING
+        self._startProducing()
+        return self.done
+
+    def _startProducing(self) -> None:
+        if not self._producing:
+            self._producing = True
+            self._channel.registerProducer(self, False)
+
+    def _stopProducing(self) -> None:
+        if self._producing:
+            self._producing = False
+            self._channel.unregisterProducer()
+
+    def _on_have(self, payload: bytes) -> None:
+        self._have.add(parse_control(payload))
+
+    def _on_accept(self, payload: bytes) -> None:
+        self.state = SenderState.CHECKING
+        work = self._run_blocking(check_have, self._entries, self._manifest.sources, self._have.take(), self._stop)
+        self._later(work, self._send_files)
+
+    def _on_reject(self, payload: bytes) -> None:
+        message = peer_text(str(parse_control(payload).get("message", "declined")))
+        self._fail(Declined(f"the receiver declined: {message}"), tell_peer=False)
+
+    def _on_ack(self, payload: bytes) -> None:
+        ack = parse_control(payload)
+        if ack.get("files") != len(self._files) or ack.get("bytes") != self._bytes_done:
+            raise TransferFailed("the receiver's acknowledgement does not match what we sent")
+        self._cleanup()
+        self._close_then(Result(self.offer.name, self._bytes_done, self._elapsed(), files=len(self._files),
+                                resumed=self._resumed, skipped=self._skipped))
+
+    _handlers = {
+        (SenderState.OFFERED, HAVE): _on_have,
+        (SenderState.OFFERED, ACCEPT): _on_accept,
+        (SenderState.OFFERED, REJECT): _on_reject,
+        (SenderState.ENDING, ACK): _on_ack,
+    }
+
+    def _send_files(self, plan: dict) -> None:
+        self._plan = plan
+        self.state = SenderState.SENDING
+        self._started = self._clock.seconds()
+        self._startProducing()
+
+    # IPullProducer
+    def resumeProducing(self) -> None:
+        try:
+            if self.state is SenderState.OFFERING:
+                self._send_entries()
+            elif self.state is SenderState.SENDING:
+                self._send_data()
+        except (TransferFailed, OSError) as e:
+            self._failed(e)
+
+    def _send_entries(self) -> None:
+        budget = BURST
+        for self._next_entry, message in entry_batches(self._entries, self._next_entry, self._mtime_ns):
+            payload = control(message)
+            self._channel.send(ENTRIES, payload)
+            budget -= len(payload)
+            if budget <= 0:
+                break
+        if self._next_entry == len(self._entries):
+            self.state = SenderState.OFFERED
+            self._stopProducing()
+
+    def _send_data(self) -> None:
+        budget = self._pacer.allowance(BURST, CHUNK, self.resumeProducing)
+        while budget > 0 and self.state is SenderState.SENDING:
+            if self._current is None:
+                if self._next_file == len(self._files):
+                    return self._end()
+                self._open_next()
+                continue
+            current = self._current
+            want = min(CHUNK, current.remaining)
+            # Read into one reused buffer: sealing copies it anyway.
+            got = current.file.readinto(self._chunk[:want]) if want else 0
+            entry = self._entries[current.index]
+            if got < want:
+                raise TransferFailed(f"{printable(entry.path)} shrank while it was being sent")
+            if want:
+                current.remaining -= got
+                self._bytes_done += got
+                self._pacer.count(got)
+                self._channel.send(DATA, self._chunk[:got])
+                budget -= got
+            if current.remaining == 0:
+                if current.file.read(1):
+                    raise TransferFailed(f"{printable(entry.path)} grew while it was being sent")
+                self._finish_file(entry.size)
+        if self.state is SenderState.SENDING:
+            self._progress(self._name)
+
+    def _open_next(self) -> None:
+        index = self._files[self._next_file]
+        self._next_file += 1
+        entry = self._entries[index]
+        self._name = entry.path
+        complete, prefix = self._plan.pop(index, (False, None))
+        if complete:
+            self._channel.send(FILE, control({"file": index, "skip": True}))
+            self._bytes_done += entry.size
+            self._skipped += entry.size
+            return
+        f = _open_source(entry, self._manifest.sources[index])
+        offset = prefix.length if prefix is not None else 0
+        f.seek(offset)
+        self._current = _Outgoing(index, f, entry.size - offset)
+        self._bytes_done += offset
+        self._resumed += offset
+        self._channel.send(FILE, control({"file": index, "offset": offset}))
+
+    def _finish_file(self, size: int) -> None:
+        self._current.file.close()
+        self._current = None
+        self._channel.send(FILE_END, control({"size": size}))
+
+    def _end(self) -> None:
+        self._stopProducing()
+        self.state = SenderState.ENDING
+        self._progress("")
+        self._channel.send(END, control({"files": len(self._files), "bytes": self._bytes_done}))
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        # The transport is going away; its connectionLost will tell us why.
+        self._producing = False
+
+    def _annotate(self, error: TransferFailed) -> TransferFailed:
+        if self._bytes_done and not isinstance(error, Declined) and self._total is not None:
+            return TransferFailed(f"{error}; the receiver keeps what arrived: run the same send and receive again to resume")
+        return error
+
+    def _cleanup(self) -> None:
+        super()._cleanup()
+        self._pacer.cancel()
+        # A registered producer keeps loseConnection from ever completing.
+        self._stopProducing()
+        if self._current is not None:
+            self._current.file.close()
+            self._current = None
+
+
+@implementer(IRecordHandler)
+class StreamSender(Sender):
+    """
+    Sends a stream of unknown length (standard input, a pipe): size null in
+    the manifest, the real size in FILE_END.  C{source} is a L{FDReader}-like
+    object: C{start(on_data, on_end)}, and an L{IPushProducer} that the
+    channel's transport pauses when it cannot keep up.  A stream cannot be
+    resumed.
+    """
+
+    def __init__(self, channel, clock, manifest: Manifest, source, progress=None, rate: int | None = None):
+        super().__init__(channel, clock, manifest, progress, rate=rate)
+        self._source = source
+        self._paced = Paced(source)
+
+    def _send_files(self, plan: dict) -> None:
+        self.state = SenderState.SENDING
+        self._started = self._clock.seconds()
+        self._next_file = 1
+        self._channel.send(FILE, control({"file": 0, "offset": 0}))
+        self._producing = True
+        self._channel.registerProducer(self._paced, True)
+        self._source.start(self._data, self._eof)
+
+    def _data(self, chunk: bytes) -> None:
+        if self.state is not SenderState.SENDING:
+            return
+        chunk = memoryview(chunk)
+        for i in range(0, len(chunk), CHUNK):
+            piece = chunk[i:i + CHUNK]
+            self._bytes_done += len(piece)
+            self._channel.send(DATA, piece)
+        self._pacer.count(len(chunk))
+        self._progress(self._entries[0].path)
+        self._pacer.hold_back(self._paced)
+
+    def _eof(self, error: str | None) -> None:
+        if self.state is not SenderState.SENDING:
+            return
+        if error is not None:
+            return self._fail(TransferFailed(f"cannot read standard input: {error}"))
+        self._channel.send(FILE_END, control({"size": self._bytes_done}))
+        self._end()
+
+    def _cleanup(self) -> None:
+        super()._cleanup()
+        self._source.stop()
+
+
+class TextState(str, Enum):
+    NEW = "new"
+    SENT = "sent"  # waiting for the ACK
+    CLOSING = "closing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@implementer(IRecordHandler)
+class TextSender(Endpoint):
+    """
+    Sends one short text (L{p2pft.transfer.text}) in a TEXT record instead
+    of an offer; fires with a L{Result} once the receiver acknowledged it.
+    C{supported}: whether the receiver announced the text feature.  An
+    older receiver would wait for an OFFER: it is sent an ABORT that says
+    why instead.
+    """
+
+    State = TextState
+
+    def __init__(self, channel, clock, text: str, supported: bool = True, progress=None):
+        super().__init__(channel, clock, progress)
+        self._data = encode_text(text)
+        self._supported = supported
+
+    def start(self) -> defer.Deferred:
+        self._channel.attach(self)
+        if not self._supported:
+            self._fail(TransferFailed(
+                "the sender sent a text message, which this version of p2pft cannot receive: "
+                "update p2pft"))
+            return self.done
+        self._channel.send(TEXT, self._data)
+        self.state = TextState.SENT
+        return self.done
+
+    def _on_ack(self, payload: bytes) -> None:
+        if parse_control(payload).get("bytes") != len(self._data):
+            raise TransferFailed("the receiver's acknowledgement does not match what we sent")
+        self._bytes_done = len(self._data)
+        self._cleanup()
+        self._close_then(Result("text", len(self._data), self._elapsed(), files=0, text=True))
+
+    _handlers = {(TextState.SENT, ACK): _on_ack}
+
+    def _annotate(self, error: TransferFailed) -> TransferFailed:
+        if not self._supported:
+            return TransferFailed("the receiver runs an older p2pft that cannot receive text; "
+                                  "send it as a file, or ask them to update")
+        return error
