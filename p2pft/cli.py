@@ -342,7 +342,7 @@ class _RelayLimitOptions(_Options):
     ]
 
     def relay_limits(self):
-        from .relay import RelayLimits
+        from .server.relay import RelayLimits
 
         from .channel import KEEPALIVE_INTERVAL
 
@@ -616,7 +616,7 @@ def _resumable(command: str, sub) -> bool:
 async def _main(reactor, config: Options) -> None:
     command, sub = config.subCommand, config.subOptions
     if command in ("server", "relay"):
-        from .server_tap import makeRelayService, makeService
+        from .server.service import makeRelayService, makeService
 
         service = (makeService if command == "server" else makeRelayService)(sub, reactor)
         service.startService()

@@ -28,8 +28,8 @@ from zope.interface import Interface, implementer
 
 from .addresses import ip_key
 from .codes import valid_nameplate
-from .limits import FIRST_LINE_MIN_WAIT, ClaimLimiter, Lobby
-from .relay import RelayMixin, RelayServer
+from .server.limits import FIRST_LINE_MIN_WAIT, ClaimLimiter, Lobby
+from .server.relay import RelayMixin, RelayServer
 from .util import OneShot
 
 PROTOCOL_NAME = "p2pft"

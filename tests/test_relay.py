@@ -21,14 +21,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from twisted.internet.interfaces import IHalfCloseableProtocol
 
-from p2pft import relay as relay_module
+from p2pft.server import relay as relay_module
 from p2pft.channel import PeerConnection
 from p2pft.cli import Options
 from p2pft.punch import PunchConnector, PunchFailed, PunchSchedule, _reason
-from p2pft.relay import SPLICE_BUFFER, RelayFactory, RelayLimits, RelayServer
+from p2pft.server.relay import SPLICE_BUFFER, RelayFactory, RelayLimits, RelayServer
 from p2pft.rendezvous import RendezvousClientProtocol, RendezvousServerFactory
 from p2pft.secure import RECEIVER, SENDER, Pake
-from p2pft.server_tap import makeService
+from p2pft.server.service import makeService
 from p2pft.session import Settings, _relays
 from tests.natlab import Nat, start_lab
 from tests.procs import p2pft_argv, spawn

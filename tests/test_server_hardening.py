@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from p2pft import rendezvous
 from p2pft.cli import Options
-from p2pft.relay import RelayFactory, RelayLimits, RelayServer
+from p2pft.server.relay import RelayFactory, RelayLimits, RelayServer
 from p2pft.rendezvous import RendezvousClientProtocol, RendezvousError, RendezvousServerFactory
 from tests.test_relay import TOKEN, Transport, lose, take
 
@@ -293,7 +293,7 @@ class ListenQueueTests(TestCase):
     """Item 9: a deep listen backlog, and accepting in batches."""
 
     async def listen(self, argv):
-        from p2pft.server_tap import makeRelayService, makeService
+        from p2pft.server.service import makeRelayService, makeService
 
         config = Options()
         config.parseOptions(argv)
@@ -317,7 +317,7 @@ class ListenQueueTests(TestCase):
 
     def test_plain_port_numbers_get_the_backlog(self):
         from p2pft.cli import dual_stack
-        from p2pft.server_tap import with_backlog
+        from p2pft.server.service import with_backlog
 
         self.assertEqual(with_backlog(dual_stack(9000)), dual_stack(9000) + ":backlog=4096")
         self.assertEqual(with_backlog("tcp6:9000:interface=\\:\\:"), "tcp6:9000:interface=\\:\\::backlog=4096")
@@ -390,7 +390,7 @@ class SilentFloodTests(SynchronousTestCase):
     def test_relay_lobby_stays_below_the_descriptor_budget(self):
         import resource
 
-        from p2pft.server_tap import _raise_fd_limit
+        from p2pft.server.service import _raise_fd_limit
 
         relay = RelayServer(Clock(), RelayLimits(max_sessions=10**9, max_pending=10**9))
         _raise_fd_limit(None, relay)

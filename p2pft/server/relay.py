@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
-from .addresses import ip_key
+from ..addresses import ip_key
 from .limits import FIRST_LINE_MIN_WAIT, Lobby, TokenBucket
 
 SIDES = ("sender", "receiver")
