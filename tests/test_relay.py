@@ -26,7 +26,8 @@ from p2pft.channel import PeerConnection
 from p2pft.cli import Options
 from p2pft.punch import PunchConnector, PunchFailed, PunchSchedule, _reason
 from p2pft.server.relay import SPLICE_BUFFER, RelayFactory, RelayLimits, RelayServer
-from p2pft.rendezvous import RendezvousClientProtocol, RendezvousServerFactory
+from p2pft.server.rendezvous import RendezvousServerFactory
+from p2pft.rendezvous import RendezvousClientProtocol
 from p2pft.secure import RECEIVER, SENDER, Pake
 from p2pft.server.service import makeService
 from p2pft.session import Settings, _relays

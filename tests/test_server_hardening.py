@@ -19,10 +19,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from p2pft import rendezvous
 from p2pft.cli import Options
 from p2pft.server.relay import RelayFactory, RelayLimits, RelayServer
-from p2pft.rendezvous import RendezvousClientProtocol, RendezvousError, RendezvousServerFactory
+from p2pft.server.rendezvous import RendezvousServerFactory
+from p2pft.rendezvous import RendezvousClientProtocol, RendezvousError
+from p2pft.server import rendezvous
 from tests.test_relay import TOKEN, Transport, lose, take
 
 

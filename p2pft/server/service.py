@@ -17,9 +17,9 @@ from twisted.internet import defer, tcp
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
-from ..rendezvous import RendezvousServerFactory
 from ..util import OneShot
 from .relay import RelayFactory, RelayServer
+from .rendezvous import RendezvousServerFactory
 
 #: The listen() backlog: connections the kernel has completed and queues
 #: until the reactor accepts them.  Twisted's default, 50, is gone within
