@@ -13,7 +13,7 @@ from twisted.logger import Logger
 
 from twisted.python.failure import Failure
 
-from .cli import Options as _CLIOptions
+from .options import Options as _CLIOptions
 
 
 class Options(_CLIOptions):

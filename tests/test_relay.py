@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 
 from p2pft.server import relay as relay_module
 from p2pft.channel import PeerConnection
-from p2pft.cli import Options
+from p2pft.options import Options
 from p2pft.punch import PunchConnector, PunchFailed, PunchSchedule, _reason
 from p2pft.server.relay import SPLICE_BUFFER, RelayFactory, RelayLimits, RelayServer
 from p2pft.server.rendezvous import RendezvousServerFactory

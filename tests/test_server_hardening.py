@@ -19,11 +19,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from p2pft.cli import Options
-from p2pft.server.relay import RelayFactory, RelayLimits, RelayServer
-from p2pft.server.rendezvous import RendezvousServerFactory
+from p2pft.options import Options
 from p2pft.rendezvous import RendezvousClientProtocol, RendezvousError
 from p2pft.server import rendezvous
+from p2pft.server.relay import RelayFactory, RelayLimits, RelayServer
+from p2pft.server.rendezvous import RendezvousServerFactory
 from tests.test_relay import TOKEN, Transport, lose, take
 
 
@@ -317,7 +317,7 @@ class ListenQueueTests(TestCase):
         self.assertEqual(port.backlog, 7)
 
     def test_plain_port_numbers_get_the_backlog(self):
-        from p2pft.cli import dual_stack
+        from p2pft.options import dual_stack
         from p2pft.server.service import with_backlog
 
         self.assertEqual(with_backlog(dual_stack(9000)), dual_stack(9000) + ":backlog=4096")
