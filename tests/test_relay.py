@@ -21,12 +21,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from twisted.internet.interfaces import IHalfCloseableProtocol
 
-from p2pft.server import relay as relay_module
+from p2pft.server import splice as splice_module
 from p2pft.channel import PeerConnection
 from p2pft.options import Options
 from p2pft.punch import PunchConnector, PunchFailed, PunchSchedule, _reason
-from p2pft.server.relay import SPLICE_BUFFER, RelayFactory, RelayLimits, RelayServer
+from p2pft.server.relay import RelayFactory, RelayLimits, RelayServer
 from p2pft.server.rendezvous import RendezvousServerFactory
+from p2pft.server.splice import SPLICE_BUFFER
 from p2pft.rendezvous import RendezvousClientProtocol
 from p2pft.secure import RECEIVER, SENDER, Pake
 from p2pft.server.service import makeService
@@ -932,14 +933,14 @@ class LoopbackRelayTests(TestCase):
         factory = RelayFactory(reactor, RelayLimits())
         port = self.listen(factory)
         paused = defer.Deferred()
-        original = relay_module._Direction.pauseProducing
+        original = splice_module._Direction.pauseProducing
 
         def pauseProducing(direction):
             original(direction)
             if not paused.called:
                 paused.callback(direction)
 
-        self.patch(relay_module._Direction, "pauseProducing", pauseProducing)
+        self.patch(splice_module._Direction, "pauseProducing", pauseProducing)
         data = os.urandom(32 * 1024 * 1024)
         a = await self.leg(port, "sender", 0)
         b = await self.leg(port, "receiver", len(data))
@@ -949,8 +950,8 @@ class LoopbackRelayTests(TestCase):
         a.transport.write(data)
         direction = await bounded(paused, "the relay pauses a")
         relay_a, relay_b = self.built
-        self.assertIs(direction.src, relay_a)
-        self.assertIs(direction.dst, relay_b)
+        self.assertIs(direction.src.transport, relay_a.transport)
+        self.assertIs(direction.dst.transport, relay_b.transport)
         # The relay's own buffer towards b stays small (Twisted's write
         # buffer is private; inspected here on purpose).
         t = relay_b.transport

@@ -22,8 +22,9 @@ from zope.interface import Interface, implementer
 from ..addresses import ip_key
 from ..codes import valid_nameplate
 from ..rendezvous import MAX_LINE, PROTOCOL_NAME, PROTOCOL_VERSION, decode_payload, normalise_host, printable
-from .limits import FIRST_LINE_MIN_WAIT, ClaimLimiter, Lobby
-from .relay import RelayMixin, RelayServer
+from .limits import CLOSE_GRACE, FIRST_LINE_MIN_WAIT, AddressCounts, ClaimLimiter, Lobby
+from .relay import Leg, RelayServer
+from .splice import TransportLeg
 
 #: Messages one connection may send through the server.
 MAX_MESSAGES = 64
@@ -142,7 +143,7 @@ class RendezvousServer:
         self.claims = ClaimLimiter(clock, CLAIM_BURST, CLAIM_RATE, -CLAIM_DEBT, MAX_CLAIM_KEYS)
         self._nameplates: dict[str, _Nameplate] = {}
         self._members: dict[IRendezvousConnection, _Member] = {}
-        self._per_ip: dict[str, int] = {}
+        self._per_ip = AddressCounts()
         self.pairings = 0
 
     @property
@@ -161,11 +162,11 @@ class RendezvousServer:
         address already holds too many."""
         if len(self._members) >= self.max_connections:
             return conn.refuse("server is busy, try again later")
-        if self._per_ip.get(ip, 0) >= self.max_per_ip:
+        if self._per_ip.full(ip, self.max_per_ip):
             return conn.refuse("too many connections from your address")
         if not self.lobby.enter(conn, lambda: conn.refuse("timed out waiting for ALLOCATE or CLAIM")):
             return conn.refuse("server is busy, try again later")
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        self._per_ip.add(ip)
         member = _Member(conn, ip=ip)
         member.timer = self._clock.callLater(
             self.hello_timeout, conn.refuse, "timed out waiting for ALLOCATE or CLAIM"
@@ -226,11 +227,7 @@ class RendezvousServer:
         member = self._members.pop(conn, None)
         if member is None:
             return
-        left = self._per_ip.get(member.ip, 1) - 1
-        if left:
-            self._per_ip[member.ip] = left
-        else:
-            self._per_ip.pop(member.ip, None)
+        self._per_ip.remove(member.ip)
         _cancel(member.timer)
         nameplate = member.nameplate
         if nameplate is None:
@@ -305,7 +302,7 @@ def _cancel(call: IDelayedCall | None) -> None:
 
 
 @implementer(IRendezvousConnection, IPushProducer, IHalfCloseableProtocol)
-class RendezvousServerProtocol(RelayMixin, LineReceiver):
+class RendezvousServerProtocol(LineReceiver):
     """
     One client connection: parse lines, hand them to L{RendezvousServer}.
 
@@ -313,6 +310,10 @@ class RendezvousServerProtocol(RelayMixin, LineReceiver):
     when a client stops reading (and replies pile up past the transport's
     buffer size) the server stops reading that client's input: a client
     can never make the server buffer without bound.
+
+    A connection whose first line is C{RELAY} (on a server with a relay)
+    is handed to the relay: from then on its bytes, its half-close and its
+    loss go to the L{RelayServer}'s record of it.
     """
 
     delimiter = b"\n"
@@ -321,6 +322,8 @@ class RendezvousServerProtocol(RelayMixin, LineReceiver):
     _closing = False
     _abort_timer = None
     _lines = 0
+    #: The relay's record of this connection, once it said RELAY.
+    _leg: Leg | None = None
 
     def connectionMade(self) -> None:
         self.state: RendezvousServer = self.factory.state
@@ -371,7 +374,10 @@ class RendezvousServerProtocol(RelayMixin, LineReceiver):
                 return self.refuse("RELAY must be the first line")
             # This connection is a relay leg, not a rendezvous client.
             self.state.disconnected(self)
-            self.relayStart(args)
+            self._relay: RelayServer = self.factory.relay
+            self._leg = self._relay.adopt(TransportLeg(self.transport))
+            if self._relay.request(self._leg, args):
+                self.setRawMode()
         else:
             self.refuse(f"unknown command {printable(command)!r}")
 
@@ -390,14 +396,28 @@ class RendezvousServerProtocol(RelayMixin, LineReceiver):
         self.state.disconnected(self)
         # A client that stops reading must not hold its socket: abort after
         # a grace period if the close does not complete.
-        self._abort_timer = self.factory.clock.callLater(10, self.transport.abortConnection)
+        self._abort_timer = self.factory.clock.callLater(CLOSE_GRACE, self.transport.abortConnection)
         self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def connectionLost(self, reason=None) -> None:
         _cancel(self._abort_timer)
         self.state.disconnected(self)
-        self.relayLost()
+        if self._leg is not None:
+            self._relay.lost(self._leg)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        self._relay.received(self._leg, data)
+
+    def readConnectionLost(self) -> None:
+        # IHalfCloseableProtocol: the peer shut its sending side.
+        if self._leg is not None:
+            self._relay.readClosed(self._leg)
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
 
 
 class RendezvousServerFactory(Factory):
