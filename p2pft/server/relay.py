@@ -25,7 +25,6 @@ import re
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
@@ -121,8 +120,6 @@ class RelayServer:
     connection does: L{request} with the words after C{RELAY}, L{received},
     L{readClosed}, L{lost}; and L{refuse} for what it cannot parse.
     """
-
-    log = Logger()
 
     def __init__(self, clock: IReactorTime, limits: RelayLimits = RelayLimits()):
         self._clock = clock

@@ -12,7 +12,6 @@ calls and calls into lines.
 
 from __future__ import annotations
 
-import attrs
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -22,47 +21,14 @@ from zope.interface import Interface, implementer
 from ..addresses import ip_key
 from ..codes import valid_nameplate
 from ..rendezvous import MAX_LINE, PROTOCOL_NAME, PROTOCOL_VERSION, decode_payload, normalise_host, printable
-from .limits import CLOSE_GRACE, FIRST_LINE_MIN_WAIT, AddressCounts, ClaimLimiter, Lobby
+from .limits import CLOSE_GRACE, FIRST_LINE_MIN_WAIT, AddressCounts, Lobby
+from .nameplates import ClaimMeter, Member, Nameplates
 from .relay import Leg, RelayServer
 from .splice import TransportLeg
 
 #: Messages one connection may send through the server.
 MAX_MESSAGES = 64
 
-# Claims.  The only claim that can spoil somebody's code is one that joins
-# a nameplate a peer at another address is waiting on: the claimer gets one
-# SPAKE2 guess at that peer's code, and a wrong guess burns it.  Those
-# claims are metered per address key (an IPv4 address, or an IPv6 /64:
-# L{ip_key}) with a token bucket; joining a nameplate first taken from the
-# same address key, or creating one, is free.
-
-#: Claims of other addresses' nameplates one address key may make at once.
-#: Sized for many real users behind one IPv4 address (an office NAT, a
-#: carrier-grade NAT, a classroom): 30 people all typing a code within the
-#: same minute.
-CLAIM_BURST = 30
-#: ...then this many a second (12 a minute), sustained.  A pairing whose two
-#: members go on to confirm the key gives its claim back, so real users,
-#: whose pairings confirm unless someone mistyped a code, are held back
-#: only by how many of their claims are still being confirmed at once.
-CLAIM_RATE = 0.2
-#: What a pairing that ends without confirming costs its claimer in all,
-#: the claim's own token included: a wrong code, an abandoned pairing, an
-#: attacker's guess.  At CLAIM_RATE an address pays for one failure every
-#: 25 s, 144 an hour.
-UNCONFIRMED_CLAIM_COST = 5
-#: The deepest an address's claims can go into debt: after a burst of
-#: failures it may claim again within (1 + CLAIM_DEBT) / CLAIM_RATE = 155 s.
-CLAIM_DEBT = 30
-#: MSGs each member of a pair has sent once the key is confirmed: the
-#: SPAKE2 message, the key confirmation, and the candidates, which a peer
-#: sends only after its partner's confirmation opened (PROTOCOL.md §2), so
-#: nobody who lacks the code can make a peer send its third.
-CONFIRMED_MESSAGES = 3
-#: Address keys whose claims are remembered at once, beyond those whose
-#: buckets have refilled (forgotten anyway): about 400 bytes each, 40 MB
-#: in all (measured with IPv6 keys).
-MAX_CLAIM_KEYS = 100_000
 #: At most this share of --max-connections may be connections that have not
 #: said their first line yet (see L{Lobby}); the rest stays for clients on
 #: nameplates.  But at least LOBBY_MIN (or all of them, on a server
@@ -81,33 +47,10 @@ class IRendezvousConnection(Interface):
         "Send ERROR with the reason and close the connection."
 
 
-@attrs.define(eq=False)
-class _Nameplate:
-    name: str
-    members: list
-    timer: IDelayedCall | None = None
-    #: Once two members met, the nameplate never takes another one.
-    paired: bool = False
-    expired: bool = False
-    #: The address key of the member that took the nameplate first.
-    owner: str = ""
-    #: The address key that paid for joining it, until the pair confirms
-    #: (refunded) or breaks up unconfirmed (charged the rest).
-    claimer: str | None = None
-
-
-@attrs.define(eq=False)
-class _Member:
-    connection: IRendezvousConnection
-    ip: str = ""
-    nameplate: _Nameplate | None = None
-    messages: int = 0
-    timer: IDelayedCall | None = None
-
-
 class RendezvousServer:
     """
-    Every nameplate and every connection of one rendezvous server.
+    Every connection of one rendezvous server, and its nameplates
+    (L{Nameplates}).
 
     A connection is C{connected} (said nothing yet), then C{waiting} on a
     nameplate, then C{paired}.  A nameplate lives from its first member until
@@ -118,8 +61,6 @@ class RendezvousServer:
     @param waiting_timeout: seconds one member may wait for its partner.
     @param paired_timeout: seconds a pair may keep using the server.
     """
-
-    log = Logger()
 
     def __init__(
         self,
@@ -133,18 +74,14 @@ class RendezvousServer:
     ):
         self._clock = clock
         self.hello_timeout = hello_timeout
-        self.waiting_timeout = waiting_timeout
-        self.paired_timeout = paired_timeout
-        self.max_nameplates = max_nameplates
         #: Connections that have not sent ALLOCATE, CLAIM or RELAY yet.
         self.lobby = Lobby(clock, 1, hello_timeout, FIRST_LINE_MIN_WAIT)
         self.max_connections = max_connections
         self.max_per_ip = max_per_ip
-        self.claims = ClaimLimiter(clock, CLAIM_BURST, CLAIM_RATE, -CLAIM_DEBT, MAX_CLAIM_KEYS)
-        self._nameplates: dict[str, _Nameplate] = {}
-        self._members: dict[IRendezvousConnection, _Member] = {}
+        self.claims = ClaimMeter(clock)
+        self._nameplates = Nameplates(clock, max_nameplates, waiting_timeout, paired_timeout)
+        self._members: dict[IRendezvousConnection, Member] = {}
         self._per_ip = AddressCounts()
-        self.pairings = 0
 
     @property
     def max_connections(self) -> int:
@@ -167,7 +104,7 @@ class RendezvousServer:
         if not self.lobby.enter(conn, lambda: conn.refuse("timed out waiting for ALLOCATE or CLAIM")):
             return conn.refuse("server is busy, try again later")
         self._per_ip.add(ip)
-        member = _Member(conn, ip=ip)
+        member = Member(conn, ip=ip)
         member.timer = self._clock.callLater(
             self.hello_timeout, conn.refuse, "timed out waiting for ALLOCATE or CLAIM"
         )
@@ -178,7 +115,7 @@ class RendezvousServer:
         member = self._members[conn]
         if member.nameplate is not None:
             return conn.refuse("already on a nameplate")
-        name = self._free_nameplate()
+        name = self._nameplates.free_name()
         if name is None:
             return conn.refuse("server is full, try again later")
         conn.sendLine(f"NAMEPLATE {name}".encode("ascii"))
@@ -194,14 +131,10 @@ class RendezvousServer:
         nameplate = self._nameplates.get(name)
         if nameplate is not None and nameplate.paired:
             return conn.refuse(f"nameplate {name} is in use")
-        if nameplate is None and len(self._nameplates) >= self.max_nameplates:
+        if nameplate is None and self._nameplates.full():
             return conn.refuse("server is full, try again later")
-        if nameplate is not None and nameplate.owner != member.ip:
-            # A guess at a stranger's code: it costs, and costs more unless
-            # the pair goes on to confirm the key.
-            if not self.claims.try_take(member.ip):
-                return conn.refuse("too many claims from your address, try again later")
-            nameplate.claimer = member.ip
+        if not self.claims.claim(nameplate, member.ip):
+            return conn.refuse("too many claims from your address, try again later")
         self._join(member, name)
 
     def message(self, conn: IRendezvousConnection, payload: str) -> None:
@@ -215,12 +148,7 @@ class RendezvousServer:
         for other in nameplate.members:
             if other is not member:
                 other.connection.sendLine(f"MSG {payload}".encode("ascii"))
-        if nameplate.claimer is not None and all(
-            m.messages >= CONFIRMED_MESSAGES for m in nameplate.members
-        ):
-            # Both confirmed the key: that claim was no guess.
-            self.claims.refund(nameplate.claimer, 1)
-            nameplate.claimer = None
+        self.claims.messaged(nameplate)
 
     def disconnected(self, conn: IRendezvousConnection) -> None:
         self.lobby.leave(conn)
@@ -229,71 +157,28 @@ class RendezvousServer:
             return
         self._per_ip.remove(member.ip)
         _cancel(member.timer)
-        nameplate = member.nameplate
-        if nameplate is None:
-            return
-        if nameplate.paired and nameplate.claimer is not None:
-            # The pair broke up (or expired) before confirming the key.
-            self.claims.charge(nameplate.claimer, UNCONFIRMED_CLAIM_COST - 1)
-            nameplate.claimer = None
-        nameplate.members.remove(member)
-        if not nameplate.members:
-            _cancel(nameplate.timer)
-            del self._nameplates[nameplate.name]
-            self.log.debug("freed nameplate {name}", name=nameplate.name)
-        elif nameplate.paired and not nameplate.expired:
-            # The pair is broken; nobody may take the empty seat.
-            for other in nameplate.members:
-                other.connection.sendLine(b"GONE")
+        if member.nameplate is not None:
+            self.claims.parted(member.nameplate)
+            self._nameplates.leave(member)
 
     # -- state
 
     @property
     def nameplates(self) -> frozenset[str]:
-        return frozenset(self._nameplates)
+        return self._nameplates.names
 
     @property
     def connections(self) -> int:
         return len(self._members)
 
-    # -- internals
+    @property
+    def pairings(self) -> int:
+        return self._nameplates.pairings
 
-    def _free_nameplate(self) -> str | None:
-        if len(self._nameplates) >= self.max_nameplates:
-            return None
-        n = 1
-        while str(n) in self._nameplates:
-            n += 1
-        return str(n)
-
-    def _join(self, member: _Member, name: str) -> None:
+    def _join(self, member: Member, name: str) -> None:
         _cancel(member.timer)
         member.timer = None
-        nameplate = self._nameplates.get(name)
-        if nameplate is None:
-            nameplate = self._nameplates[name] = _Nameplate(name, [], owner=member.ip)
-            nameplate.timer = self._clock.callLater(
-                self.waiting_timeout, self._expire, nameplate,
-                "nobody claimed the nameplate in time",
-            )
-        nameplate.members.append(member)
-        member.nameplate = nameplate
-        if len(nameplate.members) == 2:
-            nameplate.paired = True
-            _cancel(nameplate.timer)
-            nameplate.timer = self._clock.callLater(
-                self.paired_timeout, self._expire, nameplate, "pairing lasted too long"
-            )
-            self.pairings += 1
-            self.log.info("paired nameplate {name}", name=name)
-            for m in nameplate.members:
-                m.connection.sendLine(b"PAIRED")
-
-    def _expire(self, nameplate: _Nameplate, reason: str) -> None:
-        nameplate.timer = None
-        nameplate.expired = True
-        for member in list(nameplate.members):
-            member.connection.refuse(reason)
+        self._nameplates.join(member, name)
 
 
 def _cancel(call: IDelayedCall | None) -> None:
