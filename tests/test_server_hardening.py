@@ -24,7 +24,7 @@ from p2pft.rendezvous import RendezvousClientProtocol, RendezvousError
 from p2pft.server import nameplates
 from p2pft.server.relay import RelayFactory, RelayLimits, RelayServer
 from p2pft.server.rendezvous import RendezvousServerFactory
-from tests.test_relay import TOKEN, Transport, lose, take
+from tests.test_server_relay import TOKEN, Transport, lose, take
 
 
 def lines(transport) -> list[str]:
