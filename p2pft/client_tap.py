@@ -13,7 +13,7 @@ from twisted.logger import Logger
 
 from twisted.python.failure import Failure
 
-from .cli import Options as _CLIOptions
+from .options import Options as _CLIOptions
 
 
 class Options(_CLIOptions):
@@ -53,7 +53,7 @@ class PeerService(Service):
         super().startService()
         command, sub = self._config.subCommand, self._config.subOptions
         if command == "server":
-            from .server_tap import makeService
+            from .server.service import makeService
 
             self._child = makeService(sub, self._reactor)
             self._child.startService()

@@ -1,6 +1,6 @@
 """twistd plugin body for C{twistd -n p2pft-relay}: a standalone relay."""
 
-from .cli import RelayOptions as Options
-from .server_tap import makeRelayService as makeService
+from .options import RelayOptions as Options
+from .server.service import makeRelayService as makeService
 
 __all__ = ["Options", "makeService"]

@@ -15,6 +15,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pft import cli, codes
+from p2pft.options import Options, ReceiveOptions, SendOptions, dual_stack
 from p2pft.transfer import Offer, Result
 from p2pft.ui import HumanUI, JsonUI, describe, human_size
 
@@ -28,7 +29,7 @@ def parse(*argv, env=None):
     os.environ.pop("P2PFT_CODE", None)
     os.environ.update(env or {})
     try:
-        config = cli.Options()
+        config = Options()
         config.parseOptions(list(argv))
         return config
     finally:
@@ -65,14 +66,14 @@ class OptionTests(SynchronousTestCase):
         self.assertRaises(usage.UsageError, parse, "receive", "h:1", env={"P2PFT_CODE": "nope"})
 
     def test_server_port_forms(self):
-        self.assertEqual(parse("server").subOptions["port"], cli.dual_stack(9000))
-        self.assertEqual(parse("server", "--port", "9100").subOptions["port"], cli.dual_stack(9100))
-        self.assertEqual(parse("server", "-p", "9100").subOptions["port"], cli.dual_stack(9100))
+        self.assertEqual(parse("server").subOptions["port"], dual_stack(9000))
+        self.assertEqual(parse("server", "--port", "9100").subOptions["port"], dual_stack(9100))
+        self.assertEqual(parse("server", "-p", "9100").subOptions["port"], dual_stack(9100))
         self.assertEqual(parse("server", "--port", "tcp:9000").subOptions["port"], "tcp:9000")
-        self.assertEqual(parse("relay").subOptions["port"], cli.dual_stack(9001))
+        self.assertEqual(parse("relay").subOptions["port"], dual_stack(9001))
 
     def test_dual_stack_endpoint(self):
-        self.assertIn(cli.dual_stack(9000), ("tcp6:9000:interface=\\:\\:", "tcp:9000"))
+        self.assertIn(dual_stack(9000), ("tcp6:9000:interface=\\:\\:", "tcp:9000"))
 
     def test_usage_errors(self):
         for argv in ([], ["send"], ["send", "h:1"], ["send", "h:1", "a", "-"], ["receive"],
@@ -80,9 +81,9 @@ class OptionTests(SynchronousTestCase):
             self.assertRaises(usage.UsageError, parse, *argv)
 
     def test_help_mentions_environment_and_alias(self):
-        self.assertIn("P2PFT_CODE", str(cli.ReceiveOptions()))
-        self.assertIn("P2PFT_CODE", str(cli.SendOptions()))
-        top = str(cli.Options())
+        self.assertIn("P2PFT_CODE", str(ReceiveOptions()))
+        self.assertIn("P2PFT_CODE", str(SendOptions()))
+        top = str(Options())
         for word in ("server", "send", "receive", "rcv"):
             self.assertIn(word, top)
 
@@ -98,7 +99,7 @@ class PluginTests(SynchronousTestCase):
         [maker] = [p for p in getPlugins(IServiceMaker) if p.tapname == "p2pft-server"]
         options = maker.options()
         options.parseOptions(["--port", "9000", "--relay"])
-        self.assertEqual(options["port"], cli.dual_stack(9000))
+        self.assertEqual(options["port"], dual_stack(9000))
         service = maker.makeService(options, reactor=Clock())
         self.assertIsNotNone(service.rendezvous.factory.state)
 

@@ -16,8 +16,8 @@ import re
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from p2pft.rendezvous import RendezvousServer, RendezvousServerFactory
 from p2pft.secure import RECEIVER, SENDER, Pake
+from p2pft.server.rendezvous import RendezvousServer, RendezvousServerFactory
 from tests.procs import p2pft_argv, spawn
 from tests.files import make_file
 from tests.test_e2e import Workspace

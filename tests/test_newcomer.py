@@ -25,6 +25,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from p2pft import cli, codes
 from p2pft.config import ConfigError, config_path, defaults, read_file
+from p2pft.options import Options
 from p2pft.transfer import Result
 from p2pft.ui import BAR_NAME_WIDTH, HumanUI
 from tests.files import make_file
@@ -57,7 +58,7 @@ def environment(**values):
 
 def parse(*argv, **envs):
     with environment(**envs):
-        config = cli.Options()
+        config = Options()
         config.parseOptions(list(argv))
         return config
 
@@ -244,7 +245,7 @@ class BadValueTests(SynchronousTestCase):
 
     def test_every_option_of_every_command(self):
         tried = 0
-        for command, _, options_class, _ in cli.Options.subCommands:
+        for command, _, options_class, _ in Options.subCommands:
             if command in ("rcv", "completion"):
                 continue
             options = options_class()

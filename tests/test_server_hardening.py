@@ -19,11 +19,12 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from p2pft import rendezvous
-from p2pft.cli import Options
-from p2pft.relay import RelayFactory, RelayLimits, RelayServer
-from p2pft.rendezvous import RendezvousClientProtocol, RendezvousError, RendezvousServerFactory
-from tests.test_relay import TOKEN, Transport, lose, take
+from p2pft.options import Options
+from p2pft.rendezvous import RendezvousClientProtocol, RendezvousError
+from p2pft.server import nameplates
+from p2pft.server.relay import RelayFactory, RelayLimits, RelayServer
+from p2pft.server.rendezvous import RendezvousServerFactory
+from tests.test_server_relay import TOKEN, Transport, lose, take
 
 
 def lines(transport) -> list[str]:
@@ -117,12 +118,12 @@ class ClaimFloodTests(SynchronousTestCase):
         # Before: all 300 victims were paired with the attacker (each one's
         # code burnt by its failed key exchange).  Now each failure costs
         # UNCONFIRMED_CLAIM_COST of the CLAIM_BURST.
-        self.assertEqual(paired, rendezvous.CLAIM_BURST // rendezvous.UNCONFIRMED_CLAIM_COST)
+        self.assertEqual(paired, nameplates.CLAIM_BURST // nameplates.UNCONFIRMED_CLAIM_COST)
         # Claiming many at once (64 connections, the per-address cap) gets
         # the burst, no more.
         s = Server()
         victims = [s.waiting(victim(i)) for i in range(64)]
-        self.assertEqual(self.concurrent_guesses(s, [n for n, _, _ in victims]), rendezvous.CLAIM_BURST)
+        self.assertEqual(self.concurrent_guesses(s, [n for n, _, _ in victims]), nameplates.CLAIM_BURST)
         # The peers it could not reach keep their nameplates: the real
         # receiver still pairs with them.
         n, _, tv = victims[-1]
@@ -133,7 +134,7 @@ class ClaimFloodTests(SynchronousTestCase):
 
     def test_refusal_is_a_clear_error_and_costs_nothing_more(self):
         s = Server()
-        for i in range(rendezvous.CLAIM_BURST // rendezvous.UNCONFIRMED_CLAIM_COST):
+        for i in range(nameplates.CLAIM_BURST // nameplates.UNCONFIRMED_CLAIM_COST):
             s.guess(ATTACKER, s.waiting(victim(i))[0])
         n, _, _ = s.waiting(victim(999))
         p, t = s.connect(ATTACKER)
@@ -153,16 +154,16 @@ class ClaimFloodTests(SynchronousTestCase):
 
     def test_a_failed_pairing_costs_the_claimer_more_than_a_claim(self):
         s = Server()
-        victims = [s.waiting(victim(i)) for i in range(rendezvous.CLAIM_BURST)]
-        self.assertEqual(self.concurrent_guesses(s, [n for n, _, _ in victims]), rendezvous.CLAIM_BURST)
+        victims = [s.waiting(victim(i)) for i in range(nameplates.CLAIM_BURST)]
+        self.assertEqual(self.concurrent_guesses(s, [n for n, _, _ in victims]), nameplates.CLAIM_BURST)
         # In debt now: the burst plus four more per failure, bounded.
-        wait = (1 + rendezvous.CLAIM_DEBT) / rendezvous.CLAIM_RATE
+        wait = (1 + nameplates.CLAIM_DEBT) / nameplates.CLAIM_RATE
         s.clock.advance(wait - 1)
         self.assertFalse(s.guess(ATTACKER, s.waiting(victim(100))[0]))
         s.clock.advance(1.5)
         self.assertTrue(s.guess(ATTACKER, s.waiting(victim(101))[0]))
         # That failure cost UNCONFIRMED_CLAIM_COST in all: 25 s at the rate.
-        per_failure = rendezvous.UNCONFIRMED_CLAIM_COST / rendezvous.CLAIM_RATE
+        per_failure = nameplates.UNCONFIRMED_CLAIM_COST / nameplates.CLAIM_RATE
         s.clock.advance(per_failure - 1)
         self.assertFalse(s.guess(ATTACKER, s.waiting(victim(102))[0]))
         s.clock.advance(2)
@@ -173,11 +174,11 @@ class ClaimFloodTests(SynchronousTestCase):
         office = "203.0.113.9"
         # Many more real transfers than the burst, back to back: each
         # confirmed pairing gives its claim back.
-        for i in range(10 * rendezvous.CLAIM_BURST):
+        for i in range(10 * nameplates.CLAIM_BURST):
             self.assertTrue(s.confirmed_pairing(office, victim(i)), i)
         # Its failures still count (a wrong code, a guess).
         failures = sum(s.guess(office, s.waiting(victim(1000 + i))[0]) for i in range(100))
-        self.assertEqual(failures, rendezvous.CLAIM_BURST // rendezvous.UNCONFIRMED_CLAIM_COST)
+        self.assertEqual(failures, nameplates.CLAIM_BURST // nameplates.UNCONFIRMED_CLAIM_COST)
 
     def test_an_attacker_who_only_pretends_to_confirm_pays(self):
         """The attacker sends its three messages; the victim, whose key
@@ -197,13 +198,13 @@ class ClaimFloodTests(SynchronousTestCase):
                 s.say(v, "MSG AA==")
             v.connectionLost(None)
             a.connectionLost(None)
-        self.assertEqual(hits, rendezvous.CLAIM_BURST // rendezvous.UNCONFIRMED_CLAIM_COST)
+        self.assertEqual(hits, nameplates.CLAIM_BURST // nameplates.UNCONFIRMED_CLAIM_COST)
 
     def test_an_ipv6_64_counts_as_one_address(self):
         s = Server()
         victims = [s.waiting(victim(i)) for i in range(100)]
         paired = sum(s.guess(f"2001:db8:1:2::{i + 1:x}", n) for i, (n, _, _) in enumerate(victims))
-        self.assertEqual(paired, rendezvous.CLAIM_BURST // rendezvous.UNCONFIRMED_CLAIM_COST)
+        self.assertEqual(paired, nameplates.CLAIM_BURST // nameplates.UNCONFIRMED_CLAIM_COST)
         # Another /64 has its own allowance.
         self.assertTrue(s.guess("2001:db8:1:3::1", s.waiting(victim(500))[0]))
 
@@ -215,7 +216,7 @@ class ClaimFloodTests(SynchronousTestCase):
         self.assertEqual(len(claims), 200)
         # A full bucket is forgotten: the worst debt refills within
         # (CLAIM_BURST + CLAIM_DEBT) / CLAIM_RATE.
-        s.clock.advance((rendezvous.CLAIM_BURST + rendezvous.CLAIM_DEBT) / rendezvous.CLAIM_RATE)
+        s.clock.advance((nameplates.CLAIM_BURST + nameplates.CLAIM_DEBT) / nameplates.CLAIM_RATE)
         s.guess("203.0.113.1", s.waiting(victim(999))[0])
         self.assertEqual(len(claims), 1)
         # And the table never grows past its cap, however many addresses.
@@ -293,7 +294,7 @@ class ListenQueueTests(TestCase):
     """Item 9: a deep listen backlog, and accepting in batches."""
 
     async def listen(self, argv):
-        from p2pft.server_tap import makeRelayService, makeService
+        from p2pft.server.service import makeRelayService, makeService
 
         config = Options()
         config.parseOptions(argv)
@@ -316,8 +317,8 @@ class ListenQueueTests(TestCase):
         self.assertEqual(port.backlog, 7)
 
     def test_plain_port_numbers_get_the_backlog(self):
-        from p2pft.cli import dual_stack
-        from p2pft.server_tap import with_backlog
+        from p2pft.options import dual_stack
+        from p2pft.server.service import with_backlog
 
         self.assertEqual(with_backlog(dual_stack(9000)), dual_stack(9000) + ":backlog=4096")
         self.assertEqual(with_backlog("tcp6:9000:interface=\\:\\:"), "tcp6:9000:interface=\\:\\::backlog=4096")
@@ -390,7 +391,7 @@ class SilentFloodTests(SynchronousTestCase):
     def test_relay_lobby_stays_below_the_descriptor_budget(self):
         import resource
 
-        from p2pft.server_tap import _raise_fd_limit
+        from p2pft.server.service import _raise_fd_limit
 
         relay = RelayServer(Clock(), RelayLimits(max_sessions=10**9, max_pending=10**9))
         _raise_fd_limit(None, relay)

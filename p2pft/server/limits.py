@@ -6,11 +6,13 @@ Limits the two servers share, as plain objects on an injected clock:
   claims with one per address (L{ClaimLimiter}).
 - L{Lobby}: the connections that have not said their first line yet, capped
   in number, with a wait for that line that shrinks as the lobby fills.
+- L{AddressCounts}: connections at once per address key.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Callable, Hashable
 
 import attrs
@@ -22,6 +24,13 @@ from twisted.internet.interfaces import IReactorTime
 #: poor mobile link; 3 s leaves room for one lost segment's retransmission
 #: (Linux's initial RTO is 1 s) on top.
 FIRST_LINE_MIN_WAIT = 3.0
+
+#: Seconds a connection a server closed (after an ERROR line, or at the end
+#: of a relayed session) may take to finish closing before it is aborted: a
+#: peer that stopped reading must not keep its socket and its address's
+#: slot for ever.  Ten seconds flush a last line, or a last buffer of
+#: records, over any path a peer can use.
+CLOSE_GRACE = 10.0
 
 
 @attrs.define
@@ -169,3 +178,34 @@ class Lobby:
     def leave(self, conn: Hashable) -> None:
         """C{conn} said its first line, or is gone."""
         self._waiting.pop(conn, None)
+
+
+class AddressCounts(Mapping):
+    """How many connections each address key (L{ip_key}) holds at once; a
+    key whose count drops to zero is forgotten.  Read-only as a mapping."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+
+    def __getitem__(self, key: str) -> int:
+        return self._counts[key]
+
+    def __iter__(self):
+        return iter(self._counts)
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def full(self, key: str, cap: int) -> bool:
+        """Whether C{key} already holds C{cap} connections."""
+        return self._counts.get(key, 0) >= cap
+
+    def add(self, key: str) -> None:
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def remove(self, key: str) -> None:
+        left = self._counts.get(key, 1) - 1
+        if left:
+            self._counts[key] = left
+        else:
+            self._counts.pop(key, None)

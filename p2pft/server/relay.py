@@ -1,0 +1,330 @@
+"""
+The relay: splices two peers' TCP connections when punching cannot connect
+them directly.
+
+A peer connects and sends one line, C{RELAY <token> <side>}; the token is
+derived from the session key (so only the two peers of a session can meet),
+the side is C{sender} or C{receiver}.  When the other side with the same
+token arrives, both get C{OK} and from then on every byte one sends is
+written to the other.  The relay sees only ciphertext: the secure channel's
+proof handshake and records run end to end through it.
+
+The rules (pairing, limits, refusals) live in L{RelayServer}, a plain
+object that keeps one L{Leg} record per connection and reaches the
+connection only through L{IRelayLeg}; the byte moving lives in
+L{p2pft.server.splice}.  L{RelayProtocol} is the standalone relay's
+protocol; the rendezvous server's protocol hands its connection over the
+same way when a C{RELAY} line comes first (C{p2pft server --relay}).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+
+import attrs
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
+
+from ..addresses import ip_key
+from .limits import CLOSE_GRACE, FIRST_LINE_MIN_WAIT, AddressCounts, Lobby
+from .splice import IRelayLeg, Splice, TransportLeg
+
+SIDES = ("sender", "receiver")
+_TOKEN = re.compile(r"[0-9a-f]{64}\Z")
+
+#: Seconds a standalone relay's connection may take to send its RELAY line
+#: while the relay is not under pressure (the lobby is at most half full).
+#: A peer sends it as soon as it is connected, so this only matters for a
+#: link that stalls right after the handshake.
+RELAY_LINE_TIMEOUT = 30.0
+
+
+@attrs.frozen
+class RelayLimits:
+    """
+    @ivar max_sessions: sessions (waiting or spliced) at once.
+    @ivar max_per_ip: connections from one IP address at once.
+    @ivar max_bytes: bytes one session may carry, both directions (0: no cap).
+    @ivar rate: bytes per second one session may carry (0: no cap).
+    @ivar idle_timeout: seconds a session may carry nothing before it is cut.
+    @ivar waiting_timeout: seconds one side may wait for the other.
+    @ivar max_pending: connections at once that have not sent their RELAY
+        line yet (a standalone relay; see L{Lobby}).  A peer sends the line
+        as soon as it is connected, so even a busy relay has a handful
+        pending; 1000 is generous and keeps a flood of silent connections
+        to 1000 descriptors (the service also keeps it below the open-file
+        limit).
+    """
+
+    max_sessions: int = 1000
+    max_per_ip: int = 16
+    max_bytes: int = 0
+    rate: int = 0
+    idle_timeout: float = 300.0
+    waiting_timeout: float = 60.0
+    max_pending: int = 1000
+
+
+class LegState(enum.Enum):
+    #: Connected; its RELAY line not taken yet.
+    CONNECTED = "connected"
+    #: Admitted; waiting for the other side.
+    WAITING = "waiting"
+    #: Spliced to the other side.
+    SPLICED = "spliced"
+    #: Its session ended; closing.
+    ENDED = "ended"
+    #: Sent an ERROR line; closing.
+    REFUSED = "refused"
+    #: The connection is gone.
+    GONE = "gone"
+
+
+_ADMITTED = frozenset({LegState.WAITING, LegState.SPLICED, LegState.ENDED})
+_SILENT = frozenset({LegState.REFUSED, LegState.GONE})
+
+
+@attrs.define(eq=False)
+class Leg:
+    """One relay connection, as the relay keeps it."""
+
+    connection: IRelayLeg
+    #: Its address key (L{ip_key}).
+    ip: str
+    state: LegState = LegState.CONNECTED
+    #: Whether it holds one of its address's connection slots.
+    counted: bool = False
+    side: str | None = None
+    #: The session token it waits on (the first of a pair to arrive).
+    token: str | None = None
+    #: The wait for its RELAY line, then for the other side.
+    timer: IDelayedCall | None = None
+    #: Aborts the connection if a close the relay began does not complete.
+    abort: IDelayedCall | None = None
+    #: Bytes read from it and forwarded, once spliced.
+    bytes: int = 0
+    splice: Splice | None = None
+    #: The other leg of its splice.
+    peer: Leg | None = None
+
+
+class RelayServer:
+    """
+    Pairs relay legs by token and side; counts, limits and refuses them.
+
+    A protocol gets a L{Leg} from L{connected} (a standalone relay) or
+    L{adopt} (a C{RELAY} line on a rendezvous port), then reports what its
+    connection does: L{request} with the words after C{RELAY}, L{received},
+    L{readClosed}, L{lost}; and L{refuse} for what it cannot parse.
+    """
+
+    def __init__(self, clock: IReactorTime, limits: RelayLimits = RelayLimits()):
+        self._clock = clock
+        #: Standalone connections that have not sent RELAY yet.
+        self.lobby = Lobby(clock, limits.max_pending, RELAY_LINE_TIMEOUT, FIRST_LINE_MIN_WAIT)
+        self.limits = limits
+        self._waiting: dict[str, Leg] = {}
+        self._sessions = 0
+        self._per_ip = AddressCounts()
+        self.spliced = 0
+
+    @property
+    def limits(self) -> RelayLimits:
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: RelayLimits) -> None:
+        self._limits = limits
+        self.lobby.capacity = limits.max_pending
+
+    @property
+    def sessions(self) -> int:
+        return self._sessions
+
+    # -- what the protocols report
+
+    def connected(self, connection: IRelayLeg) -> Leg:
+        """A new standalone connection, before its RELAY line: counted
+        against its address at once, so idle connections cannot pile up,
+        and kept in the lobby, whose wait shrinks as it fills."""
+        leg = Leg(connection, ip_key(connection.peerHost()))
+        reason = self._count(leg)
+        if reason is None and not self.lobby.enter(leg, lambda: self.refuse(leg, "timed out waiting for RELAY")):
+            reason = "relay is busy, try again later"
+        if reason is not None:
+            self.refuse(leg, reason)
+        else:
+            leg.timer = self._clock.callLater(RELAY_LINE_TIMEOUT, self.refuse, leg, "timed out waiting for RELAY")
+        return leg
+
+    def adopt(self, connection: IRelayLeg) -> Leg:
+        """A connection whose first line on a rendezvous port was RELAY: it
+        waited in the rendezvous server's lobby, not ours, and is counted
+        against its address when it joins."""
+        return Leg(connection, ip_key(connection.peerHost()))
+
+    def request(self, leg: Leg, args: list[str]) -> bool:
+        """C{leg}'s RELAY line, the words after C{RELAY}: True if it is
+        admitted (raw bytes follow), False if it was refused."""
+        if leg.state is not LegState.CONNECTED:
+            return False
+        _cancel(leg.timer)
+        leg.timer = None
+        reason = "malformed RELAY line" if len(args) != 2 else self.join(leg, args[0], args[1])
+        if reason is not None:
+            self.refuse(leg, reason)
+            return False
+        return True
+
+    def received(self, leg: Leg, data: bytes) -> None:
+        """Bytes from C{leg} after its RELAY line."""
+        splice = leg.splice
+        if splice is not None:
+            splice.forward(leg, data)
+        elif leg.state not in _SILENT:
+            self.refuse(leg, "data before OK")
+
+    def readClosed(self, leg: Leg) -> None:
+        """C{leg}'s peer shut its sending side."""
+        if leg.splice is not None:
+            leg.splice.half_close(leg)
+        else:
+            leg.connection.close()
+
+    def lost(self, leg: Leg) -> None:
+        """C{leg}'s connection is gone."""
+        _cancel(leg.abort)
+        splice = leg.splice
+        if leg.state in _ADMITTED or leg.counted:
+            self._left(leg)
+        leg.state = LegState.GONE
+        if splice is not None:
+            splice.end()
+
+    def refuse(self, leg: Leg, reason: str) -> None:
+        """Send C{leg} an ERROR line and close it (aborted if the close
+        does not complete)."""
+        if leg.state in _SILENT:
+            return
+        holds = leg.state in _ADMITTED or leg.counted
+        leg.state = LegState.REFUSED
+        if holds:
+            self._left(leg)
+        leg.abort = self._clock.callLater(CLOSE_GRACE, leg.connection.abort)
+        leg.connection.write(f"ERROR {reason}\n".encode("utf-8"))
+        leg.connection.close()
+
+    # -- the rules
+
+    def join(self, leg: Leg, token: str, side: str) -> str | None:
+        """Admit C{leg} as C{side} of session C{token}: it waits for the
+        other side, or is spliced to it.  Return a refusal reason, or None."""
+        self.lobby.leave(leg)
+        if not _TOKEN.match(token) or side not in SIDES:
+            return "malformed RELAY line"
+        if not leg.counted:
+            # A leg on a rendezvous port.
+            reason = self._count(leg)
+            if reason is not None:
+                return reason
+        partner = self._waiting.get(token)
+        if partner is None and self._sessions >= self.limits.max_sessions:
+            return "relay is full, try again later"
+        if partner is not None and partner.side == side:
+            return "this session already has a " + side
+        leg.side = side
+        if partner is None:
+            self._sessions += 1
+            self._waiting[token] = leg
+            leg.token = token
+            leg.state = LegState.WAITING
+            leg.timer = self._clock.callLater(
+                self.limits.waiting_timeout, self.refuse, leg, "the other side never came"
+            )
+            return None
+        del self._waiting[token]
+        _cancel(partner.timer)
+        partner.timer = None
+        self.spliced += 1
+        partner.state = leg.state = LegState.SPLICED
+        Splice(self, self._clock, partner, leg).start()
+        return None
+
+    def session_ended(self, legs: tuple[Leg, Leg]) -> None:
+        """A splice of C{legs} ended (they close; the connections that are
+        not gone yet still hold their address's slots)."""
+        self._sessions -= 1
+        for leg in legs:
+            if leg.state is LegState.SPLICED:
+                leg.state = LegState.ENDED
+
+    def _count(self, leg: Leg) -> str | None:
+        if self._per_ip.full(leg.ip, self.limits.max_per_ip):
+            return "too many relay connections from your address"
+        self._per_ip.add(leg.ip)
+        leg.counted = True
+        return None
+
+    def _left(self, leg: Leg) -> None:
+        """C{leg} gives back what it holds: its lobby place, its address's
+        slot, its timer, and its session if it waited alone."""
+        self.lobby.leave(leg)
+        if leg.counted:
+            leg.counted = False
+            self._per_ip.remove(leg.ip)
+        _cancel(leg.timer)
+        if self._waiting.get(leg.token) is leg:
+            del self._waiting[leg.token]
+            self._sessions -= 1
+
+
+def _cancel(call) -> None:
+    if call is not None and call.active():
+        call.cancel()
+
+
+@implementer(IHalfCloseableProtocol)
+class RelayProtocol(LineReceiver):
+    """A standalone relay's connection: one C{RELAY} line, then bytes, all
+    reported to the L{RelayServer}."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = 256
+    leg: Leg | None = None
+
+    def connectionMade(self) -> None:
+        self.relay: RelayServer = self.factory.relay
+        self.leg = self.relay.connected(TransportLeg(self.transport))
+
+    def lineReceived(self, line: bytes) -> None:
+        words = line.rstrip(b"\r").decode("ascii", "replace").split(" ")
+        if words[0] != "RELAY":
+            return self.relay.refuse(self.leg, "expected RELAY")
+        if self.relay.request(self.leg, words[1:]):
+            self.setRawMode()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        self.relay.received(self.leg, data)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.relay.refuse(self.leg, "line too long")
+
+    def readConnectionLost(self) -> None:
+        self.relay.readClosed(self.leg)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason=None) -> None:
+        self.relay.lost(self.leg)
+
+
+class RelayFactory(Factory):
+    protocol = RelayProtocol
+
+    def __init__(self, clock: IReactorTime, limits: RelayLimits = RelayLimits()):
+        self.clock = clock
+        self.relay = RelayServer(clock, limits)

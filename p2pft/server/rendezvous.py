@@ -1,0 +1,323 @@
+"""
+The rendezvous server: allocates nameplates, pairs exactly two connections
+per nameplate, tells each connection the address it sees it from, and
+forwards opaque messages between the two members of a pair (the client side
+and the wire helpers are L{p2pft.rendezvous}; the format is in
+docs/PROTOCOL.md).
+
+The rules live in L{RendezvousServer}, a plain object driven through method
+calls and a clock; L{RendezvousServerProtocol} only turns lines into those
+calls and calls into lines.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from zope.interface import Interface, implementer
+
+from ..addresses import ip_key
+from ..codes import valid_nameplate
+from ..rendezvous import MAX_LINE, PROTOCOL_NAME, PROTOCOL_VERSION, decode_payload, normalise_host, printable
+from .limits import CLOSE_GRACE, FIRST_LINE_MIN_WAIT, AddressCounts, Lobby
+from .nameplates import ClaimMeter, Member, Nameplates
+from .relay import Leg, RelayServer
+from .splice import TransportLeg
+
+#: Messages one connection may send through the server.
+MAX_MESSAGES = 64
+
+#: At most this share of --max-connections may be connections that have not
+#: said their first line yet (see L{Lobby}); the rest stays for clients on
+#: nameplates.  But at least LOBBY_MIN (or all of them, on a server
+#: allowed fewer), so a small server is not starved of new clients.
+LOBBY_SHARE = 0.25
+LOBBY_MIN = 100
+
+
+class IRendezvousConnection(Interface):
+    """What the server state needs from one client connection."""
+
+    def sendLine(line: bytes) -> None:
+        "Send one protocol line."
+
+    def refuse(reason: str) -> None:
+        "Send ERROR with the reason and close the connection."
+
+
+class RendezvousServer:
+    """
+    Every connection of one rendezvous server, and its nameplates
+    (L{Nameplates}).
+
+    A connection is C{connected} (said nothing yet), then C{waiting} on a
+    nameplate, then C{paired}.  A nameplate lives from its first member until
+    both of its members are gone or its timer fires; meanwhile nobody else may
+    join it.
+
+    @param hello_timeout: seconds a new connection may stay without joining.
+    @param waiting_timeout: seconds one member may wait for its partner.
+    @param paired_timeout: seconds a pair may keep using the server.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        hello_timeout: float = 60,
+        waiting_timeout: float = 3600,
+        paired_timeout: float = 600,
+        max_nameplates: int = 100_000,
+        max_connections: int = 20_000,
+        max_per_ip: int = 64,
+    ):
+        self._clock = clock
+        self.hello_timeout = hello_timeout
+        #: Connections that have not sent ALLOCATE, CLAIM or RELAY yet.
+        self.lobby = Lobby(clock, 1, hello_timeout, FIRST_LINE_MIN_WAIT)
+        self.max_connections = max_connections
+        self.max_per_ip = max_per_ip
+        self.claims = ClaimMeter(clock)
+        self._nameplates = Nameplates(clock, max_nameplates, waiting_timeout, paired_timeout)
+        self._members: dict[IRendezvousConnection, Member] = {}
+        self._per_ip = AddressCounts()
+
+    @property
+    def max_connections(self) -> int:
+        return self._max_connections
+
+    @max_connections.setter
+    def max_connections(self, n: int) -> None:
+        self._max_connections = n
+        self.lobby.capacity = max(1, int(n * LOBBY_SHARE), min(n, LOBBY_MIN))
+
+    # -- what connections tell us
+
+    def connected(self, conn: IRendezvousConnection, ip: str = "") -> None:
+        """A new connection from C{ip}; refused when the server or that
+        address already holds too many."""
+        if len(self._members) >= self.max_connections:
+            return conn.refuse("server is busy, try again later")
+        if self._per_ip.full(ip, self.max_per_ip):
+            return conn.refuse("too many connections from your address")
+        if not self.lobby.enter(conn, lambda: conn.refuse("timed out waiting for ALLOCATE or CLAIM")):
+            return conn.refuse("server is busy, try again later")
+        self._per_ip.add(ip)
+        member = Member(conn, ip=ip)
+        member.timer = self._clock.callLater(
+            self.hello_timeout, conn.refuse, "timed out waiting for ALLOCATE or CLAIM"
+        )
+        self._members[conn] = member
+
+    def allocate(self, conn: IRendezvousConnection) -> None:
+        self.lobby.leave(conn)
+        member = self._members[conn]
+        if member.nameplate is not None:
+            return conn.refuse("already on a nameplate")
+        name = self._nameplates.free_name()
+        if name is None:
+            return conn.refuse("server is full, try again later")
+        conn.sendLine(f"NAMEPLATE {name}".encode("ascii"))
+        self._join(member, name)
+
+    def claim(self, conn: IRendezvousConnection, name: str) -> None:
+        self.lobby.leave(conn)
+        member = self._members[conn]
+        if member.nameplate is not None:
+            return conn.refuse("already on a nameplate")
+        if not valid_nameplate(name):
+            return conn.refuse("invalid nameplate")
+        nameplate = self._nameplates.get(name)
+        if nameplate is not None and nameplate.paired:
+            return conn.refuse(f"nameplate {name} is in use")
+        if nameplate is None and self._nameplates.full():
+            return conn.refuse("server is full, try again later")
+        if not self.claims.claim(nameplate, member.ip):
+            return conn.refuse("too many claims from your address, try again later")
+        self._join(member, name)
+
+    def message(self, conn: IRendezvousConnection, payload: str) -> None:
+        member = self._members[conn]
+        nameplate = member.nameplate
+        if nameplate is None or not nameplate.paired:
+            return conn.refuse("MSG before PAIRED")
+        member.messages += 1
+        if member.messages > MAX_MESSAGES:
+            return conn.refuse("too many messages")
+        for other in nameplate.members:
+            if other is not member:
+                other.connection.sendLine(f"MSG {payload}".encode("ascii"))
+        self.claims.messaged(nameplate)
+
+    def disconnected(self, conn: IRendezvousConnection) -> None:
+        self.lobby.leave(conn)
+        member = self._members.pop(conn, None)
+        if member is None:
+            return
+        self._per_ip.remove(member.ip)
+        _cancel(member.timer)
+        if member.nameplate is not None:
+            self.claims.parted(member.nameplate)
+            self._nameplates.leave(member)
+
+    # -- state
+
+    @property
+    def nameplates(self) -> frozenset[str]:
+        return self._nameplates.names
+
+    @property
+    def connections(self) -> int:
+        return len(self._members)
+
+    @property
+    def pairings(self) -> int:
+        return self._nameplates.pairings
+
+    def _join(self, member: Member, name: str) -> None:
+        _cancel(member.timer)
+        member.timer = None
+        self._nameplates.join(member, name)
+
+
+def _cancel(call: IDelayedCall | None) -> None:
+    if call is not None and call.active():
+        call.cancel()
+
+
+@implementer(IRendezvousConnection, IPushProducer, IHalfCloseableProtocol)
+class RendezvousServerProtocol(LineReceiver):
+    """
+    One client connection: parse lines, hand them to L{RendezvousServer}.
+
+    It registers itself as the producer of its own transport's output, so
+    when a client stops reading (and replies pile up past the transport's
+    buffer size) the server stops reading that client's input: a client
+    can never make the server buffer without bound.
+
+    A connection whose first line is C{RELAY} (on a server with a relay)
+    is handed to the relay: from then on its bytes, its half-close and its
+    loss go to the L{RelayServer}'s record of it.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_LINE
+    log = Logger()
+    _closing = False
+    _abort_timer = None
+    _lines = 0
+    #: The relay's record of this connection, once it said RELAY.
+    _leg: Leg | None = None
+
+    def connectionMade(self) -> None:
+        self.state: RendezvousServer = self.factory.state
+        self.transport.registerProducer(self, True)
+        peer = self.transport.getPeer()
+        host = normalise_host(peer.host)
+        self.sendLine(
+            f"WELCOME {PROTOCOL_NAME} {PROTOCOL_VERSION} {host} {peer.port} "
+            f"{self.factory.advertised_relays}".encode()
+        )
+        self.state.connected(self, ip_key(host))
+
+    # IPushProducer: our output is backed up / drained.
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if not self._closing:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._closing:
+            return
+        self._lines += 1
+        try:
+            text = line.rstrip(b"\r").decode("utf-8")
+        except UnicodeDecodeError:
+            return self.refuse("line is not UTF-8")
+        words = text.split(" ")
+        command, args = words[0], words[1:]
+        if command == "ALLOCATE" and not args:
+            self.state.allocate(self)
+        elif command == "CLAIM" and len(args) == 1:
+            self.state.claim(self, args[0])
+        elif command == "MSG" and len(args) == 1:
+            try:
+                decode_payload(args[0])
+            except ValueError as e:
+                return self.refuse(str(e))
+            self.state.message(self, args[0])
+        elif command == "PING" and len(args) <= 1:
+            self.sendLine(" ".join(["PONG"] + args).encode("utf-8"))
+        elif command == "RELAY" and self.factory.relay is not None:
+            if self._lines != 1:
+                return self.refuse("RELAY must be the first line")
+            # This connection is a relay leg, not a rendezvous client.
+            self.state.disconnected(self)
+            self._relay: RelayServer = self.factory.relay
+            self._leg = self._relay.adopt(TransportLeg(self.transport))
+            if self._relay.request(self._leg, args):
+                self.setRawMode()
+        else:
+            self.refuse(f"unknown command {printable(command)!r}")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.refuse("line too long")
+
+    def refuse(self, reason: str) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self.log.info(
+            "refusing {peer}: {reason}", peer=self.transport.getPeer(), reason=reason
+        )
+        self.sendLine(f"ERROR {reason}".encode("utf-8"))
+        # Out of every nameplate and count at once, not when the close ends.
+        self.state.disconnected(self)
+        # A client that stops reading must not hold its socket: abort after
+        # a grace period if the close does not complete.
+        self._abort_timer = self.factory.clock.callLater(CLOSE_GRACE, self.transport.abortConnection)
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        _cancel(self._abort_timer)
+        self.state.disconnected(self)
+        if self._leg is not None:
+            self._relay.lost(self._leg)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        self._relay.received(self._leg, data)
+
+    def readConnectionLost(self) -> None:
+        # IHalfCloseableProtocol: the peer shut its sending side.
+        if self._leg is not None:
+            self._relay.readClosed(self._leg)
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+class RendezvousServerFactory(Factory):
+    """
+    @param relay: a L{RelayServer} to also serve C{RELAY} connections on
+        this port (C{p2pft server --relay}), or None.
+    @param relays: relay addresses to advertise in WELCOME: C{"*"} means
+        this server's own address and port, others are C{HOST:PORT}.
+    """
+
+    protocol = RendezvousServerProtocol
+
+    def __init__(self, clock: IReactorTime, relay: RelayServer | None = None,
+                 relays: tuple[str, ...] = (), **options):
+        self.clock = clock
+        self.relay = relay
+        self.advertised_relays = ",".join(relays) if relays else "-"
+        self.state = RendezvousServer(clock, **options)

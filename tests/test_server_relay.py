@@ -1,0 +1,968 @@
+"""
+The relay server (L{p2pft.server.relay}, L{p2pft.server.splice}): pairing
+and limits (L{RelayServer}), the splice with its flow control and caps
+(L{Splice}), the standalone protocol and the C{RELAY} line on a rendezvous
+port -- on a fake clock and in-memory transports; then the splice over real
+loopback sockets.  The relay from the peer's side, through the CLI and the
+NAT lab, is tests/test_relay.py.
+
+Tests marked C{# Regression:} failed before the fix they describe.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import defer, error, protocol, reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from p2pft.server import splice as splice_module
+from p2pft.server.relay import RelayFactory, RelayLimits, RelayServer
+from p2pft.server.rendezvous import RendezvousServerFactory
+from p2pft.server.splice import SPLICE_BUFFER
+
+TOKEN = "0123456789abcdef" * 4
+
+OTHER_TOKEN = "fedcba9876543210" * 4
+
+#: Every byte value, newlines and protocol words included: after OK the
+#: relay must not parse anything.
+PAYLOAD = bytes(range(256)) * 8 + b"\nRELAY x y\nERROR no\nOK\n\r\n"
+
+
+# ---------------------------------------------------------------------------
+# in-memory harness
+
+
+class Transport(StringTransport):
+    """
+    A StringTransport that behaves like a real TCP transport where the relay
+    relies on it: unregisterProducer without a registered producer is a
+    no-op (as in L{twisted.internet.abstract.FileDescriptor}), and pausing
+    or resuming a closing transport is allowed (lenient).
+    """
+
+    def __init__(self, host: str, port: int):
+        super().__init__(peerAddress=IPv4Address("TCP", host, port), lenient=True)
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self.streaming = None
+
+
+def take(transport: StringTransport) -> bytes:
+    data = transport.value()
+    transport.clear()
+    return data
+
+
+def lose(proto) -> None:
+    """The connection under C{proto} is gone (as the reactor would report)."""
+    proto.transport.connected = False
+    proto.transport.disconnected = True
+    proto.connectionLost(Failure(error.ConnectionDone()))
+
+
+def per_ip(server: RelayServer) -> dict:
+    # No public accessor for the per-address counts.
+    return dict(server._per_ip)
+
+
+class Harness:
+    """A standalone relay (RelayFactory) on a fake clock."""
+
+    def __init__(self, **limits):
+        self.clock = Clock()
+        self.factory = RelayFactory(self.clock, RelayLimits(**limits))
+        self.server: RelayServer = self.factory.relay
+        self._port = 40000
+
+    def connect(self, host: str = "198.51.100.1"):
+        self._port += 1
+        proto = self.factory.buildProtocol(IPv4Address("TCP", host, self._port))
+        transport = Transport(host, self._port)
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def join(self, side: str, token: str = TOKEN, host: str = "198.51.100.1"):
+        proto, transport = self.connect(host)
+        proto.dataReceived(f"RELAY {token} {side}\n".encode("ascii"))
+        return proto, transport
+
+    def pair(self, token: str = TOKEN, hosts=("198.51.100.1", "198.51.100.2")):
+        a, ta = self.join("sender", token, hosts[0])
+        b, tb = self.join("receiver", token, hosts[1])
+        return a, ta, b, tb
+
+
+class PairingTests(SynchronousTestCase):
+    def test_pair_gets_ok_and_splices_both_ways_byte_exact(self):
+        h = Harness()
+        a, ta = h.join("sender")
+        self.assertEqual(ta.value(), b"", "nothing before the other side arrives")
+        self.assertFalse(ta.disconnecting)
+        self.assertEqual((h.server.sessions, h.server.spliced), (1, 0))
+        b, tb = h.join("receiver", host="198.51.100.2")
+        self.assertEqual(take(ta), b"OK\n")
+        self.assertEqual(take(tb), b"OK\n")
+        self.assertEqual((h.server.sessions, h.server.spliced), (1, 1))
+        # Spliced legs read and send in bigger pieces than Twisted's defaults.
+        self.assertEqual({(t.bufferSize, t.SEND_LIMIT) for t in (ta, tb)}, {(SPLICE_BUFFER, SPLICE_BUFFER)})
+
+        a.rawDataReceived(PAYLOAD)
+        self.assertEqual(take(tb), PAYLOAD)
+        self.assertEqual(ta.value(), b"", "nothing echoed to the writer")
+        b.rawDataReceived(PAYLOAD[::-1])
+        self.assertEqual(take(ta), PAYLOAD[::-1])
+        self.assertEqual(tb.value(), b"")
+        # Through dataReceived too (the path the reactor takes), many chunks.
+        sent = b""
+        for i in range(50):
+            chunk = bytes([i]) * (i + 1) + b"\n"
+            sent += chunk
+            b.dataReceived(chunk)
+        self.assertEqual(take(ta), sent)
+        self.assertFalse(ta.disconnecting or tb.disconnecting)
+
+    def test_receiver_may_come_first(self):
+        h = Harness()
+        b, tb = h.join("receiver")
+        a, ta = h.join("sender")
+        self.assertEqual((take(ta), take(tb)), (b"OK\n", b"OK\n"))
+        a.dataReceived(b"x")
+        self.assertEqual(tb.value(), b"x")
+
+    def test_crlf_line_accepted(self):
+        h = Harness()
+        a, ta = h.connect()
+        a.dataReceived(f"RELAY {TOKEN} sender\r\n".encode())
+        b, tb = h.join("receiver")
+        self.assertEqual((take(ta), take(tb)), (b"OK\n", b"OK\n"))
+
+    def test_line_split_across_segments(self):
+        h = Harness()
+        a, ta = h.connect()
+        line = f"RELAY {TOKEN} sender\n".encode()
+        for i in range(len(line)):
+            a.dataReceived(line[i:i + 1])
+        self.assertEqual(h.server.sessions, 1)
+        self.assertEqual(ta.value(), b"")
+
+    def test_second_arrival_data_in_the_same_segment_is_forwarded(self):
+        h = Harness()
+        a, ta = h.join("sender")
+        b, tb = h.connect()
+        b.dataReceived(f"RELAY {TOKEN} receiver\n".encode() + b"early bytes")
+        self.assertEqual(take(tb), b"OK\n")
+        self.assertEqual(take(ta), b"OK\nearly bytes")
+
+    def test_different_tokens_do_not_pair(self):
+        h = Harness()
+        a, ta = h.join("sender", TOKEN)
+        b, tb = h.join("receiver", OTHER_TOKEN)
+        self.assertEqual((ta.value(), tb.value()), (b"", b""))
+        self.assertEqual((h.server.sessions, h.server.spliced), (2, 0))
+
+    def test_two_sessions_are_independent(self):
+        h = Harness()
+        a1, ta1, b1, tb1 = h.pair(TOKEN)
+        a2, ta2, b2, tb2 = h.pair(OTHER_TOKEN)
+        for t in (ta1, tb1, ta2, tb2):
+            take(t)
+        a1.dataReceived(b"one")
+        a2.dataReceived(b"two")
+        self.assertEqual((tb1.value(), tb2.value()), (b"one", b"two"))
+        lose(a1)
+        self.assertTrue(tb1.disconnecting)
+        self.assertFalse(ta2.disconnecting or tb2.disconnecting)
+        self.assertEqual(h.server.sessions, 1)
+
+
+class RefusalTests(SynchronousTestCase):
+    def assertRefused(self, transport, reason: str) -> None:
+        data = transport.value()
+        self.assertEqual(data, f"ERROR {reason}\n".encode(), data)
+        self.assertTrue(transport.disconnecting)
+
+    def check_malformed(self, raw: bytes, reason: str) -> None:
+        h = Harness()
+        p, t = h.connect()
+        p.dataReceived(raw)
+        self.assertRefused(t, reason)
+        self.assertEqual(h.server.sessions, 0)
+        self.assertEqual(per_ip(h.server), {})
+        # A client that never closes is aborted after a grace period...
+        h.clock.advance(10)
+        self.assertTrue(t.disconnected, "refused connection aborted after 10 s")
+        # ...and once the connection is gone no timer is left behind.
+        lose(p)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_bad_tokens(self):
+        for token in ("0123", TOKEN[:-1], TOKEN + "0", TOKEN.upper(), "g" * 64, "-" * 64, ""):
+            with self.subTest(token=token):
+                self.check_malformed(f"RELAY {token} sender\n".encode(), "malformed RELAY line")
+
+    def test_bad_sides(self):
+        for side in ("Sender", "RECEIVER", "both", "", "sender\x00"):
+            with self.subTest(side=side):
+                self.check_malformed(f"RELAY {TOKEN} {side}\n".encode(), "malformed RELAY line")
+
+    def test_wrong_word_counts(self):
+        for line in ("RELAY", f"RELAY {TOKEN}", f"RELAY {TOKEN} sender extra",
+                     f"RELAY  {TOKEN} sender", f"RELAY {TOKEN} sender "):
+            with self.subTest(line=line):
+                self.check_malformed(line.encode() + b"\n", "malformed RELAY line")
+
+    def test_not_relay_first(self):
+        for line in (b"", b"relay " + TOKEN.encode() + b" sender", b"ALLOCATE", b"GET / HTTP/1.1",
+                     b"\xff\xfe RELAY", b" RELAY " + TOKEN.encode() + b" sender"):
+            with self.subTest(line=line):
+                self.check_malformed(line + b"\n", "expected RELAY")
+
+    def test_overlong_line(self):
+        self.check_malformed(b"RELAY " + b"a" * 300 + b" sender\n", "line too long")
+
+    def test_overlong_line_without_newline(self):
+        self.check_malformed(b"R" * 1000, "line too long")
+
+    def test_only_the_first_line_counts(self):
+        """A refused line ends the connection: a good line after it in the
+        same segment is not admitted."""
+        h = Harness()
+        p, t = h.connect()
+        p.dataReceived(b"HELLO\n" + f"RELAY {TOKEN} sender\n".encode())
+        self.assertRefused(t, "expected RELAY")
+        self.assertEqual(h.server.sessions, 0)
+
+    def test_same_side_twice_is_refused(self):
+        h = Harness()
+        a, ta = h.join("sender")
+        c, tc = h.join("sender", host="198.51.100.3")
+        self.assertRefused(tc, "this session already has a sender")
+        self.assertEqual(ta.value(), b"")
+        self.assertFalse(ta.disconnecting)
+        self.assertEqual(per_ip(h.server), {"198.51.100.1": 1})
+        lose(c)
+        # The first sender still waits and pairs with the receiver.
+        self.assertEqual(h.server.sessions, 1)
+        b, tb = h.join("receiver", host="198.51.100.2")
+        self.assertEqual((take(ta), take(tb)), (b"OK\n", b"OK\n"))
+        a.dataReceived(b"still works")
+        self.assertEqual(tb.value(), b"still works")
+
+    def test_same_receiver_twice_is_refused(self):
+        h = Harness()
+        h.join("receiver")
+        c, tc = h.join("receiver")
+        self.assertRefused(tc, "this session already has a receiver")
+
+    def test_data_before_ok_is_refused(self):
+        h = Harness()
+        a, ta = h.join("sender")
+        a.dataReceived(b"too early")
+        self.assertRefused(ta, "data before OK")
+        lose(a)
+        self.assertEqual((h.server.sessions, per_ip(h.server)), (0, {}))
+        # The token is free again: nobody pairs with the refused sender.
+        b, tb = h.join("receiver")
+        self.assertEqual(tb.value(), b"")
+        self.assertEqual(h.server.sessions, 1)
+
+    def test_data_in_the_relay_segment_of_the_first_arrival_is_refused(self):
+        h = Harness()
+        a, ta = h.connect()
+        a.dataReceived(f"RELAY {TOKEN} sender\n".encode() + b"HELLO")
+        self.assertRefused(ta, "data before OK")
+
+
+class LimitTests(SynchronousTestCase):
+    def test_per_ip_cap(self):
+        h = Harness(max_per_ip=2)
+        p1, t1 = h.join("sender", TOKEN)
+        p2, t2 = h.join("sender", OTHER_TOKEN)
+        p3, t3 = h.join("sender", "ab" * 32)
+        self.assertEqual(t3.value(), b"ERROR too many relay connections from your address\n")
+        self.assertTrue(t3.disconnecting)
+        self.assertEqual(per_ip(h.server), {"198.51.100.1": 2})
+        lose(p3)  # a refused connection does not give back what it never got
+        self.assertEqual(per_ip(h.server), {"198.51.100.1": 2})
+        # Other addresses are not affected; the partner of a waiting
+        # session from a full address is refused too (it is per address).
+        q, tq = h.join("receiver", TOKEN, host="198.51.100.9")
+        self.assertEqual(tq.value(), b"OK\n")
+        p4, t4 = h.join("receiver", OTHER_TOKEN)
+        self.assertIn(b"too many relay connections", t4.value())
+        # One leaves: its address may connect again.
+        lose(p1)
+        self.assertEqual(per_ip(h.server), {"198.51.100.1": 1, "198.51.100.9": 1})
+        p5, t5 = h.join("receiver", OTHER_TOKEN)
+        self.assertEqual((t5.value(), take(t2)), (b"OK\n", b"OK\n"))
+        self.assertEqual(per_ip(h.server), {"198.51.100.1": 2, "198.51.100.9": 1})
+
+    def test_max_sessions_cap(self):
+        h = Harness(max_sessions=1)
+        a, ta = h.join("sender", TOKEN)
+        c, tc = h.join("sender", OTHER_TOKEN, host="198.51.100.3")
+        self.assertEqual(tc.value(), b"ERROR relay is full, try again later\n")
+        self.assertTrue(tc.disconnecting)
+        lose(c)
+        # The waiting session's partner needs no new session: admitted.
+        b, tb = h.join("receiver", TOKEN, host="198.51.100.2")
+        self.assertEqual((take(ta), take(tb)), (b"OK\n", b"OK\n"))
+        self.assertEqual(h.server.sessions, 1)
+        d, td = h.join("sender", OTHER_TOKEN, host="198.51.100.3")
+        self.assertIn(b"relay is full", td.value())
+        lose(d)
+        # The spliced pair ends: room again.
+        lose(a)
+        self.assertEqual(h.server.sessions, 0)
+        e, te = h.join("sender", OTHER_TOKEN, host="198.51.100.3")
+        self.assertEqual(te.value(), b"")
+        self.assertFalse(te.disconnecting)
+        self.assertEqual(h.server.sessions, 1)
+
+    def test_counts_when_a_waiting_member_leaves(self):
+        h = Harness()
+        a, ta = h.join("sender")
+        self.assertEqual((h.server.sessions, per_ip(h.server)), (1, {"198.51.100.1": 1}))
+        lose(a)
+        self.assertEqual((h.server.sessions, per_ip(h.server)), (0, {}))
+        self.assertEqual(h.clock.getDelayedCalls(), [], "waiting timer cancelled")
+        # The same side on the same token may come back (a new waiting member).
+        a2, ta2 = h.join("sender")
+        self.assertEqual(ta2.value(), b"")
+        self.assertEqual(h.server.sessions, 1)
+
+    def test_counts_when_a_spliced_pair_ends(self):
+        h = Harness()
+        a, ta, b, tb = h.pair()
+        self.assertEqual(per_ip(h.server), {"198.51.100.1": 1, "198.51.100.2": 1})
+        lose(b)
+        # The partner is closed and the session is over at once; its own
+        # address is counted until its connection is gone.
+        self.assertTrue(ta.disconnecting)
+        self.assertEqual(h.server.sessions, 0)
+        self.assertEqual(per_ip(h.server), {"198.51.100.1": 1})
+        lose(a)
+        self.assertEqual((h.server.sessions, per_ip(h.server)), (0, {}))
+        self.assertEqual(h.clock.getDelayedCalls(), [], "idle timer cancelled")
+
+    def test_counts_same_address_both_sides(self):
+        h = Harness()
+        a, ta, b, tb = h.pair(hosts=("198.51.100.1", "198.51.100.1"))
+        self.assertEqual(per_ip(h.server), {"198.51.100.1": 2})
+        lose(a)
+        lose(b)
+        self.assertEqual((h.server.sessions, per_ip(h.server)), (0, {}))
+
+    def test_unadmitted_connection_changes_no_count(self):
+        h = Harness()
+        p, t = h.connect()
+        lose(p)
+        p, t = h.connect()
+        p.dataReceived(b"nonsense\n")
+        lose(p)
+        self.assertEqual((h.server.sessions, per_ip(h.server)), (0, {}))
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_waiting_timeout(self):
+        h = Harness(waiting_timeout=5)
+        a, ta = h.join("sender")
+        h.clock.advance(4.9)
+        self.assertEqual(ta.value(), b"")
+        self.assertFalse(ta.disconnecting)
+        h.clock.advance(0.2)
+        self.assertEqual(ta.value(), b"ERROR the other side never came\n")
+        self.assertTrue(ta.disconnecting)
+        lose(a)
+        self.assertEqual((h.server.sessions, per_ip(h.server)), (0, {}))
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_waiting_timeout_default_is_60_seconds(self):
+        h = Harness()
+        a, ta = h.join("sender")
+        h.clock.advance(59.9)
+        self.assertFalse(ta.disconnecting)
+        h.clock.advance(0.2)
+        self.assertIn(b"the other side never came", ta.value())
+
+    def test_waiting_timer_cancelled_when_paired(self):
+        h = Harness(waiting_timeout=5, idle_timeout=1000)
+        a, ta, b, tb = h.pair()
+        h.clock.advance(100)
+        self.assertEqual((take(ta), take(tb)), (b"OK\n", b"OK\n"))
+        self.assertFalse(ta.disconnecting or tb.disconnecting)
+
+    def test_hello_timeout(self):
+        h = Harness()
+        p, t = h.connect()
+        h.clock.advance(29.9)
+        self.assertFalse(t.disconnecting)
+        h.clock.advance(0.2)
+        self.assertEqual(t.value(), b"ERROR timed out waiting for RELAY\n")
+        self.assertTrue(t.disconnecting)
+        lose(p)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_hello_timer_stops_at_the_relay_line(self):
+        h = Harness(waiting_timeout=100)
+        a, ta = h.join("sender")
+        h.clock.advance(50)
+        self.assertEqual(ta.value(), b"")
+        self.assertFalse(ta.disconnecting)
+
+    def test_partial_line_does_not_stop_hello_timer(self):
+        h = Harness()
+        p, t = h.connect()
+        p.dataReceived(b"RELAY " + TOKEN.encode())
+        h.clock.advance(30)
+        self.assertEqual(t.value(), b"ERROR timed out waiting for RELAY\n")
+
+
+class SpliceTests(SynchronousTestCase):
+    def paired(self, **limits):
+        h = Harness(**limits)
+        a, ta, b, tb = h.pair()
+        take(ta), take(tb)
+        return h, a, ta, b, tb
+
+    def test_flow_control_pauses_the_source(self):
+        h, a, ta, b, tb = self.paired()
+        # Each transport's producer is the direction that writes to it.
+        self.assertTrue(tb.streaming and ta.streaming)
+        self.assertEqual((ta.producerState, tb.producerState), ("producing", "producing"))
+        tb.producer.pauseProducing()           # b cannot keep up...
+        self.assertEqual(ta.producerState, "paused")   # ...so a is not read
+        self.assertEqual(tb.producerState, "producing")
+        tb.producer.resumeProducing()
+        self.assertEqual(ta.producerState, "producing")
+        ta.producer.pauseProducing()
+        self.assertEqual((ta.producerState, tb.producerState), ("producing", "paused"))
+        tb.producer.pauseProducing()
+        self.assertEqual((ta.producerState, tb.producerState), ("paused", "paused"))
+        ta.producer.resumeProducing()
+        self.assertEqual((ta.producerState, tb.producerState), ("paused", "producing"))
+        tb.producer.resumeProducing()
+        self.assertEqual((ta.producerState, tb.producerState), ("producing", "producing"))
+
+    def test_pause_after_the_source_is_gone_is_harmless(self):
+        h, a, ta, b, tb = self.paired()
+        producer = tb.producer
+        lose(a)
+        producer.pauseProducing()
+        producer.resumeProducing()
+        producer.stopProducing()
+
+    def test_max_bytes_counts_both_directions_and_closes_both(self):
+        h, a, ta, b, tb = self.paired(max_bytes=1000)
+        a.dataReceived(b"a" * 600)
+        b.dataReceived(b"b" * 400)
+        self.assertEqual((take(tb), take(ta)), (b"a" * 600, b"b" * 400))
+        self.assertFalse(ta.disconnecting or tb.disconnecting, "exactly the cap is allowed")
+        a.dataReceived(b"!")
+        self.assertEqual((ta.value(), tb.value()), (b"", b""), "the excess is not forwarded")
+        self.assertTrue(ta.disconnecting and tb.disconnecting)
+        self.assertEqual(h.server.sessions, 0)
+        lose(a)
+        lose(b)
+        self.assertEqual((h.server.sessions, per_ip(h.server)), (0, {}))
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_rate_pauses_both_sources_and_the_clock_resumes_them(self):
+        h, a, ta, b, tb = self.paired(rate=1000)
+        a.dataReceived(b"x" * 500)  # half a second's worth, at once
+        self.assertEqual(tb.value(), b"x" * 500, "what was read is forwarded")
+        self.assertEqual((ta.producerState, tb.producerState), ("paused", "paused"))
+        h.clock.advance(0.49)
+        self.assertEqual((ta.producerState, tb.producerState), ("paused", "paused"))
+        h.clock.advance(0.02)
+        self.assertEqual((ta.producerState, tb.producerState), ("producing", "producing"))
+        # Within the allowance: no pause.
+        h.clock.advance(1.0)
+        b.dataReceived(b"y" * 100)
+        self.assertEqual((ta.producerState, tb.producerState), ("producing", "producing"))
+
+    def test_rate_over_time(self):
+        """Sending as fast as allowed, the average stays at the rate."""
+        h, a, ta, b, tb = self.paired(rate=10_000)
+        forwarded = 0
+        start = h.clock.seconds()
+        while h.clock.seconds() - start < 5:
+            if ta.producerState == "producing":
+                a.dataReceived(b"z" * 4096)
+                forwarded += 4096
+            else:
+                h.clock.advance(0.01)
+        elapsed = h.clock.seconds() - start
+        self.assertLessEqual(forwarded, 10_000 * elapsed + 4096)
+        self.assertGreaterEqual(forwarded, 10_000 * elapsed * 0.8)
+        self.assertEqual(len(take(tb)), forwarded)
+
+    def test_rate_resume_keeps_flow_control_pause(self):
+        h, a, ta, b, tb = self.paired(rate=1000)
+        tb.producer.pauseProducing()   # b's output is full
+        a.dataReceived(b"x" * 500)
+        self.assertEqual((ta.producerState, tb.producerState), ("paused", "paused"))
+        h.clock.advance(1)
+        self.assertEqual((ta.producerState, tb.producerState), ("paused", "producing"))
+        tb.producer.resumeProducing()
+        self.assertEqual(ta.producerState, "producing")
+
+    def test_rate_timer_cancelled_when_the_session_ends(self):
+        h, a, ta, b, tb = self.paired(rate=10)
+        a.dataReceived(b"x" * 1000)  # 100 s ahead
+        lose(a)
+        lose(b)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_idle_timeout_closes_both(self):
+        h, a, ta, b, tb = self.paired(idle_timeout=10)
+        h.clock.advance(9)
+        a.dataReceived(b"keep")      # traffic restarts the idle clock
+        h.clock.advance(9.9)
+        self.assertFalse(ta.disconnecting or tb.disconnecting)
+        b.dataReceived(b"alive")
+        h.clock.advance(9.9)
+        self.assertFalse(ta.disconnecting or tb.disconnecting)
+        h.clock.advance(0.2)
+        self.assertTrue(ta.disconnecting and tb.disconnecting)
+        self.assertEqual(h.server.sessions, 0)
+        self.assertEqual((take(tb), take(ta)), (b"keep", b"alive"))
+        lose(a)
+        lose(b)
+        self.assertEqual((h.server.sessions, per_ip(h.server)), (0, {}))
+
+    def test_ended_session_connections_are_aborted_if_the_close_stalls(self):
+        # Regression: _Splice.end() (p2pft/relay.py, end) only called loseConnection
+        # on both members.  A member that stops reading keeps the relay's
+        # write buffer full, so the close never completes: its socket and
+        # its per-address slot (RelayServer._per_ip, released only in
+        # connectionLost) are held for ever.  relayRefuse() and the
+        # rendezvous server's refuse() both abort after a 10 s grace
+        # period; end() should too.
+        h, a, ta, b, tb = self.paired(idle_timeout=10)
+        b.dataReceived(b"x" * 100_000)   # a's reader is stuck; nothing more moves
+        h.clock.advance(10)              # the idle timeout ends the session
+        self.assertTrue(ta.disconnecting and tb.disconnecting)
+        h.clock.advance(60)              # a's close has not completed by now
+        self.assertTrue(ta.disconnected, "a stalled member is aborted after a grace period")
+        self.assertTrue(tb.disconnected)
+
+    def test_close_from_either_side_closes_the_other(self):
+        for first in (0, 1):
+            with self.subTest(first=first):
+                h, a, ta, b, tb = self.paired()
+                members = [(a, ta), (b, tb)]
+                gone, gone_t = members[first]
+                other, other_t = members[1 - first]
+                lose(gone)
+                self.assertTrue(other_t.disconnecting)
+                self.assertFalse(other_t.disconnected, "closed gracefully, pending bytes flushed")
+                self.assertIsNone(other_t.producer)
+                lose(other)
+                self.assertEqual((h.server.sessions, per_ip(h.server)), (0, {}))
+
+
+# ---------------------------------------------------------------------------
+# the RELAY line on a rendezvous port
+
+
+def welcome_then(transport) -> list[bytes]:
+    return take(transport).split(b"\n")
+
+
+class RendezvousPortTests(SynchronousTestCase):
+    def harness(self, relay=True, relays=()):
+        clock = Clock()
+        factory = RendezvousServerFactory(
+            clock, relay=RelayServer(clock, RelayLimits()) if relay else None, relays=relays)
+        port = [50000]
+
+        def connect(host="203.0.113.5"):
+            port[0] += 1
+            proto = factory.buildProtocol(IPv4Address("TCP", host, port[0]))
+            t = Transport(host, port[0])
+            proto.makeConnection(t)
+            return proto, t
+
+        return clock, factory, connect
+
+    def test_relay_as_first_line(self):
+        clock, factory, connect = self.harness(relays=("*",))
+        a, ta = connect()
+        self.assertEqual(factory.state.connections, 1)
+        self.assertIs(ta.producer, a, "the rendezvous protocol is its own output's producer")
+        a.dataReceived(f"RELAY {TOKEN} sender\n".encode())
+        self.assertEqual(factory.state.connections, 0, "a relay leg is not a rendezvous client")
+        self.assertEqual(factory.relay.sessions, 1)
+        self.assertEqual(take(ta), b"WELCOME p2pft 1 203.0.113.5 50001 *\n")
+        b, tb = connect("203.0.113.6")
+        b.dataReceived(f"RELAY {TOKEN} receiver\n".encode())
+        self.assertEqual(take(tb), b"WELCOME p2pft 1 203.0.113.6 50002 *\nOK\n")
+        self.assertEqual(take(ta), b"OK\n")
+        self.assertEqual(factory.state.connections, 0)
+        self.assertEqual(factory.relay.spliced, 1)
+        # The splice replaced the rendezvous protocol as producer.
+        self.assertIsNot(ta.producer, a)
+        self.assertIsNot(tb.producer, b)
+        a.dataReceived(PAYLOAD)
+        self.assertEqual(take(tb), PAYLOAD)
+        b.dataReceived(PAYLOAD[::-1])
+        self.assertEqual(take(ta), PAYLOAD[::-1])
+        # No rendezvous timer (hello timeout) fires on a relay leg.
+        clock.advance(61)
+        self.assertFalse(ta.disconnecting or tb.disconnecting)
+        # Flow control works the same on this port.
+        tb.producer.pauseProducing()
+        self.assertEqual(ta.producerState, "paused")
+        tb.producer.resumeProducing()
+        self.assertEqual(ta.producerState, "producing")
+        lose(a)
+        self.assertTrue(tb.disconnecting)
+        lose(b)
+        self.assertEqual((factory.relay.sessions, per_ip(factory.relay)), (0, {}))
+        self.assertEqual(factory.state.connections, 0)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_relay_leg_meets_standalone_style_leg_rules(self):
+        clock, factory, connect = self.harness()
+        a, ta = connect()
+        take(ta)
+        a.dataReceived(f"RELAY {TOKEN} sender\n".encode())
+        c, tc = connect()
+        take(tc)
+        c.dataReceived(f"RELAY {TOKEN} sender\n".encode())
+        self.assertEqual(tc.value(), b"ERROR this session already has a sender\n")
+        a.dataReceived(b"early")
+        self.assertEqual(ta.value(), b"ERROR data before OK\n")
+        m, tm = connect()
+        take(tm)
+        m.dataReceived(b"RELAY nothex sender\n")
+        self.assertEqual(tm.value(), b"ERROR malformed RELAY line\n")
+        self.assertEqual(factory.state.connections, 0)
+        for p in (a, c, m):
+            lose(p)
+        self.assertEqual((factory.relay.sessions, per_ip(factory.relay)), (0, {}))
+
+    def test_relay_waiting_timeout_on_rendezvous_port(self):
+        clock, factory, connect = self.harness()
+        a, ta = connect()
+        take(ta)
+        a.dataReceived(f"RELAY {TOKEN} sender\n".encode())
+        clock.advance(60.1)
+        self.assertEqual(ta.value(), b"ERROR the other side never came\n")
+        self.assertTrue(ta.disconnecting)
+        lose(a)
+        self.assertEqual(factory.relay.sessions, 0)
+
+    def test_without_relay_relay_is_an_unknown_command(self):
+        clock, factory, connect = self.harness(relay=False)
+        a, ta = connect()
+        self.assertEqual(take(ta), b"WELCOME p2pft 1 203.0.113.5 50001 -\n")
+        a.dataReceived(f"RELAY {TOKEN} sender\n".encode())
+        self.assertEqual(ta.value(), b"ERROR unknown command 'RELAY'\n")
+        self.assertTrue(ta.disconnecting)
+        self.assertEqual(factory.state.connections, 0)
+
+    def test_relay_after_a_rendezvous_command_is_refused(self):
+        # Regression: docs/PROTOCOL.md says RELAY is accepted "only as the first
+        # line", but RendezvousServerProtocol.lineReceived
+        # (p2pft/rendezvous.py, the `command == "RELAY"` branch) accepts it
+        # at any time: a client that already holds a nameplate (or is
+        # paired) silently turns into a relay leg.  Suggested fix: remember
+        # that a line was received (e.g. self._lines += 1 at the top of
+        # lineReceived) and only take RELAY as the first one; refuse it
+        # otherwise ("RELAY must be the first line").
+        clock, factory, connect = self.harness()
+        a, ta = connect()
+        a.dataReceived(b"ALLOCATE\n")
+        self.assertEqual(welcome_then(ta)[1], b"NAMEPLATE 1")
+        a.dataReceived(f"RELAY {TOKEN} sender\n".encode())
+        self.assertEqual(factory.relay.sessions, 0, "RELAY after ALLOCATE must not be admitted")
+        self.assertTrue(ta.value().startswith(b"ERROR "), ta.value())
+
+    def test_welcome_advertises_relays(self):
+        for relay, relays, expected in (
+            (False, (), "-"),
+            (True, ("*",), "*"),
+            (True, ("*", "192.0.2.7:9001"), "*,192.0.2.7:9001"),
+            (False, ("192.0.2.7:9001", "[2001:db8::1]:9001"), "192.0.2.7:9001,[2001:db8::1]:9001"),
+        ):
+            with self.subTest(relays=relays):
+                clock, factory, connect = self.harness(relay=relay, relays=relays)
+                a, ta = connect()
+                self.assertEqual(ta.value(), f"WELCOME p2pft 1 203.0.113.5 50001 {expected}\n".encode())
+
+
+class ConnectionCountTests(SynchronousTestCase):
+    def test_idle_connections_count_against_their_address(self):
+        """Connections that never send RELAY are capped per address too."""
+        clock = Clock()
+        factory = RelayFactory(clock, RelayLimits(max_per_ip=2))
+        transports = []
+        for _ in range(3):
+            p = factory.buildProtocol(None)
+            t = StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.8", 1234))
+            p.makeConnection(t)
+            transports.append((p, t))
+        self.assertFalse(transports[0][1].disconnecting)
+        self.assertTrue(transports[2][1].value().startswith(b"ERROR too many relay connections"))
+        self.assertEqual(per_ip(factory.relay), {"198.51.100.8": 2})
+        for p, t in transports:
+            p.connectionLost(None)
+        self.assertEqual(per_ip(factory.relay), {})
+
+    def test_ipv6_addresses_count_per_64(self):
+        from p2pft.addresses import ip_key
+
+        self.assertEqual(ip_key("2001:db8:1:2::5"), ip_key("2001:db8:1:2:ffff::9"))
+        self.assertNotEqual(ip_key("2001:db8:1:2::5"), ip_key("2001:db8:1:3::5"))
+        self.assertEqual(ip_key("::ffff:198.51.100.8"), "198.51.100.8")
+        self.assertEqual(ip_key("198.51.100.8"), "198.51.100.8")
+
+
+# ---------------------------------------------------------------------------
+# real sockets on loopback
+
+
+DEADLINE = 15.0
+
+
+class _Leg(protocol.Protocol):
+    """A plain relay client: sends RELAY, waits for OK, collects bytes."""
+
+    def __init__(self, token: str, side: str, expect: int):
+        self.token, self.side, self.expect = token, side, expect
+        self.ok = defer.Deferred()
+        self.complete = defer.Deferred()
+        self.closed = defer.Deferred()
+        self.buffer = b""
+        self.received = bytearray()
+        self._ok = False
+
+    def connectionMade(self):
+        self.transport.write(f"RELAY {self.token} {self.side}\n".encode())
+
+    def dataReceived(self, data):
+        if not self._ok:
+            self.buffer += data
+            line, nl, rest = self.buffer.partition(b"\n")
+            if not nl:
+                return
+            self._ok = True
+            self.ok.callback(line)
+            data = rest
+        self.received += data
+        if len(self.received) >= self.expect and not self.complete.called:
+            self.complete.callback(bytes(self.received))
+
+    def connectionLost(self, reason=None):
+        if not self.ok.called:
+            self.ok.errback(reason)
+        self.closed.callback(None)
+
+
+def bounded(d: defer.Deferred, what: str, seconds: float = DEADLINE) -> defer.Deferred:
+    def timed_out(f):
+        f.trap(defer.TimeoutError)
+        raise AssertionError(f"{what}: not within {seconds} s")
+
+    return d.addTimeout(seconds, reactor).addErrback(timed_out)
+
+
+class LoopbackRelayTests(TestCase):
+    timeout = 60
+    def listen(self, factory):
+        """Listen on 127.0.0.1, port 0.  The relay's server-side protocols
+        are recorded in C{self.built} as they are made; when the test ends
+        the port is closed and every one of them is gone."""
+        self.built = built = []
+        original = factory.buildProtocol
+
+        def buildProtocol(addr):
+            p = original(addr)
+            p.lost = lost = defer.Deferred()
+            connectionLost = p.connectionLost
+
+            def lost_and_told(reason=None):
+                try:
+                    connectionLost(reason)
+                finally:
+                    lost.callback(None)
+
+            p.connectionLost = lost_and_told
+            built.append(p)
+            return p
+
+        factory.buildProtocol = buildProtocol
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+
+        async def down():
+            await port.stopListening()
+            for p in built:
+                if not p.lost.called:
+                    p.transport.abortConnection()
+            await bounded(defer.DeferredList([p.lost for p in built]), "relay connections close")
+
+        self.addCleanup(lambda: defer.ensureDeferred(down()))
+        return port.getHost().port
+
+    async def all_lost(self):
+        await bounded(defer.DeferredList([p.lost for p in self.built]), "relay connections close")
+
+    async def leg(self, port, side, expect, token=TOKEN):
+        leg = _Leg(token, side, expect)
+        connected = defer.Deferred()
+
+        class F(protocol.ClientFactory):
+            def buildProtocol(self, addr):
+                reactor.callLater(0, connected.callback, leg)
+                return leg
+
+            def clientConnectionFailed(self, connector, reason):
+                connected.errback(reason)
+
+        reactor.connectTCP("127.0.0.1", port, F(), timeout=5)
+        await bounded(connected, f"{side} connects")
+
+        def close():
+            leg.ok.addErrback(lambda f: None)  # a leg that never got OK
+            leg.transport.abortConnection()
+            return leg.closed
+
+        self.addCleanup(close)
+        return leg
+
+    async def test_splice_over_real_sockets_both_ways(self):
+        factory = RelayFactory(reactor, RelayLimits())
+        port = self.listen(factory)
+        up, down = os.urandom(3 * 1024 * 1024 + 5), os.urandom(2 * 1024 * 1024 + 11)
+        a = await self.leg(port, "sender", len(down))
+        b = await self.leg(port, "receiver", len(up))
+        self.assertEqual(await bounded(a.ok, "a OK"), b"OK")
+        self.assertEqual(await bounded(b.ok, "b OK"), b"OK")
+        a.transport.write(up)
+        b.transport.write(down)
+        self.assertEqual(await bounded(b.complete, "b receives"), up)
+        self.assertEqual(await bounded(a.complete, "a receives"), down)
+        self.assertEqual((factory.relay.sessions, factory.relay.spliced), (1, 1))
+        # One side closes: the relay passes the FIN on (b sees the end of
+        # the stream), and once both directions are done the session ends
+        # and the counts drop to zero.
+        a.transport.loseConnection()
+        await bounded(b.closed, "the relay closes b")
+        await bounded(a.closed, "a closed")
+        await self.all_lost()
+        self.assertEqual(factory.relay.sessions, 0)
+        self.assertEqual(per_ip(factory.relay), {})
+
+    async def test_slow_reader_pauses_the_writer_over_real_sockets(self):
+        """b stops reading: the relay stops reading a instead of buffering
+        what a sends; when b reads again, every byte arrives in order."""
+        factory = RelayFactory(reactor, RelayLimits())
+        port = self.listen(factory)
+        paused = defer.Deferred()
+        original = splice_module._Direction.pauseProducing
+
+        def pauseProducing(direction):
+            original(direction)
+            if not paused.called:
+                paused.callback(direction)
+
+        self.patch(splice_module._Direction, "pauseProducing", pauseProducing)
+        data = os.urandom(32 * 1024 * 1024)
+        a = await self.leg(port, "sender", 0)
+        b = await self.leg(port, "receiver", len(data))
+        await bounded(a.ok, "a OK")
+        await bounded(b.ok, "b OK")
+        b.transport.pauseProducing()        # b's application stops reading
+        a.transport.write(data)
+        direction = await bounded(paused, "the relay pauses a")
+        relay_a, relay_b = self.built
+        self.assertIs(direction.src.transport, relay_a.transport)
+        self.assertIs(direction.dst.transport, relay_b.transport)
+        # The relay's own buffer towards b stays small (Twisted's write
+        # buffer is private; inspected here on purpose).
+        t = relay_b.transport
+        buffered = len(t.dataBuffer) - t.offset + t._tempDataLen
+        self.assertLess(buffered, 1024 * 1024, "relay buffered without bound")
+        self.assertNotIn(relay_a.transport, reactor.getReaders(), "the relay still reads a")
+        self.assertLess(len(b.received), len(data))
+        b.transport.resumeProducing()
+        self.assertEqual(await bounded(b.complete, "b receives everything", 30), data)
+        self.assertIn(relay_a.transport, reactor.getReaders(), "a is read again")
+
+
+@implementer(IHalfCloseableProtocol)
+class _HalfCloseLeg(_Leg):
+    """A leg that sees the end of the other side's stream (not a close)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.eof = defer.Deferred()
+
+    def readConnectionLost(self):
+        self.eof.callback(bytes(self.received))
+
+    def writeConnectionLost(self):
+        pass
+
+
+class HalfCloseTests(TestCase):
+    timeout = 60
+    listen = LoopbackRelayTests.listen
+    leg = LoopbackRelayTests.leg
+    all_lost = LoopbackRelayTests.all_lost
+
+    async def test_last_words_then_half_close_are_delivered(self):
+        """
+        a sends its last record and shuts its sending side (what a peer
+        does after an ABORT or ACK); b gets every byte and then the end of
+        the stream -- not a reset -- and can still answer; the session ends
+        once b closes too.
+        """
+        factory = RelayFactory(reactor, RelayLimits())
+        port = self.listen(factory)
+        last_words = os.urandom(200_000)
+        a = await self.leg(port, "sender", 6)
+        b = _HalfCloseLeg(TOKEN, "receiver", len(last_words))
+        connected = defer.Deferred()
+
+        class F(protocol.ClientFactory):
+            def buildProtocol(self, addr):
+                reactor.callLater(0, connected.callback, None)
+                return b
+
+        reactor.connectTCP("127.0.0.1", port, F())
+        await bounded(connected, "b connects")
+        await bounded(a.ok, "a OK")
+        await bounded(b.ok, "b OK")
+        a.transport.write(last_words)
+        a.transport.loseWriteConnection()
+        self.assertEqual(await bounded(b.eof, "b sees the end of the stream"), last_words)
+        b.transport.write(b"answer")
+        self.assertEqual(await bounded(a.complete, "a still hears b"), b"answer")
+        self.assertEqual(factory.relay.sessions, 1)
+        b.transport.loseConnection()
+        await bounded(a.closed, "a closed")
+        await self.all_lost()
+        self.assertEqual(factory.relay.sessions, 0)
+        self.assertEqual(per_ip(factory.relay), {})
+
+
+class LegInterfaceTests(SynchronousTestCase):
+    def test_transport_leg_provides_the_relay_leg_interface(self):
+        """The relay reaches connections only through IRelayLeg; its TCP
+        adapter provides all of it."""
+        from zope.interface.verify import verifyObject
+
+        from p2pft.server.splice import IRelayLeg, TransportLeg
+
+        self.assertTrue(verifyObject(IRelayLeg, TransportLeg(Transport("198.51.100.1", 1))))
