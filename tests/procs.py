@@ -143,3 +143,21 @@ def spawn(testcase, name: str, argv: list[str], cwd: str | None = None, childFDs
 
     testcase.addCleanup(lambda: defer.ensureDeferred(reap()))
     return proc
+
+
+class Workspace:
+    """A test's folders: C{src} to send from, C{out} to receive into."""
+
+    def __init__(self, testcase):
+        self.root = os.path.abspath(testcase.mktemp())
+        self.src = os.path.join(self.root, "src")
+        self.out = os.path.join(self.root, "out")
+        os.makedirs(self.src)
+        os.makedirs(self.out)
+
+
+async def start_server(testcase, name="server", argv=None):
+    """A real rendezvous server on loopback: (its process, its HOST:PORT)."""
+    server = spawn(testcase, name, argv or p2pft_argv("server", "--port", "tcp:0:interface=127.0.0.1"))
+    m = await server.wait_for(r"listening on 127\.0\.0\.1:(\d+)")
+    return server, f"127.0.0.1:{m.group(1)}"

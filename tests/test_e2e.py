@@ -12,24 +12,7 @@ import signal
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.files import make_file, sha256_of
-from tests.procs import p2pft_argv, spawn, twistd_argv
-
-
-
-
-class Workspace:
-    def __init__(self, testcase: TestCase):
-        self.root = os.path.abspath(testcase.mktemp())
-        self.src = os.path.join(self.root, "src")
-        self.out = os.path.join(self.root, "out")
-        os.makedirs(self.src)
-        os.makedirs(self.out)
-
-
-async def start_server(testcase, name="server", argv=None):
-    server = spawn(testcase, name, argv or p2pft_argv("server", "--port", "tcp:0:interface=127.0.0.1"))
-    m = await server.wait_for(r"listening on 127\.0\.0\.1:(\d+)")
-    return server, f"127.0.0.1:{m.group(1)}"
+from tests.procs import Workspace, p2pft_argv, spawn, start_server, twistd_argv
 
 
 class LoopbackEndToEndTests(TestCase):

@@ -18,7 +18,7 @@ from p2pft.ui import human_size
 from tests.files import make_file
 from tests.memlink import tree
 from tests.procs import p2pft_argv, spawn
-from tests.test_e2e import Workspace, start_server
+from tests.procs import Workspace, start_server
 
 MiB = 1 << 20
 log = Logger()

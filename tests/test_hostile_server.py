@@ -20,7 +20,7 @@ from p2pft.secure import RECEIVER, SENDER, Pake
 from p2pft.server.rendezvous import RendezvousServer, RendezvousServerFactory
 from tests.procs import p2pft_argv, spawn
 from tests.files import make_file
-from tests.test_e2e import Workspace
+from tests.procs import Workspace
 
 CODE = "31-honest-words"
 

@@ -28,7 +28,7 @@ from twisted.trial.unittest import TestCase
 from tests.natlab import Nat, start_lab
 from tests.procs import p2pft_argv, spawn
 from tests.files import make_file, sha256_of
-from tests.test_e2e import Workspace
+from tests.procs import Workspace
 
 PORT = 9000
 

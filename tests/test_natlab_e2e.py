@@ -20,7 +20,7 @@ from tests.capture import start_capture
 from tests.natlab import start_lab
 from tests.procs import p2pft_argv, spawn
 from tests.files import make_file, sha256_of
-from tests.test_e2e import Workspace
+from tests.procs import Workspace
 
 PORT = 9000
 

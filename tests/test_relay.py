@@ -31,7 +31,7 @@ from p2pft.session import Settings, _relays
 from tests.files import make_file, sha256_of
 from tests.natlab import Nat, start_lab
 from tests.procs import p2pft_argv, spawn
-from tests.test_e2e import Workspace
+from tests.procs import Workspace
 from tests import test_server_relay
 from tests.test_server_relay import OTHER_TOKEN, bounded
 

@@ -16,7 +16,7 @@ from p2pft.transfer.records import ABORT, ACK, OFFER
 
 from .memlink import Link, accept
 from .procs import p2pft_argv, spawn
-from .test_e2e import Workspace, start_server
+from .procs import Workspace, start_server
 
 
 class TextTests(SynchronousTestCase):
