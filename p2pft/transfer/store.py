@@ -19,15 +19,21 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import secrets
 import shutil
 import stat
 from typing import BinaryIO
 
 from ..errors import Declined, TransferFailed
+from . import fsprobe
 from .manifest import PARTIAL_SUFFIX, printable
 
 #: Folder descriptors kept open (a tree of 10,000 folders must not use 10,000).
 OPEN_DIRS = 32
+#: Prefix of the random name a file is linked to before it is renamed over
+#: the file it replaces (L{OutputDir.place}); one left behind by a receiver
+#: killed at that instant is a second name of a complete received file.
+STAGE_PREFIX = ".p2pft-place-"
 
 
 def umask() -> int:
@@ -104,6 +110,11 @@ class OutputDir:
         except FileNotFoundError:
             return None
 
+    def fold_case(self) -> bool | None:
+        """Whether the output folder's file system ignores case (probed:
+        L{fsprobe}); None if the probe could not tell."""
+        return fsprobe.probe(self._fd).case
+
     def make_dir(self, path: str) -> None:
         self._dir(path.split("/"), create=True)
 
@@ -166,12 +177,35 @@ class OutputDir:
         except (FileNotFoundError, TransferFailed):
             pass
 
+    def settle(self, path: str, st: os.stat_result) -> os.stat_result:
+        """C{st}, what is at C{path}; if that is one file with its partial
+        name (two links, the same inode), an earlier run died while placing
+        it (between linking it into place and removing the partial name):
+        the destination is the complete file, so drop the partial name."""
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 2:
+            return st
+        partial = self.lstat(path, partial=True)
+        if partial is None or (partial.st_dev, partial.st_ino) != (st.st_dev, st.st_ino):
+            return st
+        self.remove_partial(path)
+        return self.lstat(path) or st
+
     def place(self, path: str, f: BinaryIO, mode: int, mtime_ns: int | None, overwrite: bool) -> None:
         """Close the verified partial file C{f} of C{path} and move it into
         place: never over an existing entry unless C{overwrite}, and never
-        over a folder.  What lands at C{path} is the file C{f} is open on,
-        whatever the partial name meanwhile became (another file, a hard
-        link to a file elsewhere): never anything else."""
+        over a folder.
+
+        What lands at C{path} is the file C{f} is open on, whatever the
+        partial name meanwhile became (another file, a hard link to a file
+        elsewhere): it is linked by its descriptor (Linux, /proc), straight
+        to C{path} (which fails if something is there: no clobbering), or,
+        to replace an existing file, to a fresh random name in the same
+        folder that is then renamed over C{path}.  Without /proc the partial
+        name is linked to the random name and that is checked, by inode, to
+        be our file before it is renamed.  Only a process that swaps the
+        random name in the instant between the check and the rename could
+        put something else at C{path}: that is detected right after and
+        reported (L{Declined}), not prevented."""
         with f:
             fd = f.fileno()
             os.fchmod(fd, mode)
@@ -187,25 +221,45 @@ class OutputDir:
             existing = self.lstat(path)
             if existing is not None and stat.S_ISDIR(existing.st_mode):
                 raise Declined(f"{printable(path)} appeared as a folder while receiving; kept the partial file")
+            source = f"/proc/self/fd/{fd}"
             try:
-                # Link the file we wrote, by its descriptor (Linux, /proc):
-                # fails if the destination exists (no clobbering, no race),
+                # Fails if the destination exists (no clobbering, no race),
                 # and whatever the partial name is now does not matter.
-                os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=parent, follow_symlinks=True)
+                os.link(source, name, dst_dir_fd=parent, follow_symlinks=True)
             except FileExistsError:
                 if not overwrite:
                     raise Declined(f"{printable(path)} appeared while receiving; kept the existing file") from None
-                self._check_ours(parent, name + PARTIAL_SUFFIX, ours, shown)
                 # The destination's name now means our file; another hard
                 # link of what was there keeps its old content.
-                os.replace(name + PARTIAL_SUFFIX, name, src_dir_fd=parent, dst_dir_fd=parent)
+                os.replace(self._stage(parent, source, None, ours, shown), name, src_dir_fd=parent,
+                           dst_dir_fd=parent)
                 self._check_ours(parent, name, ours, printable(path))
-                return
             except OSError:
                 self._place_by_name(path, parent, name, ours, overwrite)
                 return
         if self._is(parent, name + PARTIAL_SUFFIX, ours):
             os.unlink(name + PARTIAL_SUFFIX, dir_fd=parent)
+
+    def _stage(self, parent: int, source: str, source_dir: int | None, ours: os.stat_result, shown: str) -> str:
+        """A fresh random name in the folder C{parent} for the file C{source}
+        (a path, or a name in the folder C{source_dir}, not followed),
+        checked to be our file; raises L{Declined} (and removes the name)
+        if it is not."""
+        while True:
+            temp = STAGE_PREFIX + secrets.token_hex(8)
+            try:
+                if source_dir is None:
+                    os.link(source, temp, dst_dir_fd=parent, follow_symlinks=True)
+                else:
+                    os.link(source, temp, src_dir_fd=source_dir, dst_dir_fd=parent, follow_symlinks=False)
+                break
+            except FileExistsError:
+                continue
+        if not self._is(parent, temp, ours):
+            os.unlink(temp, dir_fd=parent)
+            raise Declined(f"{shown} was replaced by another file while receiving (p2pft never moves "
+                           "a file it did not write)")
+        return temp
 
     @staticmethod
     def _is(parent: int, name: str, ours: os.stat_result) -> bool:
@@ -222,28 +276,35 @@ class OutputDir:
                            "a file it did not write)")
 
     def _place_by_name(self, path: str, parent: int, name: str, ours: os.stat_result, overwrite: bool) -> None:
-        """L{place} without /proc, or on a file system without hard links:
-        by the partial name, checked to be our file before and after."""
+        """L{place} without /proc: the partial name, linked to a checked
+        random name first; on a file system without hard links, by the
+        partial name, checked to be our file before and after."""
         partial, shown = name + PARTIAL_SUFFIX, printable(path + PARTIAL_SUFFIX)
         self._check_ours(parent, partial, ours, shown)
-        if overwrite:
+        try:
+            temp = self._stage(parent, partial, parent, ours, shown)
+        except Declined:
+            raise
+        except OSError:
+            # File systems without hard links: check-then-rename is the best we can do.
+            if not overwrite and self.lstat(path) is not None:
+                raise Declined(f"{printable(path)} already exists") from None
             os.replace(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
             self._check_ours(parent, name, ours, printable(path))
             return
-        try:
-            # Fails if the destination exists: no clobbering, no race.
-            os.link(partial, name, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
-        except FileExistsError:
-            raise Declined(f"{printable(path)} appeared while receiving; kept the existing file") from None
-        except OSError:
-            # File systems without hard links: check-then-rename is the best we can do.
-            if self.lstat(path) is not None:
-                raise Declined(f"{printable(path)} already exists") from None
-            os.rename(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
-            self._check_ours(parent, name, ours, printable(path))
-            return
+        if overwrite:
+            os.replace(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
+        else:
+            try:
+                # Fails if the destination exists: no clobbering, no race.
+                os.link(temp, name, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
+            except FileExistsError:
+                raise Declined(f"{printable(path)} appeared while receiving; kept the existing file") from None
+            finally:
+                os.unlink(temp, dir_fd=parent)
         self._check_ours(parent, name, ours, printable(path))
-        os.unlink(partial, dir_fd=parent)
+        if self._is(parent, partial, ours):
+            os.unlink(partial, dir_fd=parent)
 
     def free(self) -> int:
         return shutil.disk_usage(self.path).free
