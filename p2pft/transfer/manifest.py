@@ -11,8 +11,14 @@ ignores case), the sender's with every rule of every platform as warnings.
 A manifest is kept compact, because a sender may offer millions of entries
 and the receiver holds all of them before anyone is asked: each distinct
 name is stored once, as UTF-8 in one bytearray, with the index of its
-folder (L{p2pft.transfer.tree}); sizes, modes and times live in C{array} columns; L{Entry} objects
-are made on demand.  About 60 bytes per entry instead of several hundred.
+folder (L{p2pft.transfer.tree}); sizes, modes and times live in C{array}
+columns; L{Entry} objects are made on demand.  A realistic tree costs about
+85 bytes of peak RSS per entry (C{bench/manifest.py}: 1,000,000 entries,
+83 MiB above the interpreter's 42).  What is stored is capped three ways
+(L{MAX_ENTRIES}, L{MAX_NODES}, L{MAX_STORED_NAME_BYTES}), so the most a
+hostile sender can make a receiver hold, with every cap reached at once, is
+about 205 MiB above the interpreter, 262 MiB where the folder ignores case
+(measured: C{bench/manifest.py --shape worst --entries 2000000}).
 """
 
 from __future__ import annotations
@@ -46,11 +52,11 @@ __all__ = ["FILE", "DIR", "MAX_ENTRIES", "MAX_DEPTH", "MAX_NAME_BYTES", "MAX_PAT
            "quoted", "safe_component", "safe_path", "safe_mode", "entry_from_wire", "listing"]
 
 FILE, DIR = "file", "dir"
-#: Most entries one offer may hold.  A receiver keeps about 60 bytes per
-#: entry (L{ManifestChecker}), so 2,000,000 entries -- a whole Linux
-#: distribution's source tree is a tenth of that -- cost it about 130 MiB
-#: before anyone is asked, which a small machine can spare; more is refused
-#: up front, before a single entry arrives.
+#: Most entries one offer may hold.  A receiver keeps about 85 bytes per
+#: entry of a realistic tree (L{ManifestChecker}), so 2,000,000 entries --
+#: a whole Linux distribution's source tree is a tenth of that -- cost it
+#: about 170 MiB before anyone is asked, which a small machine can spare;
+#: more is refused up front, before a single entry arrives.
 MAX_ENTRIES = 2_000_000
 #: Most names a manifest stores: its entries, and the folders its paths
 #: only imply (a sender may offer "a/b/c" without "a" and "a/b").  A sender
