@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pft.errors import Declined, TransferFailed, UnsafeName
-from p2pft.transfer import Receiver, fsprobe, manifest
+from p2pft.transfer import Receiver, fsprobe, manifest, placing
 from p2pft.transfer.manifest import DIR, FILE, PARTIAL_SUFFIX, Entry, ManifestChecker
 from p2pft.transfer.names import POSIX, NameRules
 from p2pft.transfer.records import DATA, ENTRIES, FILE as FILE_RECORD, FILE_END, HAVE, OFFER
@@ -135,17 +135,17 @@ class PlaceTests(SynchronousTestCase):
         outside = write(os.path.join(self.outside, "secret"), b"outside")
         partial = os.path.join(self.out, "r.bin" + PARTIAL_SUFFIX)
         checks = []
-        real_check = OutputDir._check_ours
+        real_check = placing.check_ours
 
-        def check_then_swap(self_, parent, name, ours, shown):
-            real_check(self_, parent, name, ours, shown)
+        def check_then_swap(parent, name, ours, shown):
+            real_check(parent, name, ours, shown)
             if not checks:  # right after the partial name was found to be ours
                 os.link(partial, os.path.join(self.out, "kept"))  # ours keeps one link
                 os.link(outside, os.path.join(self.out, "planted"))
                 os.rename(os.path.join(self.out, "planted"), partial)
             checks.append(name)
 
-        self.patch(OutputDir, "_check_ours", check_then_swap)
+        self.patch(placing, "check_ours", check_then_swap)
         with self.assertRaises(Declined) as e:
             out.place("r.bin", f, 0o644, None, overwrite=True)
         self.assertIn("was replaced by another file while receiving", str(e.exception))

@@ -19,21 +19,16 @@ from __future__ import annotations
 import collections
 import errno
 import os
-import secrets
 import shutil
 import stat
 from typing import BinaryIO
 
 from ..errors import Declined, TransferFailed
-from . import fsprobe
+from . import fsprobe, placing
 from .manifest import PARTIAL_SUFFIX, printable
 
 #: Folder descriptors kept open (a tree of 10,000 folders must not use 10,000).
 OPEN_DIRS = 32
-#: Prefix of the random name a file is linked to before it is renamed over
-#: the file it replaces (L{OutputDir.place}); one left behind by a receiver
-#: killed at that instant is a second name of a complete received file.
-STAGE_PREFIX = ".p2pft-place-"
 
 
 def umask() -> int:
@@ -193,19 +188,10 @@ class OutputDir:
     def place(self, path: str, f: BinaryIO, mode: int, mtime_ns: int | None, overwrite: bool) -> None:
         """Close the verified partial file C{f} of C{path} and move it into
         place: never over an existing entry unless C{overwrite}, and never
-        over a folder.
-
-        What lands at C{path} is the file C{f} is open on, whatever the
-        partial name meanwhile became (another file, a hard link to a file
-        elsewhere): it is linked by its descriptor (Linux, /proc), straight
-        to C{path} (which fails if something is there: no clobbering), or,
-        to replace an existing file, to a fresh random name in the same
-        folder that is then renamed over C{path}.  Without /proc the partial
-        name is linked to the random name and that is checked, by inode, to
-        be our file before it is renamed.  Only a process that swaps the
-        random name in the instant between the check and the rename could
-        put something else at C{path}: that is detected right after and
-        reported (L{Declined}), not prevented."""
+        over a folder.  What lands at C{path} is the file C{f} is open on,
+        whatever the partial name meanwhile became (L{placing}: by its
+        descriptor, or by a fresh name checked to be it; a swap of that
+        name in the instant before its rename is detected and reported)."""
         with f:
             fd = f.fileno()
             os.fchmod(fd, mode)
@@ -221,90 +207,7 @@ class OutputDir:
             existing = self.lstat(path)
             if existing is not None and stat.S_ISDIR(existing.st_mode):
                 raise Declined(f"{printable(path)} appeared as a folder while receiving; kept the partial file")
-            source = f"/proc/self/fd/{fd}"
-            try:
-                # Fails if the destination exists (no clobbering, no race),
-                # and whatever the partial name is now does not matter.
-                os.link(source, name, dst_dir_fd=parent, follow_symlinks=True)
-            except FileExistsError:
-                if not overwrite:
-                    raise Declined(f"{printable(path)} appeared while receiving; kept the existing file") from None
-                # The destination's name now means our file; another hard
-                # link of what was there keeps its old content.
-                os.replace(self._stage(parent, source, None, ours, shown), name, src_dir_fd=parent,
-                           dst_dir_fd=parent)
-                self._check_ours(parent, name, ours, printable(path))
-            except OSError:
-                self._place_by_name(path, parent, name, ours, overwrite)
-                return
-        if self._is(parent, name + PARTIAL_SUFFIX, ours):
-            os.unlink(name + PARTIAL_SUFFIX, dir_fd=parent)
-
-    def _stage(self, parent: int, source: str, source_dir: int | None, ours: os.stat_result, shown: str) -> str:
-        """A fresh random name in the folder C{parent} for the file C{source}
-        (a path, or a name in the folder C{source_dir}, not followed),
-        checked to be our file; raises L{Declined} (and removes the name)
-        if it is not."""
-        while True:
-            temp = STAGE_PREFIX + secrets.token_hex(8)
-            try:
-                if source_dir is None:
-                    os.link(source, temp, dst_dir_fd=parent, follow_symlinks=True)
-                else:
-                    os.link(source, temp, src_dir_fd=source_dir, dst_dir_fd=parent, follow_symlinks=False)
-                break
-            except FileExistsError:
-                continue
-        if not self._is(parent, temp, ours):
-            os.unlink(temp, dir_fd=parent)
-            raise Declined(f"{shown} was replaced by another file while receiving (p2pft never moves "
-                           "a file it did not write)")
-        return temp
-
-    @staticmethod
-    def _is(parent: int, name: str, ours: os.stat_result) -> bool:
-        """Whether C{name} is (still) the file C{ours} describes."""
-        try:
-            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        return (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino)
-
-    def _check_ours(self, parent: int, name: str, ours: os.stat_result, shown: str) -> None:
-        if not self._is(parent, name, ours):
-            raise Declined(f"{shown} was replaced by another file while receiving (p2pft never moves "
-                           "a file it did not write)")
-
-    def _place_by_name(self, path: str, parent: int, name: str, ours: os.stat_result, overwrite: bool) -> None:
-        """L{place} without /proc: the partial name, linked to a checked
-        random name first; on a file system without hard links, by the
-        partial name, checked to be our file before and after."""
-        partial, shown = name + PARTIAL_SUFFIX, printable(path + PARTIAL_SUFFIX)
-        self._check_ours(parent, partial, ours, shown)
-        try:
-            temp = self._stage(parent, partial, parent, ours, shown)
-        except Declined:
-            raise
-        except OSError:
-            # File systems without hard links: check-then-rename is the best we can do.
-            if not overwrite and self.lstat(path) is not None:
-                raise Declined(f"{printable(path)} already exists") from None
-            os.replace(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
-            self._check_ours(parent, name, ours, printable(path))
-            return
-        if overwrite:
-            os.replace(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
-        else:
-            try:
-                # Fails if the destination exists: no clobbering, no race.
-                os.link(temp, name, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
-            except FileExistsError:
-                raise Declined(f"{printable(path)} appeared while receiving; kept the existing file") from None
-            finally:
-                os.unlink(temp, dir_fd=parent)
-        self._check_ours(parent, name, ours, printable(path))
-        if self._is(parent, partial, ours):
-            os.unlink(partial, dir_fd=parent)
+            placing.link_into_place(parent, name, fd, ours, path, overwrite)
 
     def free(self) -> int:
         return shutil.disk_usage(self.path).free
