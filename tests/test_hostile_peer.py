@@ -146,13 +146,19 @@ class HardLinkTests(SynchronousTestCase):
         self.assertIn(f"r.bin{PARTIAL_SUFFIX} was deleted or replaced while receiving", str(e.exception))
         self.assertFalse(os.path.exists(os.path.join(self.out, "r.bin")))
 
-    def test_place_with_overwrite_refuses_a_swapped_partial(self):
+    def test_place_with_overwrite_moves_the_file_written_not_what_the_name_became(self):
+        # The old code checked the partial name, then renamed it: a swap in
+        # between put the outside file at r.bin.  Now the descriptor is
+        # linked to a fresh name, and that is renamed over r.bin.
         out, f, outside = self.swapped(existing=b"old")
-        with self.assertRaises(Declined) as e:
-            out.place("r.bin", f, 0o644, None, overwrite=True)
-        self.assertIn("was replaced by another file while receiving", str(e.exception))
-        self.assertEqual(content(os.path.join(self.out, "r.bin")), b"old")
+        out.place("r.bin", f, 0o644, None, overwrite=True)
+        dest = os.path.join(self.out, "r.bin")
+        self.assertEqual(content(dest), b"received")
+        self.assertFalse(os.path.samefile(dest, outside))
         self.assertEqual(content(outside), b"outside")
+        self.assertTrue(os.path.samefile(os.path.join(self.out, "r.bin" + PARTIAL_SUFFIX), outside),
+                        "a partial name that is not ours is left alone")
+        self.assertEqual(sorted(os.listdir(self.out)), ["kept", "r.bin", "r.bin" + PARTIAL_SUFFIX])
 
     def test_place_without_proc_checks_the_partial_name(self):
         real_link = os.link

@@ -119,7 +119,7 @@ class ProbeTests(SynchronousTestCase):
         fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
         self.addCleanup(os.close, fd)
         self.patch(fsprobe.os, "mkdir", lambda *a, **kw: (_ for _ in ()).throw(PermissionError(13, "no")))
-        self.assertEqual(fsprobe.probe(fd), fsprobe.Folding(None, None))
+        self.assertEqual(fsprobe.probe(fd), fsprobe.Folding(None))
 
 
 class CaseFoldingMountTests(SynchronousTestCase):

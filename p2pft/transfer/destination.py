@@ -16,7 +16,6 @@ from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
 
 from ..errors import Declined, TransferFailed
-from . import fsprobe
 from .manifest import DIR, POSIX, ManifestChecker, NameRules, printable, safe_mode
 from .offer import Offer
 from .pipes import widen_pipe
@@ -77,7 +76,7 @@ class IDestination(Interface):
 def name_rules(out: OutputDir, platform: str = sys.platform) -> NameRules:
     """The name rules of the output folder C{out}: its platform's, and
     case clashes if its file system ignores case (probed)."""
-    return NameRules.where(platform, fsprobe.probe(out._fd).case)
+    return NameRules.where(platform, out.fold_case())
 
 
 @implementer(IDestination)
@@ -114,6 +113,8 @@ class DiskDestination:
 
     def check_conflicts(self, checker: ManifestChecker, overwrite: bool) -> None:
         for entry, st in checker.existing(self._out.lstat):
+            if entry.kind != DIR:
+                st = self._out.settle(entry.path, st)  # an earlier run died while placing it
             shown = printable(entry.path)
             if stat.S_ISLNK(st.st_mode) and (entry.kind == DIR or not overwrite):
                 raise Declined(f"{shown} already exists as a symbolic link (p2pft never writes through symbolic links)")

@@ -1,8 +1,10 @@
 """
-Whether the file system of a folder ignores case or Unicode form, found out
-the only reliable way: make a name in a private temporary subfolder and see
-whether another spelling finds it.  Mount options (vfat, ext4 casefold, a
+Whether the file system of a folder ignores case, found out the only
+reliable way: make a name in a private temporary subfolder and see whether
+another spelling finds it.  Mount options (vfat, ext4 casefold, a
 case-insensitive APFS or NTFS) decide it, not the operating system.
+(Unicode form needs no probe: every name is NFC-normalised before it is
+checked or written, L{p2pft.transfer.names}.)
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ class Folding:
     could not tell (say, a read-only folder)."""
 
     case: bool | None
-    unicode: bool | None
 
 
 def _collide(dir_fd: int, made: str, other: str) -> bool | None:
@@ -51,19 +52,17 @@ def probe(dir_fd: int) -> Folding:
     try:
         os.mkdir(name, 0o700, dir_fd=dir_fd)
     except OSError:
-        return Folding(None, None)
+        return Folding(None)
     try:
         sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         _remove(dir_fd, name, None)
-        return Folding(None, None)
+        return Folding(None)
     try:
         case = _collide(sub, "p2pft-case", "P2PFT-CASE")
-        # U+00E9 in NFC, then in NFD (e + U+0301).
-        unicode = _collide(sub, "\u00e9", "e\u0301")
     finally:
         _remove(dir_fd, name, sub)
-    return Folding(case, unicode)
+    return Folding(case)
 
 
 def _remove(dir_fd: int, name: str, sub: int | None) -> None:

@@ -11,8 +11,14 @@ ignores case), the sender's with every rule of every platform as warnings.
 A manifest is kept compact, because a sender may offer millions of entries
 and the receiver holds all of them before anyone is asked: each distinct
 name is stored once, as UTF-8 in one bytearray, with the index of its
-folder (L{p2pft.transfer.tree}); sizes, modes and times live in C{array} columns; L{Entry} objects
-are made on demand.  About 60 bytes per entry instead of several hundred.
+folder (L{p2pft.transfer.tree}); sizes, modes and times live in C{array}
+columns; L{Entry} objects are made on demand.  A realistic tree costs about
+85 bytes of peak RSS per entry (C{bench/manifest.py}: 1,000,000 entries,
+83 MiB above the interpreter's 42).  What is stored is capped three ways
+(L{MAX_ENTRIES}, L{MAX_NODES}, L{MAX_STORED_NAME_BYTES}), so the most a
+hostile sender can make a receiver hold, with every cap reached at once, is
+about 205 MiB above the interpreter, 262 MiB where the folder ignores case
+(measured: C{bench/manifest.py --shape worst --entries 2000000}).
 """
 
 from __future__ import annotations
@@ -32,31 +38,37 @@ from .names import (
     PORTABLE,
     POSIX,
     NameRules,
-    fold,
     path_problem,
     printable,
     quoted,
     safe_component,
     safe_path,
-    windows_problem,
 )
-from .tree import _DIR, _FILE, _IMPLIED, _SKIPPED, _Tree
+from .records import is_int
+from .tree import SHOWN_NAMES, NameTree
 
 __all__ = ["FILE", "DIR", "MAX_ENTRIES", "MAX_DEPTH", "MAX_NAME_BYTES", "MAX_PATH_BYTES", "PARTIAL_SUFFIX",
            "PORTABLE", "POSIX", "NameRules", "Entry", "Entries", "ManifestChecker", "printable",
            "quoted", "safe_component", "safe_path", "safe_mode", "entry_from_wire", "listing"]
 
 FILE, DIR = "file", "dir"
-#: Most entries one offer may hold.  A receiver keeps about 60 bytes per
-#: entry (L{ManifestChecker}), so 2,000,000 entries -- a whole Linux
-#: distribution's source tree is a tenth of that -- cost it about 130 MiB
-#: before anyone is asked, which a small machine can spare; more is refused
-#: up front, before a single entry arrives.
+#: Most entries one offer may hold.  A receiver keeps about 85 bytes per
+#: entry of a realistic tree (L{ManifestChecker}), so 2,000,000 entries --
+#: a whole Linux distribution's source tree is a tenth of that -- cost it
+#: about 170 MiB before anyone is asked, which a small machine can spare;
+#: more is refused up front, before a single entry arrives.
 MAX_ENTRIES = 2_000_000
-#: Top-level names kept for the receiver's summary.
-SUMMARY_NAMES = 8
-#: Refused (or warned about) names kept to show; the rest are only counted.
-SHOWN_NAMES = 20
+#: Most names a manifest stores: its entries, and the folders its paths
+#: only imply (a sender may offer "a/b/c" without "a" and "a/b").  A sender
+#: that offers every folder (p2pft's own) stores exactly its entries, so the
+#: cap on entries is the cap on names too; it bounds what one entry costs,
+#: up to L{MAX_DEPTH} new folders otherwise.
+MAX_NODES = MAX_ENTRIES
+#: Most bytes of names a manifest stores (each folder's name once, and the
+#: offered paths of refused entries).  2,000,000 names of 32 bytes on
+#: average -- real trees are nearer 15 -- fit; 2,000,000 names of 255 bytes
+#: (500 MB) do not.
+MAX_STORED_NAME_BYTES = 64 << 20
 
 _NO_SIZE = -1
 _NO_TIME = -(2**63)
@@ -84,10 +96,6 @@ class Entry:
         return [self.path, self.kind, self.size, self.mode, mtime]
 
 
-def _int(value: object, lo: int, hi: int) -> bool:
-    return value.__class__ is int and lo <= value <= hi
-
-
 #: Nanoseconds in a second.
 NS = 10**9
 #: Times on the wire: nanoseconds within what a signed 64-bit count holds
@@ -106,10 +114,10 @@ def _check_wire(raw: object, ns: bool = False) -> int | None:
         raise UnsafeName("offered name is not text")
     if kind != FILE and kind != DIR:
         raise UnsafeName("manifest entry of unknown kind")
-    if kind == DIR and size is not None or kind == FILE and size is not None and not _int(size, 0, 2**63 - 1):
+    if kind == DIR and size is not None or kind == FILE and size is not None and not is_int(size, 0, 2**63 - 1):
         raise UnsafeName("manifest entry with an invalid size")
     limit = _MAX_NS if ns else _MAX_SECONDS
-    if not _int(mode, 0, 0o7777) or mtime is not None and not _int(mtime, -limit, limit):
+    if not is_int(mode, 0, 0o7777) or mtime is not None and not is_int(mtime, -limit, limit):
         raise UnsafeName("manifest entry with an invalid mode or time")
     return mtime if mtime is None or ns else mtime * NS
 
@@ -143,9 +151,8 @@ class Entries(Sequence):
         c = self._c
         if index < 0:
             index += len(c._flags)
-        node = c._nodes[index]
         size, mtime = c._sizes[index], c._mtimes[index]
-        return Entry(c._tree.path(node) if node >= 0 else "", DIR if c._flags[index] & _E_DIR else FILE,
+        return Entry(c.path(index), DIR if c._flags[index] & _E_DIR else FILE,
                      None if size == _NO_SIZE else size, c._modes[index], None if mtime == _NO_TIME else mtime)
 
     def __iter__(self) -> Iterator[Entry]:
@@ -156,13 +163,16 @@ class Entries(Sequence):
 class ManifestChecker:
     """
     Takes entries one by one under C{rules} (L{NameRules}): refuses unsafe
-    names, two entries that would land on the same name (names are
-    NFC-normalised; where the folder ignores case, names equal once
-    case-folded are the same), an entry below a file, and more than
-    C{max_entries}.  L{add} raises L{UnsafeName}; L{offer} (what a receiver
-    uses) records a refused name instead, so all of them can be shown at
-    once, or skipped.  What C{warn} (more rules: the sender's L{PORTABLE})
-    refuses on top of C{rules} is only counted in L{warned}.
+    names, two entries that would land on the same name and an entry below
+    a file (L{NameTree}), and more than C{max_entries}.  L{add} raises
+    L{UnsafeName}; L{offer} (what a receiver uses) records a refused name
+    instead, so all of them can be shown at once, or skipped.  What C{warn}
+    (more rules: the sender's L{PORTABLE}) refuses on top of C{rules} is
+    only counted in L{warned}.
+
+    What it stores is capped too (L{MAX_NODES}, L{MAX_STORED_NAME_BYTES}):
+    past either cap the whole offer is refused (L{UnsafeName}), whatever
+    C{rules} say.
 
     Keeps the accepted entries (L{entries}) and the totals a summary needs,
     for accepted entries only.
@@ -171,34 +181,48 @@ class ManifestChecker:
     def __init__(self, max_entries: int = MAX_ENTRIES, rules: NameRules = PORTABLE,
                  warn: NameRules | None = None):
         self.rules = rules
-        self.warn = warn if warn is not None and warn != rules else None
         #: Whether L{offer}ed entries carry their times in nanoseconds (both
         #: sides announced "mtime-ns") rather than seconds.
         self.wire_ns = False
         self.files = self.dirs = self.bytes = 0
         self.streams = 0
-        #: First top-level names (with a trailing "/" for folders), and how many there are.
-        self.top: list[str] = []
-        self.top_count = 0
         #: Entries refused (and so skipped if the receiver chooses), and the
         #: first L{SHOWN_NAMES} of them with the reason.
         self.refused = 0
         self.refused_names: list[str] = []
         #: Bytes of the refused files (their data still crosses the network).
         self.refused_bytes = 0
-        #: Entries only C{warn} refuses, and the first of them.
-        self.warned = 0
-        self.warned_names: list[str] = []
         self._max = max_entries
-        folding = rules.fold_case or self.warn is not None and self.warn.fold_case
-        self._tree = _Tree(folding)
+        self._tree = NameTree(rules, warn if warn is not None and warn != rules else None,
+                              MAX_NODES, MAX_STORED_NAME_BYTES)
+        #: The offered paths of the refused entries that have no node, for
+        #: messages: the k-th ends at C{_refused_ends[k]}; its entry's node is -2 - k.
+        self._refused_paths = bytearray()
+        self._refused_ends = array("q")
         self._nodes = array("i")
         self._sizes = array("q")
         self._modes = array("H")
         self._mtimes = array("q")
         self._flags = bytearray()
-        self._last: tuple[str, int] = ("", -1)  # the last folder looked up, and its node
         self.entries = Entries(self)
+
+    @property
+    def top(self) -> list[str]:
+        """The first top-level names (folders with a trailing "/")."""
+        return self._tree.top
+
+    @property
+    def top_count(self) -> int:
+        return self._tree.top_count
+
+    @property
+    def warned(self) -> int:
+        """Entries only C{warn} refuses."""
+        return self._tree.warned
+
+    @property
+    def warned_names(self) -> list[str]:
+        return self._tree.warned_names
 
     def add(self, entry: Entry) -> Entry:
         """Add C{entry} or raise L{UnsafeName} (nothing is recorded then)."""
@@ -225,6 +249,16 @@ class ManifestChecker:
         sends them all)."""
         return array("l", (i for i, f in enumerate(self._flags) if not f & _E_DIR))
 
+    def path(self, index: int) -> str:
+        """The path of entry C{index}; for a refused entry that has no place
+        in the tree, what was offered (cut to L{MAX_PATH_BYTES} characters:
+        only for messages, which make it printable)."""
+        node = self._nodes[index]
+        if node >= 0:
+            return self._tree.path(node)
+        k, ends = -2 - node, self._refused_ends
+        return self._refused_paths[ends[k - 1] if k else 0:ends[k]].decode("utf-8", "surrogatepass")
+
     def _add(self, path: str, kind: str, size: int | None, mode: int, mtime: int | None, refuse: bool) -> None:
         if len(self._flags) >= self._max:
             raise UnsafeName(f"the offer has more than {self._max} entries")
@@ -232,15 +266,11 @@ class ManifestChecker:
         path, why = path_problem(path, self.rules)
         node = -1
         if why is None:
-            node, why = self._place(path, is_dir)
+            node, why = self._tree.place(path, is_dir)
         if why is not None:
             if refuse:
                 raise UnsafeName(f"offered name {quoted(path)} {why}")
-            self.refused += 1
-            if not is_dir and size is not None:
-                self.refused_bytes += size
-            if len(self.refused_names) < SHOWN_NAMES:
-                self.refused_names.append(f"{quoted(path)} {why}")
+            node = self._refuse(path, why, node, 0 if is_dir or size is None else size)
         self._nodes.append(node)
         self._sizes.append(_NO_SIZE if size is None else size)
         self._modes.append(mode)
@@ -257,120 +287,27 @@ class ManifestChecker:
             else:
                 self.bytes += size
 
-    def _warn(self, path: str, why: str) -> None:
-        self.warned += 1
-        if len(self.warned_names) < SHOWN_NAMES:
-            self.warned_names.append(f"{quoted(path)} {why}")
-
-    def _place(self, path: str, is_dir: bool) -> tuple[int, str | None]:
-        """Put the NFC C{path} in the tree; its node, or why it clashes."""
-        tree = self._tree
-        folder, _, leaf = path.rpartition("/")
-        if folder:
-            if self._last[0] == folder:
-                parent = self._last[1]
-            else:
-                parent, why = self._folder(folder)
-                if why is not None:
-                    return -1, why
-                self._last = (folder, parent)
-        else:
-            parent = -1
-        raw = leaf.encode("utf-8", "surrogatepass")
-        h = hash((parent, raw))
-        node, _ = tree.find(parent, raw, h)
-        if node >= 0 and (tree.kinds[node] & 3 != _IMPLIED or not is_dir):
-            return node, self._twice()
-        if parent >= 0 and tree.kinds[parent] & _SKIPPED:
-            why = "is inside a folder that was refused"
-            if node < 0:
-                node = tree.add(parent, raw, h, _DIR if is_dir else _FILE)
-            return node, why
-        group = -1
-        if tree.folding:
-            folded = fold(leaf)
-            pgroup = tree.node_group[parent] if parent >= 0 else -1
-            gh = hash((pgroup, folded))
-            group, _ = tree.find_group(pgroup, folded, gh)
-            if group >= 0 and (tree.g_kind[group] != _IMPLIED or not is_dir):
-                if self.rules.fold_case:
-                    if is_dir:  # so that what is below it is refused too
-                        if node < 0:
-                            node = tree.add(parent, raw, h, _DIR | _SKIPPED)
-                            tree.node_group.append(group)
-                        else:
-                            tree.kinds[node] |= _SKIPPED
-                    return node, self._twice()
-                self._warn(path, "clashes with another name where case is ignored (Windows, macOS)")
-        if self.warn is not None and self.warn.windows and not self.rules.windows:
-            why = windows_problem(leaf)
-            if why is not None:
-                self._warn(path, why)
-        kind = _DIR if is_dir else _FILE
+    def _refuse(self, path: str, why: str, node: int, size: int) -> int:
+        """Count a refused entry; its node (-2 - k for the k-th without one)."""
+        self.refused += 1
+        self.refused_bytes += size
+        if len(self.refused_names) < SHOWN_NAMES:
+            self.refused_names.append(f"{quoted(path)} {why}")
         if node >= 0:
-            tree.kinds[node] = (tree.kinds[node] & ~3) | kind
-        else:
-            node = tree.add(parent, raw, h, kind)
-            if tree.folding:
-                if group < 0:
-                    group = tree.add_group(pgroup, folded, gh, node, kind)
-                tree.node_group.append(group)
-            if parent < 0 and (not tree.folding or tree.g_rep[group] == node):
-                self.top_count += 1
-                if len(self.top) < SUMMARY_NAMES:
-                    self.top.append(leaf + ("/" if is_dir else ""))
-        if tree.folding and tree.g_kind[group] == _IMPLIED:
-            tree.g_kind[group] = kind
-        return node, None
-
-    def _twice(self) -> str:
-        if self.rules.fold_case:
-            return ("is offered twice (names that differ only in case or Unicode form are the same "
-                    "name in a folder that ignores case)")
-        return "is offered twice (names that differ only in Unicode form are the same name once normalised)"
-
-    def _folder(self, folder: str) -> tuple[int, str | None]:
-        """The node of the folder path C{folder}, made (implied) where
-        missing; or why it cannot be one (a file is there)."""
-        tree = self._tree
-        parent = -1
-        for part in folder.split("/"):
-            raw = part.encode("utf-8", "surrogatepass")
-            h = hash((parent, raw))
-            node, _ = tree.find(parent, raw, h)
-            if node >= 0:
-                if tree.kinds[node] & 3 == _FILE or tree.folding and tree.g_kind[tree.node_group[node]] == _FILE \
-                        and self.rules.fold_case:
-                    return -1, "is offered inside a file"
-                parent = node
-                continue
-            group = -1
-            if tree.folding:
-                folded = fold(part)
-                pgroup = tree.node_group[parent] if parent >= 0 else -1
-                gh = hash((pgroup, folded))
-                group, _ = tree.find_group(pgroup, folded, gh)
-                if group >= 0 and tree.g_kind[group] == _FILE and self.rules.fold_case:
-                    return -1, "is offered inside a file"
-            node = tree.add(parent, raw, h, _IMPLIED)
-            if tree.folding:
-                if group < 0:
-                    group = tree.add_group(pgroup, folded, gh, node, _IMPLIED)
-                tree.node_group.append(group)
-            if parent < 0 and (not tree.folding or tree.g_rep[group] == node):
-                self.top_count += 1
-                if len(self.top) < SUMMARY_NAMES:
-                    self.top.append(part + "/")
-            parent = node
-        return parent, None
+            return node
+        raw = path[:MAX_PATH_BYTES].encode("utf-8", "surrogatepass")
+        self._tree.nodes.charge(len(raw))
+        self._refused_paths += raw
+        self._refused_ends.append(len(self._refused_paths))
+        return -1 - len(self._refused_ends)
 
     def existing(self, lstat: Callable[[str], os.stat_result | None]) -> Iterator[tuple[Entry, os.stat_result]]:
         """Each accepted entry whose name is taken, with what C{lstat(path)}
         found there; C{lstat} is not asked about what lies below a folder
         it found missing (so an empty output folder costs one call per
         top-level name, not one per entry)."""
-        missing = bytearray(len(self._tree.parents))
-        parents = self._tree.parents
+        parents = self._tree.nodes.parents
+        missing = bytearray(len(parents))
         for index in range(len(self._flags)):
             node = self._nodes[index]
             if self._flags[index] & _E_SKIPPED:

@@ -51,12 +51,14 @@ def parse_control(payload: bytes) -> dict:
         raise TransferFailed("malformed control message") from None
 
 
-def is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def is_int(value: object, lo: int | None = None, hi: int | None = None) -> bool:
+    """Whether C{value} is an integer (not a bool: JSON tells them apart)
+    within [lo, hi] (either bound may be left out)."""
+    return type(value) is int and (lo is None or lo <= value) and (hi is None or value <= hi)
 
 
 def count(value: object, what: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
     """C{value} if it is an integer within [lo, hi], else a protocol error."""
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+    if not is_int(value, lo, hi):
         raise TransferFailed(f"protocol error: invalid {what}")
     return value

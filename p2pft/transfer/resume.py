@@ -149,26 +149,33 @@ def find_existing(out: OutputDir, entries, stop: threading.Event,
             entry = entries[index]
             if entry.kind == DIR or entry.size is None:
                 continue
-            st = out.lstat(entry.path)
-            if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == entry.size:
-                with out.open_read(entry.path) as f:
-                    prefix = hash_prefix(f, entry.size)
-                if prefix.length == entry.size:
-                    found[index] = Have(True, prefix)
-                continue
-            st = out.lstat(entry.path, partial=True)
-            if st is not None and stat.S_ISREG(st.st_mode):
-                limit = min(st.st_size, entry.size) // BLOCK * BLOCK
-                if limit:
-                    with out.open_read(entry.path, partial=True) as f:
-                        prefix = hash_prefix(f, limit)
-                    if prefix.length == limit:
-                        found[index] = Have(False, prefix)
-    except Declined:
-        pass  # a folder on the way is not one: refused later, when it is written
+            try:
+                have = _existing(out, entry)
+            except Declined:
+                continue  # not a file of ours (a link, a file on the way): refused when it is written
+            if have is not None:
+                found[index] = have
     finally:
         out.close()
     return found
+
+
+def _existing(out: OutputDir, entry) -> Have | None:
+    """What is already there of one file (L{find_existing})."""
+    st = out.lstat(entry.path)
+    if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == entry.size:
+        with out.open_read(entry.path) as f:
+            prefix = hash_prefix(f, entry.size)
+        return Have(True, prefix) if prefix.length == entry.size else None
+    st = out.lstat(entry.path, partial=True)
+    if st is not None and stat.S_ISREG(st.st_mode):
+        limit = min(st.st_size, entry.size) // BLOCK * BLOCK
+        if limit:
+            with out.open_read(entry.path, partial=True) as f:
+                prefix = hash_prefix(f, limit)
+            if prefix.length == limit:
+                return Have(False, prefix)
+    return None
 
 
 def have_messages(have: dict[int, Have]) -> Iterator[dict]:

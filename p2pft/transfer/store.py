@@ -24,6 +24,7 @@ import stat
 from typing import BinaryIO
 
 from ..errors import Declined, TransferFailed
+from . import fsprobe, placing
 from .manifest import PARTIAL_SUFFIX, printable
 
 #: Folder descriptors kept open (a tree of 10,000 folders must not use 10,000).
@@ -104,6 +105,11 @@ class OutputDir:
         except FileNotFoundError:
             return None
 
+    def fold_case(self) -> bool | None:
+        """Whether the output folder's file system ignores case (probed:
+        L{fsprobe}); None if the probe could not tell."""
+        return fsprobe.probe(self._fd).case
+
     def make_dir(self, path: str) -> None:
         self._dir(path.split("/"), create=True)
 
@@ -166,12 +172,26 @@ class OutputDir:
         except (FileNotFoundError, TransferFailed):
             pass
 
+    def settle(self, path: str, st: os.stat_result) -> os.stat_result:
+        """C{st}, what is at C{path}; if that is one file with its partial
+        name (two links, the same inode), an earlier run died while placing
+        it (between linking it into place and removing the partial name):
+        the destination is the complete file, so drop the partial name."""
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 2:
+            return st
+        partial = self.lstat(path, partial=True)
+        if partial is None or (partial.st_dev, partial.st_ino) != (st.st_dev, st.st_ino):
+            return st
+        self.remove_partial(path)
+        return self.lstat(path) or st
+
     def place(self, path: str, f: BinaryIO, mode: int, mtime_ns: int | None, overwrite: bool) -> None:
         """Close the verified partial file C{f} of C{path} and move it into
         place: never over an existing entry unless C{overwrite}, and never
         over a folder.  What lands at C{path} is the file C{f} is open on,
-        whatever the partial name meanwhile became (another file, a hard
-        link to a file elsewhere): never anything else."""
+        whatever the partial name meanwhile became (L{placing}: by its
+        descriptor, or by a fresh name checked to be it; a swap of that
+        name in the instant before its rename is detected and reported)."""
         with f:
             fd = f.fileno()
             os.fchmod(fd, mode)
@@ -187,63 +207,7 @@ class OutputDir:
             existing = self.lstat(path)
             if existing is not None and stat.S_ISDIR(existing.st_mode):
                 raise Declined(f"{printable(path)} appeared as a folder while receiving; kept the partial file")
-            try:
-                # Link the file we wrote, by its descriptor (Linux, /proc):
-                # fails if the destination exists (no clobbering, no race),
-                # and whatever the partial name is now does not matter.
-                os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=parent, follow_symlinks=True)
-            except FileExistsError:
-                if not overwrite:
-                    raise Declined(f"{printable(path)} appeared while receiving; kept the existing file") from None
-                self._check_ours(parent, name + PARTIAL_SUFFIX, ours, shown)
-                # The destination's name now means our file; another hard
-                # link of what was there keeps its old content.
-                os.replace(name + PARTIAL_SUFFIX, name, src_dir_fd=parent, dst_dir_fd=parent)
-                self._check_ours(parent, name, ours, printable(path))
-                return
-            except OSError:
-                self._place_by_name(path, parent, name, ours, overwrite)
-                return
-        if self._is(parent, name + PARTIAL_SUFFIX, ours):
-            os.unlink(name + PARTIAL_SUFFIX, dir_fd=parent)
-
-    @staticmethod
-    def _is(parent: int, name: str, ours: os.stat_result) -> bool:
-        """Whether C{name} is (still) the file C{ours} describes."""
-        try:
-            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        return (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino)
-
-    def _check_ours(self, parent: int, name: str, ours: os.stat_result, shown: str) -> None:
-        if not self._is(parent, name, ours):
-            raise Declined(f"{shown} was replaced by another file while receiving (p2pft never moves "
-                           "a file it did not write)")
-
-    def _place_by_name(self, path: str, parent: int, name: str, ours: os.stat_result, overwrite: bool) -> None:
-        """L{place} without /proc, or on a file system without hard links:
-        by the partial name, checked to be our file before and after."""
-        partial, shown = name + PARTIAL_SUFFIX, printable(path + PARTIAL_SUFFIX)
-        self._check_ours(parent, partial, ours, shown)
-        if overwrite:
-            os.replace(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
-            self._check_ours(parent, name, ours, printable(path))
-            return
-        try:
-            # Fails if the destination exists: no clobbering, no race.
-            os.link(partial, name, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
-        except FileExistsError:
-            raise Declined(f"{printable(path)} appeared while receiving; kept the existing file") from None
-        except OSError:
-            # File systems without hard links: check-then-rename is the best we can do.
-            if self.lstat(path) is not None:
-                raise Declined(f"{printable(path)} already exists") from None
-            os.rename(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
-            self._check_ours(parent, name, ours, printable(path))
-            return
-        self._check_ours(parent, name, ours, printable(path))
-        os.unlink(partial, dir_fd=parent)
+            placing.link_into_place(parent, name, fd, ours, path, overwrite)
 
     def free(self) -> int:
         return shutil.disk_usage(self.path).free

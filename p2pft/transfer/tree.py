@@ -1,15 +1,25 @@
 """
-The compact storage of a manifest's names (L{p2pft.transfer.manifest}):
-each distinct name once, as UTF-8 in one bytearray, with the index of its
-folder, found again through an open-addressing hash index; where the folder
-ignores case, the names that fold alike share a group.
+The names of a manifest (L{p2pft.transfer.manifest}): L{NameTree} places
+each offered path among the others and decides its clashes (offered twice,
+inside a file, the same name where case is ignored), on top of L{_Tree},
+their compact storage: each distinct name once, as UTF-8 in one bytearray,
+with the index of its folder, found again through an open-addressing hash
+index; where the folder ignores case, the names that fold alike share a
+group.
+
+What is stored is capped, not only the number of entries: a folder implied
+by a deeper path is a node too, so one entry may add up to
+L{p2pft.transfer.names.MAX_DEPTH} of them.  C{max_nodes} and C{max_bytes}
+(the manifest's L{MAX_NODES}, L{MAX_STORED_NAME_BYTES}) bound the nodes and
+the name bytes kept; past either, the whole offer is refused.
 """
 
 from __future__ import annotations
 
 from array import array
 
-from .names import fold
+from ..errors import UnsafeName
+from .names import NameRules, fold, quoted, windows_problem
 
 _IMPLIED, _FILE, _DIR = 0, 1, 2
 _SKIPPED = 4  # node flag: a refused folder (what is below it is refused too)
@@ -47,7 +57,11 @@ class _Tree:
     where clashes and "inside a file" are decided.
     """
 
-    def __init__(self, folding: bool):
+    def __init__(self, folding: bool, max_nodes: int, max_bytes: int):
+        self.max_nodes = max_nodes
+        self.max_bytes = max_bytes
+        #: Name bytes kept: the names, and what the owner L{charge}s for.
+        self.stored = 0
         self.parents = array("i")
         self.ends = array("q")
         self.names = bytearray()
@@ -80,9 +94,21 @@ class _Tree:
                 return node, i
             i = (i + 1) & mask
 
+    def charge(self, size: int) -> None:
+        """Count C{size} more name bytes kept, or refuse the offer."""
+        if self.stored + size > self.max_bytes:
+            cap = f"{self.max_bytes >> 20} MiB" if self.max_bytes % (1 << 20) == 0 else f"{self.max_bytes:,} bytes"
+            raise UnsafeName(f"the offer's names take more than {cap} "
+                             "(p2pft keeps them all before anyone is asked): send the folders separately")
+        self.stored += size
+
     def add(self, parent: int, raw: bytes, h: int, kind: int) -> int:
-        self._index.grow(self.hashes)
         node = len(self.parents)
+        if node >= self.max_nodes:
+            raise UnsafeName(f"the offer names more than {self.max_nodes:,} files and folders, counting "
+                             "the folders its paths only imply: send the folders separately")
+        self.charge(len(raw))
+        self._index.grow(self.hashes)
         _, slot = self.find(parent, raw, h)
         self._index.slots[slot] = node
         self._index.used += 1
@@ -129,3 +155,146 @@ class _Tree:
                 self._paths.clear()
             self._paths[parent] = above
         return f"{above}/{self.name(node)}"
+
+
+#: Top-level names kept for the receiver's summary.
+SUMMARY_NAMES = 8
+#: Names only the warning rules refuse, kept to show; the rest are only counted.
+SHOWN_NAMES = 20
+
+
+class NameTree:
+    """
+    Places offered paths (NFC, already checked one by one) under C{rules}:
+    refuses two that would land on the same name (where the folder ignores
+    case, names equal once case-folded are the same) and a path below a
+    file.  What C{warn} (more rules: the sender's) refuses on top of
+    C{rules} is only counted in L{warned}.  Keeps the first top-level names
+    for the summary (L{top}, L{top_count}).
+    """
+
+    def __init__(self, rules: NameRules, warn: NameRules | None, max_nodes: int, max_bytes: int):
+        self.rules = rules
+        self.warn = warn
+        folding = rules.fold_case or warn is not None and warn.fold_case
+        self.nodes = _Tree(folding, max_nodes, max_bytes)
+        #: First top-level names (with a trailing "/" for folders), and how many there are.
+        self.top: list[str] = []
+        self.top_count = 0
+        #: Entries only C{warn} refuses, and the first of them.
+        self.warned = 0
+        self.warned_names: list[str] = []
+        self._last: tuple[str, int] = ("", -1)  # the last folder looked up, and its node
+
+    def path(self, node: int) -> str:
+        return self.nodes.path(node)
+
+    def _warn(self, path: str, why: str) -> None:
+        self.warned += 1
+        if len(self.warned_names) < SHOWN_NAMES:
+            self.warned_names.append(f"{quoted(path)} {why}")
+
+    def _top(self, group: int, node: int, shown: str) -> None:
+        tree = self.nodes
+        if not tree.folding or tree.g_rep[group] == node:
+            self.top_count += 1
+            if len(self.top) < SUMMARY_NAMES:
+                self.top.append(shown)
+
+    def place(self, path: str, is_dir: bool) -> tuple[int, str | None]:
+        """Put the NFC C{path} in the tree; its node, or why it clashes."""
+        tree = self.nodes
+        folder, _, leaf = path.rpartition("/")
+        if folder:
+            if self._last[0] == folder:
+                parent = self._last[1]
+            else:
+                parent, why = self._folder(folder)
+                if why is not None:
+                    return -1, why
+                self._last = (folder, parent)
+        else:
+            parent = -1
+        raw = leaf.encode("utf-8", "surrogatepass")
+        h = hash((parent, raw))
+        node, _ = tree.find(parent, raw, h)
+        if node >= 0 and (tree.kinds[node] & 3 != _IMPLIED or not is_dir):
+            return node, self._twice()
+        if parent >= 0 and tree.kinds[parent] & _SKIPPED:
+            why = "is inside a folder that was refused"
+            if node < 0:
+                node = tree.add(parent, raw, h, _DIR if is_dir else _FILE)
+            return node, why
+        group = -1
+        if tree.folding:
+            folded = fold(leaf)
+            pgroup = tree.node_group[parent] if parent >= 0 else -1
+            gh = hash((pgroup, folded))
+            group, _ = tree.find_group(pgroup, folded, gh)
+            if group >= 0 and (tree.g_kind[group] != _IMPLIED or not is_dir):
+                if self.rules.fold_case:
+                    if is_dir:  # so that what is below it is refused too
+                        if node < 0:
+                            node = tree.add(parent, raw, h, _DIR | _SKIPPED)
+                            tree.node_group.append(group)
+                        else:
+                            tree.kinds[node] |= _SKIPPED
+                    return node, self._twice()
+                self._warn(path, "clashes with another name where case is ignored (Windows, macOS)")
+        if self.warn is not None and self.warn.windows and not self.rules.windows:
+            why = windows_problem(leaf)
+            if why is not None:
+                self._warn(path, why)
+        kind = _DIR if is_dir else _FILE
+        if node >= 0:
+            tree.kinds[node] = (tree.kinds[node] & ~3) | kind
+        else:
+            node = tree.add(parent, raw, h, kind)
+            if tree.folding:
+                if group < 0:
+                    group = tree.add_group(pgroup, folded, gh, node, kind)
+                tree.node_group.append(group)
+            if parent < 0:
+                self._top(group, node, leaf + ("/" if is_dir else ""))
+        if tree.folding and tree.g_kind[group] == _IMPLIED:
+            tree.g_kind[group] = kind
+        return node, None
+
+    def _twice(self) -> str:
+        if self.rules.fold_case:
+            return ("is offered twice (names that differ only in case or Unicode form are the same "
+                    "name in a folder that ignores case)")
+        return "is offered twice (names that differ only in Unicode form are the same name once normalised)"
+
+    def _folder(self, folder: str) -> tuple[int, str | None]:
+        """The node of the folder path C{folder}, made (implied) where
+        missing; or why it cannot be one (a file is there)."""
+        tree = self.nodes
+        parent = -1
+        for part in folder.split("/"):
+            raw = part.encode("utf-8", "surrogatepass")
+            h = hash((parent, raw))
+            node, _ = tree.find(parent, raw, h)
+            if node >= 0:
+                if tree.kinds[node] & 3 == _FILE or tree.folding and tree.g_kind[tree.node_group[node]] == _FILE \
+                        and self.rules.fold_case:
+                    return -1, "is offered inside a file"
+                parent = node
+                continue
+            group = -1
+            if tree.folding:
+                folded = fold(part)
+                pgroup = tree.node_group[parent] if parent >= 0 else -1
+                gh = hash((pgroup, folded))
+                group, _ = tree.find_group(pgroup, folded, gh)
+                if group >= 0 and tree.g_kind[group] == _FILE and self.rules.fold_case:
+                    return -1, "is offered inside a file"
+            node = tree.add(parent, raw, h, _IMPLIED)
+            if tree.folding:
+                if group < 0:
+                    group = tree.add_group(pgroup, folded, gh, node, _IMPLIED)
+                tree.node_group.append(group)
+            if parent < 0:
+                self._top(group, node, part + "/")
+            parent = node
+        return parent, None
