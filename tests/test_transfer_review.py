@@ -61,6 +61,7 @@ class StoredManifestCapTests(SynchronousTestCase):
         entries = [[f"h{i}/{below}/f", "file", 1, 0o644, None] for i in range(9)]
         asked, d = self.receive(entries)
         self.assertEqual(len(asked), 1, "under the cap: the user is asked")
+        self.failureResultOf(d, Declined)  # who said no
         asked, d = self.receive(entries + [[f"h9/{below}/f", "file", 1, 0o644, None]])
         message = str(self.failureResultOf(d, UnsafeName).value)
         self.assertEqual(asked, [], "refused before anyone is asked")
