@@ -70,10 +70,10 @@ class ChannelTests(SynchronousTestCase):
 
         clock = Clock()
         sp, rp, pump, got = self.chosen_pair(clock)
-        sent_before = sp._sealer._counter
+        sent_before = sp._records._sealer._counter
         clock.advance(KEEPALIVE_INTERVAL + 1)
         pump.flush()
-        self.assertEqual(sp._sealer._counter, sent_before + 1, "one keepalive sent")
+        self.assertEqual(sp._records._sealer._counter, sent_before + 1, "one keepalive sent")
         self.assertEqual(got, [], "keepalives are not handed up")
         # Records after a keepalive still open: the counters stay in step.
         sp.send(9, b"after")
@@ -85,10 +85,10 @@ class ChannelTests(SynchronousTestCase):
         clock.advance(KEEPALIVE_INTERVAL / 2 + 1)
         pump.flush()
         self.assertEqual(got[-1], (9, b"busy"))
-        n = sp._sealer._counter
+        n = sp._records._sealer._counter
         clock.advance(KEEPALIVE_INTERVAL / 2)
         pump.flush()
-        self.assertEqual(sp._sealer._counter, n + 1)
+        self.assertEqual(sp._records._sealer._counter, n + 1)
 
     def test_chosen_channel_reads_and_sends_big_pieces(self):
         from p2pft.channel import READ_SIZE, SEND_SIZE
