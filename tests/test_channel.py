@@ -9,9 +9,9 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pft import channel
-from p2pft.channel import (KEEPALIVE, KEEPALIVE_INTERVAL, MAX_RELAY_LINE, READ_SIZE, SEND_SIZE,
-                           CandidateHandshake, PeerConnection, Records, RelayGreeting)
+from p2pft.channel import connection as channel
+from p2pft.channel.connection import (KEEPALIVE, KEEPALIVE_INTERVAL, MAX_RELAY_LINE, READ_SIZE, SEND_SIZE,
+                                      CandidateHandshake, PeerConnection, Records, RelayGreeting)
 from p2pft.secure import MAGIC, RECEIVER, SENDER, Handshake, Pake, SecurityError
 
 

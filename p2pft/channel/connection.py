@@ -31,10 +31,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from .punch import ICandidate
-from .rendezvous import normalise_host
-from .util import OneShot
-from .secure import Handshake, RecordOpener, RecordSealer, SecurityError, SessionKeys
+from ..punch import ICandidate
+from ..rendezvous import normalise_host
+from ..util import OneShot
+from ..secure import Handshake, RecordOpener, RecordSealer, SecurityError, SessionKeys
 
 
 #: Record type 0: sent after KEEPALIVE_INTERVAL seconds without sending
