@@ -4,14 +4,17 @@ own (bytes in, writes and events out, no sockets), the phase changes of a
 PeerConnection on a StringTransport, and a chosen pair over iosim.
 """
 
+import socket
+
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pft.channel import connection as channel
-from p2pft.channel.connection import (KEEPALIVE, KEEPALIVE_INTERVAL, MAX_RELAY_LINE, READ_SIZE, SEND_SIZE,
-                                      CandidateHandshake, PeerConnection, Records, RelayGreeting)
+from p2pft.channel import KEEPALIVE, KEEPALIVE_INTERVAL, PeerConnection
+from p2pft.channel.candidate import CandidateHandshake
+from p2pft.channel.greeting import MAX_RELAY_LINE, RelayGreeting
+from p2pft.channel.records import KEEPCNT, KEEPIDLE, KEEPINTVL, READ_SIZE, SEND_SIZE, Records
 from p2pft.secure import MAGIC, RECEIVER, SENDER, Handshake, Pake, SecurityError
 
 
@@ -31,8 +34,6 @@ class ChannelTests(SynchronousTestCase):
         """Two PeerConnections over iosim that chose each other, each
         with a handler collecting its records: (sender, receiver, pump, got)."""
         from twisted.test import iosim
-
-        from p2pft.channel import PeerConnection
 
         s_keys, r_keys = session_keys()
 
@@ -72,8 +73,6 @@ class ChannelTests(SynchronousTestCase):
         return sp, rp, pump, got
 
     def test_keepalive(self):
-        from p2pft.channel import KEEPALIVE_INTERVAL
-
         clock = Clock()
         sp, rp, pump, got = self.chosen_pair(clock)
         sent_before = sp._records._sealer._counter
@@ -97,8 +96,6 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(sp._records._sealer._counter, n + 1)
 
     def test_chosen_channel_reads_and_sends_big_pieces(self):
-        from p2pft.channel import READ_SIZE, SEND_SIZE
-
         sp, rp, pump, got = self.chosen_pair(Clock())
         for p in (sp, rp):
             self.assertEqual((p.transport.bufferSize, p.transport.SEND_LIMIT), (READ_SIZE, SEND_SIZE))
@@ -372,13 +369,11 @@ class RecordsTests(SynchronousTestCase):
         return self.peer_opener.feed(data)
 
     def test_start_tunes_the_transport(self):
-        import socket
-
         self.assertEqual((self.transport.bufferSize, self.transport.SEND_LIMIT), (READ_SIZE, SEND_SIZE))
         self.assertEqual(self.transport.tcp_keepalive, 1)
+        options = (("TCP_KEEPIDLE", KEEPIDLE), ("TCP_KEEPINTVL", KEEPINTVL), ("TCP_KEEPCNT", KEEPCNT))
         expected = {(socket.IPPROTO_TCP, getattr(socket, name)): value
-                    for name, value in (("TCP_KEEPIDLE", channel.KEEPIDLE), ("TCP_KEEPINTVL", channel.KEEPINTVL),
-                                        ("TCP_KEEPCNT", channel.KEEPCNT)) if hasattr(socket, name)}
+                    for name, value in options if hasattr(socket, name)}
         self.assertEqual(self.transport.socket.options, expected)
         self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [KEEPALIVE_INTERVAL])
 
