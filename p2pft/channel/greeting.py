@@ -1,0 +1,68 @@
+"""
+The first phase of a connection through a relay: C{RELAY <token> <role>},
+then the relay's C{OK} (docs/PROTOCOL.md, the relay section).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import attrs
+from zope.interface import implementer
+
+from .interfaces import IPhase
+
+
+#: Bytes of a relay's reply without a newline before we give up on it: the
+#: relay says C{OK} or one short C{ERROR} line (a rendezvous server relaying
+#: on its own port greets with its WELCOME line first).
+MAX_RELAY_LINE = 512
+#: Characters of a relay's refusal kept for the error line.
+MAX_REFUSAL = 200
+
+
+def printable(text: str) -> str:
+    # What a relay says reaches the user's terminal: no control characters.
+    # (A later step of issue 13 unifies the printable helpers; until then
+    # this one stays here, alone.)
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+@implementer(IPhase)
+@attrs.define(eq=False)
+class RelayGreeting:
+    """
+    Through a relay: ask it to join us with the other side, then wait for
+    its C{OK}.  A rendezvous server relaying on its own port greets first
+    with its WELCOME line, which is skipped (once).  On C{OK}, C{joined}
+    gets the bytes read after it (the start of the other side's HELLO); on
+    anything else C{drop} gets the reason.
+    """
+
+    token: str
+    role: str
+    write: Callable[[bytes], object]
+    drop: Callable[[str], object]
+    joined: Callable[[bytes], object]
+    _buffer: bytes = b""
+    _welcomed: bool = False
+
+    def start(self) -> None:
+        self.write(f"RELAY {self.token} {self.role}\n".encode("ascii"))
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        line, newline, rest = self._buffer.partition(b"\n")
+        if newline and line.startswith(b"WELCOME ") and not self._welcomed:
+            self._welcomed = True
+            self._buffer = rest
+            line, newline, rest = rest.partition(b"\n")
+        if not newline:
+            if len(self._buffer) > MAX_RELAY_LINE:
+                self.drop("relay sent an overlong line")
+            return
+        if line.rstrip(b"\r") != b"OK":
+            text = line.decode("utf-8", "replace").removeprefix("ERROR ").strip()
+            self.drop(f"relay refused: {printable(text[:MAX_REFUSAL])}")
+            return
+        self.joined(rest)
