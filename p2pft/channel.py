@@ -19,8 +19,8 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from .punch import ICandidate
-from .rendezvous import normalise_host
-from .util import OneShot
+from .addresses import normalise_host
+from .util import OneShot, cancel, printable
 from .secure import Handshake, SecurityError, SessionKeys
 
 
@@ -100,7 +100,7 @@ class PeerConnection(Protocol):
             return None
         if line.rstrip(b"\r") != b"OK":
             text = line.decode("utf-8", "replace").removeprefix("ERROR ").strip()
-            self._drop(f"relay refused: {''.join(c if c.isprintable() else '?' for c in text[:200])}")
+            self._drop(f"relay refused: {printable(text, 200)}")
             return None
         self._relay_wait = False
         self.transport.write(self._handshake.hello())
@@ -146,8 +146,7 @@ class PeerConnection(Protocol):
         self.abandon()
 
     def _cancelTimer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        cancel(self._timer)
         self._timer = None
 
     def _becomeChannel(self) -> None:
@@ -180,8 +179,7 @@ class PeerConnection(Protocol):
         self._ticker = self._clock.callLater(max(0.0, KEEPALIVE_INTERVAL - idle), self._tick)
 
     def _stopTicker(self) -> None:
-        if self._ticker is not None and self._ticker.active():
-            self._ticker.cancel()
+        cancel(self._ticker)
         self._ticker = None
 
     # -- channel phase

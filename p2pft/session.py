@@ -26,13 +26,13 @@ from zope.interface import implementer
 
 from . import codes
 from .transfer import text
-from .addresses import Address, global_ipv6_addresses, is_host_or_link_only, is_loopback, parse_ip
+from .addresses import Address, global_ipv6_addresses, is_host_or_link_only, is_loopback, normalise_host, parse_ip
 from .channel import PeerConnection
 from .punch import PunchConnector, PunchFailed, PunchSchedule
-from .rendezvous import PeerGone, RendezvousClientProtocol, RendezvousError, normalise_host
+from .rendezvous import PeerGone, RendezvousClientProtocol, RendezvousError
 from .secure import RECEIVER, SENDER, Pake, SecurityError, WrongCode
 from .errors import ScanError
-from .transfer.manifest import FILE, Entry, ManifestChecker, printable
+from .transfer.manifest import FILE, Entry, ManifestChecker
 from .transfer.scan import Manifest, scan, stream_manifest
 from .transfer import (
     FDReader,
@@ -45,7 +45,7 @@ from .transfer import (
     TransferFailed,
     is_stream,
 )
-from .util import dump_object, load_object
+from .util import cancel, dump_object, load_object, printable
 
 log = Logger()
 
@@ -324,8 +324,7 @@ async def _punch_watching_partner(reactor, client, connector, role, schedule) ->
     finally:
         watch.cancel()
         for t in timers:
-            if t.active():
-                t.cancel()
+            cancel(t)
 
 
 def _candidates(public: tuple[str, int], local: tuple[str, int], ipv6: list[str] = ()) -> list[list]:

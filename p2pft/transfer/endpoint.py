@@ -15,6 +15,7 @@ from typing import Callable
 from twisted.internet import defer
 
 from ..errors import TransferFailed
+from ..util import cancel
 from .manifest import printable
 from .records import ABORT, KIND_NAMES, control, parse_control
 
@@ -106,8 +107,7 @@ class Endpoint:
             self._settle()
 
     def _settle(self) -> None:
-        if self._close_timer is not None and self._close_timer.active():
-            self._close_timer.cancel()
+        cancel(self._close_timer)
         outcome = self._outcome
         self.state = self.State.FAILED if isinstance(outcome, Exception) else self.State.DONE
         if self.done.called:
