@@ -159,8 +159,9 @@ class Endpoint:
             self._fail(e)
         elif isinstance(e, OSError):
             self._fail(os_error(e, e.filename or ""))
-        else:
+        elif not self._ending:  # a bug: the peer hears a line, our caller gets the bug itself
             self._fail(TransferFailed(f"unexpected {type(e).__name__}: {e}"))
+            self._outcome = e
 
     def _later(self, work: defer.Deferred, then: Callable) -> None:
         """Continue with C{then(result)} once blocking work is done, unless
