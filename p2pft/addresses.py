@@ -58,6 +58,15 @@ def ip_key(host: str) -> str:
     return str(ip)
 
 
+def normalise_host(host: str) -> str:
+    """An address as both sides compare and show it: an IPv4-mapped IPv6
+    address (what a dual-stack listener reports) as the IPv4 address, a
+    scope id dropped, other literals in their canonical form; anything that
+    is not an IP literal unchanged."""
+    ip = parse_ip(host.split("%", 1)[0])
+    return host if ip is None else str(ip)
+
+
 def is_loopback(host: str) -> bool:
     """Whether C{host} is a loopback address (IPv4-mapped ones included)."""
     ip = parse_ip(host.split("%", 1)[0])

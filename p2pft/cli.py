@@ -12,10 +12,16 @@ import os
 import sys
 
 from twisted.internet import defer
+from twisted.logger import Logger, LogLevel
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from . import codes
+from .errors import NotATerminal, P2pftError
 from .options import Options, format_server
+from .util import printable
+
+log = Logger()
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -24,6 +30,8 @@ EXIT_INTERRUPTED = 130
 SHUTDOWN_GRACE = 2.0
 
 RESUME_HINT = "run the same send and receive again (with a new code) to resume"
+#: What an unexpected error's line adds: it is a bug, and how to report it.
+BUG_HINT = "this is a bug in p2pft; please report it, with the traceback P2PFT_DEBUG=1 prints"
 
 
 def make_ui(sub: usage.Options, reactor=None):
@@ -35,8 +43,10 @@ def make_ui(sub: usage.Options, reactor=None):
     return JsonUI(server, **kw) if sub.get("json") else HumanUI(server, **kw)
 
 
-class Interrupted(Exception):
+class Interrupted(P2pftError):
     """Ctrl-C before the reactor ran (at the code prompt)."""
+
+    default = "interrupted"
 
 
 def ask_code() -> str:
@@ -57,7 +67,7 @@ def ask_code() -> str:
     return text
 
 
-class PreflightError(Exception):
+class PreflightError(P2pftError):
     """Something checked before contacting the server; one line."""
 
 
@@ -70,8 +80,6 @@ def check_output_dir(path: str, access=os.access) -> None:
     """
     import errno
     import tempfile
-
-    from .transfer.manifest import printable
 
     shown = printable(path)
     if not os.path.isdir(path):
@@ -99,20 +107,25 @@ def preflight(command: str, sub: usage.Options, stdin=None, ask=None) -> None:
         check_output_dir(sub["output-dir"])
     if not sub.get("code"):
         sub["code"] = (ask or ask_code)()
+    check_answerable(sub, stdin)
+
+
+def check_answerable(sub: usage.Options, stdin=None) -> None:
+    """A receiver without --yes must be able to ask whether to accept: an
+    offer that cannot be answered, found out only after pairing, would burn
+    the sender's code.  A usage error, so that it is refused while parsing
+    (by the CLI's L{preflight}, by the twistd plugin's options)."""
+    stdin = sys.stdin if stdin is None else stdin
     if not sub["yes"] and not (hasattr(stdin, "isatty") and stdin.isatty()):
-        raise usage.UsageError("cannot ask whether to accept: standard input is not a terminal (use --yes)")
+        raise usage.UsageError(NotATerminal.default)
 
 
 async def run_peer(reactor, command: str, sub: usage.Options, ui, channels: list | None = None) -> None:
-    """Run send or receive; raise the one-line errors as exceptions.
-    The chosen peer connection is appended to C{channels}."""
-    from .session import SessionError, Settings, receive, send, send_text
+    """Run send or receive (after L{preflight}); raise the one-line errors
+    as L{P2pftError}s.  The chosen peer connection is appended to
+    C{channels}."""
+    from .session import Settings, receive, send, send_text
 
-    if command == "receive" and sub["output"] != "-":
-        try:
-            check_output_dir(sub["output-dir"])
-        except PreflightError as e:
-            raise SessionError(str(e)) from None
     settings = Settings(
         sub["server"], code=sub.get("code"),
         code_length=sub.get("code-length", codes.DEFAULT_WORDS), timeout=sub["timeout"],
@@ -132,19 +145,23 @@ async def run_peer(reactor, command: str, sub: usage.Options, ui, channels: list
 
 def explain(e: BaseException) -> tuple[str, bool]:
     """The one-line message for a failed send or receive, and whether it
-    was expected (an unexpected one is a bug: P2PFT_DEBUG shows its
-    traceback)."""
-    from .secure import SecurityError
-    from .session import SessionError
-    from .transfer import TransferFailed
-
-    if isinstance(e, (SessionError, TransferFailed, SecurityError, RuntimeError)):
-        return str(e), True
+    was expected: a L{P2pftError} is its message, an L{OSError} its
+    C{strerror} and file name; anything else is a bug in p2pft (its caller
+    logs the traceback, see L{report_bug})."""
+    if isinstance(e, P2pftError):
+        return e.message, True
     if isinstance(e, OSError):
-        from .transfer.manifest import printable
-
         return f"{e.strerror or e}" + (f": {printable(str(e.filename))}" if e.filename else ""), True
-    return f"unexpected {e.__class__.__name__}: {e} (set P2PFT_DEBUG=1 for details)", False
+    return f"unexpected {e.__class__.__name__}: {printable(str(e))} ({BUG_HINT})", False
+
+
+def report_bug(failure: Failure, command: str, debug: bool = False, err=None) -> None:
+    """An unexpected error: its traceback into the log (twisted.logger, at
+    error level: shown with -v and in twistd's log), and, with
+    C{P2PFT_DEBUG} (C{debug}), on stderr too."""
+    log.failure("p2pft {command} failed", failure, command=command, level=LogLevel.error)
+    if debug:
+        failure.printTraceback(file=err or sys.stderr)
 
 
 def _resumable(command: str, sub) -> bool:
@@ -197,10 +214,8 @@ async def _main(reactor, config: Options) -> None:
             ui.error("interrupted" + (f"; {RESUME_HINT}" if _resumable(command, sub) else ""))
             raise SystemExit(EXIT_INTERRUPTED)
         message, expected = explain(e)
-        if os.environ.get("P2PFT_DEBUG") and not expected:
-            import traceback
-
-            traceback.print_exc()
+        if not expected:
+            report_bug(Failure(), command, debug=bool(os.environ.get("P2PFT_DEBUG")))
         ui.error(message)
         raise SystemExit(EXIT_FAILURE)
 

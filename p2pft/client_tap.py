@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.logger import Logger
 
 from twisted.python.failure import Failure
 
@@ -29,19 +28,18 @@ class Options(_CLIOptions):
 def _check_no_prompt(sub) -> None:
     """twistd cannot prompt for a code; and an offer that cannot be
     answered, found out only after pairing, would burn the sender's code.
-    Checked while parsing, so that twistd prints one line."""
-    import sys
-
+    Checked while parsing (once: L{Options.postOptions}), so that twistd
+    prints one line."""
     from twisted.python import usage
+
+    from .cli import check_answerable
 
     if not sub.get("code"):
         raise usage.UsageError("twistd cannot prompt: pass CODE or set P2PFT_CODE")
-    if not sub["yes"] and not sys.stdin.isatty():
-        raise usage.UsageError("cannot ask whether to accept: standard input is not a terminal (use --yes)")
+    check_answerable(sub)
 
 
 class PeerService(Service):
-    log = Logger()
 
     def __init__(self, reactor, config: Options):
         self._reactor = reactor
@@ -58,10 +56,10 @@ class PeerService(Service):
             self._child = makeService(sub, self._reactor)
             self._child.startService()
             return
-        from .cli import explain, make_ui, run_peer
+        from .cli import explain, make_ui, report_bug
 
         ui = make_ui(sub, self._reactor)
-        self.result = defer.ensureDeferred(run_peer(self._reactor, command, sub, ui))
+        self.result = defer.ensureDeferred(self._run(command, sub, ui))
 
         def finished(outcome):
             if isinstance(outcome, Failure) and outcome.check(defer.CancelledError) and not self.running:
@@ -70,7 +68,7 @@ class PeerService(Service):
                 message, expected = explain(outcome.value)
                 ui.error(message)
                 if not expected:  # an expected one is the line above, already in the log
-                    self.log.failure("p2pft {command} failed", outcome, command=command)
+                    report_bug(outcome, command)
             # An early failure (a missing file, a missing output folder)
             # arrives while twistd is still starting services, before the
             # reactor runs: stopping it then would do nothing, and the
@@ -79,6 +77,14 @@ class PeerService(Service):
             self._reactor.callWhenRunning(self._stop)
 
         self.result.addBoth(finished)
+
+    async def _run(self, command: str, sub, ui) -> None:
+        from .cli import check_output_dir, run_peer
+
+        if command == "receive" and sub["output"] != "-":
+            # What the console script's preflight checks before pairing.
+            check_output_dir(sub["output-dir"])
+        await run_peer(self._reactor, command, sub, ui)
 
     def _stop(self) -> None:
         if self._reactor.running:
@@ -98,6 +104,4 @@ def makeService(config: Options, reactor=None) -> Service:
     _tune_allocator()
     if reactor is None:
         from twisted.internet import reactor
-    if config.subCommand == "receive":
-        _check_no_prompt(config.subOptions)
     return PeerService(reactor, config)

@@ -13,6 +13,8 @@ from importlib import resources
 
 import attrs
 
+from .errors import P2pftError
+
 DEFAULT_WORDS = 2
 MAX_NAMEPLATE_LENGTH = 12
 MAX_CODE_LENGTH = 256
@@ -27,7 +29,7 @@ def wordlist() -> tuple[str, ...]:
     return tuple(w for w in text.split() if w)
 
 
-class CodeError(ValueError):
+class CodeError(P2pftError, ValueError):
     """A code phrase that does not have the form N-word-word."""
 
 

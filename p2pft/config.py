@@ -24,6 +24,7 @@ import sys
 
 import attrs
 
+from .errors import P2pftError
 from .rendezvous import parse_server
 
 if sys.version_info >= (3, 11):
@@ -38,7 +39,7 @@ MAX_CONFIG_BYTES = 64 * 1024
 KEYS = ("server", "relay")
 
 
-class ConfigError(Exception):
+class ConfigError(P2pftError):
     """A config file or variable that cannot be used; one line, naming it."""
 
 

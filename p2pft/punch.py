@@ -30,6 +30,8 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
 from .addresses import is_public, parse_ip
+from .errors import P2pftError
+from .util import cancel
 
 
 def _reason(failure: Failure) -> str:
@@ -52,7 +54,7 @@ def _reason(failure: Failure) -> str:
     return text[0][:80] if text else failure.type.__name__
 
 
-class PunchFailed(Exception):
+class PunchFailed(P2pftError):
     """No candidate connection could be established and authenticated."""
 
 
@@ -359,8 +361,7 @@ class PunchConnector:
             return
         self._done = True
         for timer in self._timers:
-            if timer.active():
-                timer.cancel()
+            cancel(timer)
         for connector, factory in list(self._dialling.values()):
             if factory.pending:
                 factory.pending = False

@@ -22,7 +22,8 @@ from twisted.internet import defer
 from twisted.protocols.basic import LineReceiver
 
 from .codes import valid_nameplate
-from .util import OneShot
+from .errors import P2pftError
+from .util import OneShot, printable
 
 PROTOCOL_NAME = "p2pft"
 PROTOCOL_VERSION = "1"
@@ -35,29 +36,12 @@ MAX_MESSAGE = 4096
 _B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}\Z")
 
 
-class RendezvousError(Exception):
+class RendezvousError(P2pftError):
     """The rendezvous server refused us, or the conversation broke."""
 
 
 class PeerGone(RendezvousError):
     """The other member of our pair left the rendezvous server."""
-
-
-def normalise_host(host: str) -> str:
-    """Turn an IPv4-mapped IPv6 address (dual-stack listener) into IPv4."""
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
-
-
-def printable(text: str, limit: int = 32) -> str:
-    """At most C{limit} characters of C{text}, each unprintable one as
-    C{?}: what either side quotes of a line the other sent."""
-    return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
 def encode_payload(payload: bytes) -> str:
@@ -179,7 +163,7 @@ class RendezvousClientProtocol(LineReceiver):
         elif command == "PONG":
             pass
         else:
-            self._fail(RendezvousError(f"server sent unknown {printable(command)!r}"))
+            self._fail(RendezvousError(f"server sent unknown {printable(command, 32)!r}"))
             self.transport.loseConnection()
 
     def _welcome(self, rest: str) -> None:

@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from spake2 import SPAKE2_A, SPAKE2_B
 
+from .errors import P2pftError
+
 SENDER = "sender"
 RECEIVER = "receiver"
 _ROLE_BYTE = {SENDER: b"S", RECEIVER: b"R"}
@@ -40,7 +42,7 @@ TAG = 16
 _HEADER = struct.Struct(">IB")  # ciphertext length, record type
 
 
-class SecurityError(Exception):
+class SecurityError(P2pftError):
     """Authentication failed: the data is not from our peer, or was altered."""
 
 

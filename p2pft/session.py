@@ -13,26 +13,24 @@ the twistd plugin.
 from __future__ import annotations
 
 import os
-import re
 
 import attrs
 from twisted.internet import defer, error, threads
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
-from twisted.internet.interfaces import IResolutionReceiver
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from . import codes
-from .transfer import text
-from .addresses import Address, global_ipv6_addresses, is_host_or_link_only, is_loopback, parse_ip
+from .addresses import global_ipv6_addresses, is_loopback, normalise_host, parse_ip
+from .candidates import own_candidates, parse_candidates, relays, resolve_relays
 from .channel import PeerConnection
-from .punch import PunchConnector, PunchFailed, PunchSchedule
-from .rendezvous import PeerGone, RendezvousClientProtocol, RendezvousError, normalise_host
+from .errors import SessionError
+from .punch import PunchConnector, PunchSchedule
+from .rendezvous import PeerGone, RendezvousClientProtocol
 from .secure import RECEIVER, SENDER, Pake, SecurityError, WrongCode
-from .errors import ScanError
-from .transfer.manifest import FILE, Entry, ManifestChecker, printable
+from .transfer import text
+from .transfer.manifest import FILE, Entry, ManifestChecker
 from .transfer.scan import Manifest, scan, stream_manifest
 from .transfer import (
     FDReader,
@@ -42,10 +40,11 @@ from .transfer import (
     StdoutReceiver,
     StreamSender,
     TextSender,
-    TransferFailed,
     is_stream,
 )
-from .util import dump_object, load_object
+from .util import cancel, dump_object, load_object
+
+__all__ = ["FEATURES", "MTIME_NS", "SessionError", "Settings", "receive", "send", "send_text"]
 
 log = Logger()
 
@@ -56,25 +55,6 @@ MESSAGE_TIMEOUT = 60.0
 #: manifest times in nanoseconds (used only when both sides announce it).
 MTIME_NS = "mtime-ns"
 FEATURES = (text.FEATURE, MTIME_NS)
-#: Most candidates accepted from the peer (a host has a few addresses: one
-#: per interface and family, and the one the server saw).
-MAX_CANDIDATES = 16
-#: Addresses dialled per relay name the server advertised, at most (one per
-#: family is what a dual-stack relay needs; a name resolving to a hundred
-#: addresses must not make us open a hundred connections).
-MAX_RELAY_ADDRESSES = 2
-#: What a relay name the server advertises must look like: a DNS host name
-#: (letters, digits, hyphens, dots; RFC 1123), and not a numeric form only
-#: the C library's legacy parser reads as an address (C{127.1},
-#: C{2130706433}, C{0x7f.1}: a last label of digits or 0x-hex, which no
-#: top-level domain is).
-_HOST_NAME = re.compile(
-    r"(?=.{1,253}\Z)(?:(?!-)[A-Za-z0-9-]{1,63}(?<!-)\.)*(?!-)(?![0-9]+\.?\Z)(?!0[xX][0-9a-fA-F]*\.?\Z)"
-    r"[A-Za-z0-9-]{1,63}(?<!-)\.?\Z")
-
-
-class SessionError(Exception):
-    """A failure to report to the user, in one line."""
 
 
 @attrs.define
@@ -164,16 +144,50 @@ async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
     ui.code(str(code), announce=not settings.code)
     await client.paired()
     ui.paired()
-
     # Key agreement, then key confirmation, then candidates: nothing but the
     # SPAKE2 message leaves in the clear.
+    keys, box, features = await _agree_keys(reactor, client, code, role, settings.timeout)
+
+    local = client.transport.getHost()
+    server_host = client.transport.getPeer().host
+    mine = own_candidates(public, (normalise_host(local.host), local.port),
+                          [] if is_loopback(server_host) else global_ipv6_addresses())
+    client.send(box.seal(_encode({"candidates": mine})))
+    theirs = parse_candidates(_decode(box.open(
+        await _timeout(reactor, client.receive(), settings.timeout, "the other side's addresses")
+    )), server_host, mine)
+    log.info("punching from port {port} to {theirs}", port=local.port, theirs=theirs)
+
+    dial, names = relays(settings, client.relays, server_host)
+    connector = PunchConnector(
+        reactor, local.port, theirs,
+        lambda c, relay: PeerConnection(c, keys, reactor, settings.schedule.handshake_timeout, relay=relay),
+        leader=(role == SENDER), schedule=settings.schedule, relays=dial,
+        own_hosts=frozenset(str(parse_ip(h)) for h, _ in mine if parse_ip(h) is not None),
+    )
+    if names:
+        # Resolved while we punch (DNS must not hold up the race); only
+        # what the names resolve to, filtered, is ever dialled.
+        resolving = resolve_relays(settings.resolver or reactor.nameResolver, names, server_host)
+        resolving.addCallback(connector.add_relays)
+        resolving.addErrback(lambda f: log.failure("resolving relays", f))
+    channel = await _punch_watching_partner(reactor, client, connector, role, settings.schedule)
+    return _Established(channel, channel.path, features)
+
+
+async def _agree_keys(reactor, client, code: codes.Code, role: str, timeout: float):
+    """SPAKE2 over the rendezvous server, then key confirmation (which also
+    carries the L{FEATURES} each side announces): the session keys, the
+    L{Box} for the rest of the rendezvous messages (one box: its nonces
+    count on from the confirmation's), and the other side's features; or
+    L{WrongCode}."""
     pake = Pake(code.password, code.nameplate, role)
     client.send(pake.start())
-    keys = pake.finish(await _timeout(reactor, client.receive(), settings.timeout, "the other side"))
+    keys = pake.finish(await _timeout(reactor, client.receive(), timeout, "the other side"))
     box = keys.box()
     client.send(box.seal(_encode({"confirm": "p2pft/v1", "features": list(FEATURES)})))
     try:
-        confirm = _decode(box.open(await _timeout(reactor, client.receive(), settings.timeout, "key confirmation")))
+        confirm = _decode(box.open(await _timeout(reactor, client.receive(), timeout, "key confirmation")))
     except SecurityError:
         raise WrongCode(
             "wrong code: the other side used a different code, or someone tampered "
@@ -183,118 +197,7 @@ async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
         raise SessionError("the other side speaks another version of p2pft")
     features = confirm.get("features")
     features = frozenset(f for f in features if isinstance(f, str)) if isinstance(features, list) else frozenset()
-
-    local = client.transport.getHost()
-    server_host = client.transport.getPeer().host
-    mine = _candidates(public, (normalise_host(local.host), local.port),
-                       [] if is_loopback(server_host) else global_ipv6_addresses())
-    client.send(box.seal(_encode({"candidates": mine})))
-    theirs = _parse_candidates(_decode(box.open(
-        await _timeout(reactor, client.receive(), settings.timeout, "the other side's addresses")
-    )), server_host, mine)
-    log.info("punching from port {port} to {theirs}", port=local.port, theirs=theirs)
-
-    relays, names = _relays(settings, client.relays, server_host)
-    connector = PunchConnector(
-        reactor, local.port, theirs,
-        lambda c, relay: PeerConnection(c, keys, reactor, settings.schedule.handshake_timeout, relay=relay),
-        leader=(role == SENDER), schedule=settings.schedule, relays=relays,
-        own_hosts=frozenset(str(parse_ip(h)) for h, _ in mine if parse_ip(h) is not None),
-    )
-    if names:
-        # Resolved while we punch (DNS must not hold up the race); only
-        # what the names resolve to, filtered, is ever dialled.
-        resolving = _resolve_relays(settings.resolver or reactor.nameResolver, names, server_host)
-        resolving.addCallback(connector.add_relays)
-        resolving.addErrback(lambda f: log.failure("resolving relays", f))
-    channel = await _punch_watching_partner(reactor, client, connector, role, settings.schedule)
-    return _Established(channel, channel.path, features)
-
-
-def _relays(settings: Settings, specs: list[str],
-            server_host: str) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """
-    The relay the user named (trusted as given: dialled as named), else the
-    ones the server advertised, as (addresses to dial, names to resolve
-    first with L{_resolve_relays}).  C{"*"} is the server itself, at the
-    address we reached it on.  The server is not trusted to steer our
-    connections: an address that leads to this host or this link only
-    (L{is_host_or_link_only}; IPv4-mapped IPv6 is judged as the IPv4
-    address it is) is ignored unless the server itself is on loopback, and
-    so is anything that is neither an IP literal nor a DNS host name.
-    """
-    from .rendezvous import parse_server
-
-    if settings.relay is not None:
-        return [settings.relay], []
-    server_host = normalise_host(server_host)
-    out, names = [], []
-    for spec in specs:
-        if spec == "*":
-            out.append((server_host, settings.server[1]))
-            continue
-        try:
-            host, port = parse_server(spec)
-        except ValueError:
-            host, port = "", 0
-        ip = parse_ip(host)
-        if ip is not None and _relay_allowed(ip, server_host):
-            out.append((str(ip), port))
-        elif ip is None and port and _HOST_NAME.match(host):
-            names.append((host, port))
-        else:
-            log.warn("ignoring relay {spec} advertised by the server", spec=printable(spec, 80))
-    return out, names
-
-
-def _relay_allowed(ip: Address, server_host: str) -> bool:
-    return not is_host_or_link_only(ip) or is_loopback(server_host)
-
-
-@implementer(IResolutionReceiver)
-class _Addresses:
-    """Collects what a name resolves to (an L{IResolutionReceiver})."""
-
-    def __init__(self):
-        self.found: list[str] = []
-        self.done = defer.Deferred()
-
-    def resolutionBegan(self, resolution) -> None:
-        pass
-
-    def addressResolved(self, address) -> None:
-        self.found.append(address.host)
-
-    def resolutionComplete(self) -> None:
-        self.done.callback(self.found)
-
-
-def _resolve_relays(resolver, names: list[tuple[str, int]], server_host: str) -> defer.Deferred:
-    """
-    Resolve relay names with C{resolver} (an
-    L{twisted.internet.interfaces.IHostnameResolver}: the reactor's
-    C{nameResolver}, getaddrinfo on a thread) and fire with the addresses
-    to dial: what each name resolves to, filtered like a literal relay
-    address (L{_relays}), at most L{MAX_RELAY_ADDRESSES} per name.  A name
-    that resolves to nothing usable is dropped.
-    """
-    def usable(found: list[str], spec: str, port: int) -> list[tuple[str, int]]:
-        keep = []
-        for host in found:
-            ip = parse_ip(host)  # (a scoped link-local address: None)
-            if ip is None or not _relay_allowed(ip, server_host):
-                log.warn("ignoring relay {spec}: it resolves to {ip}", spec=spec, ip=printable(host, 80))
-            elif (str(ip), port) not in keep:
-                keep.append((str(ip), port))
-        return keep[:MAX_RELAY_ADDRESSES]
-
-    lookups = []
-    for host, port in names:
-        receiver = _Addresses()
-        resolver.resolveHostName(receiver, host, port)
-        lookups.append(receiver.done.addCallback(usable, printable(host, 80), port))
-    d = defer.gatherResults(lookups, consumeErrors=True)
-    return d.addCallback(lambda found: [a for addresses in found for a in addresses])
+    return keys, box, features
 
 
 async def _punch_watching_partner(reactor, client, connector, role, schedule) -> PeerConnection:
@@ -319,77 +222,10 @@ async def _punch_watching_partner(reactor, client, connector, role, schedule) ->
         return await punched
     except defer.CancelledError:
         raise SessionError("the other side left before a direct connection was made") from None
-    except PunchFailed as e:
-        raise SessionError(str(e)) from None
     finally:
         watch.cancel()
         for t in timers:
-            if t.active():
-                t.cancel()
-
-
-def _candidates(public: tuple[str, int], local: tuple[str, int], ipv6: list[str] = ()) -> list[list]:
-    """
-    What we tell the peer: the address the server saw (our NAT's public
-    side), the local address of the rendezvous connection (for a peer on the
-    same LAN), and our global IPv6 addresses on the same port number (IPv6
-    rarely has NAT).  A peer on a loopback server gets no IPv6 addresses:
-    both ends are on this machine.
-    """
-    found = [list(public)]
-    for host, port in [local] + [(v6, local[1]) for v6 in ipv6]:
-        if [host, port] not in found and host not in ("0.0.0.0", "::"):
-            found.append([host, port])
-    return found
-
-
-def _parse_candidates(message: dict, server_host: str = "", mine=()) -> list[tuple[str, int]]:
-    """
-    The peer's candidates, as docs/PROTOCOL.md section 2 says: of the first
-    C{4 * MAX_CANDIDATES} entries, those that are C{[host, port]} with
-    C{host} a str holding an IP literal and C{port} an int (not a bool) in
-    1..65535, and whose address can be another computer's
-    (L{_candidate_allowed}) and is not one of C{mine} (our own candidates,
-    mirrored back at us); duplicates dropped; at most L{MAX_CANDIDATES}.
-    """
-    ours = {(str(parse_ip(h)), p) for h, p in mine if parse_ip(h) is not None}
-    raw = message.get("candidates")
-    if not isinstance(raw, list):
-        raise SessionError("the other side sent no addresses")
-    loopback_server = is_loopback(server_host)
-    out: list[tuple[str, int]] = []
-    for item in raw[: MAX_CANDIDATES * 4]:
-        if len(out) == MAX_CANDIDATES:
-            break
-        if not (isinstance(item, list) and len(item) == 2):
-            continue
-        host, port = item
-        ip = parse_ip(host)
-        if ip is None or type(port) is not int or not 0 < port < 65536:
-            continue
-        if not _candidate_allowed(ip, host, loopback_server):
-            continue
-        if (str(ip), port) not in out and (str(ip), port) not in ours:
-            out.append((str(ip), port))
-    if not out:
-        raise SessionError("the other side sent no usable addresses")
-    return out
-
-
-def _candidate_allowed(ip: Address, host: str, loopback_server: bool) -> bool:
-    """Loopback only when the server is on loopback (both peers are then on
-    this machine); never an address that is this host or many hosts
-    (unspecified, 0.0.0.0/8, multicast, broadcast), nor IPv6 link-local (it
-    needs a scope we cannot know), IPv4-mapped (IPv4 in disguise: the IPv4
-    form is what a peer sends) or IPv4-compatible.  IPv4 link-local is kept:
-    a peer on the same link without DHCP has nothing else."""
-    if ":" in host and ip.version == 4:
-        return False  # ::ffff:a.b.c.d
-    if ip.is_loopback:
-        return loopback_server
-    if ip.version == 4 and ip.is_link_local:
-        return True
-    return not is_host_or_link_only(ip)
+            cancel(t)
 
 
 _encode = dump_object
@@ -402,20 +238,9 @@ def _decode(data: bytes) -> dict:
         raise SessionError("the other side sent a malformed message") from None
 
 
-def _translate(e: Exception) -> Exception:
-    if isinstance(e, (SessionError, TransferFailed, WrongCode)):
-        return e
-    if isinstance(e, (RendezvousError, SecurityError, codes.CodeError)):
-        return SessionError(str(e))
-    return e
-
-
 async def _connected(reactor, settings: Settings, role: str, ui, channels: list | None) -> _Established:
-    """Everything up to a chosen, announced channel, with one-line errors."""
-    try:
-        est = await _establish(reactor, settings, role, ui)
-    except Exception as e:
-        raise _translate(e) from None
+    """Everything up to a chosen, announced channel."""
+    est = await _establish(reactor, settings, role, ui)
     if channels is not None:
         channels.append(est.channel)
     ui.connected(est.channel.peer, est.path)
@@ -433,10 +258,7 @@ async def send(reactor, settings: Settings, paths: list[str], ui, channels: list
     checked before we connect."""
     if list(paths) == ["-"]:
         return await _send_stdin(reactor, settings, ui, channels, rate)
-    try:
-        manifest = scan(paths, follow_symlinks, notice=ui.say)
-    except ScanError as e:
-        raise SessionError(str(e)) from None
+    manifest = scan(paths, follow_symlinks, notice=ui.say)
     est = await _connected(reactor, settings, SENDER, ui, channels)
     sender = Sender(est.channel, reactor, manifest, progress=ui.progress, run_blocking=_in_thread, rate=rate,
                     mtime_ns=MTIME_NS in est.features)
@@ -446,10 +268,7 @@ async def send(reactor, settings: Settings, paths: list[str], ui, channels: list
 async def send_text(reactor, settings: Settings, message: str, ui, channels: list | None = None) -> Result:
     """Send a short text (checked before we connect) for the receiver to
     show; fire once it was acknowledged."""
-    try:
-        text.encode_text(message)
-    except TransferFailed as e:
-        raise SessionError(str(e)) from None
+    text.encode_text(message)
     est = await _connected(reactor, settings, SENDER, ui, channels)
     sender = TextSender(est.channel, reactor, message, supported=text.FEATURE in est.features)
     result = await sender.start()
@@ -487,9 +306,9 @@ async def receive(reactor, settings: Settings, output_dir: str, decide, ui, over
                   channels: list | None = None, stdout=None, skip_unsafe: bool = False) -> Result:
     """Receive an offer into C{output_dir}, or a single file to C{stdout} (a
     binary stream) when given.  C{skip_unsafe}: leave out entries whose
-    names cannot be written there instead of refusing the offer."""
-    if stdout is None and not os.path.isdir(output_dir):
-        raise SessionError(f"{output_dir}: no such directory")
+    names cannot be written there instead of refusing the offer.  The
+    output folder is checked by the receiver's destination (and, before
+    pairing, by the CLI's preflight)."""
     est = await _connected(reactor, settings, RECEIVER, ui, channels)
     if stdout is not None:
         receiver = StdoutReceiver(est.channel, reactor, stdout, decide, progress=ui.progress,

@@ -12,7 +12,8 @@ import threading
 
 from twisted.internet import defer
 
-from .transfer.manifest import printable
+from .errors import NotATerminal
+from .util import printable
 from .transfer.text import displayable
 from .transfer import Offer, Result
 
@@ -179,7 +180,7 @@ class HumanUI:
             self.say(f"Receiving {describe(offer)}...")
             return defer.succeed(True)
         if not self._stdin.isatty():
-            return defer.fail(RuntimeError("cannot ask whether to accept: standard input is not a terminal (use --yes)"))
+            return defer.fail(NotATerminal())
 
         # A daemon thread, not the reactor's thread pool: a blocked readline
         # must never keep the process from exiting (Ctrl-C, the other side

@@ -1,10 +1,56 @@
-"""Small helpers shared by several layers."""
+"""
+Small helpers shared by several layers: the JSON codec of the protocol's
+messages, L{OneShot}, L{cancel} for a timer, and L{printable} for text on
+a terminal.
+
+Two rate limiters remain, on purpose, because they answer different
+questions: L{p2pft.server.limits.TokenBucket} is a rate with a bounded
+burst (a relay session that went quiet earns at most C{depth} bytes of
+head start, and a debt can be capped by C{floor}); L{p2pft.transfer.pacing.Pacer}
+is one account since sending started (C{send --limit-rate} is an average:
+time lost to a slow disk or a full socket is made up afterwards), and it
+also owns the one timer that wakes the sender.  A bucket of infinite depth
+would do the Pacer's sums, but not its timer; the rest of the Pacer is that
+timer and its two ways of holding a sender back.
+"""
 
 from __future__ import annotations
 
 import json
+import unicodedata
 
 from twisted.internet import defer
+
+#: Unicode categories never written to a terminal as they are: controls,
+#: format characters (bidi overrides), surrogates, private use, unassigned,
+#: line and paragraph separators.
+UNSAFE_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
+
+
+def escape(ch: str) -> str:
+    """One character as the escape L{printable} shows for it."""
+    return "\\\\" if ch == "\\" else ch.encode("unicode_escape").decode("ascii")
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """At most C{limit} characters of C{text} (C{...} when cut), safe to
+    print on a terminal: L{UNSAFE_CATEGORIES} shown as \\x.. / \\u....
+    escapes, a backslash as two.  Show the result as it is (in quotes if
+    need be), never through repr(), which would escape the backslashes a
+    second time."""
+    more = "..." if len(text) > limit else ""
+    text = text[:limit]
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text + more
+    return "".join(escape(ch) if ch == "\\" or unicodedata.category(ch) in UNSAFE_CATEGORIES else ch
+                   for ch in text) + more
+
+
+def cancel(call) -> None:
+    """Cancel a timer (an L{IDelayedCall}, or None) unless it already ran
+    or was cancelled."""
+    if call is not None and call.active():
+        call.cancel()
 
 
 def dump_object(value: dict) -> bytes:

@@ -15,6 +15,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pft import cli, codes
+from p2pft.errors import NotATerminal
 from p2pft.options import Options, ReceiveOptions, SendOptions, dual_stack
 from p2pft.transfer import Offer, Result
 from p2pft.ui import HumanUI, JsonUI, describe, human_size
@@ -153,7 +154,7 @@ class UITests(SynchronousTestCase):
 
     def test_decide_needs_terminal_or_yes(self):
         ui = HumanUI(err=io.StringIO(), stdin=io.StringIO(""))
-        self.failureResultOf(ui.decide(one_file("f", 1)), RuntimeError)
+        self.failureResultOf(ui.decide(one_file("f", 1)), NotATerminal)
         ui = HumanUI(err=io.StringIO(), assume_yes=True)
         self.assertTrue(self.successResultOf(ui.decide(one_file("f", 1))))
 

@@ -28,7 +28,8 @@ from p2pft.transfer.resume import BLOCK
 from p2pft.errors import Declined, TransferFailed
 from p2pft.transfer.manifest import PARTIAL_SUFFIX
 from p2pft.punch import PunchConnector, PunchFailed, PunchSchedule
-from p2pft.session import SessionError, Settings, _parse_candidates, _relays, _resolve_relays
+from p2pft.candidates import parse_candidates, relays, resolve_relays
+from p2pft.session import SessionError, Settings
 from p2pft.transfer.store import OutputDir
 from p2pft.transfer.records import HAVE
 
@@ -192,7 +193,7 @@ class CandidateTypeTests(SynchronousTestCase):
 
     def usable(self, item, server=SERVER):
         try:
-            return _parse_candidates({"candidates": [item]}, server)
+            return parse_candidates({"candidates": [item]}, server)
         except SessionError:
             return []
 
@@ -215,7 +216,7 @@ class CandidateTypeTests(SynchronousTestCase):
         self.assertEqual(self.usable(["::1", 80], server="::ffff:127.0.0.1"), [("::1", 80)])
 
     def test_duplicates_do_not_use_up_the_cap(self):
-        out = _parse_candidates({"candidates": [["203.0.113.1", 1]] * 20 + [["203.0.113.2", 2]]}, SERVER)
+        out = parse_candidates({"candidates": [["203.0.113.1", 1]] * 20 + [["203.0.113.2", 2]]}, SERVER)
         self.assertEqual(out, [("203.0.113.1", 1), ("203.0.113.2", 2)])
 
 
@@ -305,7 +306,7 @@ class RelayNameTests(SynchronousTestCase):
                "\x1bc\x07.example:9001"]
 
     def test_numeric_forms_and_mapped_addresses_are_never_dialled(self):
-        addresses, names = _relays(self.settings, self.hostile + ["*", "203.0.113.9:9001"], SERVER)
+        addresses, names = relays(self.settings, self.hostile + ["*", "203.0.113.9:9001"], SERVER)
         self.assertEqual(addresses, [(SERVER, 9000), ("203.0.113.9", 9001)])
         self.assertEqual(names, [("localhost", 9001)], "only a host name is left to resolve")
 
@@ -316,20 +317,20 @@ class RelayNameTests(SynchronousTestCase):
                               "2001:db8::10", "203.0.113.11"],
         })
         names = [("localhost", 9001), ("relay.example", 9002)]
-        found = self.successResultOf(_resolve_relays(resolver, names, SERVER))
+        found = self.successResultOf(resolve_relays(resolver, names, SERVER))
         self.assertEqual(found, [("203.0.113.10", 9002), ("2001:db8::10", 9002)])
         self.assertEqual(resolver.asked, ["localhost", "relay.example"])
 
     def test_loopback_relays_allowed_for_a_loopback_server(self):
-        addresses, names = _relays(self.settings, ["127.0.0.1:9001", "[::ffff:127.0.0.1]:9002"], "127.0.0.1")
+        addresses, names = relays(self.settings, ["127.0.0.1:9001", "[::ffff:127.0.0.1]:9002"], "127.0.0.1")
         self.assertEqual(addresses, [("127.0.0.1", 9001), ("127.0.0.1", 9002)])
-        found = self.successResultOf(_resolve_relays(FakeResolver({"localhost": ["127.0.0.1"]}),
+        found = self.successResultOf(resolve_relays(FakeResolver({"localhost": ["127.0.0.1"]}),
                                                      [("localhost", 9003)], "127.0.0.1"))
         self.assertEqual(found, [("127.0.0.1", 9003)])
 
     def test_the_users_relay_is_trusted_as_given(self):
         settings = Settings(server=(SERVER, 9000), relay=("localhost", 9001))
-        self.assertEqual(_relays(settings, self.hostile, SERVER), ([("localhost", 9001)], []))
+        self.assertEqual(relays(settings, self.hostile, SERVER), ([("localhost", 9001)], []))
 
     def test_resolved_relays_are_dialled_by_address(self):
         reactor = MemoryReactorClock()
@@ -350,7 +351,7 @@ class MirroredCandidateTests(SynchronousTestCase):
     MINE = [["198.51.100.7", 40000], ["192.168.1.5", 40000], ["2001:db8::5", 40000]]
 
     def test_our_own_candidates_are_dropped(self):
-        out = _parse_candidates({"candidates": [["198.51.100.7", 40000], ["192.168.1.5", 40000],
+        out = parse_candidates({"candidates": [["198.51.100.7", 40000], ["192.168.1.5", 40000],
                                                 ["2001:db8::5", 40000], ["203.0.113.9", 5000]]},
                                 SERVER, self.MINE)
         self.assertEqual(out, [("203.0.113.9", 5000)])

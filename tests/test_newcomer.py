@@ -371,8 +371,8 @@ class DefaultServerTests(SynchronousTestCase):
         # Without a default the seed's form still needs SERVER:PORT first.
         e = self.assertRaises(usage.UsageError, parse, "send", "a", "b")
         self.assertIn("server must be HOST:PORT, not 'a' (no default server is set", str(e))
-        e = self.assertRaises(usage.UsageError, parse, "receive", "3-a-b")
-        self.assertIn("server must be HOST:PORT, not '3-a-b' (no default server is set", str(e))
+        e = self.assertRaises(usage.UsageError, parse, "receive", "3-a-b")  # a code: the server is missing
+        self.assertIn("receive needs SERVER:PORT (no default server is set", str(e))
 
     def test_bad_config_is_one_line_naming_the_file(self):
         for text in ('server = "x:1', 'server = 5', 'server = "nohost"', 'sever = "x:1"', "\xff"):
@@ -524,6 +524,7 @@ class MessageTests(SynchronousTestCase):
         status, text = self.run_failing(KeyError("bug"), P2PFT_DEBUG="1")
         self.assertIn("Traceback", text)
         self.assertIn("p2pft: error: unexpected KeyError", text)
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1, "a bug is logged with its traceback")
 
     def test_done_line_in_human_sizes(self):
         err = io.StringIO()

@@ -27,7 +27,8 @@ from p2pft.secure import RECEIVER, SENDER, Pake
 from p2pft.server.relay import RelayFactory, RelayLimits, RelayServer
 from p2pft.server.rendezvous import RendezvousServerFactory
 from p2pft.server.service import makeService
-from p2pft.session import Settings, _relays
+from p2pft.candidates import relays
+from p2pft.session import Settings
 from tests.files import make_file, sha256_of
 from tests.natlab import Nat, start_lab
 from tests.procs import p2pft_argv, spawn
@@ -73,11 +74,11 @@ class RelayOptionsAndWelcomeTests(SynchronousTestCase):
         # "*" is the server at the address the client reached it on; a relay
         # the user named wins over every advertised one (no fallback).
         server = ("rv.example", 9000)
-        self.assertEqual(_relays(Settings(server), client.relays, "198.51.100.1"),
+        self.assertEqual(relays(Settings(server), client.relays, "198.51.100.1"),
                          ([("198.51.100.1", 9000), ("192.0.2.7", 9001), ("2001:db8::1", 9002)], []))
-        self.assertEqual(_relays(Settings(server), client.relays, "::ffff:198.51.100.1")[0][0],
+        self.assertEqual(relays(Settings(server), client.relays, "::ffff:198.51.100.1")[0][0],
                          ("198.51.100.1", 9000))
-        self.assertEqual(_relays(Settings(server, relay=("192.0.2.99", 9999)), client.relays, "198.51.100.1"),
+        self.assertEqual(relays(Settings(server, relay=("192.0.2.99", 9999)), client.relays, "198.51.100.1"),
                          ([("192.0.2.99", 9999)], []))
 
     def test_server_cannot_point_peers_at_local_addresses(self):
@@ -87,9 +88,9 @@ class RelayOptionsAndWelcomeTests(SynchronousTestCase):
                             b"127.0.0.1:22,[::1]:22,[fe80::1]:80,0.0.0.0:1,224.0.0.1:5,relay.example:9001\n")
         server = ("rv.example", 9000)
         # (A name is resolved first, then filtered: tests/test_hostile_peer.py.)
-        self.assertEqual(_relays(Settings(server), client.relays, "198.51.100.1"), ([], [("relay.example", 9001)]))
+        self.assertEqual(relays(Settings(server), client.relays, "198.51.100.1"), ([], [("relay.example", 9001)]))
         # A server on loopback (a local test or demo) may name local relays.
-        self.assertEqual(_relays(Settings(("127.0.0.1", 9000)), client.relays, "127.0.0.1")[0][:2],
+        self.assertEqual(relays(Settings(("127.0.0.1", 9000)), client.relays, "127.0.0.1")[0][:2],
                          [("127.0.0.1", 22), ("::1", 22)])
 
 

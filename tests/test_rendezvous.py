@@ -15,9 +15,9 @@ from p2pft.rendezvous import (
     RendezvousError,
     decode_payload,
     encode_payload,
-    normalise_host,
     parse_server,
 )
+from p2pft.addresses import normalise_host
 from tests.test_server_rendezvous import ServerHarness
 
 

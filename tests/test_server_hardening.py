@@ -279,7 +279,7 @@ class HostileServerLineTests(SynchronousTestCase):
         c, _ = self.client()
         c.dataReceived("ERROR no\x1b[2J\u202eway\n".encode("utf-8"))
         f = self.failureResultOf(c.paired(), RendezvousError)
-        self.assertEqual(str(f.value), "server: no?[2J?way")
+        self.assertEqual(str(f.value), "server: no\\x1b[2J\\u202eway")
         c, _ = self.client(b"\x1b]0;x\x07 hi\n")
         f = self.failureResultOf(c.welcomed(), RendezvousError)
         self.assertNotIn("\x1b", str(f.value))

@@ -10,7 +10,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2pft.punch import PunchFailed, PunchSchedule
 from p2pft.rendezvous import PeerGone, RendezvousError
 from p2pft.secure import RECEIVER, SENDER
-from p2pft.session import MAX_CANDIDATES, SessionError, _parse_candidates, _punch_watching_partner
+from p2pft.candidates import MAX_CANDIDATES, parse_candidates
+from p2pft.session import SessionError, _punch_watching_partner
 
 
 class FakeClient:
@@ -79,10 +80,11 @@ class PartnerLeavesTests(SynchronousTestCase):
         self.connector.result.callback("channel")
         self.assertEqual(self.successResultOf(d), "channel")
 
-    def test_punch_failure_is_a_session_error(self):
+    def test_punch_failure_is_reported_as_it_is(self):
+        # (Issue 13: an expected error is not converted into another one.)
         d = self.start(SENDER)
         self.connector.result.errback(PunchFailed("could not connect"))
-        self.failureResultOf(d, SessionError)
+        self.assertEqual(str(self.failureResultOf(d, PunchFailed).value), "could not connect")
         self.assertEqual(self.client.readers, [], "the watch was cancelled")
 
 
@@ -91,13 +93,13 @@ class CandidateTests(SynchronousTestCase):
         junk = [["0.0.0.0", 1], ["224.0.0.1", 5], ["255.255.255.255", 9], ["not-an-ip", 4],
                 ["10.0.0.1", 0], ["::", 3], "garbage", [1, 2, 3]] * 4
         good = [["203.0.113.%d" % i, 4000 + i] for i in range(1, 30)]
-        out = _parse_candidates({"candidates": junk[:MAX_CANDIDATES] + good})
+        out = parse_candidates({"candidates": junk[:MAX_CANDIDATES] + good})
         self.assertEqual(len(out), MAX_CANDIDATES)
         self.assertEqual(out[0], ("203.0.113.1", 4001))
 
     def test_nothing_usable(self):
         for msg in ({}, {"candidates": "x"}, {"candidates": [["0.0.0.0", 1]]}):
-            self.assertRaises(SessionError, _parse_candidates, msg)
+            self.assertRaises(SessionError, parse_candidates, msg)
 
 
 class AddressTests(SynchronousTestCase):
@@ -119,14 +121,14 @@ class AddressTests(SynchronousTestCase):
         self.assertEqual(global_ipv6_addresses(self.mktemp()), [])
 
     def test_candidates(self):
-        from p2pft.session import _candidates
+        from p2pft.candidates import own_candidates
 
         self.assertEqual(
-            _candidates(("203.0.113.5", 4000), ("10.0.0.2", 4000), ["2001:db8::1"]),
+            own_candidates(("203.0.113.5", 4000), ("10.0.0.2", 4000), ["2001:db8::1"]),
             [["203.0.113.5", 4000], ["10.0.0.2", 4000], ["2001:db8::1", 4000]])
         # Not behind a NAT: the public and local address are the same.
-        self.assertEqual(_candidates(("203.0.113.5", 4000), ("203.0.113.5", 4000)), [["203.0.113.5", 4000]])
+        self.assertEqual(own_candidates(("203.0.113.5", 4000), ("203.0.113.5", 4000)), [["203.0.113.5", 4000]])
 
     def test_link_local_and_mapped_candidates_refused(self):
-        out = _parse_candidates({"candidates": [["fe80::1", 5], ["::ffff:10.0.0.1", 5], ["2001:db8::7", 5]]})
+        out = parse_candidates({"candidates": [["fe80::1", 5], ["::ffff:10.0.0.1", 5], ["2001:db8::7", 5]]})
         self.assertEqual(out, [("2001:db8::7", 5)])

@@ -12,6 +12,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import implementer
 
 from ..secure import Handshake, SecurityError
+from ..util import cancel
 from .interfaces import IPhase
 
 
@@ -37,8 +38,7 @@ class CandidateHandshake:
         self._timer = clock.callLater(timeout, self.drop, "handshake timed out")
 
     def cancelTimer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        cancel(self._timer)
         self._timer = None
 
     def hello(self) -> None:

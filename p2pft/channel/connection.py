@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..punch import ICandidate
-from ..rendezvous import normalise_host
+from ..addresses import normalise_host
 from ..secure import Handshake, SessionKeys
 from ..util import OneShot
 from .candidate import CandidateHandshake

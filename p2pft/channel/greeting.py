@@ -10,6 +10,7 @@ from typing import Callable
 import attrs
 from zope.interface import implementer
 
+from ..util import printable
 from .interfaces import IPhase
 
 
@@ -19,13 +20,6 @@ from .interfaces import IPhase
 MAX_RELAY_LINE = 512
 #: Characters of a relay's refusal kept for the error line.
 MAX_REFUSAL = 200
-
-
-def printable(text: str) -> str:
-    # What a relay says reaches the user's terminal: no control characters.
-    # (A later step of issue 13 unifies the printable helpers; until then
-    # this one stays here, alone.)
-    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 @implementer(IPhase)
@@ -63,6 +57,7 @@ class RelayGreeting:
             return
         if line.rstrip(b"\r") != b"OK":
             text = line.decode("utf-8", "replace").removeprefix("ERROR ").strip()
-            self.drop(f"relay refused: {printable(text[:MAX_REFUSAL])}")
+            # What a relay says reaches the user's terminal: escaped.
+            self.drop(f"relay refused: {printable(text, MAX_REFUSAL)}")
             return
         self.joined(rest)

@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import implementer
 
 from ..secure import RecordOpener, RecordSealer, SecurityError
+from ..util import cancel
 from .interfaces import IPhase, IRecordHandler
 
 
@@ -121,8 +122,7 @@ class Records:
             self._handler.channelLost(reason)
 
     def stopTicker(self) -> None:
-        if self._ticker is not None and self._ticker.active():
-            self._ticker.cancel()
+        cancel(self._ticker)
         self._ticker = None
 
     def _tick(self) -> None:

@@ -113,6 +113,11 @@ class _PeerOptions(_Options):
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
+    def _meant_otherwise(self, arg: str) -> bool:
+        """Whether a first argument that is not HOST:PORT was never meant as
+        the server (so the error is what is missing, not a bad server)."""
+        return False
+
     def _split_server(self, first_is_server) -> list[str]:
         """
         Set C{self["server"]} (and a default relay) and return the other
@@ -129,7 +134,7 @@ class _PeerOptions(_Options):
             return args[1:]
         found = self._defaults()
         if found.server is None:
-            if args and not looks_like_server(args[0]):
+            if args and not looks_like_server(args[0]) and not self._meant_otherwise(args[0]):
                 try:
                     parse_server(args[0])
                 except ValueError as e:
@@ -213,6 +218,14 @@ class ReceiveOptions(_PeerOptions):
         ["output", None, None, "'-': write a single-file transfer to standard output instead "
                                "(messages stay on stderr; cannot resume)."],
     ]
+
+    def _meant_otherwise(self, arg: str) -> bool:
+        # 'receive 7-apple-river' without a default server: the code.
+        try:
+            codes.parse_code(arg)
+        except codes.CodeError:
+            return False
+        return True
 
     def postOptions(self) -> None:
         args = self["args"]

@@ -12,6 +12,7 @@ import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from ..util import cancel as _cancel
 from .limits import ClaimLimiter
 
 if TYPE_CHECKING:
@@ -193,8 +194,3 @@ class ClaimMeter(ClaimLimiter):
             # The pair broke up (or expired) before confirming the key.
             self.charge(nameplate.claimer, UNCONFIRMED_CLAIM_COST - 1)
             nameplate.claimer = None
-
-
-def _cancel(call: IDelayedCall | None) -> None:
-    if call is not None and call.active():
-        call.cancel()

@@ -29,6 +29,7 @@ from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
 from ..addresses import ip_key
+from ..util import cancel as _cancel
 from .limits import CLOSE_GRACE, FIRST_LINE_MIN_WAIT, AddressCounts, Lobby
 from .splice import IRelayLeg, Splice, TransportLeg
 
@@ -279,11 +280,6 @@ class RelayServer:
         if self._waiting.get(leg.token) is leg:
             del self._waiting[leg.token]
             self._sessions -= 1
-
-
-def _cancel(call) -> None:
-    if call is not None and call.active():
-        call.cancel()
 
 
 @implementer(IHalfCloseableProtocol)

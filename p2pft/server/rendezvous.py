@@ -12,15 +12,16 @@ calls and calls into lines.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import Interface, implementer
 
-from ..addresses import ip_key
+from ..addresses import ip_key, normalise_host
 from ..codes import valid_nameplate
-from ..rendezvous import MAX_LINE, PROTOCOL_NAME, PROTOCOL_VERSION, decode_payload, normalise_host, printable
+from ..rendezvous import MAX_LINE, PROTOCOL_NAME, PROTOCOL_VERSION, decode_payload
+from ..util import cancel as _cancel, printable
 from .limits import CLOSE_GRACE, FIRST_LINE_MIN_WAIT, AddressCounts, Lobby
 from .nameplates import ClaimMeter, Member, Nameplates
 from .relay import Leg, RelayServer
@@ -181,11 +182,6 @@ class RendezvousServer:
         self._nameplates.join(member, name)
 
 
-def _cancel(call: IDelayedCall | None) -> None:
-    if call is not None and call.active():
-        call.cancel()
-
-
 @implementer(IRendezvousConnection, IPushProducer, IHalfCloseableProtocol)
 class RendezvousServerProtocol(LineReceiver):
     """
@@ -264,7 +260,7 @@ class RendezvousServerProtocol(LineReceiver):
             if self._relay.request(self._leg, args):
                 self.setRawMode()
         else:
-            self.refuse(f"unknown command {printable(command)!r}")
+            self.refuse(f"unknown command {printable(command, 32)!r}")
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.refuse("line too long")

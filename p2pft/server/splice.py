@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from ..util import cancel as _cancel
 from .limits import CLOSE_GRACE, TokenBucket
 
 if TYPE_CHECKING:
@@ -262,8 +263,3 @@ class Splice:
                 leg.abort = self._clock.callLater(CLOSE_GRACE, connection.abort)
                 connection.unregisterProducer()
                 connection.close()
-
-
-def _cancel(call) -> None:
-    if call is not None and call.active():
-        call.cancel()

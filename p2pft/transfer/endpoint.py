@@ -15,6 +15,7 @@ from typing import Callable
 from twisted.internet import defer
 
 from ..errors import TransferFailed
+from ..util import cancel
 from .manifest import printable
 from .records import ABORT, KIND_NAMES, control, parse_control
 
@@ -106,8 +107,7 @@ class Endpoint:
             self._settle()
 
     def _settle(self) -> None:
-        if self._close_timer is not None and self._close_timer.active():
-            self._close_timer.cancel()
+        cancel(self._close_timer)
         outcome = self._outcome
         self.state = self.State.FAILED if isinstance(outcome, Exception) else self.State.DONE
         if self.done.called:
@@ -159,8 +159,9 @@ class Endpoint:
             self._fail(e)
         elif isinstance(e, OSError):
             self._fail(os_error(e, e.filename or ""))
-        else:
+        elif not self._ending:  # a bug: the peer hears a line, our caller gets the bug itself
             self._fail(TransferFailed(f"unexpected {type(e).__name__}: {e}"))
+            self._outcome = e
 
     def _later(self, work: defer.Deferred, then: Callable) -> None:
         """Continue with C{then(result)} once blocking work is done, unless

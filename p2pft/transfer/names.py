@@ -18,6 +18,7 @@ import unicodedata
 import attrs
 
 from ..errors import UnsafeName
+from ..util import printable
 
 #: Suffix of the file a receiver keeps partial data in.  No offered name may
 #: end with it, so a partial file can never be mistaken for a received one.
@@ -30,22 +31,6 @@ MAX_PATH_BYTES = 4096
 #: Deepest path: far beyond real trees, small enough for the receiver's
 #: one-component-at-a-time opens.
 MAX_DEPTH = 128
-
-
-def printable(text: str, limit: int = 200) -> str:
-    """Text safe to print on a terminal: control, format (bidi) and escape
-    characters shown as \\x.. / \\u.... escapes, a backslash as two.  Show
-    the result as it is (in quotes if need be), never through repr(), which
-    would escape the backslashes a second time."""
-    if text.isascii() and text.isprintable() and "\\" not in text:
-        return text[:limit] + ("..." if len(text) > limit else "")
-    out = []
-    for ch in text[:limit]:
-        if ch == "\\" or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
-            out.append(ch.encode("unicode_escape").decode("ascii") if ch != "\\" else "\\\\")
-        else:
-            out.append(ch)
-    return "".join(out) + ("..." if len(text) > limit else "")
 
 
 def quoted(text: str) -> str:

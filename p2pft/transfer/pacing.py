@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..util import cancel
+
 #: Seconds added to a pull sender's wait, so that it wakes up with room to
 #: send rather than a hair early (a timer may fire a little early or late).
 WAKE_SLACK = 0.01
@@ -61,8 +63,7 @@ class Pacer:
             self._wakeup = self._clock.callLater(ahead / self.rate, paced.hold, False)
 
     def cancel(self) -> None:
-        if self.waiting:
-            self._wakeup.cancel()
+        cancel(self._wakeup)
 
 
 class Paced:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import unicodedata
 
 from ..errors import TransferFailed
+from ..util import UNSAFE_CATEGORIES
 
 #: Feature name announced by receivers that take TEXT.
 FEATURE = "text"
@@ -55,7 +56,7 @@ def displayable(text: str) -> str:
             out.append(ch)
         elif ch == "\r":
             out.append("\\r")
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+        elif unicodedata.category(ch) in UNSAFE_CATEGORIES:
             out.append(ch.encode("unicode_escape").decode("ascii"))
         else:
             out.append(ch)
