@@ -124,21 +124,12 @@ class RelayServer:
     def __init__(self, clock: IReactorTime, limits: RelayLimits = RelayLimits()):
         self._clock = clock
         #: Standalone connections that have not sent RELAY yet.
-        self.lobby = Lobby(clock, limits.max_pending, RELAY_LINE_TIMEOUT, FIRST_LINE_MIN_WAIT)
         self.limits = limits
+        self.lobby = Lobby(clock, lambda: self.limits.max_pending, RELAY_LINE_TIMEOUT, FIRST_LINE_MIN_WAIT)
         self._waiting: dict[str, Leg] = {}
         self._sessions = 0
         self._per_ip = AddressCounts()
         self.spliced = 0
-
-    @property
-    def limits(self) -> RelayLimits:
-        return self._limits
-
-    @limits.setter
-    def limits(self, limits: RelayLimits) -> None:
-        self._limits = limits
-        self.lobby.capacity = limits.max_pending
 
     @property
     def sessions(self) -> int:
