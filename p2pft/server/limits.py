@@ -138,8 +138,10 @@ class Lobby:
     allowed now (calling the C{evict} it entered with), then is itself
     turned away only if the lobby is still full: when all C{capacity}
     connections arrived within the last C{min_wait} seconds.  A flood of
-    silent connections thus makes them wait less instead of keeping real
-    clients out, and never takes more than C{capacity} descriptors.
+    silent connections thus never takes more than C{capacity} descriptors,
+    and up to C{capacity / min_wait} arrivals a second it only makes them
+    wait less; at a rate R above that, only C{capacity / (min_wait * R)} of
+    the arrivals (real clients among them) get in, the rest are refused.
 
     @param capacity: called for the number of places whenever it matters,
         so the owner's limit (which the service may lower to fit the
