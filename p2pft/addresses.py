@@ -6,6 +6,7 @@ and what kind of address a peer or a server gave us.
 from __future__ import annotations
 
 import ipaddress
+import re
 
 #: /proc/net/if_inet6 flags that make an address unusable: DAD failed,
 #: deprecated, tentative.
@@ -120,3 +121,48 @@ def is_host_or_link_only(ip: Address) -> bool:
     if isinstance(ip, ipaddress.IPv4Address):
         return ip in LOCAL_NETWORKS[0] or ip == _BROADCAST
     return ip in _V4_COMPATIBLE
+
+
+#: Longest host name, in characters (RFC 1035: 255 octets on the wire).
+MAX_HOST_NAME = 253
+#: Longest label of a host name (RFC 1035).
+MAX_LABEL = 63
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
+#: A last label that the C library's legacy address parser reads as part of
+#: a number (C{127.1}, C{2130706433}, C{0x7f.1}); no top-level domain is.
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9a-fA-F]*")
+
+
+def relay_host_problem(host: object) -> str | None:
+    """
+    Why C{host} (the HOST of a relay's C{HOST:PORT}, brackets removed) is
+    not something a peer may dial as a relay, in a few words, or None if it
+    is: an IP literal without a scope, or a DNS host name (RFC 1123:
+    labels of 1 to 63 ASCII letters, digits and hyphens, not starting or
+    ending with a hyphen, joined by dots, at most 253 characters, a final
+    dot allowed; IDNs in their C{xn--} form) whose last label is not a
+    number only a legacy parser reads as an address.  Nothing else reaches
+    a resolver or the user's terminal.  (Whether an acceptable address
+    may be dialled, given where the server is, is the caller's question.)
+    """
+    if not isinstance(host, str) or not host:
+        return "no host"
+    if "%" in host:
+        return "an address with a scope" if parse_ip(host.split("%", 1)[0]) else "not a host name"
+    if parse_ip(host) is not None:
+        return None
+    if not _NAME_CHARS.issuperset(host):
+        return "not a host name (only ASCII letters, digits, '-' and '.')"
+    if len(host) > MAX_HOST_NAME:
+        return f"a host name longer than {MAX_HOST_NAME} characters"
+    labels = (host[:-1] if host.endswith(".") else host).split(".")
+    for label in labels:
+        if not label:
+            return "a host name with an empty label"
+        if len(label) > MAX_LABEL:
+            return f"a host name with a label longer than {MAX_LABEL} characters"
+        if label.startswith("-") or label.endswith("-"):
+            return "a host name with a label that starts or ends with '-'"
+    if _NUMERIC_LABEL.fullmatch(labels[-1]):
+        return "a numeric address that is not a plain IP literal"
+    return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from typing import Callable
 
 from twisted.internet import defer
 
@@ -62,6 +63,77 @@ def describe(offer: Offer) -> str:
     return f"{names} ({counts}, {human_size(offer.size)})"
 
 
+def summary(result: Result, path: str) -> str:
+    """The line that ends a transfer: what moved, how fast, over which
+    path, and what did not need to move."""
+    verb = "Received" if result.path else "Sent"
+    if result.text:
+        return f"{verb} a text message ({human_size(result.size)}, {path})"
+    moved = result.size - result.resumed - result.skipped
+    rate = moved / result.seconds / 1e6 if result.seconds > 0 else 0.0
+    size = human_size(result.size)
+    what = size if result.files == 1 else f"{_plural(result.files, 'file')}, {size}"
+    line = f"{verb} {printable(result.name)}: {what} in {result.seconds:.2f} s ({rate:.1f} MB/s, {path})"
+    notes = []
+    if result.skipped:
+        notes.append(f"{human_size(result.skipped)} already there and identical (checked, not sent)")
+    if result.resumed:
+        notes.append(f"{human_size(result.resumed)} of it already there (resumed)")
+    if result.refused:
+        notes.append(f"{_plural(result.refused, 'entry', 'entries')} left out (--skip-unsafe)")
+    if notes:
+        line += "; " + ", ".join(notes)
+    return line
+
+
+class ProgressBar:
+    """
+    A tqdm bar on C{err}, made at the first update, named by the file being
+    moved (L{tail}), on our clock (C{now}).  The caller rate-limits the
+    updates.
+    """
+
+    def __init__(self, err, now: Callable[[], float]):
+        self._err = err
+        self._now = now
+        self._bar = None
+        self._name = ""
+
+    def update(self, done: int, total: int | None, name: str) -> None:
+        """C{done} of C{total} bytes (None: unknown), now in file C{name}."""
+        if self._bar is None:
+            self._bar = self._make(done, total)
+        renamed = name != self._name
+        if renamed:
+            self._name = name
+            self._bar.set_description_str(tail(name), refresh=False)
+        if not self._bar.update(done - self._bar.n) and renamed:
+            self._bar.refresh()
+
+    def _make(self, done: int, total: int | None):
+        """
+        A tqdm bar that starts where the transfer starts: C{initial=done},
+        so a resumed transfer's rate counts only the bytes that move.  We
+        rate-limit updates ourselves (L{HumanUI._due}), so tqdm must draw
+        every one: with its default dynamic C{miniters} it learns from the
+        first update (the resumed offset, say 1.15 GB) to wait for that many
+        more bytes before drawing again, i.e. never.  The bar's clock is ours.
+        """
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=done, unit="B", unit_scale=True, unit_divisor=1000,
+                   file=self._err, leave=False, dynamic_ncols=True, mininterval=0, miniters=1)
+        bar._time = self._now
+        bar.start_t = bar.last_print_t = self._now()
+        return bar
+
+    def close(self) -> None:
+        """Take the bar off the terminal (a later update draws a new one)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 class HumanUI:
     """
     @param progress_bar: show a tqdm bar on stderr: True, False, or None for
@@ -80,8 +152,7 @@ class HumanUI:
         if progress_bar is None:
             progress_bar = hasattr(self._err, "isatty") and self._err.isatty()
         self._want_bar = progress_bar
-        self._bar = None
-        self._name = ""
+        self._bar = ProgressBar(self._err, self._now)
         self._last: dict[str, float] = {}
 
     def _now(self) -> float:
@@ -134,38 +205,8 @@ class HumanUI:
 
     def progress(self, done: int, total: int | None, name: str = "") -> None:
         """C{done} of C{total} bytes (None: unknown), now in file C{name}."""
-        if not self._want_bar or not self._due("bar", done, total):
-            return
-        if self._bar is None:
-            self._bar = self._make_bar(done, total)
-        renamed = name != self._name
-        if renamed:
-            self._name = name
-            self._bar.set_description_str(tail(name), refresh=False)
-        if not self._bar.update(done - self._bar.n) and renamed:
-            self._bar.refresh()
-
-    def _make_bar(self, done: int, total: int | None):
-        """
-        A tqdm bar that starts where the transfer starts: C{initial=done},
-        so a resumed transfer's rate counts only the bytes that move.  We
-        rate-limit updates ourselves (L{_due}), so tqdm must draw every one:
-        with its default dynamic C{miniters} it learns from the first update
-        (the resumed offset, say 1.15 GB) to wait for that many more bytes
-        before drawing again, i.e. never.  The bar's clock is ours.
-        """
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=done, unit="B", unit_scale=True, unit_divisor=1000,
-                   file=self._err, leave=False, dynamic_ncols=True, mininterval=0, miniters=1)
-        bar._time = self._now
-        bar.start_t = bar.last_print_t = self._now()
-        return bar
-
-    def _close_bar(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        if self._want_bar and self._due("bar", done, total):
+            self._bar.update(done, total, name)
 
     def decide(self, offer: Offer) -> defer.Deferred:
         if offer.refused:
@@ -213,30 +254,11 @@ class HumanUI:
         self._out.flush()
 
     def done(self, result: Result, path: str) -> None:
-        self._close_bar()
-        if result.text:
-            verb = "Received" if result.path else "Sent"
-            self.say(f"{verb} a text message ({human_size(result.size)}, {path})")
-            return
-        moved = result.size - result.resumed - result.skipped
-        rate = moved / result.seconds / 1e6 if result.seconds > 0 else 0.0
-        verb = "Received" if result.path else "Sent"
-        size = human_size(result.size)
-        what = size if result.files == 1 else f"{_plural(result.files, 'file')}, {size}"
-        line = f"{verb} {printable(result.name)}: {what} in {result.seconds:.2f} s ({rate:.1f} MB/s, {path})"
-        notes = []
-        if result.skipped:
-            notes.append(f"{human_size(result.skipped)} already there and identical (checked, not sent)")
-        if result.resumed:
-            notes.append(f"{human_size(result.resumed)} of it already there (resumed)")
-        if result.refused:
-            notes.append(f"{_plural(result.refused, 'entry', 'entries')} left out (--skip-unsafe)")
-        if notes:
-            line += "; " + ", ".join(notes)
-        self.say(line)
+        self._bar.close()
+        self.say(summary(result, path))
 
     def error(self, message: str) -> None:
-        self._close_bar()
+        self._bar.close()
         self._write(f"p2pft: error: {message}")
 
 

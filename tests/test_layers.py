@@ -22,7 +22,7 @@ import p2pft
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "util", "addresses", "codes"),
     ("rendezvous", "server.limits"),
-    ("punch", "secure", "candidates"),
+    ("punch", "punch_schedule", "secure", "candidates"),
     ("channel",),
     ("transfer",),
     ("session",),

@@ -13,6 +13,8 @@ Every test here failed on the code before the change it covers.
 
 from __future__ import annotations
 
+import itertools
+
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
@@ -326,22 +328,27 @@ class ListenQueueTests(TestCase):
         self.assertEqual(with_backlog("unix:/tmp/s"), "unix:/tmp/s")
 
 
+def connector(factory):
+    """A C{connect(host)} that connects a new protocol of C{factory} from
+    C{host} (each from its own port) and returns (protocol, transport)."""
+    ports = itertools.count(1001)
+
+    def connect(host: str):
+        proto = factory.buildProtocol(None)
+        t = Transport(host, next(ports))
+        proto.makeConnection(t)
+        return proto, t
+
+    return connect
+
+
 class SilentFloodTests(SynchronousTestCase):
     """Item 10: connections that never say their first line."""
 
     def relay(self, **limits):
         clock = Clock()
         factory = RelayFactory(clock, RelayLimits(**limits))
-        port = [1000]
-
-        def connect(host):
-            port[0] += 1
-            proto = factory.buildProtocol(None)
-            t = Transport(host, port[0])
-            proto.makeConnection(t)
-            return proto, t
-
-        return clock, factory, connect
+        return clock, factory, connector(factory)
 
     def test_standalone_relay_holds_a_bounded_number_of_silent_connections(self):
         clock, factory, connect = self.relay()
@@ -403,15 +410,7 @@ class SilentFloodTests(SynchronousTestCase):
         clock = Clock()
         factory = RendezvousServerFactory(
             clock, relay=RelayServer(clock, RelayLimits()), relays=("*",), max_connections=2000)
-        port = [1000]
-
-        def connect(host):
-            port[0] += 1
-            proto = factory.buildProtocol(None)
-            t = Transport(host, port[0])
-            proto.makeConnection(t)
-            return proto, t
-
+        connect = connector(factory)
         silent = [connect(f"198.51.{100 + i // 250}.{1 + i % 250}") for i in range(60) for _ in range(30)]
         held = [t for _, t in silent if not t.disconnecting]
         # Before: 1800 held, nearly all of --max-connections, for 60 s.

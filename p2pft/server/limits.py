@@ -138,13 +138,19 @@ class Lobby:
     allowed now (calling the C{evict} it entered with), then is itself
     turned away only if the lobby is still full: when all C{capacity}
     connections arrived within the last C{min_wait} seconds.  A flood of
-    silent connections thus makes them wait less instead of keeping real
-    clients out, and never takes more than C{capacity} descriptors.
+    silent connections thus never takes more than C{capacity} descriptors,
+    and up to C{capacity / min_wait} arrivals a second it only makes them
+    wait less; at a rate R above that, only C{capacity / (min_wait * R)} of
+    the arrivals (real clients among them) get in, the rest are refused.
+
+    @param capacity: called for the number of places whenever it matters,
+        so the owner's limit (which the service may lower to fit the
+        open-file budget) is the only copy of it.
     """
 
-    def __init__(self, clock: IReactorTime, capacity: int, wait: float, min_wait: float):
+    def __init__(self, clock: IReactorTime, capacity: Callable[[], int], wait: float, min_wait: float):
         self._clock = clock
-        self.capacity = capacity
+        self._capacity = capacity
         self.wait = wait
         self.min_wait = min(min_wait, wait)
         self._waiting: OrderedDict[Hashable, tuple[float, Callable[[], None]]] = OrderedDict()
@@ -152,6 +158,10 @@ class Lobby:
 
     def __len__(self) -> int:
         return len(self._waiting)
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity()
 
     def allowed_wait(self) -> float:
         """Seconds a connection may now wait for its first line."""
@@ -163,9 +173,10 @@ class Lobby:
     def enter(self, conn: Hashable, evict: Callable[[], None]) -> bool:
         """Admit C{conn}; False when the lobby is full (refuse it)."""
         now = self._clock.seconds()
+        capacity = self.capacity
         while self._waiting:
             conn_, (since, evict_) = next(iter(self._waiting.items()))
-            if now - since <= self.allowed_wait() and len(self._waiting) < self.capacity:
+            if now - since <= self.allowed_wait() and len(self._waiting) < capacity:
                 break
             if now - since < self.min_wait:
                 return False  # full of connections that just arrived

@@ -11,7 +11,8 @@ proof handshake and records run end to end through it.
 
 The rules (pairing, limits, refusals) live in L{RelayServer}, a plain
 object that keeps one L{Leg} record per connection and reaches the
-connection only through L{IRelayLeg}; the byte moving lives in
+connection only through L{IRelayLeg}; the table of sessions and of the
+legs waiting for their other side is its L{Pairing}; the byte moving lives in
 L{p2pft.server.splice}.  L{RelayProtocol} is the standalone relay's
 protocol; the rendezvous server's protocol hands its connection over the
 same way when a C{RELAY} line comes first (C{p2pft server --relay}).
@@ -112,6 +113,47 @@ class Leg:
     peer: Leg | None = None
 
 
+class Pairing:
+    """
+    The relay's sessions: the legs waiting for their other side, by token,
+    and how many sessions (waiting or spliced) there are.  Plain
+    bookkeeping; L{RelayServer} applies it to connections.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, Leg] = {}
+        #: Sessions at once, waiting or spliced.
+        self.sessions = 0
+
+    def admit(self, leg: Leg, token: str, side: str, max_sessions: int) -> tuple[str | None, Leg | None]:
+        """C{leg} comes as C{side} of session C{token}: (a refusal reason,
+        None), or (None, the partner it is spliced to), or (None, None) if
+        it waits for one."""
+        partner = self._waiting.get(token)
+        if partner is None and self.sessions >= max_sessions:
+            return "relay is full, try again later", None
+        if partner is not None and partner.side == side:
+            return "this session already has a " + side, None
+        leg.side = side
+        if partner is None:
+            self.sessions += 1
+            self._waiting[token] = leg
+            leg.token = token
+            return None, None
+        del self._waiting[token]
+        return None, partner
+
+    def ended(self) -> None:
+        """A spliced session ended."""
+        self.sessions -= 1
+
+    def left(self, leg: Leg) -> None:
+        """C{leg} is gone: its session too, if it waited alone."""
+        if self._waiting.get(leg.token) is leg:
+            del self._waiting[leg.token]
+            self.sessions -= 1
+
+
 class RelayServer:
     """
     Pairs relay legs by token and side; counts, limits and refuses them.
@@ -125,25 +167,15 @@ class RelayServer:
     def __init__(self, clock: IReactorTime, limits: RelayLimits = RelayLimits()):
         self._clock = clock
         #: Standalone connections that have not sent RELAY yet.
-        self.lobby = Lobby(clock, limits.max_pending, RELAY_LINE_TIMEOUT, FIRST_LINE_MIN_WAIT)
         self.limits = limits
-        self._waiting: dict[str, Leg] = {}
-        self._sessions = 0
+        self.lobby = Lobby(clock, lambda: self.limits.max_pending, RELAY_LINE_TIMEOUT, FIRST_LINE_MIN_WAIT)
+        self.pairing = Pairing()
         self._per_ip = AddressCounts()
         self.spliced = 0
 
     @property
-    def limits(self) -> RelayLimits:
-        return self._limits
-
-    @limits.setter
-    def limits(self, limits: RelayLimits) -> None:
-        self._limits = limits
-        self.lobby.capacity = limits.max_pending
-
-    @property
     def sessions(self) -> int:
-        return self._sessions
+        return self.pairing.sessions
 
     # -- what the protocols report
 
@@ -231,22 +263,15 @@ class RelayServer:
             reason = self._count(leg)
             if reason is not None:
                 return reason
-        partner = self._waiting.get(token)
-        if partner is None and self._sessions >= self.limits.max_sessions:
-            return "relay is full, try again later"
-        if partner is not None and partner.side == side:
-            return "this session already has a " + side
-        leg.side = side
+        reason, partner = self.pairing.admit(leg, token, side, self.limits.max_sessions)
+        if reason is not None:
+            return reason
         if partner is None:
-            self._sessions += 1
-            self._waiting[token] = leg
-            leg.token = token
             leg.state = LegState.WAITING
             leg.timer = self._clock.callLater(
                 self.limits.waiting_timeout, self.refuse, leg, "the other side never came"
             )
             return None
-        del self._waiting[token]
         _cancel(partner.timer)
         partner.timer = None
         self.spliced += 1
@@ -257,7 +282,7 @@ class RelayServer:
     def session_ended(self, legs: tuple[Leg, Leg]) -> None:
         """A splice of C{legs} ended (they close; the connections that are
         not gone yet still hold their address's slots)."""
-        self._sessions -= 1
+        self.pairing.ended()
         for leg in legs:
             if leg.state is LegState.SPLICED:
                 leg.state = LegState.ENDED
@@ -277,9 +302,7 @@ class RelayServer:
             leg.counted = False
             self._per_ip.remove(leg.ip)
         _cancel(leg.timer)
-        if self._waiting.get(leg.token) is leg:
-            del self._waiting[leg.token]
-            self._sessions -= 1
+        self.pairing.left(leg)
 
 
 @implementer(IHalfCloseableProtocol)

@@ -38,6 +38,11 @@ LOBBY_SHARE = 0.25
 LOBBY_MIN = 100
 
 
+def lobby_places(max_connections: int) -> int:
+    """Places in the lobby of a server allowed C{max_connections}."""
+    return max(1, int(max_connections * LOBBY_SHARE), min(max_connections, LOBBY_MIN))
+
+
 class IRendezvousConnection(Interface):
     """What the server state needs from one client connection."""
 
@@ -76,22 +81,14 @@ class RendezvousServer:
         self._clock = clock
         self.hello_timeout = hello_timeout
         #: Connections that have not sent ALLOCATE, CLAIM or RELAY yet.
-        self.lobby = Lobby(clock, 1, hello_timeout, FIRST_LINE_MIN_WAIT)
+        self.lobby = Lobby(clock, lambda: lobby_places(self.max_connections), hello_timeout,
+                           FIRST_LINE_MIN_WAIT)
         self.max_connections = max_connections
         self.max_per_ip = max_per_ip
         self.claims = ClaimMeter(clock)
         self._nameplates = Nameplates(clock, max_nameplates, waiting_timeout, paired_timeout)
         self._members: dict[IRendezvousConnection, Member] = {}
         self._per_ip = AddressCounts()
-
-    @property
-    def max_connections(self) -> int:
-        return self._max_connections
-
-    @max_connections.setter
-    def max_connections(self, n: int) -> None:
-        self._max_connections = n
-        self.lobby.capacity = max(1, int(n * LOBBY_SHARE), min(n, LOBBY_MIN))
 
     # -- what connections tell us
 

@@ -1,0 +1,159 @@
+"""
+How hard a punching attempt tries, as plain objects without sockets or a
+clock: L{PunchSchedule}, the numbers, and L{AttemptPlan}, what one attempt
+dials when (attempts, caps, pacing, the racing rule, the relays' delay).
+L{p2pft.punch.PunchConnector} consults the plan and runs the sockets.
+"""
+
+from __future__ import annotations
+
+import random
+
+import attrs
+from twisted.internet import error
+from twisted.python.failure import Failure
+
+from .addresses import is_public, parse_ip
+
+
+@attrs.frozen
+class PunchSchedule:
+    """
+    How hard to try.  See docs/PROTOCOL.md for the reasoning.
+
+    @ivar redial: seconds between a failed attempt (timeout, unreachable)
+        at a candidate and the next attempt at it.
+    @ivar redial_refused: seconds before redialling the peer's public
+        address (its first candidate, the one the server observed) when it
+        answered with RST, plus up to as much again at random.  A NAT that
+        answers unsolicited SYNs with RST lets a connection through only
+        while our own SYN is in flight through our NAT at the same moment
+        as the peer's SYN through theirs, and each refused attempt lasts one
+        round trip: so retry soon, at a jittered pace, to make those windows
+        overlap -- but never in a tight loop.
+    @ivar max_attempts: attempts at the peer's public address (and at each
+        relay), at most (a peer's addresses are untrusted: this bounds what
+        we send to any of them).
+    @ivar redial_others: seconds before redialling any other candidate
+        (private, link-local, loopback on a loopback server, or a further
+        public address such as a global IPv6 one) that answered with RST.
+        No NAT races us there: an RST from a LAN address is the peer before
+        its listener is up (both sides start within about one server round
+        trip of each other) or some other host.  A quarter of a second
+        keeps the same-LAN case well inside the relay delay while sending
+        any such address at most 4 SYNs a second.
+    @ivar max_attempts_others: attempts per other candidate, at most: 20
+        at the pace above covers 5 s of resets, several times what a peer
+        on our LAN needs to start listening; after that the address is not
+        the peer.  With 16 candidates, at most 300 attempts in all at
+        addresses other than the peer's public one (60 a second).
+    @ivar relay_delay: seconds before relays are tried: direct paths that
+        work connect well within it, so they win.
+    @ivar relay_delay_refused: the same, when the peer's NAT has been
+        answering our SYNs with RST: it is alive and the crossing SYNs are
+        racing, so direct will most likely win given a little longer.
+    @ivar attempt_timeout: seconds one outgoing connect may stay pending.
+        Long enough for the kernel's SYN retransmissions (1 s, 3 s) to cross
+        the other side's SYN; while it is pending, redialling the same
+        4-tuple would fail anyway.
+    @ivar deadline: seconds before the whole attempt gives up.
+    @ivar handshake_timeout: seconds a connected candidate has to prove
+        the key.
+    @ivar gone_grace: seconds the follower keeps trying after the leader
+        left the rendezvous server (its SELECT may still be in flight).
+    """
+
+    redial: float = 0.5
+    redial_refused: float = 0.001
+    max_attempts: int = 6000
+    redial_others: float = 0.25
+    max_attempts_others: int = 20
+    relay_delay: float = 2.0
+    relay_delay_refused: float = 6.0
+    attempt_timeout: float = 4.0
+    deadline: float = 20.0
+    handshake_timeout: float = 10.0
+    gone_grace: float = 3.0
+
+
+class AttemptPlan:
+    """
+    What to try, and how hard: the per-address attempt schedule of one
+    punching attempt as a plain object (no sockets, no clock), which the
+    L{PunchConnector} consults and tells what happened.
+
+    It holds the addresses (the peer's candidates and the relays, each
+    once), the one candidate raced at the fast pace after RSTs, how many
+    attempts each address has had and may have, the wait before the next,
+    when the relays are due, and why each address failed (for the final
+    error).  See L{p2pft.punch.PunchConnector} for the parameters.
+    """
+
+    def __init__(self, schedule: PunchSchedule, candidates: list[tuple[str, int]],
+                 relays: list[tuple[str, int]] = (), own_hosts: frozenset[str] = frozenset(),
+                 rng: random.Random | None = None):
+        self.schedule = schedule
+        self.candidates = list(dict.fromkeys(candidates))
+        self.relays = list(dict.fromkeys(relays))
+        first = parse_ip(self.candidates[0][0]) if self.candidates else None
+        #: The candidate raced at the fast pace: the peer's public address --
+        #: never one of our own (C{own_hosts}): a peer behind our NAT has our
+        #: public address, and a hostile one may name it to aim the race at
+        #: our own services.
+        racing = first is not None and is_public(first) and str(first) not in own_hosts
+        self.racing = self.candidates[0] if racing else None
+        self._random = rng or random.Random()
+        self._attempts: dict[tuple[str, int], int] = {}
+        self.errors: dict[tuple[str, int], str] = {}
+        #: RSTs from the raced candidate: its NAT is there and racing us.
+        self.refused = 0
+        #: Whether the relays' time has come (relays learnt later are
+        #: dialled at once).
+        self.relays_due = False
+
+    def add_relays(self, relays: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Take the relays in C{relays} not known yet; return them."""
+        new = [r for r in dict.fromkeys(relays) if r not in self.relays]
+        self.relays.extend(new)
+        return new
+
+    def attempting(self, address: tuple[str, int]) -> None:
+        """An attempt at C{address} starts."""
+        self._attempts[address] = self._attempts.get(address, 0) + 1
+
+    def failed(self, address: tuple[str, int], why: str) -> None:
+        """C{address} failed, for the reason C{why} (a few words)."""
+        self.errors[address] = why
+
+    def next_attempt(self, address: tuple[str, int], reason: Failure, relay: bool) -> float | None:
+        """Seconds before the next attempt at C{address}, whose last one
+        failed with C{reason}; None when it has had all it may have."""
+        racing = not relay and address == self.racing
+        cap = self.schedule.max_attempts if relay or racing else self.schedule.max_attempts_others
+        if self._attempts.get(address, 0) >= cap:
+            return None
+        if relay:
+            return self.schedule.redial
+        if reason.check(error.ConnectionRefusedError) and racing:
+            # The peer's public address (the one the server saw) answers:
+            # its NAT is there and racing us.
+            self.refused += 1
+            return self.schedule.redial_refused * (1 + self._random.random())
+        if reason.check(error.ConnectionRefusedError):
+            # A reset from elsewhere (a private address: some other host
+            # here, or the peer not listening yet) says nothing of a race.
+            return self.schedule.redial_others
+        return self.schedule.redial
+
+    def relay_hold(self, waited: float) -> float:
+        """Seconds more to hold the relays back, once C{schedule.relay_delay}
+        (C{waited} seconds since the start) is over: 0 to dial them now."""
+        if self.refused and waited < self.schedule.relay_delay_refused:
+            return self.schedule.relay_delay_refused - waited
+        return 0.0
+
+    def failure(self) -> str:
+        """What to report when the deadline passes."""
+        detail = "; ".join(f"{h}:{p}: {e}" for (h, p), e in self.errors.items())
+        how = "directly or through a relay" if self.relays else "directly"
+        return f"could not connect to the other side {how}" + (f" ({detail})" if detail else "")
