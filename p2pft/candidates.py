@@ -8,14 +8,13 @@ here, as plain functions, before the punch layer dials any of it.
 
 from __future__ import annotations
 
-import re
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IResolutionReceiver
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .addresses import Address, is_host_or_link_only, is_loopback, normalise_host, parse_ip
+from .addresses import Address, is_host_or_link_only, is_loopback, normalise_host, parse_ip, relay_host_problem
 from .errors import SessionError
 from .rendezvous import parse_server
 from .util import printable
@@ -29,14 +28,6 @@ MAX_CANDIDATES = 16
 #: family is what a dual-stack relay needs; a name resolving to a hundred
 #: addresses must not make us open a hundred connections).
 MAX_RELAY_ADDRESSES = 2
-#: What a relay name the server advertises must look like: a DNS host name
-#: (letters, digits, hyphens, dots; RFC 1123), and not a numeric form only
-#: the C library's legacy parser reads as an address (C{127.1},
-#: C{2130706433}, C{0x7f.1}: a last label of digits or 0x-hex, which no
-#: top-level domain is).
-_HOST_NAME = re.compile(
-    r"(?=.{1,253}\Z)(?:(?!-)[A-Za-z0-9-]{1,63}(?<!-)\.)*(?!-)(?![0-9]+\.?\Z)(?!0[xX][0-9a-fA-F]*\.?\Z)"
-    r"[A-Za-z0-9-]{1,63}(?<!-)\.?\Z")
 
 
 def own_candidates(public: tuple[str, int], local: tuple[str, int], ipv6: list[str] = ()) -> list[list]:
@@ -126,15 +117,17 @@ def relays(settings, specs: list[str],
             continue
         try:
             host, port = parse_server(spec)
+            problem = relay_host_problem(host)
         except ValueError:
-            host, port = "", 0
-        ip = parse_ip(host)
+            host, port, problem = "", 0, "not HOST:PORT"
+        ip = parse_ip(host) if problem is None else None
         if ip is not None and _relay_allowed(ip, server_host):
             out.append((str(ip), port))
-        elif ip is None and port and _HOST_NAME.match(host):
+        elif ip is None and problem is None:
             names.append((host, port))
         else:
-            log.warn("ignoring relay {spec} advertised by the server", spec=printable(spec, 80))
+            log.warn("ignoring relay {spec} advertised by the server: {why}", spec=printable(spec, 80),
+                     why=problem or "an address of this host or link")
     return out, names
 
 

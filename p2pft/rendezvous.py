@@ -182,10 +182,9 @@ class RendezvousClientProtocol(LineReceiver):
             host, port = str(ipaddress.ip_address(parts[2])), int(parts[3])
             if not 0 < port < 65536:
                 raise ValueError("port out of range")
+            # Checked where they are used (p2pft.candidates.relays): a bad
+            # one is ignored there, with a warning, and the rest still serve.
             relays = [] if parts[4] == "-" else parts[4].split(",")[:8]
-            for spec in relays:
-                if spec != "*":
-                    _check_advertised_relay(spec)
         except ValueError:
             self._fail(RendezvousError("server sent a malformed WELCOME"))
             self.transport.loseConnection()
@@ -212,25 +211,6 @@ class RendezvousClientProtocol(LineReceiver):
         for d in pending:
             if d is not None and not d.called:
                 d.errback(error)
-
-
-#: A host name a server may advertise as a relay: ASCII letters, digits,
-#: hyphens and dots (RFC 1123; IDNs in their xn-- form), 253 at most.  It
-#: reaches the user's terminal in error messages, so nothing else.
-_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\Z")
-
-
-def _check_advertised_relay(spec: str) -> None:
-    """Raise ValueError unless C{spec} is C{HOST:PORT} with an IP literal
-    (no scope) or a plain host name."""
-    host, _ = parse_server(spec)
-    if "%" in host or spec != spec.strip():
-        raise ValueError("malformed relay")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if not _HOSTNAME.match(host):
-            raise ValueError("malformed relay host") from None
 
 
 def parse_server(text: str) -> tuple[str, int]:

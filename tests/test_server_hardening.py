@@ -263,16 +263,26 @@ class HostileServerLineTests(SynchronousTestCase):
             "WELCOME p2pft 1 203.0.113.5 +5 -",
             "WELCOME p2pft 1 203.0.113.5 99999 -",
             "WELCOME p2pft 1 203.0.113.5 0 -",
-            "WELCOME p2pft 1 203.0.113.5 40000 evil\x1b]0;x\x07.example:9001",
-            "WELCOME p2pft 1 203.0.113.5 40000 relay\u202e.example:9001",
-            "WELCOME p2pft 1 203.0.113.5 40000 *,bad_name!:9001",
-            "WELCOME p2pft 1 203.0.113.5 40000 [fe80::1%eth0]:9001",
         ):
             with self.subTest(line=bad):
                 c, t = self.client(bad.encode("utf-8") + b"\n")
                 f = self.failureResultOf(c.welcomed(), RendezvousError)
                 self.assertEqual(str(f.value), "server sent a malformed WELCOME")
                 self.assertTrue(t.disconnecting)
+        # A bad advertised relay is ignored where relays are chosen (with a
+        # warning, escaped), and the rest still serve: never dialled, never
+        # printed raw.
+        from p2pft.candidates import relays
+        from p2pft.session import Settings
+
+        for spec in ("evil\x1b]0;x\x07.example:9001", "relay\u202e.example:9001", "bad_name!:9001",
+                     "[fe80::1%eth0]:9001", "127.1:9001", "2130706433:9001"):
+            with self.subTest(relay=spec):
+                c, t = self.client(f"WELCOME p2pft 1 203.0.113.5 40000 *,{spec}\n".encode("utf-8"))
+                self.successResultOf(c.welcomed())
+                self.assertFalse(t.disconnecting)
+                self.assertEqual(relays(Settings(("203.0.113.1", 9000)), c.relays, "203.0.113.1"),
+                                 ([("203.0.113.1", 9000)], []))
         c, _ = self.client(b"WELCOME p2pft 1 2001:db8::5 40000 *,relay.example.org:9001,[2001:db8::9]:9001\n")
         self.assertEqual(self.successResultOf(c.welcomed()), ("2001:db8::5", 40000))
         self.assertEqual(c.relays, ["*", "relay.example.org:9001", "[2001:db8::9]:9001"])
