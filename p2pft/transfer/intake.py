@@ -82,7 +82,7 @@ class Intake:
         self._pool = pool
         self._run_blocking = run_blocking
         self._unexpected = unexpected
-        self._files: array = checker.file_indices()
+        self._files: array = checker.entries.file_indices()
         self._next = 0
         #: The file being received, or None between files.
         self.current: Incoming | None = None
@@ -120,7 +120,7 @@ class Intake:
             self._dest.skip(entry)
             return entry, None
         offset = count(message.get("offset"), "offset", 0, entry.size if entry.size is not None else 0)
-        if self._checker.skipped(index):  # left out: its data goes nowhere, and nothing is touched
+        if self._checker.entries.skipped(index):  # left out: its data goes nowhere, and nothing is touched
             if offset:
                 raise TransferFailed("protocol error: resumed from data we do not have")
             self.current = Incoming(index, entry, StreamSink(_Nowhere()), received=0, dropped=True)

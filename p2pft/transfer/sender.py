@@ -65,7 +65,7 @@ class Sender(Endpoint):
         self._mtime_ns = mtime_ns  # the receiver takes times in nanoseconds
         self._manifest = manifest
         self._entries = manifest.entries
-        self._files = manifest.checker.file_indices()
+        self._files = manifest.checker.entries.file_indices()
         self._total = None if manifest.checker.streams else manifest.checker.bytes
         self._next_entry = 0
         self._have = HaveBook(self._entries)
