@@ -48,6 +48,29 @@ class SenderState(str, Enum):
     FAILED = "failed"
 
 
+class _ProducerSlot:
+    """The channel's producer: registered at most once, unregistered once
+    (a registered producer keeps loseConnection from ever completing)."""
+
+    def __init__(self, channel):
+        self._channel = channel
+        self.taken = False
+
+    def register(self, producer, streaming: bool) -> None:
+        if not self.taken:
+            self.taken = True
+            self._channel.registerProducer(producer, streaming)
+
+    def unregister(self) -> None:
+        if self.taken:
+            self.taken = False
+            self._channel.unregisterProducer()
+
+    def lost(self) -> None:
+        """The transport dropped it: nothing to unregister."""
+        self.taken = False
+
+
 @implementer(IRecordHandler)
 class Sender(Endpoint):
     """
@@ -72,7 +95,7 @@ class Sender(Endpoint):
         self._outgoing: Outgoing | None = None  # the files, once accepted
         self._chunk = memoryview(bytearray(CHUNK))
         self._name = ""  # of the file being sent
-        self._producing = False
+        self._producer = _ProducerSlot(channel)
 
     @property
     def offer(self) -> Offer:
@@ -84,18 +107,8 @@ class Sender(Endpoint):
         self._channel.send(OFFER, control({"entries": len(self._entries), "files": checker.files,
                                            "bytes": self._total}))
         self.state = SenderState.OFFERING
-        self._startProducing()
+        self._producer.register(self, False)
         return self.done
-
-    def _startProducing(self) -> None:
-        if not self._producing:
-            self._producing = True
-            self._channel.registerProducer(self, False)
-
-    def _stopProducing(self) -> None:
-        if self._producing:
-            self._producing = False
-            self._channel.unregisterProducer()
 
     def _on_have(self, payload: bytes) -> None:
         self._have.add(parse_control(payload))
@@ -128,7 +141,7 @@ class Sender(Endpoint):
         self._outgoing = Outgoing(self._entries, self._manifest.sources, self._files, plan)
         self.state = SenderState.SENDING
         self._started = self._clock.seconds()
-        self._startProducing()
+        self._producer.register(self, False)
 
     # IPullProducer
     def resumeProducing(self) -> None:
@@ -150,7 +163,7 @@ class Sender(Endpoint):
                 break
         if self._next_entry == len(self._entries):
             self.state = SenderState.OFFERED
-            self._stopProducing()
+            self._producer.unregister()
 
     def _send_data(self) -> None:
         budget = self._pacer.allowance(BURST, CHUNK, self.resumeProducing)
@@ -186,7 +199,7 @@ class Sender(Endpoint):
         self._channel.send(FILE, control(message))
 
     def _end(self) -> None:
-        self._stopProducing()
+        self._producer.unregister()
         self.state = SenderState.ENDING
         self._progress("")
         self._channel.send(END, control({"files": len(self._files), "bytes": self._bytes_done}))
@@ -196,7 +209,7 @@ class Sender(Endpoint):
 
     def stopProducing(self) -> None:
         # The transport is going away; its connectionLost will tell us why.
-        self._producing = False
+        self._producer.lost()
 
     def _annotate(self, error: TransferFailed) -> TransferFailed:
         if self._bytes_done and not isinstance(error, Declined) and self._total is not None:
@@ -207,7 +220,7 @@ class Sender(Endpoint):
         super()._cleanup()
         self._pacer.cancel()
         # A registered producer keeps loseConnection from ever completing.
-        self._stopProducing()
+        self._producer.unregister()
         if self._outgoing is not None:
             self._outgoing.close()
 
@@ -231,8 +244,7 @@ class StreamSender(Sender):
         self.state = SenderState.SENDING
         self._started = self._clock.seconds()
         self._channel.send(FILE, control({"file": 0, "offset": 0}))
-        self._producing = True
-        self._channel.registerProducer(self._paced, True)
+        self._producer.register(self._paced, True)
         self._source.start(self._data, self._eof)
 
     def _data(self, chunk: bytes) -> None:
