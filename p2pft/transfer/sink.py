@@ -103,13 +103,15 @@ class _Output:
     def __init__(self, file, direct: bool):
         self.file = file
         self._direct = direct and hasattr(os, "O_DIRECT")
-        self._direct_fd: int | None = None  # opened at the first full buffer
+        self._direct_fd: int | None = None
+        #: Whether L{open_direct} is due, before the first full buffer is written.
+        self.unopened = self._direct
 
     def open_direct(self) -> None:
-        """Before the first full buffer is written (on the reactor thread)."""
-        if self._direct and self._direct_fd is None:
-            self._direct_fd = _open_direct(self.file.fileno())
-            self._direct = self._direct_fd is not None
+        """(On the reactor thread, so the flag never changes under a write.)"""
+        self.unopened = False
+        self._direct_fd = _open_direct(self.file.fileno())
+        self._direct = self._direct_fd is not None
 
     def write(self, view: memoryview, base: int) -> None:
         """Write C{view} at file offset C{base}: with O_DIRECT if this is
@@ -208,7 +210,8 @@ class FileSink:
             raise self._error
 
     def _submit(self) -> None:
-        self._out.open_direct()
+        if self._out.unopened:
+            self._out.open_direct()
         buf, base = self._buf, self._base
         self._buf, self._fill = None, 0
         self._base += BUFFER
