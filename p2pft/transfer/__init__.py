@@ -34,12 +34,15 @@ The modules, by responsibility:
   endpoint     what both sides share: the channel, aborts, endings, dispatch
   offer        L{Offer}, L{Result}, reading an offer (OFFER, ENTRIES)
   sender       L{Sender}, L{StreamSender}, L{TextSender}; pacing: the rate limit
+  outgoing     the sender's files: which comes next, reading the one being sent
   receiver     L{Receiver}; destination: a folder on disk, or standard output
+  intake       the receiver's files: FILE, DATA, FILE_END checked, written, placed
   resume       block hashes, HAVE, and every rule of resuming
   manifest     the entries and their checks (tree: their compact storage)
   scan         the sender's manifest, from the paths it was given
-  names fsprobe store sink text pipes   names, the output folder, disk writes,
-                                        text messages, standard input/output
+  names fsprobe store placing sink text pipes   names, the output folder,
+                                        placing, disk writes, text messages,
+                                        standard input/output
 """
 
 from ..errors import Declined, TransferFailed, UnsafeName

@@ -112,7 +112,7 @@ class DiskDestination:
         self._out = OutputDir(self._dir)
 
     def check_conflicts(self, checker: ManifestChecker, overwrite: bool) -> None:
-        for entry, st in checker.existing(self._out.lstat):
+        for entry, st in checker.entries.existing(self._out.lstat):
             if entry.kind != DIR:
                 st = self._out.settle(entry.path, st)  # an earlier run died while placing it
             shown = printable(entry.path)
@@ -128,14 +128,14 @@ class DiskDestination:
                 raise Declined(f"{shown} already exists (use --overwrite to replace it)")
 
     def existing(self, checker: ManifestChecker, stop, run_blocking) -> defer.Deferred:
-        return run_blocking(find_existing, self._out.clone(), checker.entries, stop, checker.skipped)
+        return run_blocking(find_existing, self._out.clone(), checker.entries, stop, checker.entries.skipped)
 
     def prepare(self, checker: ManifestChecker, needed: int) -> None:
         free = self._out.free()
         if needed > free:
             raise Declined(f"not enough free space: {needed} more bytes needed, {free} free")
         for index in range(len(checker.entries)):
-            if checker.is_dir(index) and not checker.skipped(index):
+            if checker.entries.is_dir(index) and not checker.entries.skipped(index):
                 self._out.make_dir(checker.entries[index].path)
 
     def check_start(self, message: dict) -> None:

@@ -163,15 +163,24 @@ class Endpoint:
             self._fail(TransferFailed(f"unexpected {type(e).__name__}: {e}"))
             self._outcome = e
 
-    def _later(self, work: defer.Deferred, then: Callable) -> None:
+    def _later(self, work: defer.Deferred, then: Callable, hold: bool = False) -> None:
         """Continue with C{then(result)} once blocking work is done, unless
-        the transfer ended meanwhile; its failure fails the transfer."""
+        the transfer ended meanwhile; its failure fails the transfer.
+        C{hold}: hold the records that arrive meanwhile (the disk is
+        behind: the sender is slowed down by TCP)."""
+        held = hold and not work.called
+        if held:
+            self._channel.pauseReading()
+
         def done(result):
             if not self._ending:
                 try:
                     then(result)
                 except Exception as e:  # ours, a disk error, or a bug: the transfer fails, loudly
                     self._failed(e)
+                else:
+                    if held and not self._ending:
+                        self._channel.resumeReading()
 
         def failed(f):
             if not self._ending:

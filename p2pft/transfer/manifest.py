@@ -137,27 +137,102 @@ def safe_mode(entry: Entry, umask: int) -> int:
     return (0o755 if entry.mode & 0o100 else 0o644) & ~umask | 0o600
 
 class Entries(Sequence):
-    """The entries of a L{ManifestChecker}, as L{Entry} objects made on demand."""
+    """
+    The entries of a L{ManifestChecker}, stored compactly: each one's
+    node in the L{NameTree} (its name), its size, mode and time in
+    C{array} columns, and its flags; the offered paths of the refused
+    entries that have no node, for messages.  L{Entry} objects are made
+    on demand.
+    """
 
-    def __init__(self, checker: "ManifestChecker"):
-        self._c = checker
+    def __init__(self, tree: NameTree):
+        self._tree = tree
+        #: The offered paths of the refused entries that have no node, for
+        #: messages: the k-th ends at C{_refused_ends[k]}; its entry's node is -2 - k.
+        self._refused_paths = bytearray()
+        self._refused_ends = array("q")
+        self._nodes = array("i")
+        self._sizes = array("q")
+        self._modes = array("H")
+        self._mtimes = array("q")
+        self._flags = bytearray()
 
     def __len__(self) -> int:
-        return len(self._c._flags)
+        return len(self._flags)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        c = self._c
         if index < 0:
-            index += len(c._flags)
-        size, mtime = c._sizes[index], c._mtimes[index]
-        return Entry(c.path(index), DIR if c._flags[index] & _E_DIR else FILE,
-                     None if size == _NO_SIZE else size, c._modes[index], None if mtime == _NO_TIME else mtime)
+            index += len(self._flags)
+        size, mtime = self._sizes[index], self._mtimes[index]
+        return Entry(self.path(index), DIR if self._flags[index] & _E_DIR else FILE,
+                     None if size == _NO_SIZE else size, self._modes[index], None if mtime == _NO_TIME else mtime)
 
     def __iter__(self) -> Iterator[Entry]:
         for i in range(len(self)):
             yield self[i]
+
+    def append(self, node: int, is_dir: bool, size: int | None, mode: int, mtime: int | None,
+               skipped: bool) -> None:
+        self._nodes.append(node)
+        self._sizes.append(_NO_SIZE if size is None else size)
+        self._modes.append(mode)
+        self._mtimes.append(_NO_TIME if mtime is None else mtime)
+        self._flags.append((_E_DIR if is_dir else 0) | (_E_SKIPPED if skipped else 0))
+
+    def unplaced(self, path: str) -> int:
+        """The node of a refused entry that has no place in the tree: its
+        offered path is kept for messages (cut to L{MAX_PATH_BYTES}
+        characters), and counts against the name-byte cap."""
+        raw = path[:MAX_PATH_BYTES].encode("utf-8", "surrogatepass")
+        self._tree.nodes.charge(len(raw))
+        self._refused_paths += raw
+        self._refused_ends.append(len(self._refused_paths))
+        return -1 - len(self._refused_ends)
+
+    def skipped(self, index: int) -> bool:
+        return bool(self._flags[index] & _E_SKIPPED)
+
+    def is_dir(self, index: int) -> bool:
+        return bool(self._flags[index] & _E_DIR)
+
+    def file_indices(self) -> array:
+        """Indices of the file entries, skipped ones included (the sender
+        sends them all)."""
+        return array("l", (i for i, f in enumerate(self._flags) if not f & _E_DIR))
+
+    def path(self, index: int) -> str:
+        """The path of entry C{index}; for a refused entry that has no place
+        in the tree, what was offered (cut to L{MAX_PATH_BYTES} characters:
+        only for messages, which make it printable)."""
+        node = self._nodes[index]
+        if node >= 0:
+            return self._tree.path(node)
+        k, ends = -2 - node, self._refused_ends
+        return self._refused_paths[ends[k - 1] if k else 0:ends[k]].decode("utf-8", "surrogatepass")
+
+    def existing(self, lstat: Callable[[str], os.stat_result | None]) -> Iterator[tuple[Entry, os.stat_result]]:
+        """Each accepted entry whose name is taken, with what C{lstat(path)}
+        found there; C{lstat} is not asked about what lies below a folder
+        it found missing (so an empty output folder costs one call per
+        top-level name, not one per entry)."""
+        parents = self._tree.nodes.parents
+        missing = bytearray(len(parents))
+        for index in range(len(self._flags)):
+            node = self._nodes[index]
+            if self._flags[index] & _E_SKIPPED:
+                continue
+            parent = parents[node]
+            if parent >= 0 and missing[parent]:
+                missing[node] = 1
+                continue
+            entry = self[index]
+            st = lstat(entry.path)
+            if st is None:
+                missing[node] = 1
+            else:
+                yield entry, st
 
 
 class ManifestChecker:
@@ -195,16 +270,7 @@ class ManifestChecker:
         self._max = max_entries
         self._tree = NameTree(rules, warn if warn is not None and warn != rules else None,
                               MAX_NODES, MAX_STORED_NAME_BYTES)
-        #: The offered paths of the refused entries that have no node, for
-        #: messages: the k-th ends at C{_refused_ends[k]}; its entry's node is -2 - k.
-        self._refused_paths = bytearray()
-        self._refused_ends = array("q")
-        self._nodes = array("i")
-        self._sizes = array("q")
-        self._modes = array("H")
-        self._mtimes = array("q")
-        self._flags = bytearray()
-        self.entries = Entries(self)
+        self.entries = Entries(self._tree)
 
     @property
     def top(self) -> list[str]:
@@ -238,29 +304,8 @@ class ManifestChecker:
         path, kind, size, mode, _ = raw
         self._add(path, kind, size, mode, mtime, refuse=False)
 
-    def skipped(self, index: int) -> bool:
-        return bool(self._flags[index] & _E_SKIPPED)
-
-    def is_dir(self, index: int) -> bool:
-        return bool(self._flags[index] & _E_DIR)
-
-    def file_indices(self) -> array:
-        """Indices of the file entries, skipped ones included (the sender
-        sends them all)."""
-        return array("l", (i for i, f in enumerate(self._flags) if not f & _E_DIR))
-
-    def path(self, index: int) -> str:
-        """The path of entry C{index}; for a refused entry that has no place
-        in the tree, what was offered (cut to L{MAX_PATH_BYTES} characters:
-        only for messages, which make it printable)."""
-        node = self._nodes[index]
-        if node >= 0:
-            return self._tree.path(node)
-        k, ends = -2 - node, self._refused_ends
-        return self._refused_paths[ends[k - 1] if k else 0:ends[k]].decode("utf-8", "surrogatepass")
-
     def _add(self, path: str, kind: str, size: int | None, mode: int, mtime: int | None, refuse: bool) -> None:
-        if len(self._flags) >= self._max:
+        if len(self.entries) >= self._max:
             raise UnsafeName(f"the offer has more than {self._max} entries")
         is_dir = kind == DIR
         path, why = path_problem(path, self.rules)
@@ -271,11 +316,7 @@ class ManifestChecker:
             if refuse:
                 raise UnsafeName(f"offered name {quoted(path)} {why}")
             node = self._refuse(path, why, node, 0 if is_dir or size is None else size)
-        self._nodes.append(node)
-        self._sizes.append(_NO_SIZE if size is None else size)
-        self._modes.append(mode)
-        self._mtimes.append(_NO_TIME if mtime is None else mtime)
-        self._flags.append((_E_DIR if is_dir else 0) | (_E_SKIPPED if why is not None else 0))
+        self.entries.append(node, is_dir, size, mode, mtime, skipped=why is not None)
         if why is not None:
             return
         if is_dir:
@@ -288,46 +329,18 @@ class ManifestChecker:
                 self.bytes += size
 
     def _refuse(self, path: str, why: str, node: int, size: int) -> int:
-        """Count a refused entry; its node (-2 - k for the k-th without one)."""
+        """Count a refused entry; its node (L{Entries.unplaced} if it has none)."""
         self.refused += 1
         self.refused_bytes += size
         if len(self.refused_names) < SHOWN_NAMES:
             self.refused_names.append(f"{quoted(path)} {why}")
-        if node >= 0:
-            return node
-        raw = path[:MAX_PATH_BYTES].encode("utf-8", "surrogatepass")
-        self._tree.nodes.charge(len(raw))
-        self._refused_paths += raw
-        self._refused_ends.append(len(self._refused_paths))
-        return -1 - len(self._refused_ends)
-
-    def existing(self, lstat: Callable[[str], os.stat_result | None]) -> Iterator[tuple[Entry, os.stat_result]]:
-        """Each accepted entry whose name is taken, with what C{lstat(path)}
-        found there; C{lstat} is not asked about what lies below a folder
-        it found missing (so an empty output folder costs one call per
-        top-level name, not one per entry)."""
-        parents = self._tree.nodes.parents
-        missing = bytearray(len(parents))
-        for index in range(len(self._flags)):
-            node = self._nodes[index]
-            if self._flags[index] & _E_SKIPPED:
-                continue
-            parent = parents[node]
-            if parent >= 0 and missing[parent]:
-                missing[node] = 1
-                continue
-            entry = self.entries[index]
-            st = lstat(entry.path)
-            if st is None:
-                missing[node] = 1
-            else:
-                yield entry, st
+        return node if node >= 0 else self.entries.unplaced(path)
 
     def finish(self) -> None:
         """Checks on the whole offer, once every entry is in."""
-        if not self._flags:
+        if not len(self.entries):
             raise UnsafeName("the offer is empty")
-        if self.streams and len(self._flags) > 1:
+        if self.streams and len(self.entries) > 1:
             raise UnsafeName("a stream of unknown size can only be offered alone")
 
 

@@ -11,31 +11,23 @@ arrives to its L{IDestination}.
 
 from __future__ import annotations
 
-from array import array
 from enum import Enum
-from typing import Callable
+from functools import partial
 
-import attrs
 from twisted.internet import defer
 from zope.interface import implementer
 
 from ..channel import IRecordHandler
 from ..errors import Declined, TransferFailed
 from .destination import DiskDestination, IDestination, StreamDestination
-from .endpoint import Endpoint, os_error, run_now
-from .manifest import PARTIAL_SUFFIX, Entry, ManifestChecker, NameRules, printable
+from .endpoint import Endpoint, run_now
+from .intake import Incoming, Intake
+from .manifest import ManifestChecker, NameRules
 from .offer import Offer, OfferReader, Result
-from .records import ACCEPT, ACK, DATA, END, ENTRIES, FILE, FILE_END, HAVE, OFFER, REJECT, TEXT, control, count, \
-    parse_control
-from .resume import Have, check_resume, have_messages
-from .sink import BufferPool, FileSink, StreamSink
+from .records import ACCEPT, ACK, DATA, END, ENTRIES, FILE, FILE_END, HAVE, OFFER, REJECT, TEXT, control, parse_control
+from .resume import Have
+from .sink import BufferPool
 from .text import decode_text
-
-RESUME_HINT = "the data received so far is kept: run the same send and receive again to resume"
-#: After a file failed its check: its data is gone, what came before it is not.
-DISCARDED_HINT = ("its partial data was deleted; the files received before it are kept: "
-                  "run the same send and receive again to resume")
-
 
 class ReceiverState(str, Enum):
     NEW = "new"
@@ -47,42 +39,6 @@ class ReceiverState(str, Enum):
     CLOSING = "closing"
     DONE = "done"
     FAILED = "failed"
-
-
-class _Nowhere:
-    """Where the data of a left-out file goes."""
-
-    def write(self, data) -> int:
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-
-@attrs.define
-class _Incoming:
-    """The file being received."""
-
-    index: int
-    entry: Entry
-    sink: FileSink | StreamSink
-    received: int
-    #: A left-out file (C{skip_unsafe}): its data is dropped.
-    dropped: bool = False
-
-    def disk(self, work: defer.Deferred) -> defer.Deferred:
-        """C{work} with a disk error turned into a clear failure."""
-        def clear(f):
-            f.trap(OSError)
-            raise os_error(f.value, self.entry.path + PARTIAL_SUFFIX)
-        return work.addErrback(clear)
-
-    def mismatch(self, end: dict) -> str | None:
-        """What is wrong with the sender's FILE_END for what arrived, if anything."""
-        if end.get("size") != self.received or self.entry.size not in (None, self.received):
-            return (f"size mismatch for {printable(self.entry.path)}: offered {self.entry.size}, "
-                    f"received {self.received} bytes")
-        return None
 
 
 @implementer(IRecordHandler)
@@ -117,14 +73,7 @@ class Receiver(Endpoint):
         self._rules = rules
         self._reader: OfferReader | None = None
         self._checker: ManifestChecker | None = None
-        self._files = array("l")
-        self._next_file = 0
-        self._have: dict[int, Have] = {}
-        self._current: _Incoming | None = None
-        self._kept = False  # data a later attempt can resume from
-        self._placed = 0  # files moved into place
-        self._discarded = False  # a file failed its check and its partial data was deleted
-        self._dropped = 0  # data bytes of left-out files, read and dropped
+        self._intake: Intake | None = None  # the files, once accepted
         self._pool = BufferPool()
         self.offer: Offer | None = None
 
@@ -152,22 +101,14 @@ class Receiver(Endpoint):
         self._close_then(Result("text", len(payload), self._elapsed(), "-", files=0, text=True))
 
     def _on_offer(self, payload: bytes) -> None:
-        offer = parse_control(payload)
-        self._reader = OfferReader(offer, self._name_rules, self._mtime_ns)
+        self._reader = OfferReader(parse_control(payload), partial(self._dest.name_rules, self._rules), self._mtime_ns)
         self.state = ReceiverState.MANIFEST
 
-    def _name_rules(self) -> NameRules:
-        self._rules = self._dest.name_rules(self._rules)
-        return self._rules
-
     def _on_entries(self, payload: bytes) -> None:
-        if self._reader.take(parse_control(payload)):
-            self._manifest_complete()
-
-    def _manifest_complete(self) -> None:
+        if not self._reader.take(parse_control(payload)):
+            return
         self._checker = checker = self._reader.finish(self._skip_unsafe)
         self._reader = None
-        self._files = checker.file_indices()
         self.offer = Offer.of(checker)
         self._total = None if self.offer.size is None else self.offer.size + checker.refused_bytes
         self._dest.open(self.offer)
@@ -187,9 +128,9 @@ class Receiver(Endpoint):
         self._later(self._dest.existing(self._checker, self._stop, self._run_blocking), self._accept)
 
     def _accept(self, have: dict[int, Have]) -> None:
-        self._have = have
-        self._dest.prepare(self._checker, (self.offer.size or 0) - sum(h.prefix.length for h in have.values()))
-        for message in have_messages(have):
+        self._intake = intake = Intake(self._dest, self._checker, have, self._overwrite, self._pool,
+                                       self._run_blocking, self._unexpected)
+        for message in intake.prepare(self.offer.size or 0):
             self._channel.send(HAVE, control(message))
         self.state = ReceiverState.RECEIVING
         self._started = self._clock.seconds()
@@ -198,104 +139,39 @@ class Receiver(Endpoint):
     # -- the files ---------------------------------------------------------
 
     def _on_file(self, payload: bytes) -> None:
-        message = parse_control(payload)
-        if self._current is not None or self._next_file == len(self._files):
-            raise TransferFailed("protocol error: unexpected FILE")
-        self._dest.check_start(message)
-        index = self._files[self._next_file]
-        if message.get("file") != index:
-            raise TransferFailed("protocol error: files out of order")
-        self._next_file += 1
-        entry = self._checker.entries[index]
-        have = self._have.pop(index, None)
-        if message.get("skip") is True:
-            if have is None or not have.complete:
-                raise TransferFailed("protocol error: skipped a file we do not have")
+        entry, incoming = self._intake.start(parse_control(payload))
+        if incoming is None:  # skipped: it is here already
             self._bytes_done += entry.size
             self._skipped += entry.size
-            self._dest.skip(entry)
             self._progress(entry.path)
-            return
-        offset = count(message.get("offset"), "offset", 0, entry.size if entry.size is not None else 0)
-        if self._checker.skipped(index):  # left out: its data goes nowhere, and nothing is touched
-            if offset:
-                raise TransferFailed("protocol error: resumed from data we do not have")
-            self._current = _Incoming(index, entry, StreamSink(_Nowhere()), received=0, dropped=True)
-            return
-        check_resume(have, entry.path, offset, self._overwrite)
-        sink = self._dest.open_file(entry, offset, self._pool, self._run_blocking)
-        self._current = _Incoming(index, entry, sink, received=offset)
-        self._bytes_done += offset
-        self._resumed += offset
+        else:
+            self._bytes_done += incoming.received
+            self._resumed += incoming.received
 
     def _on_data(self, data: bytes) -> None:
-        current = self._current
-        if current is None:
-            raise self._unexpected(DATA)
-        if current.entry.size is not None and current.received + len(data) > current.entry.size:
-            raise TransferFailed("the sender sent more data than it offered")
-        current.received += len(data)
-        if current.dropped:
-            self._dropped += len(data)
-        else:
-            self._kept = self._kept or current.entry.size is not None
-        try:
-            current.sink.write(data)
-        except OSError as e:
-            raise os_error(e, current.entry.path + PARTIAL_SUFFIX) from None
+        current = self._intake.data(data)
         self._bytes_done += len(data)
         self._progress(current.entry.path)
         if not current.sink.ready():
-            self._after(current.disk(current.sink.when_ready()), lambda _: None)
-
-    def _after(self, work: defer.Deferred, then: Callable) -> None:
-        """Like L{_later}, and hold the records that arrive meanwhile
-        (the disk is behind: the sender is slowed down by TCP)."""
-        if work.called:
-            return self._later(work, then)
-        self._channel.pauseReading()
-
-        def resume(result):
-            then(result)
-            if not self._ending:
-                self._channel.resumeReading()
-        self._later(work, resume)
+            self._later(current.disk(current.sink.when_ready()), lambda _: None, hold=True)
 
     def _on_file_end(self, payload: bytes) -> None:
-        current = self._current
-        if current is None:
-            raise self._unexpected(FILE_END)
-        error = current.mismatch(parse_control(payload))
-        if error:
-            self._current = None
-            self._discarded = self._dest.discard(current) or self._discarded
-            raise TransferFailed(error)
-        self._after(current.disk(current.sink.finish()), lambda _: self._place(current))
+        current = self._intake.file_end(parse_control(payload))
+        self._later(current.disk(current.sink.finish()), lambda _: self._place(current), hold=True)
 
-    def _place(self, current: _Incoming) -> None:
-        self._current = None
-        if current.dropped:
-            return
-        self._dest.place(current, self._overwrite)
-        self._kept = True
-        self._placed += 1
-        if current.entry.size is None:
+    def _place(self, current: Incoming) -> None:
+        if self._intake.place(current) and current.entry.size is None:
             self._total = current.received
 
     def _on_end(self, payload: bytes) -> None:
-        if self._current is not None:
-            raise self._unexpected(END)
-        end = parse_control(payload)
-        if self._next_file != len(self._files) or end.get("files") != len(self._files) \
-                or end.get("bytes") != self._bytes_done:
-            raise TransferFailed("the transfer ended early or does not match what arrived")
+        intake = self._intake
+        intake.end(parse_control(payload), self._bytes_done)
         self._dest.sync()
-        self._channel.send(ACK, control({"files": len(self._files), "bytes": self._bytes_done}))
+        self._channel.send(ACK, control({"files": intake.files, "bytes": self._bytes_done}))
         self._cleanup()
-        checker = self._checker
-        self._close_then(Result(self.offer.name, self._bytes_done - self._dropped, self._elapsed(),
-                                self.destination, checker.files, self._resumed, self._skipped,
-                                checker.refused))
+        offer = self.offer
+        self._close_then(Result(offer.name, self._bytes_done - intake.dropped, self._elapsed(), self.destination,
+                                offer.files, self._resumed, self._skipped, offer.refused))
 
     _handlers = {
         (ReceiverState.WAITING, TEXT): _on_text,
@@ -310,19 +186,14 @@ class Receiver(Endpoint):
     # -- endings -----------------------------------------------------------
 
     def _annotate(self, error: TransferFailed) -> TransferFailed:
-        if isinstance(error, Declined) or not self._dest.resumable:
+        if self._intake is None or isinstance(error, Declined) or not self._dest.resumable:
             return error
-        if self._discarded:
-            return TransferFailed(f"{error}; {DISCARDED_HINT}") if self._placed else error
-        if self._kept:
-            return TransferFailed(f"{error}; {RESUME_HINT}")
-        return error
+        return self._intake.annotate(error)
 
     def _cleanup(self) -> None:
         super()._cleanup()
-        current, self._current = self._current, None
-        if current is not None:
-            self._dest.abandon(current)
+        if self._intake is not None:
+            self._intake.abandon()
         self._pool.close()
         self._dest.close()
 

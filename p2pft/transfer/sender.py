@@ -12,19 +12,17 @@ L{TextSender} a short text instead of files.
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 
-import attrs
 from twisted.internet import defer
 from zope.interface import implementer
 
 from ..channel import IRecordHandler
 from ..errors import Declined, TransferFailed
 from .endpoint import Endpoint, peer_text, run_now
-from .manifest import printable
 from .scan import Manifest
 from .offer import Offer, Result, entry_batches
+from .outgoing import Outgoing
 from .pacing import Paced, Pacer
 from .records import ACCEPT, ACK, DATA, END, ENTRIES, FILE, FILE_END, HAVE, OFFER, REJECT, TEXT, control, parse_control
 from .resume import HaveBook, check_have
@@ -50,28 +48,27 @@ class SenderState(str, Enum):
     FAILED = "failed"
 
 
-@attrs.define
-class _Outgoing:
-    """The file being sent."""
+class _ProducerSlot:
+    """The channel's producer: registered at most once, unregistered once
+    (a registered producer keeps loseConnection from ever completing)."""
 
-    index: int
-    file: object
-    remaining: int
+    def __init__(self, channel):
+        self._channel = channel
+        self.taken = False
 
+    def register(self, producer, streaming: bool) -> None:
+        if not self.taken:
+            self.taken = True
+            self._channel.registerProducer(producer, streaming)
 
-def _open_source(entry, source: str):
-    """The file C{source} of C{entry}, unbuffered, if it is still its size."""
-    try:
-        f = open(source, "rb", buffering=0)
-    except OSError as e:
-        raise TransferFailed(f"cannot read {printable(source)}: {e.strerror or e}") from None
-    size = os.fstat(f.fileno()).st_size
-    if size != entry.size:
-        f.close()
-        raise TransferFailed(
-            f"{printable(source)} changed after the transfer started ({entry.size} bytes "
-            f"then, {size} now); send again")
-    return f
+    def unregister(self) -> None:
+        if self.taken:
+            self.taken = False
+            self._channel.unregisterProducer()
+
+    def lost(self) -> None:
+        """The transport dropped it: nothing to unregister."""
+        self.taken = False
 
 
 @implementer(IRecordHandler)
@@ -91,16 +88,14 @@ class Sender(Endpoint):
         self._mtime_ns = mtime_ns  # the receiver takes times in nanoseconds
         self._manifest = manifest
         self._entries = manifest.entries
-        self._files = manifest.checker.file_indices()
+        self._files = manifest.checker.entries.file_indices()
         self._total = None if manifest.checker.streams else manifest.checker.bytes
         self._next_entry = 0
-        self._next_file = 0
         self._have = HaveBook(self._entries)
-        self._plan: dict = {}
-        self._current: _Outgoing | None = None
+        self._outgoing: Outgoing | None = None  # the files, once accepted
         self._chunk = memoryview(bytearray(CHUNK))
         self._name = ""  # of the file being sent
-        self._producing = False
+        self._producer = _ProducerSlot(channel)
 
     @property
     def offer(self) -> Offer:
@@ -112,18 +107,8 @@ class Sender(Endpoint):
         self._channel.send(OFFER, control({"entries": len(self._entries), "files": checker.files,
                                            "bytes": self._total}))
         self.state = SenderState.OFFERING
-        self._startProducing()
+        self._producer.register(self, False)
         return self.done
-
-    def _startProducing(self) -> None:
-        if not self._producing:
-            self._producing = True
-            self._channel.registerProducer(self, False)
-
-    def _stopProducing(self) -> None:
-        if self._producing:
-            self._producing = False
-            self._channel.unregisterProducer()
 
     def _on_have(self, payload: bytes) -> None:
         self._have.add(parse_control(payload))
@@ -153,10 +138,10 @@ class Sender(Endpoint):
     }
 
     def _send_files(self, plan: dict) -> None:
-        self._plan = plan
+        self._outgoing = Outgoing(self._entries, self._manifest.sources, self._files, plan)
         self.state = SenderState.SENDING
         self._started = self._clock.seconds()
-        self._startProducing()
+        self._producer.register(self, False)
 
     # IPullProducer
     def resumeProducing(self) -> None:
@@ -178,62 +163,43 @@ class Sender(Endpoint):
                 break
         if self._next_entry == len(self._entries):
             self.state = SenderState.OFFERED
-            self._stopProducing()
+            self._producer.unregister()
 
     def _send_data(self) -> None:
         budget = self._pacer.allowance(BURST, CHUNK, self.resumeProducing)
+        outgoing = self._outgoing
         while budget > 0 and self.state is SenderState.SENDING:
-            if self._current is None:
-                if self._next_file == len(self._files):
+            current = outgoing.current
+            if current is None:
+                if outgoing.all_started:
                     return self._end()
                 self._open_next()
                 continue
-            current = self._current
-            want = min(CHUNK, current.remaining)
-            # Read into one reused buffer: sealing copies it anyway.
-            got = current.file.readinto(self._chunk[:want]) if want else 0
-            entry = self._entries[current.index]
-            if got < want:
-                raise TransferFailed(f"{printable(entry.path)} shrank while it was being sent")
-            if want:
-                current.remaining -= got
+            chunk = outgoing.read(self._chunk)
+            if chunk:
+                got = len(chunk)
                 self._bytes_done += got
                 self._pacer.count(got)
-                self._channel.send(DATA, self._chunk[:got])
+                self._channel.send(DATA, chunk)
                 budget -= got
             if current.remaining == 0:
-                if current.file.read(1):
-                    raise TransferFailed(f"{printable(entry.path)} grew while it was being sent")
-                self._finish_file(entry.size)
+                self._channel.send(FILE_END, control(outgoing.finish()))
         if self.state is SenderState.SENDING:
             self._progress(self._name)
 
     def _open_next(self) -> None:
-        index = self._files[self._next_file]
-        self._next_file += 1
-        entry = self._entries[index]
+        entry, message = self._outgoing.start_next()
         self._name = entry.path
-        complete, prefix = self._plan.pop(index, (False, None))
-        if complete:
-            self._channel.send(FILE, control({"file": index, "skip": True}))
+        if message.get("skip"):
             self._bytes_done += entry.size
             self._skipped += entry.size
-            return
-        f = _open_source(entry, self._manifest.sources[index])
-        offset = prefix.length if prefix is not None else 0
-        f.seek(offset)
-        self._current = _Outgoing(index, f, entry.size - offset)
-        self._bytes_done += offset
-        self._resumed += offset
-        self._channel.send(FILE, control({"file": index, "offset": offset}))
-
-    def _finish_file(self, size: int) -> None:
-        self._current.file.close()
-        self._current = None
-        self._channel.send(FILE_END, control({"size": size}))
+        else:
+            self._bytes_done += message["offset"]
+            self._resumed += message["offset"]
+        self._channel.send(FILE, control(message))
 
     def _end(self) -> None:
-        self._stopProducing()
+        self._producer.unregister()
         self.state = SenderState.ENDING
         self._progress("")
         self._channel.send(END, control({"files": len(self._files), "bytes": self._bytes_done}))
@@ -243,7 +209,7 @@ class Sender(Endpoint):
 
     def stopProducing(self) -> None:
         # The transport is going away; its connectionLost will tell us why.
-        self._producing = False
+        self._producer.lost()
 
     def _annotate(self, error: TransferFailed) -> TransferFailed:
         if self._bytes_done and not isinstance(error, Declined) and self._total is not None:
@@ -254,10 +220,9 @@ class Sender(Endpoint):
         super()._cleanup()
         self._pacer.cancel()
         # A registered producer keeps loseConnection from ever completing.
-        self._stopProducing()
-        if self._current is not None:
-            self._current.file.close()
-            self._current = None
+        self._producer.unregister()
+        if self._outgoing is not None:
+            self._outgoing.close()
 
 
 @implementer(IRecordHandler)
@@ -278,10 +243,8 @@ class StreamSender(Sender):
     def _send_files(self, plan: dict) -> None:
         self.state = SenderState.SENDING
         self._started = self._clock.seconds()
-        self._next_file = 1
         self._channel.send(FILE, control({"file": 0, "offset": 0}))
-        self._producing = True
-        self._channel.registerProducer(self._paced, True)
+        self._producer.register(self._paced, True)
         self._source.start(self._data, self._eof)
 
     def _data(self, chunk: bytes) -> None:

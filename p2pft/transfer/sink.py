@@ -93,6 +93,46 @@ def _open_direct(fd: int) -> int | None:
         return None
 
 
+class _Output:
+    """
+    Positional writes to C{file}: a full buffer with C{O_DIRECT} through a
+    second descriptor where the file system takes it (C{direct}), the rest
+    -- and everything, where it does not -- with ordinary writes.
+    """
+
+    def __init__(self, file, direct: bool):
+        self.file = file
+        self._direct = direct and hasattr(os, "O_DIRECT")
+        self._direct_fd: int | None = None
+        #: Whether L{open_direct} is due, before the first full buffer is written.
+        self.unopened = self._direct
+
+    def open_direct(self) -> None:
+        """(On the reactor thread, so the flag never changes under a write.)"""
+        self.unopened = False
+        self._direct_fd = _open_direct(self.file.fileno())
+        self._direct = self._direct_fd is not None
+
+    def write(self, view: memoryview, base: int) -> None:
+        """Write C{view} at file offset C{base}: with O_DIRECT if this is
+        a full buffer and the file system takes it."""
+        if self._direct and len(view) == BUFFER:
+            try:
+                return _write_all(self._direct_fd, view, base)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                # Accepted at open, refused at write (some FUSE and network
+                # file systems): ordinary writes from now on.
+                self._direct = False
+        _write_all(self.file.fileno(), view, base)
+
+    def close_direct(self) -> None:
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
+
+
 class FileSink:
     """
     Writes one file from byte C{offset} on (a multiple of L{BUFFER}).
@@ -106,11 +146,9 @@ class FileSink:
     def __init__(self, file, offset: int, pool: BufferPool,
                  run_blocking: Callable[..., defer.Deferred], direct: bool = True):
         assert offset % BUFFER == 0, offset
-        self.file = file
+        self._out = _Output(file, direct)
         self._pool = pool
         self._run = run_blocking
-        self._direct = direct and hasattr(os, "O_DIRECT")
-        self._direct_fd: int | None = None  # opened at the first full buffer
         self._base = offset  # file offset of the buffer being filled
         self._buf: mmap.mmap | None = None
         self._fill = 0
@@ -153,13 +191,8 @@ class FileSink:
         """After L{finish}: hand the file over to the caller."""
         assert self._in_flight == 0 and self._buf is None
         self._closing = self.closed = True
-        self._close_direct()
-        return self.file
-
-    def _close_direct(self) -> None:
-        if self._direct_fd is not None:
-            os.close(self._direct_fd)
-            self._direct_fd = None
+        self._out.close_direct()
+        return self._out.file
 
     def close(self) -> None:
         """Write what is buffered (best effort: a transfer that stopped
@@ -177,9 +210,8 @@ class FileSink:
             raise self._error
 
     def _submit(self) -> None:
-        if self._direct and self._direct_fd is None:
-            self._direct_fd = _open_direct(self.file.fileno())
-            self._direct = self._direct_fd is not None
+        if self._out.unopened:
+            self._out.open_direct()
         buf, base = self._buf, self._base
         self._buf, self._fill = None, 0
         self._base += BUFFER
@@ -190,21 +222,7 @@ class FileSink:
     def _write_buffer(self, buf: mmap.mmap, base: int) -> None:
         """(On the thread.)"""
         with memoryview(buf) as view:
-            self._output(view, base)
-
-    def _output(self, view: memoryview, base: int) -> None:
-        """Write C{view} at file offset C{base}: with O_DIRECT if this is
-        a full buffer and the file system takes it."""
-        if self._direct and len(view) == BUFFER:
-            try:
-                return _write_all(self._direct_fd, view, base)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                # Accepted at open, refused at write (some FUSE and network
-                # file systems): ordinary writes from now on.
-                self._direct = False
-        _write_all(self.file.fileno(), view, base)
+            self._out.write(view, base)
 
     def _written(self, result, buf: mmap.mmap) -> None:
         self._in_flight -= 1
@@ -238,7 +256,7 @@ class FileSink:
             self._buf, self._fill = None, 0
             try:
                 with memoryview(buf) as view:
-                    self._output(view[:fill], self._base)
+                    self._out.write(view[:fill], self._base)
                 self._base += fill
             finally:
                 self._pool.give(buf)
@@ -256,9 +274,9 @@ class FileSink:
             self._release_file()
 
     def _release_file(self) -> None:
-        self._close_direct()
+        self._out.close_direct()
         try:
-            self.file.close()
+            self._out.file.close()
         except OSError as e:  # a network file system may report a late write error here
             if self._error is None:
                 self._error = e

@@ -37,8 +37,13 @@ def umask() -> int:
     return mask
 
 
-class OutputDir:
-    """The output folder, opened once; paths are relative, joined by C{/}."""
+class ConfinedDir:
+    """
+    A folder, opened once, and what is below it, reached only through it:
+    paths are relative, joined by C{/}, opened component by component
+    (a cache of L{OPEN_DIRS} folder descriptors), never through a link;
+    files are read only if they are regular files with one link.
+    """
 
     def __init__(self, path: str, fd: int | None = None):
         self.path = os.path.abspath(path)
@@ -46,9 +51,9 @@ class OutputDir:
         self._dirs: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.umask = umask()
 
-    def clone(self) -> "OutputDir":
+    def clone(self) -> "ConfinedDir":
         """Another handle on the same folder, for use on another thread."""
-        return OutputDir(self.path, os.dup(self._fd))
+        return type(self)(self.path, os.dup(self._fd))
 
     def close(self) -> None:
         for fd in self._dirs.values():
@@ -148,6 +153,12 @@ class OutputDir:
         fd = self._open_own(parent, name + PARTIAL_SUFFIX * partial,
                             printable(path + PARTIAL_SUFFIX * partial), os.O_RDONLY)
         return os.fdopen(fd, "rb")
+
+
+
+class OutputDir(ConfinedDir):
+    """The output folder: the partial files data arrives in, and moving
+    them into place once verified."""
 
     def open_partial(self, path: str, offset: int) -> BinaryIO:
         """The partial file of C{path}, cut to C{offset} bytes and positioned
