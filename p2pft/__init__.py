@@ -1,9 +1,11 @@
 """
 p2pft: send files directly between two computers, even behind NATs.
 
-Layers (each a module with a narrow interface):
-  rendezvous -> punch -> secure -> transfer, wired together by session,
-  driven by cli and the twistd plugins.
+Layers, lowest first (tests/test_layers.py holds the order and enforces it):
+errors/util/addresses/codes -> rendezvous -> punch, candidates, secure ->
+channel -> transfer -> session, driven by cli and the twistd plugins; the
+server package (rendezvous server, relay) runs on the public host and uses
+only the lowest layers.
 """
 
 __version__ = "0.1.0"
