@@ -131,6 +131,16 @@ class _Tree:
                 return group, i
             i = (i + 1) & mask
 
+    def fold_group(self, parent: int, name: str) -> tuple[int, str, int, int]:
+        """Where C{name} below node C{parent} stands among names that fold
+        alike: (the parent's group, the folded name, its hash, the group
+        it joins or -1)."""
+        folded = fold(name)
+        pgroup = self.node_group[parent] if parent >= 0 else -1
+        gh = hash((pgroup, folded))
+        group, _ = self.find_group(pgroup, folded, gh)
+        return pgroup, folded, gh, group
+
     def add_group(self, parent: int, folded: str, h: int, rep: int, kind: int) -> int:
         self._g_index.grow(self.g_hashes)
         group = len(self.g_rep)
@@ -227,10 +237,7 @@ class NameTree:
             return node, why
         group = -1
         if tree.folding:
-            folded = fold(leaf)
-            pgroup = tree.node_group[parent] if parent >= 0 else -1
-            gh = hash((pgroup, folded))
-            group, _ = tree.find_group(pgroup, folded, gh)
+            pgroup, folded, gh, group = tree.fold_group(parent, leaf)
             if group >= 0 and (tree.g_kind[group] != _IMPLIED or not is_dir):
                 if self.rules.fold_case:
                     if is_dir:  # so that what is below it is refused too
@@ -283,10 +290,7 @@ class NameTree:
                 continue
             group = -1
             if tree.folding:
-                folded = fold(part)
-                pgroup = tree.node_group[parent] if parent >= 0 else -1
-                gh = hash((pgroup, folded))
-                group, _ = tree.find_group(pgroup, folded, gh)
+                pgroup, folded, gh, group = tree.fold_group(parent, part)
                 if group >= 0 and tree.g_kind[group] == _FILE and self.rules.fold_case:
                     return -1, "is offered inside a file"
             node = tree.add(parent, raw, h, _IMPLIED)
