@@ -26,3 +26,16 @@ def write(path: str, data: bytes = b"") -> str:
     with open(path, "wb") as f:
         f.write(data)
     return path
+
+
+def without_proc_links(testcase) -> None:
+    """For the rest of C{testcase}: no /proc to link a descriptor through
+    (as on systems without it), everything else as usual."""
+    real_link = os.link
+
+    def link(src, *args, **kw):
+        if isinstance(src, str) and src.startswith("/proc/"):
+            raise FileNotFoundError(src)
+        return real_link(src, *args, **kw)
+
+    testcase.patch(os, "link", link)

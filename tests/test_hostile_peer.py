@@ -33,7 +33,7 @@ from p2pft.session import SessionError, Settings
 from p2pft.transfer.store import OutputDir
 from p2pft.transfer.records import HAVE
 
-from .files import write
+from .files import without_proc_links, write
 from .memlink import start_pair
 from .test_punch import FakeCandidate
 
@@ -162,14 +162,7 @@ class HardLinkTests(SynchronousTestCase):
         self.assertEqual(sorted(os.listdir(self.out)), ["kept", "r.bin", "r.bin" + PARTIAL_SUFFIX])
 
     def test_place_without_proc_checks_the_partial_name(self):
-        real_link = os.link
-
-        def link(src, *args, **kw):
-            if isinstance(src, str) and src.startswith("/proc/"):
-                raise FileNotFoundError(src)  # no /proc here
-            return real_link(src, *args, **kw)
-
-        self.patch(os, "link", link)
+        without_proc_links(self)
         out, f, outside = self.swapped()
         with self.assertRaises(Declined) as e:
             out.place("r.bin", f, 0o644, None, overwrite=False)

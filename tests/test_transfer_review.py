@@ -23,7 +23,7 @@ from p2pft.transfer.records import DATA, ENTRIES, FILE as FILE_RECORD, FILE_END,
 from p2pft.transfer.resume import BLOCK, find_existing
 from p2pft.transfer.store import OutputDir
 
-from .files import write
+from .files import without_proc_links, write
 from .memlink import Link, accept, start_pair
 
 WINDOWS = NameRules.where("win32", fold_case=True)
@@ -120,14 +120,7 @@ class PlaceTests(SynchronousTestCase):
             os.makedirs(d)
 
     def test_overwrite_without_proc_never_renames_a_name_it_did_not_check(self):
-        real_link = os.link
-
-        def link(src, *args, **kw):
-            if isinstance(src, str) and src.startswith("/proc/"):
-                raise FileNotFoundError(src)  # no /proc here
-            return real_link(src, *args, **kw)
-
-        self.patch(os, "link", link)
+        without_proc_links(self)
         write(os.path.join(self.out, "r.bin"), b"old")
         out = OutputDir(self.out)
         self.addCleanup(out.close)
