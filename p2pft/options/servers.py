@@ -11,6 +11,7 @@ from __future__ import annotations
 from twisted.python import usage
 
 from .common import _Options, server_address
+from .configfile import ConfigFileOptions
 
 
 class _RelayLimitOptions(_Options):
@@ -93,8 +94,8 @@ def _opt_port(self, value: str) -> None:
     self["port"] = check_endpoint(value)
 
 
-class RelayOptions(_RelayLimitOptions):
-    synopsis = "[--port PORT] [relay limits]"
+class RelayOptions(ConfigFileOptions, _RelayLimitOptions):
+    synopsis = "[--config FILE] [--port PORT] [relay limits]"
     longdesc = (
         "Run a relay on its own: it splices two peers' connections when they cannot "
         "connect directly, and sees only ciphertext.  Tell a rendezvous server about it "
@@ -110,8 +111,8 @@ class RelayOptions(_RelayLimitOptions):
         self["limits"] = self.relay_limits()
 
 
-class ServerOptions(_RelayLimitOptions):
-    synopsis = "[--port PORT] [--relay] [--advertise-relay HOST:PORT] [--waiting-timeout S] [--hello-timeout S] [--max-connections N] [--max-per-ip N] [relay limits]"
+class ServerOptions(ConfigFileOptions, _RelayLimitOptions):
+    synopsis = "[--config FILE] [--port PORT] [--relay] [--advertise-relay HOST:PORT] [--waiting-timeout S] [--hello-timeout S] [--max-connections N] [--max-per-ip N] [relay limits]"
     longdesc = "Run the rendezvous server that introduces peers to each other."
     optFlags = [
         ["relay", None, "Also relay peers that cannot connect directly, on the same port."],
