@@ -40,7 +40,7 @@ def event_as_json(event: dict) -> str:
     out = {
         "time": datetime.fromtimestamp(stamp, timezone.utc).isoformat(timespec="milliseconds")
         if isinstance(stamp, (int, float)) else None,
-        "level": event["log_level"].name if isinstance(event.get("log_level"), LogLevel) else "info",
+        "level": getattr(event.get("log_level"), "name", "info"),
         "namespace": event.get("log_namespace"),
         "text": formatEvent(event),
     }

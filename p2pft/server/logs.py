@@ -13,10 +13,14 @@ from zope.interface import implementer
 
 from .events import IServerEvents, Refusal
 
+#: One namespace for every server event, so an operator filters on it.
+NAMESPACE = "p2pft.server"
+
 
 @implementer(IServerEvents)
 class LogEvents:
-    log = Logger(namespace="p2pft.server")
+    def __init__(self, log: Logger | None = None):
+        self.log = Logger(namespace=NAMESPACE) if log is None else log
 
     def listening(self, service: str, address: str, settings: dict) -> None:
         shown = " ".join(f"{k}={v}" for k, v in settings.items())
