@@ -210,7 +210,9 @@ async def _main(reactor, config: Options) -> None:
 
 async def _serve(reactor, command: str, sub) -> None:
     """C{p2pft server} / C{p2pft relay}: the twistd service, run until
-    Ctrl-C or SIGTERM; its log (started by L{main}) says where it listens."""
+    Ctrl-C or SIGTERM.  Its log starts once it listens: twisted.logger
+    keeps the events until then (the start-up lines among them), and a
+    server that cannot listen says so in its one error line instead."""
     from .server.service import makeRelayService, makeService
 
     service = (makeService if command == "server" else makeRelayService)(sub, reactor)
@@ -224,6 +226,7 @@ async def _serve(reactor, command: str, sub) -> None:
             service.stopService()
             sys.stderr.write(f"p2pft: error: cannot listen on {where}: {e}\n")
             raise SystemExit(EXIT_FAILURE)
+    start_logging(sub["log-format"], LogLevel.debug if os.environ.get("P2PFT_DEBUG") else LogLevel.info)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     await defer.Deferred()  # until Ctrl-C / SIGTERM
 
@@ -292,9 +295,6 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyboardInterrupt, Interrupted):
         sys.stderr.write("p2pft: error: interrupted\n")
         sys.exit(EXIT_INTERRUPTED)
-    debug = bool(os.environ.get("P2PFT_DEBUG"))
-    if command in ("server", "relay"):
-        start_logging(sub["log-format"], LogLevel.debug if debug else LogLevel.info)
-    elif command != "ping" and (sub.get("verbose") or debug):
+    if command not in ("server", "relay", "ping") and (sub.get("verbose") or os.environ.get("P2PFT_DEBUG")):
         start_logging()
     react(_main, [config])
