@@ -1,5 +1,6 @@
 """
-The command line: C{p2pft server|send|receive} (C{rcv} is an alias).
+The command line: C{p2pft server|relay|send|receive|ping} (C{rcv} is an
+alias).
 
 The console script runs the same code as the twistd plugins under
 L{twisted.internet.task.react}, so that a failure becomes a non-zero exit
@@ -171,22 +172,9 @@ def _resumable(command: str, sub) -> bool:
 async def _main(reactor, config: Options) -> None:
     command, sub = config.subCommand, config.subOptions
     if command in ("server", "relay"):
-        from .server.service import makeRelayService, makeService
-
-        service = (makeService if command == "server" else makeRelayService)(sub, reactor)
-        service.startService()
-        try:
-            port = await service.rendezvous.whenListening()
-        except Exception as e:
-            sys.stderr.write(f"p2pft: error: cannot listen on {sub['port']}: {e}\n")
-            raise SystemExit(EXIT_FAILURE)
-        address = port.getHost()
-        what = "rendezvous server" if command == "server" else "relay"
-        sys.stderr.write(f"p2pft {what} listening on {address.host}:{address.port}\n")
-        sys.stderr.flush()
-        reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-        await defer.Deferred()  # until Ctrl-C / SIGTERM
-        return
+        return await _serve(reactor, command, sub)
+    if command == "ping":
+        return await _ping(reactor, sub)
 
     ui = make_ui(sub, reactor)
     channels: list = []
@@ -220,11 +208,48 @@ async def _main(reactor, config: Options) -> None:
         raise SystemExit(EXIT_FAILURE)
 
 
-def start_logging(err=None) -> None:
-    """-v: everything the layers log (twisted.logger), as text on stderr."""
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+async def _serve(reactor, command: str, sub) -> None:
+    """C{p2pft server} / C{p2pft relay}: the twistd service, run until
+    Ctrl-C or SIGTERM.  Its log starts once it listens: twisted.logger
+    keeps the events until then (the start-up lines among them), and a
+    server that cannot listen says so in its one error line instead."""
+    from .server.service import makeRelayService, makeService
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(err or sys.stderr)], redirectStandardIO=False)
+    service = (makeService if command == "server" else makeRelayService)(sub, reactor)
+    service.startService()
+    for listener, where in ((service.rendezvous, sub["port"]), (service.metrics, "--metrics")):
+        if listener is None:
+            continue
+        try:
+            await listener.whenListening()
+        except Exception as e:
+            service.stopService()
+            sys.stderr.write(f"p2pft: error: cannot listen on {where}: {e}\n")
+            raise SystemExit(EXIT_FAILURE)
+    start_logging(sub["log-format"], LogLevel.debug if os.environ.get("P2PFT_DEBUG") else LogLevel.info)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    await defer.Deferred()  # until Ctrl-C / SIGTERM
+
+
+async def _ping(reactor, sub) -> None:
+    """C{p2pft ping HOST:PORT}: one line, exit 0 if the server answered."""
+    from .rendezvous import ping
+
+    shown = format_server(sub["server"])
+    try:
+        version, seconds = await ping(reactor, sub["server"], sub["timeout"])
+    except P2pftError as e:
+        sys.stderr.write(f"p2pft: error: ping {shown}: {e}\n")
+        raise SystemExit(EXIT_FAILURE)
+    sys.stdout.write(f"p2pft ping {shown}: ok, p2pft {version} answered in {seconds * 1000:.0f} ms\n")
+
+
+def start_logging(fmt: str = "text", level=None, err=None) -> None:
+    """Everything the layers log (twisted.logger) on stderr, as text or
+    JSON lines: a server always, a peer with -v or P2PFT_DEBUG."""
+    from . import logs
+
+    logs.start(fmt, err or sys.stderr, LogLevel.debug if level is None else level)
 
 
 def _tune_allocator() -> None:
@@ -270,6 +295,6 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyboardInterrupt, Interrupted):
         sys.stderr.write("p2pft: error: interrupted\n")
         sys.exit(EXIT_INTERRUPTED)
-    if sub.get("verbose"):
+    if command not in ("server", "relay", "ping") and (sub.get("verbose") or os.environ.get("P2PFT_DEBUG")):
         start_logging()
     react(_main, [config])

@@ -32,6 +32,10 @@ PROTOCOL_VERSION = "1"
 MAX_LINE = 8192
 #: Largest opaque message payload (decoded bytes).
 MAX_MESSAGE = 4096
+#: The largest seconds a REPORT line carries (both sides apply it): a day,
+#: far beyond any real session's time to connect, so that one hostile
+#: report cannot add much to the server's connect-time sum.
+MAX_REPORT_SECONDS = 86400.0
 
 _B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}\Z")
 
@@ -88,6 +92,7 @@ class RendezvousClientProtocol(LineReceiver):
         self._inbox: list[bytes] = []
         self._readers: list[defer.Deferred] = []
         self._failure: RendezvousError | None = None
+        self._pongs: dict[str, defer.Deferred] = {}
 
     # -- API
 
@@ -119,6 +124,22 @@ class RendezvousClientProtocol(LineReceiver):
             return defer.fail(self._failure)
         d = defer.Deferred(lambda d: self._readers.remove(d) if d in self._readers else None)
         self._readers.append(d)
+        return d
+
+    def report(self, path: str, seconds: float) -> None:
+        """Tell the server how this session connected (C{direct} or
+        C{relay}, C{seconds} from PAIRED to the chosen connection): the
+        sender's last line, just before it closes (docs/PROTOCOL.md section
+        1).  A server without REPORT answers ERROR, which nobody awaits
+        any more: harmless."""
+        self.sendLine(f"REPORT {path} {max(0.0, min(seconds, MAX_REPORT_SECONDS)):.3f}".encode("ascii"))
+
+    def ping(self, token: str = "p2pft") -> defer.Deferred:
+        """Send PING C{token}; fires when the matching PONG comes back."""
+        if self._failure is not None:
+            return defer.fail(self._failure)
+        d = self._pongs.setdefault(token, defer.Deferred())
+        self.sendLine(f"PING {token}".encode("ascii"))
         return d
 
     def close(self) -> defer.Deferred:
@@ -161,7 +182,9 @@ class RendezvousClientProtocol(LineReceiver):
             self._fail(RendezvousError(f"server: {printable(rest, 200)}"))
             self.transport.loseConnection()
         elif command == "PONG":
-            pass
+            d = self._pongs.pop(rest, None)
+            if d is not None:
+                d.callback(None)
         else:
             self._fail(RendezvousError(f"server sent unknown {printable(command, 32)!r}"))
             self.transport.loseConnection()
@@ -205,8 +228,9 @@ class RendezvousClientProtocol(LineReceiver):
             self._failure = error
         self._welcomed.fail(error)
         self._paired.fail(error)
-        pending = [self._allocated] + self._readers
+        pending = [self._allocated] + self._readers + list(self._pongs.values())
         self._readers = []
+        self._pongs = {}
         self._allocated = None
         for d in pending:
             if d is not None and not d.called:
@@ -223,3 +247,39 @@ def parse_server(text: str) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ValueError(f"port out of range in {text!r}")
     return host, port
+
+
+async def ping(reactor, server: tuple[str, int], timeout: float) -> tuple[str, float]:
+    """
+    C{p2pft ping}: connect to C{server}, read its WELCOME, send PING, wait
+    for the PONG, close; all within C{timeout} seconds.  Fire with the
+    protocol version and the seconds it took, or fail with
+    L{RendezvousError} and one line.
+    """
+    from twisted.internet import error
+    from twisted.internet.endpoints import HostnameEndpoint
+    from twisted.internet.protocol import ClientFactory
+
+    host, port = server
+    start = reactor.seconds()
+
+    async def exchange():
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+        client = await endpoint.connect(ClientFactory.forProtocol(RendezvousClientProtocol))
+        try:
+            await client.welcomed()
+            await client.ping("healthcheck")
+        finally:
+            client.transport.loseConnection()
+
+    d = defer.ensureDeferred(exchange())
+    d.addTimeout(timeout, reactor)
+    try:
+        await d
+    except defer.TimeoutError:
+        raise RendezvousError(f"no answer within {timeout:g} s") from None
+    except (error.ConnectError, error.DNSLookupError) as e:
+        why = {error.ConnectionRefusedError: "connection refused", error.DNSLookupError: "name not found"}.get(
+            type(e), printable(str(e), 200))
+        raise RendezvousError(f"cannot connect: {why}") from None
+    return PROTOCOL_VERSION, reactor.seconds() - start

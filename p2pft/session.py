@@ -115,12 +115,19 @@ class _Established:
     path: str = "direct"
     #: What the other side's p2pft announced it can do (L{FEATURES}).
     features: frozenset = frozenset()
+    #: Seconds from PAIRED to the chosen connection.
+    connect_seconds: float = 0.0
 
 
 async def _establish(reactor, settings: Settings, role: str, ui) -> _Established:
     client = await _connect_rendezvous(reactor, settings.server)
     try:
-        return await _pair_and_punch(reactor, client, settings, role, ui)
+        est = await _pair_and_punch(reactor, client, settings, role, ui)
+        if role == SENDER:
+            # One anonymous count for the server's metrics, once per
+            # session (so by one side only): how it connected.
+            client.report(est.path, est.connect_seconds)
+        return est
     finally:
         # Wait until what we sent has left (a key confirmation written just
         # before we fail must still reach the other side, or it would see
@@ -143,6 +150,7 @@ async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
         code = codes.Code(nameplate, codes.make_password(settings.code_length))
     ui.code(str(code), announce=not settings.code)
     await client.paired()
+    paired_at = reactor.seconds()
     ui.paired()
     # Key agreement, then key confirmation, then candidates: nothing but the
     # SPAKE2 message leaves in the clear.
@@ -172,7 +180,7 @@ async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
         resolving.addCallback(connector.add_relays)
         resolving.addErrback(lambda f: log.failure("resolving relays", f))
     channel = await _punch_watching_partner(reactor, client, connector, role, settings.schedule)
-    return _Established(channel, channel.path, features)
+    return _Established(channel, channel.path, features, reactor.seconds() - paired_at)
 
 
 async def _agree_keys(reactor, client, code: codes.Code, role: str, timeout: float):

@@ -20,7 +20,7 @@ import p2pft
 #: Lowest first.  A module is named by its dotted path below p2pft; a
 #: package name stands for every module in it not listed on its own.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "util", "addresses", "codes"),
+    ("errors", "util", "addresses", "codes", "logs"),
     ("rendezvous", "server.limits"),
     ("punch", "punch_schedule", "secure", "candidates"),
     ("channel",),

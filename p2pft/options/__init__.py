@@ -5,7 +5,8 @@ top level, with one subcommand per command.
 
   - L{p2pft.options.common}: the base class and shared coercions;
   - L{p2pft.options.peer}: C{send}, C{receive}, C{completion};
-  - L{p2pft.options.servers}: C{server}, C{relay}.
+  - L{p2pft.options.servers}: C{server}, C{relay};
+  - L{p2pft.options.ping}: C{ping}.
 """
 
 from __future__ import annotations
@@ -14,11 +15,19 @@ from twisted.python import usage
 
 from .common import _Options, format_server
 from .peer import CompletionOptions, ReceiveOptions, SendOptions
-from .servers import RelayOptions, ServerOptions, check_endpoint, dual_stack
+from .ping import PingOptions
+from .servers import (
+    RelayCommandOptions,
+    RelayOptions,
+    ServerCommandOptions,
+    ServerOptions,
+    check_endpoint,
+    dual_stack,
+)
 
 __all__ = [
-    "CompletionOptions", "Options", "ReceiveOptions", "RelayOptions", "SendOptions",
-    "ServerOptions", "check_endpoint", "dual_stack", "format_server",
+    "CompletionOptions", "Options", "PingOptions", "ReceiveOptions", "RelayCommandOptions", "RelayOptions",
+    "SendOptions", "ServerCommandOptions", "ServerOptions", "check_endpoint", "dual_stack", "format_server",
 ]
 
 
@@ -33,16 +42,17 @@ class Options(_Options):
         "%APPDATA%\\p2pft\\config.toml on Windows, or the file P2PFT_CONFIG names."
     )
     subCommands = [
-        ["server", None, ServerOptions, "Run a rendezvous server."],
+        ["server", None, ServerCommandOptions, "Run a rendezvous server."],
         ["send", None, SendOptions, "Send files and folders."],
         ["receive", None, ReceiveOptions, "Receive files and folders."],
         ["rcv", None, ReceiveOptions, "Alias for receive."],
-        ["relay", None, RelayOptions, "Run a relay on its own."],
+        ["relay", None, RelayCommandOptions, "Run a relay on its own."],
+        ["ping", None, PingOptions, "Check that a rendezvous server answers (exit 0/1)."],
         ["completion", None, CompletionOptions, "Print a bash or zsh completion script."],
     ]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("choose a command: send, receive, server, relay or completion")
+            raise usage.UsageError("choose a command: send, receive, server, relay, ping or completion")
         if self.subCommand == "rcv":
             self.subCommand = "receive"

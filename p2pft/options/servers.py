@@ -8,10 +8,31 @@ here.
 
 from __future__ import annotations
 
+import re
+
 from twisted.python import usage
 
 from .common import _Options, server_address
 from .configfile import ConfigFileOptions
+
+_METRICS = re.compile(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([0-9.]+):(\d{1,5})")
+
+
+def metrics_address(value: str) -> tuple[str, int]:
+    """C{--metrics IP:PORT} ([V6]:PORT): an IP literal (the interface to
+    listen on) and a port, 0 for any free one."""
+    import ipaddress
+
+    m = _METRICS.fullmatch(value.strip())
+    try:
+        if not m:
+            raise ValueError
+        host, port = str(ipaddress.ip_address(m.group(1) or m.group(3))), int(m.group(2) or m.group(4))
+    except ValueError:
+        raise usage.UsageError(f"--metrics takes IP:PORT (127.0.0.1:9100, [::1]:9100), not {value!r}") from None
+    if port > 65535:
+        raise usage.UsageError(f"--metrics: {port} is not a port number (0-65535)")
+    return host, port
 
 
 class _RelayLimitOptions(_Options):
@@ -22,6 +43,14 @@ class _RelayLimitOptions(_Options):
         ["relay-rate", None, 0, "Bytes per second one relayed session may carry (0: no limit).", int],
         ["relay-idle-timeout", None, 300.0, "Seconds a relayed session may stay silent.", float],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["metrics"] = None
+
+    def opt_metrics(self, value: str) -> None:
+        """Serve Prometheus metrics on http://IP:PORT/metrics and a health check on /healthz (port 0: any free port, shown in the log) [default: none]."""  # noqa: E501
+        self["metrics"] = metrics_address(value)
 
     def relay_limits(self):
         from ..server.relay import RelayLimits
@@ -95,7 +124,7 @@ def _opt_port(self, value: str) -> None:
 
 
 class RelayOptions(ConfigFileOptions, _RelayLimitOptions):
-    synopsis = "[--config FILE] [--port PORT] [relay limits]"
+    synopsis = "[--config FILE] [--port PORT] [--metrics IP:PORT] [relay limits]"
     longdesc = (
         "Run a relay on its own: it splices two peers' connections when they cannot "
         "connect directly, and sees only ciphertext.  Tell a rendezvous server about it "
@@ -112,7 +141,7 @@ class RelayOptions(ConfigFileOptions, _RelayLimitOptions):
 
 
 class ServerOptions(ConfigFileOptions, _RelayLimitOptions):
-    synopsis = "[--config FILE] [--port PORT] [--relay] [--advertise-relay HOST:PORT] [--waiting-timeout S] [--hello-timeout S] [--max-connections N] [--max-per-ip N] [relay limits]"
+    synopsis = "[--config FILE] [--port PORT] [--relay] [--advertise-relay HOST:PORT] [--waiting-timeout S] [--hello-timeout S] [--max-connections N] [--max-per-ip N] [--metrics IP:PORT] [relay limits]"
     longdesc = "Run the rendezvous server that introduces peers to each other."
     optFlags = [
         ["relay", None, "Also relay peers that cannot connect directly, on the same port."],
@@ -142,3 +171,42 @@ class ServerOptions(ConfigFileOptions, _RelayLimitOptions):
                 raise usage.UsageError(f"--{name} must be positive")
         self["port"] = self["port"] or dual_stack(9000)
         self["limits"] = self.relay_limits()
+
+
+LOG_NOTE = (
+    "  Logs go to stderr, one line per event (start-up, refusals with their reason and the "
+    "client's address, pairings, expiries, relay sessions); no code, nameplate, token or "
+    "file name ever appears in them.  P2PFT_DEBUG=1 adds debug lines."
+)
+
+
+class _LogFormatOptions(_Options):
+    """What the console script adds to a server's options: its log format
+    (under twistd, twistd's own --logger chooses: p2pft.logs.stderr_json for
+    JSON lines)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["log-format"] = "text"
+
+    def opt_log_format(self, value: str) -> None:
+        """text (human lines) or json (one JSON object per line, for log shippers) [default: text]."""
+        from ..logs import FORMATS
+
+        if value not in FORMATS:
+            raise usage.UsageError(f"--log-format takes text or json, not {value!r}")
+        self["log-format"] = value
+
+
+class ServerCommandOptions(ServerOptions, _LogFormatOptions):
+    """C{p2pft server}."""
+
+    synopsis = ServerOptions.synopsis.replace(" [relay limits]", " [--log-format text|json] [relay limits]")
+    longdesc = ServerOptions.longdesc + LOG_NOTE
+
+
+class RelayCommandOptions(RelayOptions, _LogFormatOptions):
+    """C{p2pft relay}."""
+
+    synopsis = RelayOptions.synopsis.replace(" [relay limits]", " [--log-format text|json] [relay limits]")
+    longdesc = RelayOptions.longdesc + LOG_NOTE

@@ -10,9 +10,8 @@ from typing import TYPE_CHECKING
 
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
-
 from ..util import cancel as _cancel
+from .events import NO_EVENTS, IServerEvents
 from .limits import ClaimLimiter
 
 if TYPE_CHECKING:
@@ -67,6 +66,8 @@ class Nameplate:
     #: The address key that paid for joining it, until the pair confirms
     #: (refunded) or breaks up unconfirmed (charged the rest).
     claimer: str | None = None
+    #: When its first member took it.
+    since: float = 0.0
 
 
 @attrs.define(eq=False)
@@ -78,6 +79,8 @@ class Member:
     nameplate: Nameplate | None = None
     messages: int = 0
     timer: IDelayedCall | None = None
+    #: Whether it sent its REPORT (one per member).
+    reported: bool = False
 
 
 class Nameplates:
@@ -88,15 +91,18 @@ class Nameplates:
     met nobody else may join it.
     """
 
-    log = Logger()
-
-    def __init__(self, clock: IReactorTime, limit: int, waiting_timeout: float, paired_timeout: float):
+    def __init__(self, clock: IReactorTime, limit: int, waiting_timeout: float, paired_timeout: float,
+                 events: IServerEvents = NO_EVENTS):
         self._clock = clock
+        self._events = events
         self.limit = limit
         self.waiting_timeout = waiting_timeout
         self.paired_timeout = paired_timeout
         self._table: dict[str, Nameplate] = {}
         self.pairings = 0
+
+    def __len__(self) -> int:
+        return len(self._table)
 
     @property
     def names(self) -> frozenset[str]:
@@ -122,7 +128,7 @@ class Nameplates:
         C{PAIRED} when it is the second."""
         nameplate = self._table.get(name)
         if nameplate is None:
-            nameplate = self._table[name] = Nameplate(name, [], owner=member.ip)
+            nameplate = self._table[name] = Nameplate(name, [], owner=member.ip, since=self._clock.seconds())
             nameplate.timer = self._clock.callLater(
                 self.waiting_timeout, self._expire, nameplate,
                 "nobody claimed the nameplate in time",
@@ -136,7 +142,7 @@ class Nameplates:
                 self.paired_timeout, self._expire, nameplate, "pairing lasted too long"
             )
             self.pairings += 1
-            self.log.info("paired nameplate {name}", name=name)
+            self._events.paired(self._clock.seconds() - nameplate.since)
             for m in nameplate.members:
                 m.connection.sendLine(b"PAIRED")
 
@@ -148,7 +154,6 @@ class Nameplates:
         if not nameplate.members:
             _cancel(nameplate.timer)
             del self._table[nameplate.name]
-            self.log.debug("freed nameplate {name}", name=nameplate.name)
         elif nameplate.paired and not nameplate.expired:
             # The pair is broken; nobody may take the empty seat.
             for other in nameplate.members:
@@ -157,6 +162,7 @@ class Nameplates:
     def _expire(self, nameplate: Nameplate, reason: str) -> None:
         nameplate.timer = None
         nameplate.expired = True
+        self._events.expired(nameplate.paired)
         for member in list(nameplate.members):
             member.connection.refuse(reason)
 

@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from ..addresses import ip_key
 from ..util import cancel as _cancel
+from .events import NO_EVENTS, IServerEvents, Refusal
 from .limits import CLOSE_GRACE, FIRST_LINE_MIN_WAIT, AddressCounts, Lobby
 from .splice import IRelayLeg, Splice, TransportLeg
 
@@ -125,15 +126,15 @@ class Pairing:
         #: Sessions at once, waiting or spliced.
         self.sessions = 0
 
-    def admit(self, leg: Leg, token: str, side: str, max_sessions: int) -> tuple[str | None, Leg | None]:
-        """C{leg} comes as C{side} of session C{token}: (a refusal reason,
+    def admit(self, leg: Leg, token: str, side: str, max_sessions: int) -> tuple[Refusal | None, Leg | None]:
+        """C{leg} comes as C{side} of session C{token}: (a refusal,
         None), or (None, the partner it is spliced to), or (None, None) if
         it waits for one."""
         partner = self._waiting.get(token)
         if partner is None and self.sessions >= max_sessions:
-            return "relay is full, try again later", None
+            return Refusal.RELAY_FULL, None
         if partner is not None and partner.side == side:
-            return "this session already has a " + side, None
+            return Refusal.RELAY_SIDE_TAKEN, None
         leg.side = side
         if partner is None:
             self.sessions += 1
@@ -164,8 +165,10 @@ class RelayServer:
     L{readClosed}, L{lost}; and L{refuse} for what it cannot parse.
     """
 
-    def __init__(self, clock: IReactorTime, limits: RelayLimits = RelayLimits()):
+    def __init__(self, clock: IReactorTime, limits: RelayLimits = RelayLimits(),
+                 events: IServerEvents = NO_EVENTS):
         self._clock = clock
+        self.events = events
         #: Standalone connections that have not sent RELAY yet.
         self.limits = limits
         self.lobby = Lobby(clock, lambda: self.limits.max_pending, RELAY_LINE_TIMEOUT, FIRST_LINE_MIN_WAIT)
@@ -177,6 +180,11 @@ class RelayServer:
     def sessions(self) -> int:
         return self.pairing.sessions
 
+    @property
+    def connections(self) -> int:
+        """Connections holding one of their address's slots now."""
+        return sum(self._per_ip.values())
+
     # -- what the protocols report
 
     def connected(self, connection: IRelayLeg) -> Leg:
@@ -184,13 +192,14 @@ class RelayServer:
         against its address at once, so idle connections cannot pile up,
         and kept in the lobby, whose wait shrinks as it fills."""
         leg = Leg(connection, ip_key(connection.peerHost()))
+        self.events.connected(leg.ip)
         reason = self._count(leg)
-        if reason is None and not self.lobby.enter(leg, lambda: self.refuse(leg, "timed out waiting for RELAY")):
-            reason = "relay is busy, try again later"
+        if reason is None and not self.lobby.enter(leg, lambda: self.refuse(leg, Refusal.RELAY_TIMEOUT)):
+            reason = Refusal.RELAY_BUSY
         if reason is not None:
             self.refuse(leg, reason)
         else:
-            leg.timer = self._clock.callLater(RELAY_LINE_TIMEOUT, self.refuse, leg, "timed out waiting for RELAY")
+            leg.timer = self._clock.callLater(RELAY_LINE_TIMEOUT, self.refuse, leg, Refusal.RELAY_TIMEOUT)
         return leg
 
     def adopt(self, connection: IRelayLeg) -> Leg:
@@ -206,9 +215,10 @@ class RelayServer:
             return False
         _cancel(leg.timer)
         leg.timer = None
-        reason = "malformed RELAY line" if len(args) != 2 else self.join(leg, args[0], args[1])
-        if reason is not None:
-            self.refuse(leg, reason)
+        refusal = (Refusal.RELAY_MALFORMED, {"detail": "malformed RELAY line"}) if len(args) != 2 \
+            else self.join(leg, args[0], args[1])
+        if refusal is not None:
+            self.refuse(leg, refusal[0], **refusal[1])
             return False
         return True
 
@@ -218,7 +228,7 @@ class RelayServer:
         if splice is not None:
             splice.forward(leg, data)
         elif leg.state not in _SILENT:
-            self.refuse(leg, "data before OK")
+            self.refuse(leg, Refusal.RELAY_DATA_BEFORE_OK)
 
     def readClosed(self, leg: Leg) -> None:
         """C{leg}'s peer shut its sending side."""
@@ -235,13 +245,15 @@ class RelayServer:
             self._left(leg)
         leg.state = LegState.GONE
         if splice is not None:
-            splice.end()
+            splice.end("lost")
 
-    def refuse(self, leg: Leg, reason: str) -> None:
-        """Send C{leg} an ERROR line and close it (aborted if the close
-        does not complete)."""
+    def refuse(self, leg: Leg, why: Refusal, **fields) -> None:
+        """Send C{leg} an ERROR line (C{why}'s text with C{fields}) and
+        close it (aborted if the close does not complete)."""
         if leg.state in _SILENT:
             return
+        self.events.refused(why, leg.ip)
+        reason = why.message(**fields)
         holds = leg.state in _ADMITTED or leg.counted
         leg.state = LegState.REFUSED
         if holds:
@@ -252,44 +264,50 @@ class RelayServer:
 
     # -- the rules
 
-    def join(self, leg: Leg, token: str, side: str) -> str | None:
+    def join(self, leg: Leg, token: str, side: str) -> tuple[Refusal, dict] | None:
         """Admit C{leg} as C{side} of session C{token}: it waits for the
-        other side, or is spliced to it.  Return a refusal reason, or None."""
+        other side, or is spliced to it.  Return a refusal and the fields
+        of its text, or None."""
         self.lobby.leave(leg)
         if not _TOKEN.match(token) or side not in SIDES:
-            return "malformed RELAY line"
+            return Refusal.RELAY_MALFORMED, {"detail": "malformed RELAY line"}
         if not leg.counted:
             # A leg on a rendezvous port.
             reason = self._count(leg)
             if reason is not None:
-                return reason
+                return reason, {}
         reason, partner = self.pairing.admit(leg, token, side, self.limits.max_sessions)
         if reason is not None:
-            return reason
+            return reason, {"side": side}
         if partner is None:
             leg.state = LegState.WAITING
             leg.timer = self._clock.callLater(
-                self.limits.waiting_timeout, self.refuse, leg, "the other side never came"
+                self.limits.waiting_timeout, self.refuse, leg, Refusal.RELAY_ALONE
             )
             return None
         _cancel(partner.timer)
         partner.timer = None
         self.spliced += 1
         partner.state = leg.state = LegState.SPLICED
-        Splice(self, self._clock, partner, leg).start()
+        self.events.relaySessionStarted(self.spliced, (partner.ip, leg.ip))
+        Splice(self, self._clock, partner, leg, number=self.spliced).start()
         return None
 
-    def session_ended(self, legs: tuple[Leg, Leg]) -> None:
-        """A splice of C{legs} ended (they close; the connections that are
-        not gone yet still hold their address's slots)."""
+    def session_ended(self, legs: tuple[Leg, Leg], number: int = 0, seconds: float = 0.0,
+                      why: str = "closed") -> None:
+        """A splice of C{legs} (session C{number}) ended after C{seconds}
+        (they close; the connections that are not gone yet still hold their
+        address's slots)."""
         self.pairing.ended()
+        a, b = legs
+        self.events.relaySessionEnded(number, a.bytes + b.bytes, seconds, why)
         for leg in legs:
             if leg.state is LegState.SPLICED:
                 leg.state = LegState.ENDED
 
-    def _count(self, leg: Leg) -> str | None:
+    def _count(self, leg: Leg) -> Refusal | None:
         if self._per_ip.full(leg.ip, self.limits.max_per_ip):
-            return "too many relay connections from your address"
+            return Refusal.RELAY_PER_IP
         self._per_ip.add(leg.ip)
         leg.counted = True
         return None
@@ -321,7 +339,7 @@ class RelayProtocol(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         words = line.rstrip(b"\r").decode("ascii", "replace").split(" ")
         if words[0] != "RELAY":
-            return self.relay.refuse(self.leg, "expected RELAY")
+            return self.relay.refuse(self.leg, Refusal.RELAY_MALFORMED, detail="expected RELAY")
         if self.relay.request(self.leg, words[1:]):
             self.setRawMode()
 
@@ -329,7 +347,7 @@ class RelayProtocol(LineReceiver):
         self.relay.received(self.leg, data)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self.relay.refuse(self.leg, "line too long")
+        self.relay.refuse(self.leg, Refusal.RELAY_MALFORMED, detail="line too long")
 
     def readConnectionLost(self) -> None:
         self.relay.readClosed(self.leg)
@@ -343,7 +361,9 @@ class RelayProtocol(LineReceiver):
 
 class RelayFactory(Factory):
     protocol = RelayProtocol
+    noisy = False  # the service logs its own start-up line
 
-    def __init__(self, clock: IReactorTime, limits: RelayLimits = RelayLimits()):
+    def __init__(self, clock: IReactorTime, limits: RelayLimits = RelayLimits(),
+                 events: IServerEvents = NO_EVENTS):
         self.clock = clock
-        self.relay = RelayServer(clock, limits)
+        self.relay = RelayServer(clock, limits, events)

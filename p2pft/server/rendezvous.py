@@ -12,16 +12,18 @@ calls and calls into lines.
 
 from __future__ import annotations
 
+import re
+
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import Interface, implementer
 
 from ..addresses import ip_key, normalise_host
 from ..codes import valid_nameplate
-from ..rendezvous import MAX_LINE, PROTOCOL_NAME, PROTOCOL_VERSION, decode_payload
+from ..rendezvous import MAX_LINE, MAX_REPORT_SECONDS, PROTOCOL_NAME, PROTOCOL_VERSION, decode_payload
 from ..util import cancel as _cancel, printable
+from .events import NO_EVENTS, PATHS, IServerEvents, Refusal
 from .limits import CLOSE_GRACE, FIRST_LINE_MIN_WAIT, AddressCounts, Lobby
 from .nameplates import ClaimMeter, Member, Nameplates
 from .relay import Leg, RelayServer
@@ -29,6 +31,10 @@ from .splice import TransportLeg
 
 #: Messages one connection may send through the server.
 MAX_MESSAGES = 64
+
+#: A peer's REPORT seconds: a decimal number with at most 3 decimals (ms),
+#: at most L{MAX_REPORT_SECONDS}.
+_REPORT_SECONDS = re.compile(r"(0|[1-9][0-9]{0,5})(\.[0-9]{1,3})?\Z")
 
 #: At most this share of --max-connections may be connections that have not
 #: said their first line yet (see L{Lobby}); the rest stays for clients on
@@ -50,7 +56,9 @@ class IRendezvousConnection(Interface):
         "Send one protocol line."
 
     def refuse(reason: str) -> None:
-        "Send ERROR with the reason and close the connection."
+        """Send ERROR with the reason and close the connection (the server's
+        decisions come through L{RendezvousServer.refuse}, which tells the
+        events observer)."""
 
 
 class RendezvousServer:
@@ -77,8 +85,10 @@ class RendezvousServer:
         max_nameplates: int = 100_000,
         max_connections: int = 20_000,
         max_per_ip: int = 64,
+        events: IServerEvents = NO_EVENTS,
     ):
         self._clock = clock
+        self.events = events
         self.hello_timeout = hello_timeout
         #: Connections that have not sent ALLOCATE, CLAIM or RELAY yet.
         self.lobby = Lobby(clock, lambda: lobby_places(self.max_connections), hello_timeout,
@@ -86,7 +96,7 @@ class RendezvousServer:
         self.max_connections = max_connections
         self.max_per_ip = max_per_ip
         self.claims = ClaimMeter(clock)
-        self._nameplates = Nameplates(clock, max_nameplates, waiting_timeout, paired_timeout)
+        self._nameplates = Nameplates(clock, max_nameplates, waiting_timeout, paired_timeout, events)
         self._members: dict[IRendezvousConnection, Member] = {}
         self._per_ip = AddressCounts()
 
@@ -95,27 +105,26 @@ class RendezvousServer:
     def connected(self, conn: IRendezvousConnection, ip: str = "") -> None:
         """A new connection from C{ip}; refused when the server or that
         address already holds too many."""
+        self.events.connected(ip)
         if len(self._members) >= self.max_connections:
-            return conn.refuse("server is busy, try again later")
+            return self.refuse(conn, Refusal.BUSY, ip)
         if self._per_ip.full(ip, self.max_per_ip):
-            return conn.refuse("too many connections from your address")
-        if not self.lobby.enter(conn, lambda: conn.refuse("timed out waiting for ALLOCATE or CLAIM")):
-            return conn.refuse("server is busy, try again later")
+            return self.refuse(conn, Refusal.PER_IP, ip)
+        if not self.lobby.enter(conn, lambda: self.refuse(conn, Refusal.HELLO_TIMEOUT, ip)):
+            return self.refuse(conn, Refusal.BUSY, ip)
         self._per_ip.add(ip)
         member = Member(conn, ip=ip)
-        member.timer = self._clock.callLater(
-            self.hello_timeout, conn.refuse, "timed out waiting for ALLOCATE or CLAIM"
-        )
+        member.timer = self._clock.callLater(self.hello_timeout, self.refuse, conn, Refusal.HELLO_TIMEOUT, ip)
         self._members[conn] = member
 
     def allocate(self, conn: IRendezvousConnection) -> None:
         self.lobby.leave(conn)
         member = self._members[conn]
         if member.nameplate is not None:
-            return conn.refuse("already on a nameplate")
+            return self.refuse(conn, Refusal.ALREADY_ON_NAMEPLATE, member.ip)
         name = self._nameplates.free_name()
         if name is None:
-            return conn.refuse("server is full, try again later")
+            return self.refuse(conn, Refusal.FULL, member.ip)
         conn.sendLine(f"NAMEPLATE {name}".encode("ascii"))
         self._join(member, name)
 
@@ -123,30 +132,50 @@ class RendezvousServer:
         self.lobby.leave(conn)
         member = self._members[conn]
         if member.nameplate is not None:
-            return conn.refuse("already on a nameplate")
+            return self.refuse(conn, Refusal.ALREADY_ON_NAMEPLATE, member.ip)
         if not valid_nameplate(name):
-            return conn.refuse("invalid nameplate")
+            return self.refuse(conn, Refusal.INVALID_NAMEPLATE, member.ip)
         nameplate = self._nameplates.get(name)
         if nameplate is not None and nameplate.paired:
-            return conn.refuse(f"nameplate {name} is in use")
+            return self.refuse(conn, Refusal.NAMEPLATE_IN_USE, member.ip, name=name)
         if nameplate is None and self._nameplates.full():
-            return conn.refuse("server is full, try again later")
+            return self.refuse(conn, Refusal.FULL, member.ip)
         if not self.claims.claim(nameplate, member.ip):
-            return conn.refuse("too many claims from your address, try again later")
+            return self.refuse(conn, Refusal.CLAIM_RATE, member.ip)
         self._join(member, name)
 
     def message(self, conn: IRendezvousConnection, payload: str) -> None:
         member = self._members[conn]
         nameplate = member.nameplate
         if nameplate is None or not nameplate.paired:
-            return conn.refuse("MSG before PAIRED")
+            return self.refuse(conn, Refusal.MSG_BEFORE_PAIRED, member.ip)
         member.messages += 1
         if member.messages > MAX_MESSAGES:
-            return conn.refuse("too many messages")
+            return self.refuse(conn, Refusal.TOO_MANY_MESSAGES, member.ip)
         for other in nameplate.members:
             if other is not member:
                 other.connection.sendLine(f"MSG {payload}".encode("ascii"))
         self.claims.messaged(nameplate)
+
+    def report(self, conn: IRendezvousConnection, path: str, seconds: str) -> None:
+        """A peer's REPORT: how its session connected.  Once per member,
+        after PAIRED; counted as the peer says (nothing can check it)."""
+        member = self._members[conn]
+        if member.nameplate is None or not member.nameplate.paired:
+            return self.refuse(conn, Refusal.BAD_REPORT, member.ip, detail="REPORT before PAIRED")
+        if member.reported:
+            return self.refuse(conn, Refusal.BAD_REPORT, member.ip, detail="one REPORT per connection")
+        if path not in PATHS or not _REPORT_SECONDS.match(seconds) or float(seconds) > MAX_REPORT_SECONDS:
+            return self.refuse(conn, Refusal.BAD_REPORT, member.ip, detail="malformed REPORT")
+        member.reported = True
+        self.events.peerReport(path, float(seconds))
+
+    def refuse(self, conn: IRendezvousConnection, why: Refusal, ip: str, **fields) -> None:
+        """Refuse C{conn} (from address key C{ip}): tell the events
+        observer why, and the client (the ERROR line's text, with
+        C{fields}, goes to the client only)."""
+        self.events.refused(why, ip)
+        conn.refuse(why.message(**fields))
 
     def disconnected(self, conn: IRendezvousConnection) -> None:
         self.lobby.leave(conn)
@@ -168,6 +197,10 @@ class RendezvousServer:
     @property
     def connections(self) -> int:
         return len(self._members)
+
+    @property
+    def nameplates_in_use(self) -> int:
+        return len(self._nameplates)
 
     @property
     def pairings(self) -> int:
@@ -196,8 +229,8 @@ class RendezvousServerProtocol(LineReceiver):
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
-    log = Logger()
     _closing = False
+    _ip = ""
     _abort_timer = None
     _lines = 0
     #: The relay's record of this connection, once it said RELAY.
@@ -212,7 +245,8 @@ class RendezvousServerProtocol(LineReceiver):
             f"WELCOME {PROTOCOL_NAME} {PROTOCOL_VERSION} {host} {peer.port} "
             f"{self.factory.advertised_relays}".encode()
         )
-        self.state.connected(self, ip_key(host))
+        self._ip = ip_key(host)
+        self.state.connected(self, self._ip)
 
     # IPushProducer: our output is backed up / drained.
     def pauseProducing(self) -> None:
@@ -232,7 +266,7 @@ class RendezvousServerProtocol(LineReceiver):
         try:
             text = line.rstrip(b"\r").decode("utf-8")
         except UnicodeDecodeError:
-            return self.refuse("line is not UTF-8")
+            return self._refuse(Refusal.NOT_UTF8)
         words = text.split(" ")
         command, args = words[0], words[1:]
         if command == "ALLOCATE" and not args:
@@ -243,13 +277,15 @@ class RendezvousServerProtocol(LineReceiver):
             try:
                 decode_payload(args[0])
             except ValueError as e:
-                return self.refuse(str(e))
+                return self._refuse(Refusal.BAD_MESSAGE, detail=str(e))
             self.state.message(self, args[0])
+        elif command == "REPORT" and len(args) == 2:
+            self.state.report(self, args[0], args[1])
         elif command == "PING" and len(args) <= 1:
             self.sendLine(" ".join(["PONG"] + args).encode("utf-8"))
         elif command == "RELAY" and self.factory.relay is not None:
             if self._lines != 1:
-                return self.refuse("RELAY must be the first line")
+                return self._refuse(Refusal.RELAY_NOT_FIRST)
             # This connection is a relay leg, not a rendezvous client.
             self.state.disconnected(self)
             self._relay: RelayServer = self.factory.relay
@@ -257,18 +293,20 @@ class RendezvousServerProtocol(LineReceiver):
             if self._relay.request(self._leg, args):
                 self.setRawMode()
         else:
-            self.refuse(f"unknown command {printable(command, 32)!r}")
+            self._refuse(Refusal.UNKNOWN_COMMAND, command=printable(command, 32))
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self.refuse("line too long")
+        self._refuse(Refusal.LINE_TOO_LONG)
+
+    def _refuse(self, why: Refusal, **fields) -> None:
+        """A line this protocol cannot take: the server's refusal."""
+        if not self._closing:
+            self.state.refuse(self, why, self._ip, **fields)
 
     def refuse(self, reason: str) -> None:
         if self._closing:
             return
         self._closing = True
-        self.log.info(
-            "refusing {peer}: {reason}", peer=self.transport.getPeer(), reason=reason
-        )
         self.sendLine(f"ERROR {reason}".encode("utf-8"))
         # Out of every nameplate and count at once, not when the close ends.
         self.state.disconnected(self)
@@ -307,10 +345,11 @@ class RendezvousServerFactory(Factory):
     """
 
     protocol = RendezvousServerProtocol
+    noisy = False  # the service logs its own start-up line
 
     def __init__(self, clock: IReactorTime, relay: RelayServer | None = None,
-                 relays: tuple[str, ...] = (), **options):
+                 relays: tuple[str, ...] = (), events: IServerEvents = NO_EVENTS, **options):
         self.clock = clock
         self.relay = relay
         self.advertised_relays = ",".join(relays) if relays else "-"
-        self.state = RendezvousServer(clock, **options)
+        self.state = RendezvousServer(clock, events=events, **options)

@@ -18,6 +18,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from ..util import OneShot
+from .events import NO_EVENTS, FanOut, IServerEvents
+from .logs import LogEvents
 from .relay import RelayFactory, RelayServer
 from .rendezvous import RendezvousServerFactory
 
@@ -91,16 +93,26 @@ class RendezvousService(Service):
     Listens on an endpoint.  L{whenListening} fires with the port, or fails;
     a failure is also logged and stops the reactor, so C{twistd -n
     p2pft-server} on a busy port says so and exits instead of idling.
+
+    @param what: what listens, for the start-up line (C{events.listening}).
     """
 
     log = Logger()
 
-    def __init__(self, endpoint, factory: RendezvousServerFactory, reactor):
+    def __init__(self, endpoint, factory, reactor, events: IServerEvents = NO_EVENTS,
+                 what: str | None = None):
         self._endpoint = endpoint
         self._reactor = reactor
         self.factory = factory
         self.port = None
         self._listening = OneShot()
+        self._events = events
+        self.what = what or ("relay" if isinstance(factory, RelayFactory) else "rendezvous server")
+
+    @property
+    def listening(self) -> bool:
+        """Whether it is running and listening (what /healthz reports)."""
+        return self.running and self.port is not None
 
     def whenListening(self) -> defer.Deferred:
         return self._listening.when()
@@ -114,15 +126,11 @@ class RendezvousService(Service):
     def _listened(self, port) -> None:
         self.port = port
         address = port.getHost()
-        self.log.info(
-            "p2pft {what} listening on {host}:{port}",
-            what="relay" if isinstance(self.factory, RelayFactory) else "rendezvous server",
-            host=address.host, port=address.port,
-        )
+        self._events.listening(self.what, f"{address.host}:{address.port}", settings_of(self.factory))
         self._listening.fire(port)
 
     def _failed(self, failure) -> None:
-        self.log.error("p2pft rendezvous server cannot listen: {error}", error=failure.getErrorMessage())
+        self.log.error("p2pft {what} cannot listen: {error}", what=self.what, error=failure.getErrorMessage())
         self._listening.fail(failure.value)
         # twistd starts services before the reactor runs.
         self._reactor.callWhenRunning(self._stop)
@@ -168,34 +176,82 @@ def _raise_fd_limit(state, relay) -> None:
         state.max_connections = min(state.max_connections, max(16, budget))
 
 
+def settings_of(factory) -> dict:
+    """The limits a server runs with, for its start-up line (after the
+    open-file budget lowered them)."""
+    state, relay = getattr(factory, "state", None), getattr(factory, "relay", None)
+    shown = {}
+    if state is not None:
+        shown.update({"max-connections": state.max_connections, "max-per-ip": state.max_per_ip,
+                      "hello-timeout": state.hello_timeout, "relay": relay is not None})
+    if relay is not None:
+        limits = relay.limits
+        shown.update({"relay-max-sessions": limits.max_sessions, "relay-max-per-ip": limits.max_per_ip,
+                      "relay-max-bytes": limits.max_bytes, "relay-rate": limits.rate,
+                      "relay-idle-timeout": limits.idle_timeout})
+    return shown
+
+
+def metrics_endpoint(address: tuple[str, int]) -> str:
+    """The endpoint description of C{--metrics HOST:PORT}."""
+    host, port = address
+    return f"tcp6:{port}:interface={host.replace(':', chr(92) + ':')}" if ":" in host else f"tcp:{port}:interface={host}"
+
+
+def _observers(config):
+    """The events observer of a service: its log, and its metrics when
+    C{--metrics} asks for them (returned too, or None)."""
+    if not config.get("metrics"):
+        return LogEvents(), None
+    from .metrics import Metrics
+
+    metrics = Metrics()
+    return FanOut(LogEvents(), metrics), metrics
+
+
+def _assemble(reactor, config, factory, events, metrics) -> MultiService:
+    parent = MultiService()
+    parent.rendezvous = RendezvousService(server_endpoint(reactor, config["port"]), factory, reactor, events)
+    parent.rendezvous.setServiceParent(parent)
+    parent.metrics = None
+    if metrics is not None:
+        from .metrics import MetricsSite
+
+        site = MetricsSite(metrics.registry, lambda: parent.rendezvous.listening)
+        parent.metrics = RendezvousService(
+            serverFromString(reactor, metrics_endpoint(config["metrics"])), site, reactor, events, "metrics")
+        parent.metrics.setServiceParent(parent)
+    return parent
+
+
 def makeService(config, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
+    events, metrics = _observers(config)
     relays = list(config["advertise-relay"])
     relay = None
     if config["relay"]:
-        relay = RelayServer(reactor, config["limits"])
+        relay = RelayServer(reactor, config["limits"], events)
         relays.insert(0, "*")
     factory = RendezvousServerFactory(
-        reactor, relay=relay, relays=tuple(relays),
+        reactor, relay=relay, relays=tuple(relays), events=events,
         waiting_timeout=config["waiting-timeout"],
         hello_timeout=config["hello-timeout"],
         max_connections=config["max-connections"],
         max_per_ip=config["max-per-ip"],
     )
-    parent = MultiService()
-    parent.rendezvous = RendezvousService(server_endpoint(reactor, config["port"]), factory, reactor)
-    parent.rendezvous.setServiceParent(parent)
-    return parent
+    if metrics is not None:
+        metrics.watch(rendezvous=factory.state, relay=relay)
+    return _assemble(reactor, config, factory, events, metrics)
 
 
 def makeRelayService(config, reactor=None) -> MultiService:
     """A standalone relay (C{p2pft relay}, C{twistd -n p2pft-relay})."""
     if reactor is None:
         from twisted.internet import reactor
-    factory = RelayFactory(reactor, config["limits"])
-    parent = MultiService()
-    parent.rendezvous = RendezvousService(server_endpoint(reactor, config["port"]), factory, reactor)
-    parent.rendezvous.setServiceParent(parent)
-    return parent
+    events, metrics = _observers(config)
+    factory = RelayFactory(reactor, config["limits"], events)
+    if metrics is not None:
+        metrics.watch(relay=factory.relay)
+    return _assemble(reactor, config, factory, events, metrics)
 

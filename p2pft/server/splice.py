@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IPushProducer, IReactorTime
-from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from ..util import cancel as _cancel
@@ -157,12 +156,13 @@ class _Direction:
 class Splice:
     """Two relay legs joined: moves bytes, enforces per-session limits."""
 
-    log = Logger()
-
-    def __init__(self, server: RelayServer, clock: IReactorTime, a: Leg, b: Leg):
+    def __init__(self, server: RelayServer, clock: IReactorTime, a: Leg, b: Leg, number: int = 0):
         self._server = server
         self._clock = clock
         self.legs = (a, b)
+        #: The relay's number for this session (in its events).
+        self.number = number
+        self._started = clock.seconds()
         self.rate_paused = False
         rate = server.limits.rate
         # Starts empty: a new session has earned no burst.
@@ -204,8 +204,7 @@ class Splice:
         limits = self._server.limits
         src.bytes += len(data)
         if limits.max_bytes and src.bytes + src.peer.bytes > limits.max_bytes:
-            self.log.info("relay session over its byte cap")
-            return self.end()
+            return self.end("byte-cap")
         src.peer.connection.write(data)
         self._touch()
         if self._bucket is not None:
@@ -234,7 +233,7 @@ class Splice:
         if self._idle is not None and self._idle.active():
             self._idle.reset(self._server.limits.idle_timeout)
         else:
-            self._idle = self._clock.callLater(self._server.limits.idle_timeout, self.end)
+            self._idle = self._clock.callLater(self._server.limits.idle_timeout, self.end, "idle")
 
     def half_close(self, src: Leg) -> None:
         """C{src} will send no more: pass that on, and end the session once
@@ -245,15 +244,16 @@ class Splice:
         if not peer.isClosed():
             peer.halfClose()
         if len(self._half_closed) == 2:
-            self.end()
+            self.end("closed")
 
-    def end(self) -> None:
+    def end(self, why: str = "closed") -> None:
+        """The session is over; C{why} is one of L{p2pft.server.events.ENDINGS}."""
         if self._ended:
             return
         self._ended = True
         _cancel(self._idle)
         _cancel(self._resume)
-        self._server.session_ended(self.legs)
+        self._server.session_ended(self.legs, self.number, self._clock.seconds() - self._started, why)
         for leg in self.legs:
             leg.splice = None
             connection = leg.connection
