@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +29,18 @@ PEER = [sys.executable, "-m", "p2pft"]
 def start(args, **kw):
     env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
     return subprocess.Popen([*PEER, *args], env=env, stdin=subprocess.DEVNULL, **kw)
+
+
+def listening_address(server) -> str:
+    """HOST:PORT from a server started with stderr=PIPE: its 'listening on'
+    line; the rest of its log is drained on a thread, so a server that logs
+    every pairing never blocks on a full pipe."""
+    for raw in server.stderr:
+        m = re.search(r"listening on (\S+)", raw.decode(errors="replace"))
+        if m:
+            threading.Thread(target=lambda: any(False for _ in server.stderr), daemon=True).start()
+            return m.group(1)
+    raise SystemExit("bench: the server exited without listening")
 
 
 def reap(proc):
@@ -95,8 +108,7 @@ def main():
     src = os.path.join(work, f"source-{a.size}M.bin")
     make_source(src, a.size)
     server = start(["server", "--relay", "--port", "tcp:0:interface=127.0.0.1"], stderr=subprocess.PIPE)
-    line = server.stderr.readline().decode()
-    addr = re.search(r"listening on (\S+)", line).group(1)
+    addr = listening_address(server)
     try:
         runs = [one_run(src, work, addr) for _ in range(a.runs)]
         server_rss = _status(server.pid, "VmHWM") / 1024

@@ -26,7 +26,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from loopback import make_source, reap, start  # noqa: E402
+from loopback import listening_address, make_source, reap, start  # noqa: E402
 
 CODE = "901-resume-bench"
 
@@ -86,7 +86,7 @@ def main() -> None:
     make_source(src, a.size)
     size = a.size << 20
     server = start(["server", "--port", "tcp:0:interface=127.0.0.1"], stderr=subprocess.PIPE)
-    addr = server.stderr.readline().decode().split("listening on ")[1].strip()
+    addr = listening_address(server)
     rows = {}
     try:
         def median_of(prepare, paths):

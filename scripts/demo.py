@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,7 @@ class Runner:
         self.lab = lab
         self.events: queue.Queue = queue.Queue()
         self.procs: list[subprocess.Popen] = []
+        self.ended: dict[str, int] = {}  # label -> output streams at their end
 
     def start(self, label: str, host: str, args: list[str]) -> subprocess.Popen:
         argv = [sys.executable, "-m", "p2pft", *args]
@@ -63,6 +65,7 @@ class Runner:
                 sys.stdout.write(f"  [{label:8}] {line}\n")
                 sys.stdout.flush()
                 self.events.put((label, {"event": "_line", "line": line}, time.monotonic()))
+        self.events.put((label, {"event": "_eof"}, time.monotonic()))
 
     def wait_event(self, label: str, name: str, pattern: str | None = None):
         end = time.monotonic() + DEADLINE
@@ -73,6 +76,10 @@ class Runner:
                 break
             if who == label and event["event"] == name and (pattern is None or pattern in event.get("line", "")):
                 return event, when
+            if who == label and event["event"] == "_eof":
+                self.ended[label] = self.ended.get(label, 0) + 1
+                if self.ended[label] == 2:  # stdout and stderr closed: it has exited
+                    raise SystemExit(f"demo: {label} exited before it reported {name}")
         raise SystemExit(f"demo: {label} never reported {name}")
 
     def stop(self) -> None:
@@ -125,7 +132,7 @@ def _run(lab, server_ip: str, work: str, size_mib: int) -> int:
     try:
         runner.start("server", "server", ["server", "--port", f"tcp:0:interface={server_ip}"])
         ev, _ = runner.wait_event("server", "_line", "listening on")
-        addr = ev["line"].rsplit(" ", 1)[1]
+        addr = re.search(r"listening on (\S+)", ev["line"]).group(1)
         sender = runner.start("sender", "a", ["send", "--json", addr, src])
         code_event, _ = runner.wait_event("sender", "code")
         receiver = runner.start("receiver", "b", ["receive", "--json", "--yes", "-o", out, addr, code_event["code"]])
