@@ -235,9 +235,10 @@ class NameTree:
             if node < 0:
                 node = tree.add(parent, raw, h, _DIR if is_dir else _FILE)
             return node, why
-        group = -1
+        group, fold_key = -1, None
         if tree.folding:
-            pgroup, folded, gh, group = tree.fold_group(parent, leaf)
+            fold_key = tree.fold_group(parent, leaf)
+            group = fold_key[3]
             if group >= 0 and (tree.g_kind[group] != _IMPLIED or not is_dir):
                 if self.rules.fold_case:
                     if is_dir:  # so that what is below it is refused too
@@ -256,13 +257,7 @@ class NameTree:
         if node >= 0:
             tree.kinds[node] = (tree.kinds[node] & ~3) | kind
         else:
-            node = tree.add(parent, raw, h, kind)
-            if tree.folding:
-                if group < 0:
-                    group = tree.add_group(pgroup, folded, gh, node, kind)
-                tree.node_group.append(group)
-            if parent < 0:
-                self._top(group, node, leaf + ("/" if is_dir else ""))
+            node, group = self._new(parent, raw, h, kind, fold_key, leaf + ("/" if is_dir else ""))
         if tree.folding and tree.g_kind[group] == _IMPLIED:
             tree.g_kind[group] = kind
         return node, None
@@ -288,17 +283,28 @@ class NameTree:
                     return -1, "is offered inside a file"
                 parent = node
                 continue
-            group = -1
+            fold_key = None
             if tree.folding:
-                pgroup, folded, gh, group = tree.fold_group(parent, part)
+                fold_key = tree.fold_group(parent, part)
+                group = fold_key[3]
                 if group >= 0 and tree.g_kind[group] == _FILE and self.rules.fold_case:
                     return -1, "is offered inside a file"
-            node = tree.add(parent, raw, h, _IMPLIED)
-            if tree.folding:
-                if group < 0:
-                    group = tree.add_group(pgroup, folded, gh, node, _IMPLIED)
-                tree.node_group.append(group)
-            if parent < 0:
-                self._top(group, node, part + "/")
-            parent = node
+            parent, _ = self._new(parent, raw, h, _IMPLIED, fold_key, part + "/")
         return parent, None
+
+    def _new(self, parent: int, raw: bytes, h: int, kind: int, fold_key, shown: str) -> tuple[int, int]:
+        """A new node for C{raw} below C{parent}: its fold group joined, or
+        made (C{fold_key} from L{_Tree.fold_group}; None where nothing
+        folds), and counted as a top-level name if it is one.  Returns the
+        node and its group (-1 where nothing folds)."""
+        tree = self.nodes
+        node = tree.add(parent, raw, h, kind)
+        group = -1
+        if fold_key is not None:
+            pgroup, folded, gh, group = fold_key
+            if group < 0:
+                group = tree.add_group(pgroup, folded, gh, node, kind)
+            tree.node_group.append(group)
+        if parent < 0:
+            self._top(group, node, shown)
+        return node, group
