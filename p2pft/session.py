@@ -180,7 +180,7 @@ async def _pair_and_punch(reactor, client, settings, role, ui) -> _Established:
         resolving.addCallback(connector.add_relays)
         resolving.addErrback(lambda f: log.failure("resolving relays", f))
     channel = await _punch_watching_partner(reactor, client, connector, role, settings.schedule)
-    return _Established(channel, channel.path, features, reactor.seconds() - paired_at)
+    return _Established(channel, channel.path, features, max(0.0, reactor.seconds() - paired_at))
 
 
 async def _agree_keys(reactor, client, code: codes.Code, role: str, timeout: float):

@@ -583,3 +583,38 @@ class ServerProcessTests(TestCase):
         for secret in (NAMEPLATE, PASSWORD, "alpha", "tangerine", "holiday"):
             self.assertNotIn(secret, log)
 
+
+
+class ReviewFixTests(SynchronousTestCase):
+    """What a review of the observability found."""
+
+    def test_a_flood_of_refusals_is_counted_not_logged_line_by_line(self):
+        from p2pft.server.events import Refusal
+        from p2pft.server.logs import REFUSAL_LOG_BURST, REFUSAL_LOG_RATE
+
+        lines = []
+        publisher = LogPublisher(lines.append)
+        clock = Clock()
+        events = LogEvents(Logger(namespace="p2pft.server", observer=publisher), clock=clock)
+        reason = list(Refusal)[0]
+        for _ in range(5000):  # one client looping connect, bad line, close
+            events.refused(reason, "198.51.100.7")
+        self.assertEqual(len(lines), REFUSAL_LOG_BURST)
+        clock.advance(1)
+        events.refused(reason, "198.51.100.7")
+        self.assertEqual(len(lines), REFUSAL_LOG_BURST + 1)
+        self.assertEqual(lines[-1]["unlogged"], 5000 - REFUSAL_LOG_BURST)
+        self.assertIn("more for that reason, not logged", lines[-1]["log_format"])
+        self.assertGreaterEqual(REFUSAL_LOG_RATE, 1)
+
+    def test_an_accept_header_the_library_chokes_on_gets_the_plain_format(self):
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+        from p2pft.server.metrics import MetricsPage
+
+        request = DummyRequest([b""])
+        request.requestHeaders.setRawHeaders(b"accept", [b"application/openmetrics-text; version=\xe9"])
+        body = MetricsPage(CollectorRegistry()).render_GET(request)
+        self.assertIsInstance(body, bytes)
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"content-type"), [CONTENT_TYPE_LATEST.encode()])

@@ -12,15 +12,33 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .events import IServerEvents, Refusal
+from .limits import TokenBucket
 
 #: One namespace for every server event, so an operator filters on it.
 NAMESPACE = "p2pft.server"
+#: Refusal lines logged per second for one reason, after a burst of
+#: REFUSAL_LOG_BURST.  One client on loopback gets refused thousands of
+#: times a second; logging each would drown the pairings and relay sessions
+#: an operator reads and use up journald's default rate limit (10,000 lines
+#: per 30 s per service), after which journald drops every line, ours
+#: included.  A real outage refuses a few clients a second.  Every refusal is
+#: still counted in the metrics; the next line logged says how many were not.
+REFUSAL_LOG_RATE = 5.0
+REFUSAL_LOG_BURST = 20
 
 
 @implementer(IServerEvents)
 class LogEvents:
-    def __init__(self, log: Logger | None = None):
+    """
+    @param clock: for the rate of refusal lines (L{REFUSAL_LOG_RATE});
+        without one, every refusal is logged.
+    """
+
+    def __init__(self, log: Logger | None = None, clock=None):
         self.log = Logger(namespace=NAMESPACE) if log is None else log
+        self._clock = clock
+        self._buckets: dict[Refusal, TokenBucket] = {}
+        self._unlogged: dict[Refusal, int] = {}
 
     def listening(self, service: str, address: str, settings: dict) -> None:
         shown = " ".join(f"{k}={v}" for k, v in settings.items())
@@ -31,7 +49,22 @@ class LogEvents:
         pass  # counted, not logged: a line per connection is too many to leave on
 
     def refused(self, reason: Refusal, address: str) -> None:
-        self.log.info("refused {address}: {reason}", event="refused", reason=reason.label, address=address)
+        if self._clock is not None:
+            now = self._clock.seconds()
+            bucket = self._buckets.get(reason)
+            if bucket is None:
+                bucket = self._buckets[reason] = TokenBucket(REFUSAL_LOG_RATE, REFUSAL_LOG_BURST, now,
+                                                             level=REFUSAL_LOG_BURST)
+            if bucket.refill(now) < 1:
+                self._unlogged[reason] = self._unlogged.get(reason, 0) + 1
+                return
+            bucket.take(1, now)
+        unlogged = self._unlogged.pop(reason, 0)
+        if unlogged:
+            self.log.info("refused {address}: {reason} (and {unlogged} more for that reason, not logged)",
+                          event="refused", reason=reason.label, address=address, unlogged=unlogged)
+        else:
+            self.log.info("refused {address}: {reason}", event="refused", reason=reason.label, address=address)
 
     def paired(self, seconds: float) -> None:
         self.log.info("paired after {seconds:.3f} s", event="paired", seconds=round(seconds, 3))

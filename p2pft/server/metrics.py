@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
@@ -148,9 +148,15 @@ class MetricsPage(Resource):
 
     def render_GET(self, request) -> bytes:
         accept = request.getHeader(b"accept")
-        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else None)
+        try:
+            encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else None)
+            body = encoder(self._registry)
+            content_type.encode("ascii")
+        except Exception:  # a header the library chokes on: the plain format, not a 500
+            encoder, content_type = generate_latest, CONTENT_TYPE_LATEST
+            body = encoder(self._registry)
         request.setHeader(b"content-type", content_type.encode("ascii"))
-        return encoder(self._registry)
+        return body
 
 
 class HealthPage(Resource):

@@ -142,7 +142,8 @@ class Nameplates:
                 self.paired_timeout, self._expire, nameplate, "pairing lasted too long"
             )
             self.pairings += 1
-            self._events.paired(self._clock.seconds() - nameplate.since)
+            # The wall clock may be stepped back: never a negative duration.
+            self._events.paired(max(0.0, self._clock.seconds() - nameplate.since))
             for m in nameplate.members:
                 m.connection.sendLine(b"PAIRED")
 

@@ -300,7 +300,7 @@ class RelayServer:
         address's slots)."""
         self.pairing.ended()
         a, b = legs
-        self.events.relaySessionEnded(number, a.bytes + b.bytes, seconds, why)
+        self.events.relaySessionEnded(number, a.bytes + b.bytes, max(0.0, seconds), why)
         for leg in legs:
             if leg.state is LegState.SPLICED:
                 leg.state = LegState.ENDED

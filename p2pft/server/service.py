@@ -198,15 +198,16 @@ def metrics_endpoint(address: tuple[str, int]) -> str:
     return f"tcp6:{port}:interface={host.replace(':', chr(92) + ':')}" if ":" in host else f"tcp:{port}:interface={host}"
 
 
-def _observers(config):
+def _observers(config, clock):
     """The events observer of a service: its log, and its metrics when
     C{--metrics} asks for them (returned too, or None)."""
+    log = LogEvents(clock=clock)
     if not config.get("metrics"):
-        return LogEvents(), None
+        return log, None
     from .metrics import Metrics
 
     metrics = Metrics()
-    return FanOut(LogEvents(), metrics), metrics
+    return FanOut(log, metrics), metrics
 
 
 def _assemble(reactor, config, factory, events, metrics) -> MultiService:
@@ -227,7 +228,7 @@ def _assemble(reactor, config, factory, events, metrics) -> MultiService:
 def makeService(config, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    events, metrics = _observers(config)
+    events, metrics = _observers(config, reactor)
     relays = list(config["advertise-relay"])
     relay = None
     if config["relay"]:
@@ -249,7 +250,7 @@ def makeRelayService(config, reactor=None) -> MultiService:
     """A standalone relay (C{p2pft relay}, C{twistd -n p2pft-relay})."""
     if reactor is None:
         from twisted.internet import reactor
-    events, metrics = _observers(config)
+    events, metrics = _observers(config, reactor)
     factory = RelayFactory(reactor, config["limits"], events)
     if metrics is not None:
         metrics.watch(relay=factory.relay)
