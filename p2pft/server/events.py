@@ -52,6 +52,7 @@ class Refusal(enum.Enum):
     RELAY_TIMEOUT = ("relay-timeout", "timed out waiting for RELAY")
     RELAY_MALFORMED = ("relay-malformed", "{detail}")
     RELAY_SIDE_TAKEN = ("relay-side-taken", "this session already has a {side}")
+    RELAY_TOO_MANY_LEGS = ("relay-too-many-legs", "this session has too many legs")
     RELAY_ALONE = ("relay-alone", "the other side never came")
     RELAY_DATA_BEFORE_OK = ("relay-data-before-ok", "data before OK")
 
