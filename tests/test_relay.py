@@ -25,7 +25,7 @@ from p2pft.options import Options
 from p2pft.punch import PunchConnector, PunchFailed, PunchSchedule, _reason
 from p2pft.rendezvous import RendezvousClientProtocol
 from p2pft.secure import RECEIVER, SENDER, Pake
-from p2pft.server.relay import RelayFactory, RelayLimits, RelayServer
+from p2pft.server.relay import MAX_LEGS, RelayFactory, RelayLimits, RelayServer
 from p2pft.server.rendezvous import RendezvousServerFactory
 from p2pft.server.service import makeService
 from p2pft.candidates import relays
@@ -116,6 +116,9 @@ class RelayLegLineTests(SynchronousTestCase):
         for leg in (-1, RELAY_LEGS, True, 1.0, "1"):
             with self.subTest(leg=leg):
                 self.assertRaises(ValueError, RelayGreeting, TOKEN, "sender", None, None, None, leg=leg)
+
+    def test_the_relay_takes_every_leg_a_peer_may_send(self):
+        self.assertEqual(RELAY_LEGS, MAX_LEGS)
 
 
 class PunchErrorTextTests(SynchronousTestCase):
