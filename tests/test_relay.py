@@ -20,11 +20,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from p2pft.channel import PeerConnection
+from p2pft.channel.greeting import RELAY_LEGS, RelayGreeting
 from p2pft.options import Options
 from p2pft.punch import PunchConnector, PunchFailed, PunchSchedule, _reason
 from p2pft.rendezvous import RendezvousClientProtocol
 from p2pft.secure import RECEIVER, SENDER, Pake
-from p2pft.server.relay import RelayFactory, RelayLimits, RelayServer
+from p2pft.server.relay import MAX_LEGS, RelayFactory, RelayLimits, RelayServer
 from p2pft.server.rendezvous import RendezvousServerFactory
 from p2pft.server.service import makeService
 from p2pft.candidates import relays
@@ -34,7 +35,7 @@ from tests.natlab import Nat, start_lab
 from tests.procs import p2pft_argv, spawn
 from tests.procs import Workspace
 from tests import test_server_relay
-from tests.test_server_relay import OTHER_TOKEN, bounded
+from tests.test_server_relay import OTHER_TOKEN, TOKEN, bounded
 
 
 class RelayOptionsAndWelcomeTests(SynchronousTestCase):
@@ -92,6 +93,32 @@ class RelayOptionsAndWelcomeTests(SynchronousTestCase):
         # A server on loopback (a local test or demo) may name local relays.
         self.assertEqual(relays(Settings(("127.0.0.1", 9000)), client.relays, "127.0.0.1")[0][:2],
                          [("127.0.0.1", 22), ("::1", 22)])
+
+
+class RelayLegLineTests(SynchronousTestCase):
+    """The relay line a peer's leg sends (docs/PROTOCOL.md §6)."""
+
+    def line(self, **kw) -> bytes:
+        written = []
+        RelayGreeting(TOKEN, "receiver", written.append, None, None, **kw).start()
+        [line] = written
+        return line
+
+    def test_leg_zero_is_the_v1_line(self):
+        self.assertEqual(self.line(), f"RELAY {TOKEN} receiver\n".encode())
+        self.assertEqual(self.line(leg=0), f"RELAY {TOKEN} receiver\n".encode())
+
+    def test_other_legs_carry_their_number(self):
+        self.assertEqual(self.line(leg=1), f"RELAY {TOKEN} receiver 1\n".encode())
+        self.assertEqual(self.line(leg=15), f"RELAY {TOKEN} receiver 15\n".encode())
+
+    def test_leg_out_of_range_is_a_programming_error(self):
+        for leg in (-1, RELAY_LEGS, True, 1.0, "1"):
+            with self.subTest(leg=leg):
+                self.assertRaises(ValueError, RelayGreeting, TOKEN, "sender", None, None, None, leg=leg)
+
+    def test_the_relay_takes_every_leg_a_peer_may_send(self):
+        self.assertEqual(RELAY_LEGS, MAX_LEGS)
 
 
 class PunchErrorTextTests(SynchronousTestCase):

@@ -23,7 +23,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from p2pft.server import splice as splice_module
-from p2pft.server.relay import RelayFactory, RelayLimits, RelayServer
+from p2pft.server.events import NO_EVENTS, IServerEvents
+from p2pft.server.relay import MAX_LEGS, MAX_PAIRS, RelayFactory, RelayLimits, RelayServer
 from p2pft.server.rendezvous import RendezvousServerFactory
 from p2pft.server.splice import SPLICE_BUFFER
 
@@ -55,6 +56,12 @@ class Transport(StringTransport):
         self.producer = None
         self.streaming = None
 
+    #: Whether the relay shut its sending side (loseWriteConnection).
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
 
 def take(transport: StringTransport) -> bytes:
     data = transport.value()
@@ -69,6 +76,22 @@ def lose(proto) -> None:
     proto.connectionLost(Failure(error.ConnectionDone()))
 
 
+class Recording:
+    """Every server event, as (name, args...).  (tests/test_observe.py has
+    its own, and imports this module.)"""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, name):
+        if name not in IServerEvents:
+            raise AttributeError(name)
+        return lambda *args: self.calls.append((name, *args))
+
+    def named(self, name: str) -> list[tuple]:
+        return [c[1:] for c in self.calls if c[0] == name]
+
+
 def per_ip(server: RelayServer) -> dict:
     # No public accessor for the per-address counts.
     return dict(server._per_ip)
@@ -77,9 +100,9 @@ def per_ip(server: RelayServer) -> dict:
 class Harness:
     """A standalone relay (RelayFactory) on a fake clock."""
 
-    def __init__(self, **limits):
+    def __init__(self, events=NO_EVENTS, **limits):
         self.clock = Clock()
-        self.factory = RelayFactory(self.clock, RelayLimits(**limits))
+        self.factory = RelayFactory(self.clock, RelayLimits(**limits), events)
         self.server: RelayServer = self.factory.relay
         self._port = 40000
 
@@ -90,14 +113,16 @@ class Harness:
         proto.makeConnection(transport)
         return proto, transport
 
-    def join(self, side: str, token: str = TOKEN, host: str = "198.51.100.1"):
+    def join(self, side: str, token: str = TOKEN, host: str = "198.51.100.1", leg: int = 0):
+        """A connection sending the RELAY line of C{leg} (leg 0: the v1 line)."""
         proto, transport = self.connect(host)
-        proto.dataReceived(f"RELAY {token} {side}\n".encode("ascii"))
+        field = f" {leg}" if leg else ""
+        proto.dataReceived(f"RELAY {token} {side}{field}\n".encode("ascii"))
         return proto, transport
 
-    def pair(self, token: str = TOKEN, hosts=("198.51.100.1", "198.51.100.2")):
-        a, ta = self.join("sender", token, hosts[0])
-        b, tb = self.join("receiver", token, hosts[1])
+    def pair(self, token: str = TOKEN, hosts=("198.51.100.1", "198.51.100.2"), leg: int = 0):
+        a, ta = self.join("sender", token, hosts[0], leg)
+        b, tb = self.join("receiver", token, hosts[1], leg)
         return a, ta, b, tb
 
 
@@ -275,6 +300,37 @@ class RefusalTests(SynchronousTestCase):
         self.assertEqual(tb.value(), b"")
         self.assertEqual(h.server.sessions, 1)
 
+    def test_bad_leg_fields(self):
+        """A leg field that is not plain decimal is malformed, as a v1 relay
+        says of any third word."""
+        for leg in ("01", "00", "-1", "+1", "1.0", "0x1", "a", "\u0661", "1 2", "1 "):
+            with self.subTest(leg=leg):
+                self.check_malformed(f"RELAY {TOKEN} sender {leg}\n".encode(), "malformed RELAY line")
+
+    def test_leg_out_of_range(self):
+        """Legs are 1 to 15 on the wire; leg 0 is the line without the field."""
+        for leg in ("0", str(MAX_LEGS), "99", "9" * 100):
+            with self.subTest(leg=leg):
+                self.check_malformed(f"RELAY {TOKEN} receiver {leg}\n".encode(),
+                                     "relay leg out of range: 1 to 15 (leg 0 has no leg field)")
+
+    def test_every_leg_in_range_is_admitted(self):
+        h = Harness()
+        for leg in range(MAX_LEGS):
+            h.join("sender", leg=leg)
+        self.assertEqual(len(h.server.pairing._waiting), MAX_LEGS)
+        self.assertEqual(h.server.sessions, 1)
+
+    def test_same_side_twice_on_a_leg_is_refused(self):
+        h = Harness()
+        h.join("sender", leg=3)
+        c, tc = h.join("sender", leg=3, host="198.51.100.3")
+        self.assertRefused(tc, "this session already has a sender on leg 3")
+        # The same side on another leg is another leg.
+        d, td = h.join("sender", leg=4, host="198.51.100.3")
+        self.assertEqual(td.value(), b"")
+        self.assertFalse(td.disconnecting)
+
     def test_data_in_the_relay_segment_of_the_first_arrival_is_refused(self):
         h = Harness()
         a, ta = h.connect()
@@ -424,6 +480,254 @@ class LimitTests(SynchronousTestCase):
         p.dataReceived(b"RELAY " + TOKEN.encode())
         h.clock.advance(30)
         self.assertEqual(t.value(), b"ERROR timed out waiting for RELAY\n")
+
+
+class LegTests(SynchronousTestCase):
+    """Several legs of one session (one token): paired by (token, leg),
+    limited as one session (docs/PROTOCOL.md §6)."""
+
+    def legs(self, legs=(0, 1), events=NO_EVENTS, **limits):
+        """A harness and, for each of C{legs}, its spliced pair (a, ta, b, tb),
+        OK lines taken."""
+        h = Harness(events, **limits)
+        pairs = {}
+        for leg in legs:
+            pairs[leg] = h.pair(leg=leg)
+            self.assertEqual((take(pairs[leg][1]), take(pairs[leg][3])), (b"OK\n", b"OK\n"))
+        return h, pairs
+
+    def assertOpen(self, *transports):
+        for t in transports:
+            self.assertFalse(t.disconnecting, t)
+
+    def assertCut(self, *transports):
+        for t in transports:
+            self.assertTrue(t.disconnecting, t)
+
+    def test_two_legs_of_one_token_are_spliced_independently(self):
+        h = Harness()
+        a0, ta0 = h.join("sender", leg=0)
+        a1, ta1 = h.join("sender", leg=1)
+        b1, tb1 = h.join("receiver", leg=1, host="198.51.100.2")
+        # Leg 1 is spliced; leg 0 still waits for its receiver.
+        self.assertEqual((take(ta1), take(tb1), ta0.value()), (b"OK\n", b"OK\n", b""))
+        b0, tb0 = h.join("receiver", leg=0, host="198.51.100.2")
+        self.assertEqual((take(ta0), take(tb0)), (b"OK\n", b"OK\n"))
+        self.assertEqual((h.server.sessions, h.server.spliced), (1, 1))
+        a0.dataReceived(b"zero")
+        a1.dataReceived(PAYLOAD)
+        b0.dataReceived(b"back on zero")
+        self.assertEqual((take(tb0), take(tb1)), (b"zero", PAYLOAD))
+        self.assertEqual((take(ta0), ta1.value()), (b"back on zero", b""))
+        # Flow control is per leg: leg 1's slow reader pauses leg 1 only.
+        tb1.producer.pauseProducing()
+        self.assertEqual((ta1.producerState, ta0.producerState), ("paused", "producing"))
+        tb1.producer.resumeProducing()
+        self.assertEqual(ta1.producerState, "producing")
+
+    def test_legs_pair_on_a_rendezvous_port_too(self):
+        clock = Clock()
+        factory = RendezvousServerFactory(clock, relay=RelayServer(clock, RelayLimits()))
+        transports = {}
+        for n, (side, leg) in enumerate((("sender", 5), ("sender", 0), ("receiver", 5), ("receiver", 0))):
+            proto = factory.buildProtocol(IPv4Address("TCP", "203.0.113.5", 50000 + n))
+            t = Transport("203.0.113.5", 50000 + n)
+            proto.makeConnection(t)
+            take(t)  # WELCOME
+            field = f" {leg}" if leg else ""
+            proto.dataReceived(f"RELAY {TOKEN} {side}{field}\n".encode())
+            transports[side, leg] = proto, t
+        self.assertEqual({k: take(t) for k, (p, t) in transports.items()}, dict.fromkeys(transports, b"OK\n"))
+        transports["sender", 5][0].dataReceived(b"five")
+        self.assertEqual(transports["receiver", 5][1].value(), b"five")
+        self.assertEqual(transports["receiver", 0][1].value(), b"")
+        self.assertEqual((factory.relay.sessions, factory.relay.spliced), (1, 1))
+
+    def test_max_sessions_counts_a_token_once_however_many_legs(self):
+        h = Harness(max_sessions=1)
+        for leg in range(MAX_LEGS):
+            h.join("sender", leg=leg)
+        self.assertEqual(h.server.sessions, 1)
+        for leg in range(MAX_LEGS):
+            b, tb = h.join("receiver", leg=leg, host="198.51.100.2")
+            self.assertEqual(tb.value(), b"OK\n", leg)
+        self.assertEqual(h.server.sessions, 1)
+        c, tc = h.join("sender", OTHER_TOKEN, host="198.51.100.3", leg=1)
+        self.assertEqual(tc.value(), b"ERROR relay is full, try again later\n")
+
+    def test_the_rate_bucket_is_shared_by_every_leg(self):
+        h, pairs = self.legs(rate=1000)
+        (a0, ta0, _, tb0), (_, ta1, b1, tb1) = pairs[0], pairs[1]
+        a0.dataReceived(b"x" * 300)
+        # One leg's debt pauses every leg of the session, both ways.
+        self.assertEqual({t.producerState for t in (ta0, tb0, ta1, tb1)}, {"paused"})
+        b1.dataReceived(b"y" * 300)  # read before the pause took effect: still forwarded
+        self.assertEqual((take(tb0), take(ta1)), (b"x" * 300, b"y" * 300))
+        h.clock.advance(0.59)
+        self.assertEqual({t.producerState for t in (ta0, tb0, ta1, tb1)}, {"paused"}, "600 bytes owed")
+        h.clock.advance(0.02)
+        self.assertEqual({t.producerState for t in (ta0, tb0, ta1, tb1)}, {"producing"})
+
+    def test_the_rate_caps_the_sum_of_the_legs(self):
+        """Four legs sending as fast as allowed: together they get the
+        rate, not four times it."""
+        h, pairs = self.legs(legs=(0, 1, 2, 3), rate=10_000)
+        forwarded = 0
+        start = h.clock.seconds()
+        while h.clock.seconds() - start < 5:
+            sent = False
+            for a, ta, b, tb in pairs.values():
+                if ta.producerState == "producing":
+                    a.dataReceived(b"z" * 1000)
+                    forwarded += 1000
+                    sent = True
+            if not sent:
+                h.clock.advance(0.01)
+        elapsed = h.clock.seconds() - start
+        self.assertLessEqual(forwarded, 10_000 * elapsed + 4 * 1000)
+        self.assertGreaterEqual(forwarded, 10_000 * elapsed * 0.8)
+        self.assertEqual(sum(len(take(tb)) for a, ta, b, tb in pairs.values()), forwarded)
+
+    def test_a_leg_joining_a_throttled_session_starts_paused(self):
+        h, pairs = self.legs(rate=1000)
+        pairs[0][0].dataReceived(b"x" * 500)
+        a2, ta2, b2, tb2 = h.pair(leg=2)
+        self.assertEqual((take(ta2), take(tb2)), (b"OK\n", b"OK\n"))
+        self.assertEqual((ta2.producerState, tb2.producerState), ("paused", "paused"))
+        h.clock.advance(0.51)
+        self.assertEqual((ta2.producerState, tb2.producerState), ("producing", "producing"))
+
+    def test_max_bytes_is_summed_over_the_legs(self):
+        events = Recording()
+        h, pairs = self.legs(legs=(0, 1, 2), events=events, max_bytes=1000)
+        (a0, ta0, b0, tb0), (a1, ta1, b1, tb1), (a2, ta2, b2, tb2) = pairs.values()
+        a0.dataReceived(b"a" * 500)
+        b1.dataReceived(b"b" * 300)
+        # A leg that ended still counted: its bytes were the session's.
+        a2.dataReceived(b"c" * 100)
+        lose(a2)
+        lose(b2)
+        a1.dataReceived(b"d" * 100)
+        self.assertEqual((take(tb0), take(ta1), take(tb1)), (b"a" * 500, b"b" * 300, b"d" * 100))
+        self.assertOpen(ta0, tb0, ta1, tb1)
+        a0.dataReceived(b"!")  # 1001
+        self.assertEqual((tb0.value(), ta0.value(), tb1.value(), ta1.value()), (b"",) * 4,
+                         "the excess is not forwarded")
+        self.assertCut(ta0, tb0, ta1, tb1)
+        self.assertEqual(h.server.sessions, 0)
+        self.assertEqual(events.named("relaySessionEnded"), [(1, 1000, 0.0, "byte-cap")])
+
+    def test_idle_only_when_every_leg_is_idle(self):
+        events = Recording()
+        h, pairs = self.legs(events=events, idle_timeout=10)
+        (a0, ta0, b0, tb0), (a1, ta1, b1, tb1) = pairs[0], pairs[1]
+        for _ in range(6):  # 30 s of traffic on leg 1 only
+            h.clock.advance(5)
+            b1.dataReceived(b"keepalive")
+        self.assertOpen(ta0, tb0, ta1, tb1)
+        h.clock.advance(9.9)
+        self.assertOpen(ta0, tb0, ta1, tb1)
+        h.clock.advance(0.2)
+        self.assertCut(ta0, tb0, ta1, tb1)
+        self.assertEqual(h.server.sessions, 0)
+        [(number, count, seconds, why)] = events.named("relaySessionEnded")
+        self.assertEqual((number, count, why), (1, 6 * len(b"keepalive"), "idle"))
+        for p in (a0, b0, a1, b1):
+            lose(p)
+        self.assertEqual((h.server.sessions, per_ip(h.server)), (0, {}))
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_one_leg_ending_does_not_end_the_others(self):
+        events = Recording()
+        h, pairs = self.legs(legs=(0, 1, 2), events=events)
+        (a0, ta0, b0, tb0), (a1, ta1, b1, tb1), (a2, ta2, b2, tb2) = pairs.values()
+        lose(a1)  # leg 1 cut
+        self.assertCut(tb1)
+        self.assertOpen(ta0, tb0, ta2, tb2)
+        a0.readConnectionLost()  # leg 0 closed in order, both ways
+        self.assertTrue(tb0.write_closed)
+        self.assertOpen(tb0)
+        b0.readConnectionLost()
+        self.assertCut(ta0, tb0)
+        self.assertOpen(ta2, tb2)
+        a2.dataReceived(b"still")
+        self.assertEqual(tb2.value(), b"still")
+        self.assertEqual(h.server.sessions, 1)
+        self.assertEqual(events.named("relaySessionEnded"), [], "the session goes on")
+        lose(b2)
+        self.assertCut(ta2)
+        self.assertEqual(h.server.sessions, 0)
+        self.assertEqual(events.named("relaySessionStarted"), [(1, ("198.51.100.1", "198.51.100.2"))])
+        self.assertEqual(events.named("relaySessionEnded"), [(1, 5, 0.0, "lost")])
+        for p in (b1, a0, b0, a2):
+            lose(p)
+        self.assertEqual((h.server.sessions, per_ip(h.server)), (0, {}))
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_a_leg_is_reused_after_its_pair_ended(self):
+        """Both sides reconnect leg 1 after a cut: a new pair on the same
+        (token, leg), in the same session while leg 0 goes on."""
+        events = Recording()
+        h, pairs = self.legs(events=events)
+        (a0, ta0, b0, tb0), (a1, ta1, b1, tb1) = pairs[0], pairs[1]
+        lose(a1)
+        lose(b1)
+        a1, ta1, b1, tb1 = h.pair(leg=1)
+        self.assertEqual((take(ta1), take(tb1)), (b"OK\n", b"OK\n"))
+        a1.dataReceived(b"again")
+        self.assertEqual(tb1.value(), b"again")
+        self.assertEqual((h.server.sessions, h.server.spliced), (1, 1))
+        # Once the whole session is over, the token makes a new one.
+        for p in (a0, b0, a1, b1):
+            lose(p)
+        self.assertEqual(h.server.sessions, 0)
+        a0, ta0, b0, tb0 = h.pair()
+        self.assertEqual((take(ta0), take(tb0)), (b"OK\n", b"OK\n"))
+        self.assertEqual((h.server.sessions, h.server.spliced), (1, 2))
+        self.assertEqual([e[0] for e in events.named("relaySessionEnded")], [1])
+
+    def test_a_leg_may_reconnect_before_the_relay_notices_its_cut(self):
+        """After a silent cut the relay still has the old pair spliced: the
+        new pair of that leg meets anyway, and the old one is unaffected."""
+        h, pairs = self.legs(legs=(1,))
+        old_a, old_ta, old_b, old_tb = pairs[1]
+        a, ta, b, tb = h.pair(leg=1, hosts=("198.51.100.3", "198.51.100.4"))
+        self.assertEqual((take(ta), take(tb)), (b"OK\n", b"OK\n"))
+        a.dataReceived(b"new")
+        old_a.dataReceived(b"old")
+        self.assertEqual((tb.value(), old_tb.value()), (b"new", b"old"))
+        self.assertOpen(old_ta, old_tb)
+        self.assertEqual(h.server.sessions, 1)
+
+    def test_a_session_holds_a_bounded_number_of_pairs(self):
+        h = Harness(max_per_ip=1000)
+        for round in range(MAX_PAIRS // MAX_LEGS):
+            for leg in range(MAX_LEGS):
+                a, ta, b, tb = h.pair(leg=leg)
+                self.assertEqual(tb.value(), b"OK\n")
+        c, tc = h.join("sender", leg=7)
+        self.assertEqual(tc.value(), b"ERROR this session has too many legs\n")
+        self.assertTrue(tc.disconnecting)
+        # A pair ends: room for one again.
+        lose(a)
+        c, tc = h.join("sender", leg=7)
+        self.assertFalse(tc.disconnecting)
+
+    def test_a_waiting_leg_keeps_the_session_after_its_splices_ended(self):
+        events = Recording()
+        h, pairs = self.legs(legs=(0,), events=events, waiting_timeout=5)
+        a2, ta2 = h.join("sender", leg=2)
+        pairs[0][0].dataReceived(b"xy")
+        lose(pairs[0][0])
+        lose(pairs[0][2])
+        self.assertEqual(h.server.sessions, 1)
+        self.assertEqual(events.named("relaySessionEnded"), [])
+        h.clock.advance(5)
+        self.assertEqual(ta2.value(), b"ERROR the other side never came\n")
+        self.assertEqual(h.server.sessions, 0)
+        self.assertEqual(events.named("relaySessionEnded"), [(1, 2, 5.0, "lost")])
+        lose(a2)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
 
 
 class SpliceTests(SynchronousTestCase):

@@ -52,6 +52,7 @@ class Refusal(enum.Enum):
     RELAY_TIMEOUT = ("relay-timeout", "timed out waiting for RELAY")
     RELAY_MALFORMED = ("relay-malformed", "{detail}")
     RELAY_SIDE_TAKEN = ("relay-side-taken", "this session already has a {side}")
+    RELAY_TOO_MANY_LEGS = ("relay-too-many-legs", "this session has too many legs")
     RELAY_ALONE = ("relay-alone", "the other side never came")
     RELAY_DATA_BEFORE_OK = ("relay-data-before-ok", "data before OK")
 
@@ -89,10 +90,12 @@ class IServerEvents(Interface):
         "A nameplate timed out, its members waiting (C{paired}: or pairing) too long."
 
     def relaySessionStarted(session: int, addresses: tuple[str, str]) -> None:
-        "Two relay legs were spliced: session number C{session}."
+        "A relay session's first two legs were spliced (one token, however many legs): session number C{session}."
 
     def relaySessionEnded(session: int, bytes: int, seconds: float, why: str) -> None:
-        "Session C{session} ended after C{bytes} (both ways) and C{seconds}; C{why} is one of L{ENDINGS}."
+        """Session C{session} ended (its last leg) after C{bytes} (all legs,
+        both ways) and C{seconds}; C{why}, its last pair's, is one of
+        L{ENDINGS}."""
 
     def peerReport(path: str, seconds: float) -> None:
         "A sender reported its session went C{path} (L{PATHS}), C{seconds} after pairing."

@@ -2,26 +2,33 @@
 The relay: splices two peers' TCP connections when punching cannot connect
 them directly.
 
-A peer connects and sends one line, C{RELAY <token> <side>}; the token is
-derived from the session key (so only the two peers of a session can meet),
-the side is C{sender} or C{receiver}.  When the other side with the same
-token arrives, both get C{OK} and from then on every byte one sends is
-written to the other.  The relay sees only ciphertext: the secure channel's
-proof handshake and records run end to end through it.
+A peer connects and sends one line, C{RELAY <token> <side> [<leg>]}; the
+token is derived from the session key (so only the two peers of a session
+can meet), the side is C{sender} or C{receiver}, the leg (1 to 15; absent
+for leg 0, the v1 line) which of the session's connections through this
+relay it is.  When the other side with the same token and leg arrives, both
+get C{OK} and from then on every byte one sends is written to the other.
+The relay sees only ciphertext: the secure channel's proof handshake and
+records run end to end through it.
+
+All the legs of one token are one session (L{Session}): for the session
+limit, the byte cap, the rate and the idle timeout.
 
 The rules (pairing, limits, refusals) live in L{RelayServer}, a plain
 object that keeps one L{Leg} record per connection and reaches the
 connection only through L{IRelayLeg}; the table of sessions and of the
-legs waiting for their other side is its L{Pairing}; the byte moving lives in
-L{p2pft.server.splice}.  L{RelayProtocol} is the standalone relay's
-protocol; the rendezvous server's protocol hands its connection over the
-same way when a C{RELAY} line comes first (C{p2pft server --relay}).
+legs waiting for their other side is its L{Pairing}; the byte moving, and
+the limits a session's splices share, live in L{p2pft.server.splice}.
+L{RelayProtocol} is the standalone relay's protocol; the rendezvous
+server's protocol hands its connection over the same way when a C{RELAY}
+line comes first (C{p2pft server --relay}).
 """
 
 from __future__ import annotations
 
 import enum
 import re
+from typing import Callable
 
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
@@ -33,10 +40,22 @@ from ..addresses import ip_key
 from ..util import cancel as _cancel
 from .events import NO_EVENTS, IServerEvents, Refusal
 from .limits import CLOSE_GRACE, FIRST_LINE_MIN_WAIT, AddressCounts, Lobby
-from .splice import IRelayLeg, Splice, TransportLeg
+from .splice import IRelayLeg, Session, Splice, TransportLeg
 
 SIDES = ("sender", "receiver")
 _TOKEN = re.compile(r"[0-9a-f]{64}\Z")
+#: A leg field: decimal, no leading zeros, no sign.
+_LEG = re.compile(r"(0|[1-9][0-9]*)\Z")
+
+#: Legs one session may have: 0 (the v1 line, no leg field) to MAX_LEGS - 1.
+MAX_LEGS = 16
+#: Pairs (a leg waiting for its other side, or two legs spliced) one session
+#: may hold at once: each leg once, and once more while the relay has not
+#: yet noticed that a leg's old pair is dead (a silent cut; the peers
+#: reconnect on the same leg, and that must not wait for the relay's TCP to
+#: time out).  It keeps a session, which counts once against
+#: C{max_sessions}, to at most 2 * MAX_PAIRS connections.
+MAX_PAIRS = 2 * MAX_LEGS
 
 #: Seconds a standalone relay's connection may take to send its RELAY line
 #: while the relay is not under pressure (the lobby is at most half full).
@@ -48,11 +67,16 @@ RELAY_LINE_TIMEOUT = 30.0
 @attrs.frozen
 class RelayLimits:
     """
+    A session is a token: all its legs count once, and share its limits.
+
     @ivar max_sessions: sessions (waiting or spliced) at once.
     @ivar max_per_ip: connections from one IP address at once.
-    @ivar max_bytes: bytes one session may carry, both directions (0: no cap).
-    @ivar rate: bytes per second one session may carry (0: no cap).
-    @ivar idle_timeout: seconds a session may carry nothing before it is cut.
+    @ivar max_bytes: bytes one session may carry, all legs and both
+        directions (0: no cap).
+    @ivar rate: bytes per second one session may carry, all legs together
+        (0: no cap).
+    @ivar idle_timeout: seconds a session may carry nothing, on any leg,
+        before it is cut.
     @ivar waiting_timeout: seconds one side may wait for the other.
     @ivar max_pending: connections at once that have not sent their RELAY
         line yet (a standalone relay; see L{Lobby}).  A peer sends the line
@@ -101,8 +125,12 @@ class Leg:
     #: Whether it holds one of its address's connection slots.
     counted: bool = False
     side: str | None = None
-    #: The session token it waits on (the first of a pair to arrive).
+    #: Its session's token, once admitted.
     token: str | None = None
+    #: Which leg of its session it is (0 .. MAX_LEGS - 1).
+    index: int = 0
+    #: Its session, once admitted.
+    session: Session | None = None
     #: The wait for its RELAY line, then for the other side.
     timer: IDelayedCall | None = None
     #: Aborts the connection if a close the relay began does not complete.
@@ -116,48 +144,68 @@ class Leg:
 
 class Pairing:
     """
-    The relay's sessions: the legs waiting for their other side, by token,
-    and how many sessions (waiting or spliced) there are.  Plain
-    bookkeeping; L{RelayServer} applies it to connections.
+    The relay's sessions, by token, and the legs waiting for their other
+    side, by (token, leg).  Plain bookkeeping; L{RelayServer} applies it to
+    connections.  A session lives while it holds a pair: a leg waiting, or
+    two spliced.
     """
 
-    def __init__(self) -> None:
-        self._waiting: dict[str, Leg] = {}
-        #: Sessions at once, waiting or spliced.
-        self.sessions = 0
+    def __init__(self, new_session: Callable[[str], Session]) -> None:
+        self._new_session = new_session
+        self._waiting: dict[tuple[str, int], Leg] = {}
+        self._sessions: dict[str, Session] = {}
 
-    def admit(self, leg: Leg, token: str, side: str, max_sessions: int) -> tuple[Refusal | None, Leg | None]:
-        """C{leg} comes as C{side} of session C{token}: (a refusal,
-        None), or (None, the partner it is spliced to), or (None, None) if
-        it waits for one."""
-        partner = self._waiting.get(token)
-        if partner is None and self.sessions >= max_sessions:
+    @property
+    def sessions(self) -> int:
+        """Sessions at once, waiting or spliced."""
+        return len(self._sessions)
+
+    def admit(self, leg: Leg, token: str, index: int, side: str,
+              max_sessions: int) -> tuple[Refusal | None, Leg | None]:
+        """C{leg} comes as C{side} of leg C{index} of session C{token}: (a
+        refusal, None), or (None, the partner it is spliced to), or (None,
+        None) if it waits for one.  Either way it is now in the session
+        (C{leg.session})."""
+        session = self._sessions.get(token)
+        if session is None and len(self._sessions) >= max_sessions:
             return Refusal.RELAY_FULL, None
+        partner = self._waiting.get((token, index))
         if partner is not None and partner.side == side:
             return Refusal.RELAY_SIDE_TAKEN, None
-        leg.side = side
+        if partner is None and session is not None and session.pairs >= MAX_PAIRS:
+            return Refusal.RELAY_TOO_MANY_LEGS, None
+        if session is None:
+            session = self._sessions[token] = self._new_session(token)
+        leg.side, leg.token, leg.index, leg.session = side, token, index, session
         if partner is None:
-            self.sessions += 1
-            self._waiting[token] = leg
-            leg.token = token
+            session.pairs += 1
+            self._waiting[(token, index)] = leg
             return None, None
-        del self._waiting[token]
+        del self._waiting[(token, index)]
         return None, partner
 
-    def ended(self) -> None:
-        """A spliced session ended."""
-        self.sessions -= 1
+    def release(self, session: Session) -> bool:
+        """One of C{session}'s pairs is over: True if that was its last
+        (the session is gone; its (token, leg) pairs may be used again)."""
+        session.pairs -= 1
+        if session.pairs:
+            return False
+        del self._sessions[session.token]
+        return True
 
-    def left(self, leg: Leg) -> None:
-        """C{leg} is gone: its session too, if it waited alone."""
-        if self._waiting.get(leg.token) is leg:
-            del self._waiting[leg.token]
-            self.sessions -= 1
+    def left(self, leg: Leg) -> bool:
+        """C{leg} is gone: its pair too, if it waited alone; True if that
+        was its session's last."""
+        key = (leg.token, leg.index)
+        if leg.token is None or self._waiting.get(key) is not leg:
+            return False
+        del self._waiting[key]
+        return self.release(leg.session)
 
 
 class RelayServer:
     """
-    Pairs relay legs by token and side; counts, limits and refuses them.
+    Pairs relay legs by token, leg and side; counts, limits and refuses them.
 
     A protocol gets a L{Leg} from L{connected} (a standalone relay) or
     L{adopt} (a C{RELAY} line on a rendezvous port), then reports what its
@@ -172,7 +220,7 @@ class RelayServer:
         #: Standalone connections that have not sent RELAY yet.
         self.limits = limits
         self.lobby = Lobby(clock, lambda: self.limits.max_pending, RELAY_LINE_TIMEOUT, FIRST_LINE_MIN_WAIT)
-        self.pairing = Pairing()
+        self.pairing = Pairing(lambda token: Session(self, clock, token))
         self._per_ip = AddressCounts()
         self.spliced = 0
 
@@ -215,8 +263,8 @@ class RelayServer:
             return False
         _cancel(leg.timer)
         leg.timer = None
-        refusal = (Refusal.RELAY_MALFORMED, {"detail": "malformed RELAY line"}) if len(args) != 2 \
-            else self.join(leg, args[0], args[1])
+        refusal = (Refusal.RELAY_MALFORMED, {"detail": "malformed RELAY line"}) if len(args) not in (2, 3) \
+            else self.join(leg, *args)
         if refusal is not None:
             self.refuse(leg, refusal[0], **refusal[1])
             return False
@@ -264,21 +312,31 @@ class RelayServer:
 
     # -- the rules
 
-    def join(self, leg: Leg, token: str, side: str) -> tuple[Refusal, dict] | None:
-        """Admit C{leg} as C{side} of session C{token}: it waits for the
-        other side, or is spliced to it.  Return a refusal and the fields
-        of its text, or None."""
+    def join(self, leg: Leg, token: str, side: str, index: str | None = None) -> tuple[Refusal, dict] | None:
+        """Admit C{leg} as C{side} of leg C{index} (the line's field, None
+        for leg 0) of session C{token}: it waits for the other side, or is
+        spliced to it.  Return a refusal and the fields of its text, or
+        None."""
         self.lobby.leave(leg)
         if not _TOKEN.match(token) or side not in SIDES:
             return Refusal.RELAY_MALFORMED, {"detail": "malformed RELAY line"}
+        number = 0
+        if index is not None:
+            if not _LEG.match(index):
+                # (As a v1 relay says of any third word.)
+                return Refusal.RELAY_MALFORMED, {"detail": "malformed RELAY line"}
+            number = int(index)
+            if not 1 <= number < MAX_LEGS:
+                return Refusal.RELAY_MALFORMED, {
+                    "detail": f"relay leg out of range: 1 to {MAX_LEGS - 1} (leg 0 has no leg field)"}
         if not leg.counted:
             # A leg on a rendezvous port.
             reason = self._count(leg)
             if reason is not None:
                 return reason, {}
-        reason, partner = self.pairing.admit(leg, token, side, self.limits.max_sessions)
+        reason, partner = self.pairing.admit(leg, token, number, side, self.limits.max_sessions)
         if reason is not None:
-            return reason, {"side": side}
+            return reason, {"side": f"{side} on leg {number}" if number else side}
         if partner is None:
             leg.state = LegState.WAITING
             leg.timer = self._clock.callLater(
@@ -287,23 +345,31 @@ class RelayServer:
             return None
         _cancel(partner.timer)
         partner.timer = None
-        self.spliced += 1
         partner.state = leg.state = LegState.SPLICED
-        self.events.relaySessionStarted(self.spliced, (partner.ip, leg.ip))
-        Splice(self, self._clock, partner, leg, number=self.spliced).start()
+        session = leg.session
+        if not session.number:
+            # Its first splice: the session starts (however many legs follow).
+            self.spliced += 1
+            self.events.relaySessionStarted(self.spliced, (partner.ip, leg.ip))
+        session.splice(partner, leg, self.spliced)
         return None
 
-    def session_ended(self, legs: tuple[Leg, Leg], number: int = 0, seconds: float = 0.0,
-                      why: str = "closed") -> None:
-        """A splice of C{legs} (session C{number}) ended after C{seconds}
-        (they close; the connections that are not gone yet still hold their
-        address's slots)."""
-        self.pairing.ended()
-        a, b = legs
-        self.events.relaySessionEnded(number, a.bytes + b.bytes, max(0.0, seconds), why)
-        for leg in legs:
+    def splice_ended(self, splice: Splice) -> None:
+        """C{splice} ended (its legs close; the connections that are not
+        gone yet still hold their address's slots); its session ends with
+        its last pair."""
+        for leg in splice.legs:
             if leg.state is LegState.SPLICED:
                 leg.state = LegState.ENDED
+        if self.pairing.release(splice.session):
+            self._over(splice.session)
+
+    def _over(self, session: Session) -> None:
+        """C{session} has no pair left."""
+        session.close()
+        if session.number:
+            seconds = max(0.0, self._clock.seconds() - session.started)
+            self.events.relaySessionEnded(session.number, session.bytes, seconds, session.why)
 
     def _count(self, leg: Leg) -> Refusal | None:
         if self._per_ip.full(leg.ip, self.limits.max_per_ip):
@@ -320,7 +386,8 @@ class RelayServer:
             leg.counted = False
             self._per_ip.remove(leg.ip)
         _cancel(leg.timer)
-        self.pairing.left(leg)
+        if self.pairing.left(leg):
+            self._over(leg.session)
 
 
 @implementer(IHalfCloseableProtocol)

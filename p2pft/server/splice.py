@@ -1,8 +1,9 @@
 """
 The relay's byte moving: two legs joined by a L{Splice}, every byte one
 sends written to the other, with flow control both ways (a slow reader
-pauses the other side's reads, so the relay never buffers without bound)
-and optional per-session byte and rate caps.
+pauses the other side's reads, so the relay never buffers without bound);
+the splices of one session (one token, however many legs) share its
+L{Session}: one byte cap, one rate bucket, one idle timer.
 
 The splice talks to a connection only through L{IRelayLeg};
 L{TransportLeg} is that interface over a TCP transport.  Which legs meet,
@@ -128,8 +129,8 @@ class _Direction:
     neither holds it back.
     """
 
-    def __init__(self, splice: Splice, src: IRelayLeg, dst: IRelayLeg):
-        self._splice = splice
+    def __init__(self, session: Session, src: IRelayLeg, dst: IRelayLeg):
+        self._session = session
         self.src, self.dst = src, dst
         self.flow_paused = False
 
@@ -147,35 +148,138 @@ class _Direction:
     def update(self) -> None:
         if self.src.isClosed():
             return
-        if self.flow_paused or self._splice.rate_paused:
+        if self.flow_paused or self._session.rate_paused:
             self.src.pauseReading()
         else:
             self.src.resumeReading()
 
 
-class Splice:
-    """Two relay legs joined: moves bytes, enforces per-session limits."""
+class Session:
+    """
+    What the splices of one relay session share: all the legs of one token
+    are one session, so its byte cap counts the bytes of all of them, its
+    rate bucket pays for all of them (a debt pauses every leg), and it is
+    idle only when none of them carried anything for the idle timeout.
 
-    def __init__(self, server: RelayServer, clock: IReactorTime, a: Leg, b: Leg, number: int = 0):
+    The relay (L{p2pft.server.relay.Pairing}) makes one when the first leg
+    of a token arrives and drops it (L{close}) when the token has no leg
+    left, waiting or spliced; C{pairs} is its count of those.
+    """
+
+    def __init__(self, server: RelayServer, clock: IReactorTime, token: str):
         self._server = server
         self._clock = clock
-        self.legs = (a, b)
-        #: The relay's number for this session (in its events).
-        self.number = number
-        self._started = clock.seconds()
+        self.token = token
+        #: Its (token, leg) pairs now, waiting for their other side or
+        #: spliced (kept by the relay's pairing).
+        self.pairs = 0
+        #: Its splices now.
+        self.splices: list[Splice] = []
+        #: The relay's number for it (in its events): 0 until its first splice.
+        self.number = 0
+        #: When its first splice started.
+        self.started = 0.0
+        #: Bytes it carried, every leg and both directions.
+        self.bytes = 0
+        #: Why its last splice ended (one of L{p2pft.server.events.ENDINGS}).
+        self.why = "closed"
         self.rate_paused = False
-        rate = server.limits.rate
-        # Starts empty: a new session has earned no burst.
-        self._bucket = TokenBucket(rate, rate * RATE_BURST_SECONDS, clock.seconds()) if rate else None
+        self._bucket: TokenBucket | None = None
         self._idle = None
         self._resume = None
+
+    def splice(self, a: Leg, b: Leg, number: int) -> Splice:
+        """Join C{a} and C{b}; C{number} is the session's number, used if
+        this is its first splice."""
+        if not self.number:
+            self.number = number
+            self.started = self._clock.seconds()
+            rate = self._server.limits.rate
+            # Starts empty: a new session has earned no burst.
+            self._bucket = TokenBucket(rate, rate * RATE_BURST_SECONDS, self.started) if rate else None
+        splice = Splice(self._server, self._clock, self, a, b)
+        self.splices.append(splice)
+        splice.start()
+        self._touch()
+        return splice
+
+    def carry(self, src: Leg, data: bytes) -> bool:
+        """C{src} sent C{data}: False if that takes the session over its
+        byte cap (nothing is forwarded: every splice is cut), else count it,
+        restart the idle clock and pay for it."""
+        limits = self._server.limits
+        if limits.max_bytes and self.bytes + len(data) > limits.max_bytes:
+            self.cut("byte-cap")
+            return False
+        self.bytes += len(data)
+        src.bytes += len(data)
+        self._touch()
+        if self._bucket is not None:
+            # What was read is forwarded; reading stops until it is paid for.
+            ahead = self._bucket.take(len(data), self._clock.seconds())
+            if ahead > 0 and not self.rate_paused:
+                self.rate_paused = True
+                self._update()
+                self._resume = self._clock.callLater(ahead, self._unthrottle)
+        return True
+
+    def cut(self, why: str) -> None:
+        """End every splice of the session (its byte cap, its idle timeout)."""
+        for splice in list(self.splices):
+            splice.end(why)
+
+    def ended(self, splice: Splice, why: str) -> None:
+        """C{splice} is over: with no splice left, nothing is idle."""
+        self.splices.remove(splice)
+        self.why = why
+        if not self.splices:
+            _cancel(self._idle)
+            self._idle = None
+
+    def close(self) -> None:
+        """The session is over: no timer left behind."""
+        _cancel(self._idle)
+        _cancel(self._resume)
+        self._idle = self._resume = None
+
+    def _unthrottle(self) -> None:
+        # Every direction of every leg shares the bucket: bytes read while
+        # we were paused (already in flight) may have deepened the debt.
+        ahead = self._bucket.take(0, self._clock.seconds())
+        if ahead > 0.001:  # (not for rounding errors)
+            self._resume = self._clock.callLater(ahead, self._unthrottle)
+            return
+        self._resume = None
+        self.rate_paused = False
+        self._update()
+
+    def _update(self) -> None:
+        for splice in self.splices:
+            splice.update()
+
+    def _touch(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._server.limits.idle_timeout)
+        else:
+            self._idle = self._clock.callLater(self._server.limits.idle_timeout, self.cut, "idle")
+
+
+class Splice:
+    """Two relay legs joined (the same leg of one L{Session}): moves bytes
+    between them; the session's limits apply."""
+
+    def __init__(self, server: RelayServer, clock: IReactorTime, session: Session, a: Leg, b: Leg):
+        self._server = server
+        self._clock = clock
+        self.session = session
+        self.legs = (a, b)
         self._ended = False
         self._half_closed: set = set()
         self._directions: list[_Direction] = []
 
     @property
     def bytes(self) -> int:
-        """Bytes the session carried, both directions."""
+        """Bytes this splice carried, both directions."""
         a, b = self.legs
         return a.bytes + b.bytes
 
@@ -183,7 +287,7 @@ class Splice:
         a, b = self.legs
         a.peer, b.peer = b, a
         for src, dst in ((a, b), (b, a)):
-            self._directions.append(_Direction(self, src.connection, dst.connection))
+            self._directions.append(_Direction(self.session, src.connection, dst.connection))
             src.splice = self
         for leg in self.legs:
             leg.connection.unregisterProducer()
@@ -194,49 +298,23 @@ class Splice:
             leg.connection.useBulkBuffers(SPLICE_BUFFER)
         for direction in self._directions:
             direction.dst.registerProducer(direction)
-        self._touch()
+        if self.session.rate_paused:
+            # Another leg of the session ran up the shared bucket's debt.
+            self.update()
         for leg in self.legs:
             leg.connection.write(b"OK\n")
 
     def forward(self, src: Leg, data: bytes) -> None:
-        if self._ended:
+        if self._ended or not self.session.carry(src, data):
             return
-        limits = self._server.limits
-        src.bytes += len(data)
-        if limits.max_bytes and src.bytes + src.peer.bytes > limits.max_bytes:
-            return self.end("byte-cap")
         src.peer.connection.write(data)
-        self._touch()
-        if self._bucket is not None:
-            # What was read is forwarded; reading stops until it is paid for.
-            ahead = self._bucket.take(len(data), self._clock.seconds())
-            if ahead > 0 and not self.rate_paused:
-                self.rate_paused = True
-                self._update()
-                self._resume = self._clock.callLater(ahead, self._unthrottle)
 
-    def _unthrottle(self) -> None:
-        # Both directions share the bucket: bytes read while we were paused
-        # (already in flight from the other side) may have deepened the debt.
-        ahead = self._bucket.take(0, self._clock.seconds())
-        if ahead > 0.001:  # (not for rounding errors)
-            self._resume = self._clock.callLater(ahead, self._unthrottle)
-            return
-        self.rate_paused = False
-        self._update()
-
-    def _update(self) -> None:
+    def update(self) -> None:
         for d in self._directions:
             d.update()
 
-    def _touch(self) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(self._server.limits.idle_timeout)
-        else:
-            self._idle = self._clock.callLater(self._server.limits.idle_timeout, self.end, "idle")
-
     def half_close(self, src: Leg) -> None:
-        """C{src} will send no more: pass that on, and end the session once
+        """C{src} will send no more: pass that on, and end the splice once
         both directions are done (so a last record, an ABORT say, is
         delivered rather than destroyed by a reset)."""
         self._half_closed.add(src)
@@ -247,13 +325,13 @@ class Splice:
             self.end("closed")
 
     def end(self, why: str = "closed") -> None:
-        """The session is over; C{why} is one of L{p2pft.server.events.ENDINGS}."""
+        """This splice is over (the session's other splices go on); C{why}
+        is one of L{p2pft.server.events.ENDINGS}."""
         if self._ended:
             return
         self._ended = True
-        _cancel(self._idle)
-        _cancel(self._resume)
-        self._server.session_ended(self.legs, self.number, self._clock.seconds() - self._started, why)
+        self.session.ended(self, why)
+        self._server.splice_ended(self)
         for leg in self.legs:
             leg.splice = None
             connection = leg.connection
