@@ -1081,7 +1081,9 @@ class NatLab:
         connections die (their packets cannot be sent from an address the
         host no longer has, and packets to it find nobody: the peer sees
         silence, not a reset, and each side notices only by its own
-        timeouts); the default route is kept.  New connections get a new
+        timeouts: the old sockets stay ESTABLISHED, retransmitting into the
+        void, until tcp_retries2 (~15 min) or the application's own
+        keepalive gives up); the default route is kept.  New connections get a new
         NAT mapping (the box's old one stays until it expires).  For kind
         "none" the new address is also the host's public address.  New
         addresses: .100, .101, ... for a, .150, ... for b.

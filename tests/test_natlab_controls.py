@@ -22,6 +22,11 @@ from tests.natlab import Nat, NatLab
 from tests.test_natlab_selfcheck import CONNECT, LISTEN, SIMOPEN, _Proc
 
 PY = sys.executable
+#: Seconds to wait for a segment stalled by a block or a cut to arrive
+#: once the path is back: TCP retransmits it after a backoff that doubles
+#: each time (0.2, 0.4, 0.8 ... s), so the wait can be as long as the path
+#: was down; normally a few seconds.
+RETRANSMIT = 25
 
 # One TCP connection (connect to HOST PORT [from LPORT], or accept one on
 # PORT), then commands on stdin, one answer line each:
@@ -200,8 +205,8 @@ class BlockDirect(_Base):
         lab.unblock_direct()
         lab.unblock_direct()    # idempotent
         self.assertFalse(lab.direct_blocked)
-        self.assertEqual(srv.recv(8), "GOT blocked1")
-        self.assertEqual(cli.recv(8), "GOT blocked2")
+        self.assertEqual(srv.recv(RETRANSMIT), "GOT blocked1")
+        self.assertEqual(cli.recv(RETRANSMIT), "GOT blocked2")
         tables = lab.run("inet", ["nft", "list", "tables"], check=True).stdout
         self.assertNotIn("p2pft_block", tables)
         listener = _Proc(lab, "b", LISTEN, "0.0.0.0", 7504, 10)
@@ -292,8 +297,8 @@ class Cut(_Base):
         self.assertTrue(self._connect(lab, "a", lab.server_ip, 7621, timeout=1.5)
                         .startswith("TIMEOUT"))
         lab.heal("a")
-        self.assertEqual(srv.recv(8), "GOT x")
-        self.assertEqual(cli.recv(8), "GOT y")
+        self.assertEqual(srv.recv(RETRANSMIT), "GOT x")
+        self.assertEqual(cli.recv(RETRANSMIT), "GOT y")
 
     def test_drop_with_flush_loses_the_mapping(self):
         """cut(a, "drop", flush_conntrack=True) then heal(a): the router
@@ -311,7 +316,7 @@ class Cut(_Base):
         self.assertEqual(cli.recv(2.5), "TIMEOUT")
         self.assertEqual(cli.send("again"), "SENT")
         self.assertEqual(srv.recv(5), "GOT again")
-        self.assertEqual(cli.recv(8), "GOT lost")
+        self.assertEqual(cli.recv(RETRANSMIT), "GOT lost")
 
     def test_cgnat_and_none(self):
         """The cut is on the outermost box: the carrier NAT behind a CGNAT
