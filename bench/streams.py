@@ -408,8 +408,8 @@ def cmd_p2pft(args, cells):
                 lab.down()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\np2pft send->done MB/s, median of the runs that finished; path and streams from "
-          f"the done event; socat = one-stream estimate of the cell")
+    print("\np2pft send->done MB/s, median of the runs that finished; path and streams from "
+          "the done event; socat = one-stream estimate of the cell")
     print(f"{'RTT':>6} {'loss':>5} {'N':>3} {'MB/s':>8} {'ok':>3}  {'path':<14} {'streams':<8} "
           f"{'socat':>6} {'RTT meas.':>9}")
     for (rtt, loss, n), (med, ok, paths, streams, est, meas) in table.items():

@@ -9,10 +9,8 @@ P2PFT_NATLAB_REQUIRED=1).
 """
 
 import os
-import selectors
 import subprocess
 import sys
-import time
 
 from twisted.internet import defer
 from twisted.trial import unittest
