@@ -164,6 +164,27 @@ noisy; ``python3 tests/measure_paths.py limit|accuracy|socat``):
   than the delay.  At 30 ms reno is below Mathis because each timeout
   costs a 200 ms minimum RTO, several RTTs.
 
+Controls: blocks, cuts, renumbering
+-----------------------------------
+
+Methods that change a running lab under the processes in it, each undoable
+(tests/test_natlab_controls.py checks each with plain sockets):
+
+``block_direct()`` / ``unblock_direct()``  drop all TCP between a's and
+    b's public addresses on the public bridge (an nftables bridge-family
+    table in inet), both ways, established flows included; the server
+    stays reachable.  For "relay first, direct once the block lifts".
+``cut(host, "rst"|"drop", flush_conntrack=False)`` / ``heal(host)``  the
+    host's outermost NAT box (``outer_box(host)``) answers every TCP
+    segment it would forward (or receive on its wan) with a reset, or drops
+    everything, as a rebooting router; flush_conntrack also empties its
+    connection table at the cut and again at the heal, as a reboot does.
+    Tests schedule the heal themselves (``reactor.callLater``).
+``renumber(host)``  a new address for the host on its own network; its
+    old connections go silent, new ones get new NAT mappings.
+``flush_conntrack(role)``, ``conntrack(role)``  empty / list a box's
+    connection table.
+
 The lab needs root, iproute2 and iptables (either backend).  Set
 ``P2PFT_NATLAB_REQUIRED=1`` to turn "cannot build the lab" from a skip into
 a test failure (for CI machines that are supposed to run these tests).
@@ -408,6 +429,25 @@ def _router_rules(kind, wan="wan0", lan="lan0"):
         "",
     ]
     return "\n".join(lines)
+
+
+#: Flushes the conntrack table of the namespace it runs in: one ctnetlink
+#: IPCTNL_MSG_CT_DELETE with no tuple attribute (= flush) and an ACK.
+_FLUSH_CONNTRACK = r"""
+import os, socket, struct, sys
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)   # NETLINK_NETFILTER
+s.bind((0, 0))
+body = struct.pack("=BBH", socket.AF_INET, 0, 0)             # nfgenmsg, version 0
+msg_type = (1 << 8) | 2                  # NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_DELETE
+s.send(struct.pack("=IHHII", 16 + len(body), msg_type, 0x1 | 0x4, 1, 0) + body)
+data = s.recv(65536)
+length, typ, flags, seq, pid = struct.unpack_from("=IHHII", data)
+err = struct.unpack_from("=i", data, 16)[0] if typ == 2 else None   # NLMSG_ERROR
+if err is None:
+    sys.exit("conntrack flush: unexpected netlink answer type %d" % typ)
+if err:
+    sys.exit("conntrack flush failed: " + os.strerror(-err))
+"""
 
 
 def _tbf_args(rate_mbit):
@@ -691,6 +731,9 @@ class NatLab:
         self._procs = []            # Popen objects started via popen()
         self._is_up = False
         self._pidfile_written = False
+        self._blocked = False       # block_direct() in force
+        self._cuts = {}             # outer box role -> (mode, flush_conntrack)
+        self._renumbered = {}       # host -> how many times renumber() ran
         self._plan()
 
     # -- topology planning (pure, no side effects) --------------------------
@@ -870,6 +913,208 @@ class NatLab:
                 if text:
                     out.append(f"-- {' '.join(argv)}\n{text}")
         return "\n".join(out)
+
+
+    # -- controls (while processes run) ---------------------------------------
+
+    def _check_up(self):
+        if not self._is_up:
+            raise NatLabError("lab is not up")
+
+    def _nft(self, role, script):
+        if shutil.which("nft") is None:
+            raise NatLabError("this control needs `nft` (nftables) on PATH")
+        _cmd(["ip", "netns", "exec", self.host_ns(role), "nft", "-f", "-"], input=script)
+
+    def block_direct(self):
+        """Drop all TCP between a's and b's public addresses (whatever they
+        are: NAT wan, carrier NAT wan, or the host itself for kind "none"),
+        in both directions, SYNs and established segments alike, on the
+        public bridge in "inet" - so the NATs still see (and map) their own
+        packets, as when something in the internet between the two sites
+        drops them.  Traffic from either host to the server (rendezvous,
+        relay) still flows.  Idempotent; undone by unblock_direct().
+
+        An nftables table of the bridge family (``p2pft_block``) in inet: it
+        does not need br_netfilter, so it neither changes inet's sysctls
+        nor meets the delay lines' iptables rules (it sits on the bridge
+        forward hook, after a packet has come up its link's delay line).
+        """
+        self._check_up()
+        pa, pb = self._public["a"], self._public["b"]
+        if pa == pb:
+            raise NatLabError("a and b share one public address (shared_lan): their direct "
+                              "traffic never crosses the public network")
+        rules = "\n".join(
+            f"    ip saddr {src} ip daddr {dst} ip protocol tcp counter drop"
+            for src, dst in ((pa, pb), (pb, pa)))
+        script = (
+            "table bridge p2pft_block\n"
+            "delete table bridge p2pft_block\n"
+            "table bridge p2pft_block {\n"
+            "  chain forward {\n"
+            "    type filter hook forward priority -200; policy accept;\n"
+            f"{rules}\n"
+            "  }\n"
+            "}\n")
+        self._nft("inet", script)
+        self._blocked = True
+
+    def unblock_direct(self):
+        """Undo block_direct() (no-op when not blocked).  Connections the
+        block stalled resume with their next retransmission."""
+        self._check_up()
+        if not self._blocked:
+            return
+        self._nft("inet", "table bridge p2pft_block\ndelete table bridge p2pft_block\n")
+        self._blocked = False
+
+    @property
+    def direct_blocked(self):
+        return self._blocked
+
+    def outer_box(self, host):
+        """Role of host's outermost NAT box: "cgnA"/"cgnB" behind a carrier
+        NAT, else "natA"/"natB" ("natA" for b on a shared LAN); None for a
+        host with kind "none" and no carrier NAT (it has no NAT)."""
+        nat = self.nats[host] if host in _HOSTS else None
+        if nat is None:
+            raise KeyError(f"no host {host!r}; have {list(_HOSTS)}")
+        letter = "A" if (self.shared_lan or host == "a") else "B"
+        if nat.cgnat is not None:
+            return f"cgn{letter}"
+        if nat.kind == "none":
+            return None
+        return f"nat{letter}"
+
+    def cut(self, host, mode="rst", *, flush_conntrack=False):
+        """Cut host off at its outermost NAT box (see outer_box), as when
+        that router reboots.
+
+        mode "rst": every TCP segment the box would forward, in either
+        direction and established connections included, is answered with
+        a TCP RST (``REJECT --reject-with tcp-reset``; the reset to the
+        remote side is NATed back through the connection's conntrack entry,
+        so the remote sees it from the public address and port it talks
+        to); so is TCP to the box's own wan address (where packets of
+        flows it no longer knows land).  Everything else is dropped.
+        mode "drop": everything the box would forward or receive on its wan
+        side is dropped: the router is dead; connections stall, and resume
+        after heal() if their state survives.
+        flush_conntrack: also forget every connection the box tracks (its
+        NAT mappings), now and again at heal(), as a reboot does: after the
+        heal, packets of an old flow arriving from the wan side no longer
+        find their mapping (they hit the router's own INPUT and are dropped
+        or rejected as unsolicited).  Note that a LAN host speaking first on
+        an old flow re-creates the mapping (nf_conntrack_tcp_loose=1, the
+        Linux default that most home routers keep), with the same public
+        port if MASQUERADE can keep it.
+
+        A host on a shared LAN shares a's box: cutting b cuts a too.  A
+        second cut() on the same box replaces the first.  Undone by heal().
+        """
+        self._check_up()
+        if mode not in ("rst", "drop"):
+            raise ValueError(f"mode must be 'rst' or 'drop', not {mode!r}")
+        box = self.outer_box(host)
+        if box is None:
+            raise NatLabError(f"host {host} has kind 'none' and no carrier NAT: there is no "
+                              f"router to cut")
+        if box in self._cuts:
+            self._uncut(box)
+        if mode == "rst":
+            body = ["-A p2pft-cut -p tcp -j REJECT --reject-with tcp-reset",
+                    "-A p2pft-cut -j DROP"]
+        else:
+            body = ["-A p2pft-cut -j DROP"]
+        rules = ["*filter", ":p2pft-cut - [0:0]", *body,
+                 "-I FORWARD 1 -j p2pft-cut", "-I INPUT 1 -i wan0 -j p2pft-cut",
+                 "COMMIT", ""]
+        _cmd(["ip", "netns", "exec", self.host_ns(box)] + _iptables_restore_argv()
+             + ["--noflush"], input="\n".join(rules))
+        self._cuts[box] = (mode, flush_conntrack)
+        if flush_conntrack:
+            self.flush_conntrack(box)
+
+    def _uncut(self, box):
+        rules = ["*filter", "-D FORWARD -j p2pft-cut", "-D INPUT -i wan0 -j p2pft-cut",
+                 "-F p2pft-cut", "-X p2pft-cut", "COMMIT", ""]
+        _cmd(["ip", "netns", "exec", self.host_ns(box)] + _iptables_restore_argv()
+             + ["--noflush"], input="\n".join(rules))
+        _mode, flush = self._cuts.pop(box)
+        return flush
+
+    def heal(self, host):
+        """Undo cut(host) (no-op when not cut).  With flush_conntrack the box
+        comes back with an empty connection table (flushed again here, so
+        nothing tracked during the cut survives either)."""
+        self._check_up()
+        box = self.outer_box(host)
+        if box is None or box not in self._cuts:
+            return
+        if self._uncut(box):
+            self.flush_conntrack(box)
+
+    def is_cut(self, host):
+        """The cut mode ("rst"/"drop") in force on host's box, or None."""
+        box = self.outer_box(host)
+        return self._cuts.get(box, (None,))[0] if box else None
+
+    def flush_conntrack(self, role):
+        """Delete every conntrack entry in role's namespace (ctnetlink
+        IPCTNL_MSG_CT_DELETE without a tuple: what ``conntrack -F`` does;
+        that tool is not needed)."""
+        self._check_up()
+        _cmd(["ip", "netns", "exec", self.host_ns(role), sys.executable, "-c",
+              _FLUSH_CONNTRACK])
+
+    def conntrack(self, role):
+        """The lines of role's /proc/net/nf_conntrack (its tracked flows)."""
+        self._check_up()
+        res = _cmd(["ip", "netns", "exec", self.host_ns(role), "cat", "/proc/net/nf_conntrack"])
+        return [line for line in res.stdout.splitlines() if line.strip()]
+
+    def renumber(self, host):
+        """Give host ("a" or "b") a new address on its own network (its LAN,
+        the carrier network, or the public network for kind "none") and
+        return it.  The old address is removed, so the host's existing
+        connections die (their packets cannot be sent from an address the
+        host no longer has, and packets to it find nobody: the peer sees
+        silence, not a reset, and each side notices only by its own
+        timeouts: the old sockets stay ESTABLISHED, retransmitting into the
+        void, until tcp_retries2 (~15 min) or the application's own
+        keepalive gives up); the default route is kept.  New connections get a new
+        NAT mapping (the box's old one stays until it expires).  For kind
+        "none" the new address is also the host's public address.  New
+        addresses: .100, .101, ... for a, .150, ... for b.
+        """
+        self._check_up()
+        if host not in _HOSTS:
+            raise KeyError(f"no host {host!r}; have {list(_HOSTS)}")
+        link = next(lk for lk in self._links if lk[2] == host)
+        _up_role, _br, _down, ifname, cidr, gw = link
+        old = self._addrs[host]
+        net, prefixlen = cidr.split("/")
+        n = self._renumbered.get(host, 0)
+        if n >= 50:
+            raise NatLabError(f"renumbered {host} 50 times; make a new lab")
+        new = ".".join(net.split(".")[:3] + [str((100 if host == "a" else 150) + n)])
+        ns = self.host_ns(host)
+        _cmd(["ip", "-n", ns, "addr", "del", f"{old}/{prefixlen}", "dev", ifname])
+        _cmd(["ip", "-n", ns, "addr", "add", f"{new}/{prefixlen}", "dev", ifname])
+        if gw is not None:
+            _cmd(["ip", "-n", ns, "route", "replace", "default", "via", gw])
+        # the lab's own record, so popen users, dump() and later renumbers
+        # see the new address
+        idx = self._links.index(link)
+        self._links[idx] = link[:4] + (f"{new}/{prefixlen}", gw)
+        self._renumbered[host] = n + 1
+        self._addrs[host] = new
+        if self._public.get(host) == old:
+            self._public[host] = new
+            if self._blocked:
+                self.block_direct()
+        return new
 
     # -- lifecycle ------------------------------------------------------------
 

@@ -161,3 +161,76 @@ async def start_server(testcase, name="server", argv=None):
     server = spawn(testcase, name, argv or p2pft_argv("server", "--port", "tcp:0:interface=127.0.0.1"))
     m = await server.wait_for(r"listening on 127\.0\.0\.1:(\d+)")
     return server, f"127.0.0.1:{m.group(1)}"
+
+
+#: The port a standalone relay listens on in the lab (p2pft's default).
+RELAY_PORT = 9001
+
+
+class LabRelay:
+    """A standalone C{p2pft relay} in a NAT lab's server namespace, on
+    C{tcp:PORT:interface=SERVER_IP}, that a test can kill and start again on
+    the same port (Twisted listening ports set SO_REUSEADDR, so connections
+    of the killed one lingering in TIME_WAIT do not stop the new bind).
+
+        relay = await start_relay(self, lab)
+        ... peers use relay.address ...
+        await relay.stop()            # SIGKILL, as a crash; waits for the exit
+        await relay.start()           # same port again
+
+    Each start() spawns a new process (C{relay.proc}, a L{Proc}; earlier
+    ones stay in C{relay.history}); every one is killed and reaped when the
+    test ends.
+    """
+
+    def __init__(self, testcase, lab, port: int = RELAY_PORT, args=(), name: str = "relay", **envs):
+        self.testcase = testcase
+        self.lab = lab
+        self.port = port
+        self.args = list(args)
+        self.name = name
+        self.envs = envs
+        self.proc: Proc | None = None
+        self.history: list[Proc] = []
+
+    @property
+    def address(self) -> str:
+        return f"{self.lab.server_ip}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.exit_code is None
+
+    async def start(self, timeout: float = DEADLINE) -> "LabRelay":
+        """Spawn the relay and wait for its C{listening on IP:PORT} line."""
+        if self.running:
+            raise RuntimeError(f"{self.name} is already running")
+        n = len(self.history)
+        proc = spawn(self.testcase, self.name if n == 0 else f"{self.name}#{n + 1}",
+                     self.lab.exec_argv("server", p2pft_argv(
+                         "relay", "--port", f"tcp:{self.port}:interface={self.lab.server_ip}",
+                         *self.args)), **self.envs)
+        self.proc = proc
+        self.history.append(proc)
+        await proc.wait_for(r"listening on " + re.escape(self.address), timeout=timeout)
+        return self
+
+    async def stop(self, sig=signal.SIGKILL, timeout: float = DEADLINE) -> int:
+        """Send C{sig} (default SIGKILL) and wait for the exit; its code."""
+        proc = self.proc
+        if proc is None:
+            raise RuntimeError(f"{self.name} was never started")
+        proc.kill(sig)
+        return await proc.wait_exit(timeout)
+
+    async def restart(self, sig=signal.SIGKILL, timeout: float = DEADLINE) -> "LabRelay":
+        if self.running:
+            await self.stop(sig, timeout)
+        return await self.start(timeout)
+
+
+async def start_relay(testcase, lab, port: int = RELAY_PORT, *args: str, name: str = "relay",
+                      **envs) -> LabRelay:
+    """A running L{LabRelay} (extra C{args} go to C{p2pft relay}, e.g.
+    C{"--relay-idle-timeout", "5"})."""
+    return await LabRelay(testcase, lab, port, args, name, **envs).start()
