@@ -125,12 +125,13 @@ async def run_peer(reactor, command: str, sub: usage.Options, ui, channels: list
     """Run send or receive (after L{preflight}); raise the one-line errors
     as L{P2pftError}s.  The chosen peer connection is appended to
     C{channels}."""
-    from .session import Settings, receive, send, send_text
+    from .peer import Settings, receive, send, send_text
 
     settings = Settings(
         sub["server"], code=sub.get("code"),
         code_length=sub.get("code-length", codes.DEFAULT_WORDS), timeout=sub["timeout"],
-        relay=sub.get("relay"),
+        relay=sub.get("relay"), streams=sub.get("streams", "auto"),
+        reconnect_timeout=sub["reconnect-timeout"],
     )
     if command == "send" and sub["text"] is not None:
         await send_text(reactor, settings, sub["text"], ui, channels=channels)

@@ -21,7 +21,7 @@ layer stays in that layer's module, so that no layer imports a higher one):
     SecurityError           p2pft.secure
       WrongCode             p2pft.secure
     PunchFailed             p2pft.punch
-    SessionError            here; one peer's run (p2pft.session) failed
+    SessionError            here; one peer's run (p2pft.peer) failed
     ConfigError             p2pft.config
     PreflightError          p2pft.cli
     Interrupted             p2pft.cli
@@ -62,7 +62,7 @@ class ScanError(P2pftError):
 
 
 class SessionError(P2pftError):
-    """One peer's run failed (p2pft.session and the layers it drives below
+    """One peer's run failed (p2pft.peer and the layers it drives below
     it: pairing, candidates, punching); the message says why."""
 
 

@@ -195,6 +195,13 @@ class PunchConnector:
         L{add_relays}.
     @param leader: whether we choose the connection (the sender) or wait for
         the other side's choice.
+    @param on_lane: protocol v2: instead of ending at the first chosen
+        connection, hand every chosen one to C{on_lane(candidate)} and keep
+        going until the deadline or L{stop} (the Deferred of L{run} fires
+        with the first).  The leader chooses a candidate that proved the
+        key only if C{want(candidate)} (default: always).
+    @param listen: whether to listen on the shared port (not for a
+        connector that only dials relays).
     """
 
     def __init__(
@@ -209,8 +216,15 @@ class PunchConnector:
         rng: random.Random | None = None,
         relays: list[tuple[str, int]] = (),
         own_hosts: frozenset[str] = frozenset(),
+        on_lane=None,
+        want=None,
+        listen: bool = True,
     ):
         self._reactor = reactor
+        self._on_lane = on_lane
+        self._want = want
+        self._listen = listen
+        self._lanes = 0
         self.plan = AttemptPlan(schedule, candidates, relays, own_hosts, rng)
         self._sockets = _Sockets(reactor, local_port, interface, schedule.attempt_timeout)
         self._factory = candidate_factory
@@ -230,7 +244,8 @@ class PunchConnector:
         """Start; the Deferred fires with the chosen L{ICandidate}."""
         self._result = defer.Deferred(lambda d: self._finish(None))
         self._started = self._reactor.seconds()
-        self._sockets.listen(_ListenFactory(self))
+        if self._listen:
+            self._sockets.listen(_ListenFactory(self))
         self._sockets.later(self._schedule.deadline, self._giveUp)
         for address in self.plan.candidates:
             self._dial(address)
@@ -290,13 +305,41 @@ class PunchConnector:
         if self._done:
             return candidate.abandon()
         if self._leader:
+            if self._want is not None and not self._want(candidate):
+                return self._drop(candidate)
             candidate.select()
-            self._finish(candidate)
+            self._chosen(candidate)
 
     def selected(self, candidate) -> None:
         if self._done:
             return candidate.abandon()
-        self._finish(candidate)
+        self._chosen(candidate)
+
+    def _drop(self, candidate) -> None:
+        if candidate in self._live:
+            self._live.remove(candidate)
+        candidate.abandon()
+
+    def _chosen(self, candidate) -> None:
+        if self._on_lane is None:
+            return self._finish(candidate)
+        if candidate in self._live:
+            self._live.remove(candidate)
+        self._lanes += 1
+        self._on_lane(candidate)
+        if self._result is not None and not self._result.called:
+            self._result.callback(candidate)
+
+    @property
+    def running(self) -> bool:
+        return self._result is not None and not self._done
+
+    def stop(self) -> None:
+        """Stop trying (the lanes handed out stay); a L{run} still waiting
+        fails with L{PunchFailed}."""
+        self._finish(None)
+        if self._result is not None and not self._result.called and not self._lanes:
+            self._result.errback(PunchFailed("stopped"))
 
     def lost(self, candidate, reason: str | None = None) -> None:
         if candidate in self._live:
@@ -310,6 +353,8 @@ class PunchConnector:
     def _giveUp(self) -> None:
         failure = self.plan.failure()
         self._finish(None)
+        if self._lanes:
+            return
         if self._result is not None and not self._result.called:
             self._result.errback(PunchFailed(failure))
 

@@ -47,11 +47,12 @@ class PunchSchedule:
         on our LAN needs to start listening; after that the address is not
         the peer.  With 16 candidates, at most 300 attempts in all at
         addresses other than the peer's public one (60 a second).
-    @ivar relay_delay: seconds before relays are tried: direct paths that
-        work connect well within it, so they win.
+    @ivar relay_delay: seconds before relays are tried.  Protocol v2
+        dials them at once: a session starts on whichever path proves the
+        key first and moves to a direct one found later, so waiting for
+        direct only delays the first byte.
     @ivar relay_delay_refused: the same, when the peer's NAT has been
-        answering our SYNs with RST: it is alive and the crossing SYNs are
-        racing, so direct will most likely win given a little longer.
+        answering our SYNs with RST (0 too: the same reasoning).
     @ivar attempt_timeout: seconds one outgoing connect may stay pending.
         Long enough for the kernel's SYN retransmissions (1 s, 3 s) to cross
         the other side's SYN; while it is pending, redialling the same
@@ -68,8 +69,8 @@ class PunchSchedule:
     max_attempts: int = 6000
     redial_others: float = 0.25
     max_attempts_others: int = 20
-    relay_delay: float = 2.0
-    relay_delay_refused: float = 6.0
+    relay_delay: float = 0.0
+    relay_delay_refused: float = 0.0
     attempt_timeout: float = 4.0
     deadline: float = 20.0
     handshake_timeout: float = 10.0

@@ -10,7 +10,8 @@ The secure channel: key agreement, candidate proofs and AEAD records.
    bound to fresh nonces of that connection, before it may be chosen; the
    leader then commits to exactly one connection with a SELECT proof.
 5. L{RecordSealer} / L{RecordOpener}: length-prefixed AES-256-GCM records on
-   the chosen connection, one key per direction, counter nonces.
+   each connection of the session, one key per direction and connection,
+   counter nonces; each record's header carries its session sequence number.
 
 Everything here is plain Python: no sockets, no reactor.
 """
@@ -39,7 +40,10 @@ _ROLE_BYTE = {SENDER: b"S", RECEIVER: b"R"}
 #: allocating anything for them.
 MAX_RECORD = 1 << 20
 TAG = 16
-_HEADER = struct.Struct(">IB")  # ciphertext length, record type
+#: A record's header, its associated data: ciphertext length, record type,
+#: and (protocol v2) the session's sequence number of the record (0: a
+#: record of the connection itself, not of the session's sequence).
+_HEADER = struct.Struct(">IBQ")
 
 
 class SecurityError(P2pftError):
@@ -114,6 +118,20 @@ class SessionKeys:
         """For messages relayed by the rendezvous server."""
         return Box(self._directional("rendezvous", True), self._directional("rendezvous", False))
 
+    def reconnect_nameplate(self) -> str:
+        """Where both peers meet again on the rendezvous server when every
+        connection of the session is lost: a 12-digit nameplate only they
+        can derive (the server sees an ordinary CLAIM)."""
+        n = int.from_bytes(hkdf(self.key, "reconnect nameplate", 8), "big")
+        return str(10**11 + n % (9 * 10**11))
+
+    def reconnect_box(self, sender_nonce: bytes, receiver_nonce: bytes) -> "Box":
+        """The L{Box} of one reconnection meeting, keyed by both sides'
+        fresh nonces (sent in the clear first): its counter nonces start
+        again at 0 under keys never used before."""
+        salt = (sender_nonce + receiver_nonce).hex()
+        return Box(self._directional(f"reconnect {salt}", True), self._directional(f"reconnect {salt}", False))
+
     def handshake_key(self) -> bytes:
         return hkdf(self.key, "candidate handshake")
 
@@ -125,7 +143,7 @@ class SessionKeys:
         writer = self.role if sending else other(self.role)
         return HKDF(
             algorithm=hashes.SHA256(), length=32, salt=None,
-            info=f"p2pft/v1 records from {writer} ".encode("ascii") + binding,
+            info=f"p2pft/v2 records from {writer} ".encode("ascii") + binding,
         ).derive(self.key)
 
     def sealer(self, binding: bytes) -> "RecordSealer":
@@ -170,7 +188,8 @@ class Box:
 # --------------------------------------------------------------------------
 # Candidate handshake
 
-MAGIC = b"p2pft\x00\x01\x00"
+#: HELLO's magic: "p2pft", 0, the protocol version (2), 0.
+MAGIC = b"p2pft\x00\x02\x00"
 NONCE = 16
 MAC = 32
 HELLO_SIZE = len(MAGIC) + NONCE
@@ -286,19 +305,20 @@ class Handshake:
 
 class RecordSealer:
     """
-    Turns (type, plaintext) into frames: a 5-byte header (big-endian
-    ciphertext length, type byte) and AES-256-GCM ciphertext whose nonce is
-    the record counter and whose associated data is the header.
+    Turns (type, plaintext, seq) into frames: a 13-byte header (big-endian
+    ciphertext length, type byte, 8-byte sequence number) and AES-256-GCM
+    ciphertext whose nonce is the record counter and whose associated data
+    is the header.
     """
 
     def __init__(self, key: bytes):
         self._aead = AESGCM(key)
         self._counter = 0
 
-    def seal(self, kind: int, plaintext: bytes) -> list[bytes]:
+    def seal(self, kind: int, plaintext: bytes, seq: int = 0) -> list[bytes]:
         if len(plaintext) > MAX_RECORD:
             raise ValueError("record too large")
-        header = _HEADER.pack(len(plaintext) + TAG, kind)
+        header = _HEADER.pack(len(plaintext) + TAG, kind, seq)
         ct = self._aead.encrypt(_nonce(self._counter), plaintext, header)
         self._counter += 1
         return [header, ct]
@@ -312,13 +332,13 @@ class RecordOpener:
         self._counter = 0
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        """Return every complete record as (type, plaintext); raise on forgery.
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        """Return every complete record as (type, seq, plaintext); raise on forgery.
 
         Records that lie whole in C{data} are opened where they are; only a
         record split across reads is gathered in a buffer, so most bytes are
         never copied before decryption."""
-        records: list[tuple[int, bytes]] = []
+        records: list[tuple[int, int, bytes]] = []
         with memoryview(data) as view:
             start = 0
             buf = self._buffer
@@ -354,9 +374,9 @@ class RecordOpener:
             raise SecurityError("record length out of range")
         return length
 
-    def _open(self, frames, offset: int) -> tuple[int, bytes]:
+    def _open(self, frames, offset: int) -> tuple[int, int, bytes]:
         """Open the whole record at C{offset} of C{frames}."""
-        length, kind = _HEADER.unpack_from(frames, offset)
+        length, kind, seq = _HEADER.unpack_from(frames, offset)
         body = offset + _HEADER.size
         with memoryview(frames) as view:
             header, ct = view[offset:body], view[body:body + length]
@@ -368,7 +388,7 @@ class RecordOpener:
                 header.release()
                 ct.release()
         self._counter += 1
-        return kind, pt
+        return kind, seq, pt
 
     @property
     def pending(self) -> int:

@@ -63,9 +63,25 @@ def describe(offer: Offer) -> str:
     return f"{names} ({counts}, {human_size(offer.size)})"
 
 
-def summary(result: Result, path: str) -> str:
+def _route(path: str, routes: dict | None) -> str:
+    """Over which path: C{direct}, C{relay}, or how the bytes split when
+    both carried some; and the streams, when more than one."""
+    if not routes:
+        return path
+    direct, relay = routes.get("bytes_direct", 0), routes.get("bytes_relay", 0)
+    words = path
+    if direct and relay:
+        words = f"{path}; {human_size(relay)} through the relay, {human_size(direct)} direct"
+    streams = routes.get("streams", 1)
+    if streams > 1:
+        words += f", {streams} streams"
+    return words
+
+
+def summary(result: Result, path: str, routes: dict | None = None) -> str:
     """The line that ends a transfer: what moved, how fast, over which
     path, and what did not need to move."""
+    path = _route(path, routes)
     verb = "Received" if result.path else "Sent"
     if result.text:
         return f"{verb} a text message ({human_size(result.size)}, {path})"
@@ -200,6 +216,20 @@ class HumanUI:
         else:
             self.say(f"Connected to {peer} successfully!")
 
+    def path(self, path: str, peer: str, streams: int) -> None:
+        """The session moved to another path, or its number of streams changed."""
+        if path == "direct":
+            self.say(f"Now direct to {peer}" + (f" ({streams} streams)" if streams > 1 else ""))
+        else:
+            self.say("Now through the relay" + (f" ({streams} streams)" if streams > 1 else ""))
+
+    def reconnecting(self, reason: str) -> None:
+        self.say(f"Connection lost ({printable(reason)}); reconnecting...")
+
+    def reconnected(self, path: str, peer: str, after: float) -> None:
+        how = f"direct to {peer}" if path == "direct" else "through the relay"
+        self.say(f"Reconnected after {after:.1f} s ({how}); continuing")
+
     def sending(self, offer: Offer) -> None:
         self.say(f"Sending {describe(offer)}...")
 
@@ -253,9 +283,9 @@ class HumanUI:
         self._out.write(shown if shown.endswith("\n") else shown + "\n")
         self._out.flush()
 
-    def done(self, result: Result, path: str) -> None:
+    def done(self, result: Result, path: str, routes: dict | None = None) -> None:
         self._bar.close()
-        self.say(summary(result, path))
+        self.say(summary(result, path, routes))
 
     def error(self, message: str) -> None:
         self._bar.close()
@@ -295,6 +325,18 @@ class JsonUI(HumanUI):
         super().sending(offer)
         self._emit_offer(offer)
 
+    def path(self, path: str, peer: str, streams: int) -> None:
+        super().path(path, peer, streams)
+        self.emit("path", path=path, peer=peer, streams=streams)
+
+    def reconnecting(self, reason: str) -> None:
+        super().reconnecting(reason)
+        self.emit("reconnecting", reason=reason)
+
+    def reconnected(self, path: str, peer: str, after: float) -> None:
+        super().reconnected(path, peer, after)
+        self.emit("reconnected", path=path, peer=peer, after=round(after, 3))
+
     def decide(self, offer: Offer) -> defer.Deferred:
         self._emit_offer(offer)
         return super().decide(offer)
@@ -307,8 +349,8 @@ class JsonUI(HumanUI):
     def text(self, message: str) -> None:
         self.emit("text", text=message)  # JSON escapes it; nothing raw on stdout
 
-    def done(self, result: Result, path: str) -> None:
-        super().done(result, path)
+    def done(self, result: Result, path: str, routes: dict | None = None) -> None:
+        super().done(result, path, routes)
         if result.text:
             self.emit("done", name="text", text=True, bytes=result.size, seconds=round(result.seconds, 3),
                       path=path)
@@ -319,6 +361,7 @@ class JsonUI(HumanUI):
             fields["refused"] = result.refused
         if result.path:
             fields["file"] = result.path
+        fields.update(routes or {})
         self.emit("done", **fields)
 
     def error(self, message: str) -> None:

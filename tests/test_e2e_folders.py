@@ -92,10 +92,12 @@ class FolderEndToEndTests(TestCase):
         for name in ("one.bin", "two.bin"):
             make_file(os.path.join(folder, name), 24 * MiB)
         server, addr = await start_server(self)
+        # A killed peer looks like a cut network: the survivor tries to
+        # reconnect (for 2 s here, 5 minutes by default) and then fails.
         sender = spawn(self, "sender", p2pft_argv("send", "--json", "--limit-rate", "16M", "--code",
-                                                  "7-cut-here", addr, folder))
+                                                  "7-cut-here", "--reconnect-timeout", "2", addr, folder))
         receiver = spawn(self, "receiver", p2pft_argv("receive", "--yes", "--json", "-o", ws.out, addr,
-                                                      "7-cut-here"))
+                                                      "--reconnect-timeout", "2", "7-cut-here"))
         await receiver.wait_until(lambda p: p.progress() >= at, f"{at} bytes received")
         procs = {"sender": sender, "receiver": receiver}
         procs[victim].kill(sig)
@@ -103,6 +105,8 @@ class FolderEndToEndTests(TestCase):
         survivor = procs["receiver" if victim == "sender" else "sender"]
         self.assertEqual(await survivor.wait_exit(), 1, survivor.text())
         self.assertIn("to resume", survivor.err.decode())
+        if sig == signal.SIGKILL:
+            self.assertIn("reconnecting for 2 s failed", survivor.err.decode())
         sender, receiver = await self.transfer(ws, addr, [folder], "8-once-more")
         self.assertEqual(tree(ws.out), tree(ws.src))
         done = receiver.events()[-1]

@@ -119,7 +119,7 @@ class ReviewFindingTests(SynchronousTestCase):
     def test_session_receive_leaves_the_folder_to_the_destination(self):
         # The CLI's preflight and the receiver's destination check the output
         # folder; session.receive does not repeat it with a third message.
-        from p2pft import session
+        from p2pft import peer as session
 
         reached = []
 

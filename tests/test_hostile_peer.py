@@ -29,7 +29,7 @@ from p2pft.errors import Declined, TransferFailed
 from p2pft.transfer.manifest import PARTIAL_SUFFIX
 from p2pft.punch import PunchConnector, PunchFailed, PunchSchedule
 from p2pft.candidates import parse_candidates, relays, resolve_relays
-from p2pft.session import SessionError, Settings
+from p2pft.peer import SessionError, Settings
 from p2pft.transfer.store import OutputDir
 from p2pft.transfer.records import HAVE
 

@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2pft.errors import UnsafeName
 from p2pft.transfer.manifest import Entry, FILE, entry_from_wire
 from p2pft.transfer.scan import scan
-from p2pft.session import FEATURES, MTIME_NS
+from p2pft.peer import FEATURES, MTIME_NS
 from p2pft.transfer import Receiver, Sender
 
 from .files import write

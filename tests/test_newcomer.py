@@ -517,7 +517,7 @@ class MessageTests(SynchronousTestCase):
         self.assertIn("p2pft: error: interrupted; run the same send and receive again", text)
 
     def test_debug_traceback_only_for_unexpected_errors(self):
-        from p2pft.session import SessionError
+        from p2pft.peer import SessionError
 
         status, text = self.run_failing(SessionError("wrong code"), P2PFT_DEBUG="1")
         self.assertEqual((status, text), (1, "p2pft: error: wrong code\n"))
@@ -565,7 +565,7 @@ class MessageTests(SynchronousTestCase):
         self.assertNotIn("\\\\", message)
 
     def test_no_route_is_words(self):
-        from p2pft.session import SessionError, _connect_rendezvous
+        from p2pft.connect import SessionError, connect_rendezvous as _connect_rendezvous
 
         memory = MemoryReactorClock()
         d = defer.ensureDeferred(_connect_rendezvous(memory, ("192.0.2.1", 9000)))

@@ -159,7 +159,7 @@ class HandshakeTests(SynchronousTestCase):
         r = Handshake(self.kr.handshake_key(), RECEIVER)
         self.assertRaises(SecurityError, r.receive, b"GET / HTTP/1.1\r\n")
         r2 = Handshake(self.kr.handshake_key(), RECEIVER)
-        self.assertRaises(SecurityError, r2.receive, b"p2pft\x00\x02")
+        self.assertRaises(SecurityError, r2.receive, b"p2pft\x00\x01")  # a v1 peer
 
     def test_reflected_proof_rejected(self):
         """A proof echoed back (or two same-role peers) must not authenticate."""
@@ -222,7 +222,7 @@ class RecordTests(SynchronousTestCase):
             got = []
             for i in range(0, len(data), step):
                 got += opener.feed(data[i:i + step])
-            self.assertEqual(got, [(4, p) for p in payloads])
+            self.assertEqual(got, [(4, 0, p) for p in payloads])
             self.assertEqual(opener.pending, 0)
 
     def test_roundtrip_random_cuts(self):
@@ -239,7 +239,7 @@ class RecordTests(SynchronousTestCase):
             for cut in cuts:
                 got += opener.feed(data[start:cut])
                 start = cut
-            self.assertEqual(got, [(4, p) for p in payloads])
+            self.assertEqual(got, [(4, 0, p) for p in payloads])
             self.assertEqual(opener.pending, 0)
 
     def test_tampered_ciphertext(self):
@@ -272,9 +272,9 @@ class RecordTests(SynchronousTestCase):
         self.assertEqual(self.opener.pending, len(f) - 1)
 
     def test_oversized_length_refused_before_buffering(self):
-        header = (MAX_RECORD + 17).to_bytes(4, "big") + b"\x04"
+        header = (MAX_RECORD + 17).to_bytes(4, "big") + b"\x04" + bytes(8)
         self.assertRaises(SecurityError, self.opener.feed, header)
-        self.assertRaises(SecurityError, agree()[1].opener(BINDING).feed, b"\x00\x00\x00\x03\x04")
+        self.assertRaises(SecurityError, agree()[1].opener(BINDING).feed, b"\x00\x00\x00\x03\x04" + bytes(8))
 
     def test_sealer_refuses_oversized(self):
         self.assertRaises(ValueError, self.sealer.seal, 4, b"x" * (MAX_RECORD + 1))
@@ -283,7 +283,7 @@ class RecordTests(SynchronousTestCase):
         ks, kr = agree()
         f = b"".join(ks.sealer(BINDING).seal(4, b"hi"))
         self.assertRaises(SecurityError, ks.opener(BINDING).feed, f)
-        self.assertEqual(kr.opener(BINDING).feed(f), [(4, b"hi")])
+        self.assertEqual(kr.opener(BINDING).feed(f), [(4, 0, b"hi")])
 
     def test_records_bound_to_their_connection(self):
         ks, kr = agree()
@@ -294,7 +294,7 @@ class RecordTests(SynchronousTestCase):
         secret = b"TOP-SECRET-PLAINTEXT" * 10
         f = b"".join(RecordSealer(b"k" * 32).seal(4, secret))
         self.assertNotIn(b"TOP-SECRET", f)
-        self.assertEqual(RecordOpener(b"k" * 32).feed(f), [(4, secret)])
+        self.assertEqual(RecordOpener(b"k" * 32).feed(f), [(4, 0, secret)])
 
 
 class NonceTests(SynchronousTestCase):

@@ -273,7 +273,7 @@ class HostileServerLineTests(SynchronousTestCase):
         # warning, escaped), and the rest still serve: never dialled, never
         # printed raw.
         from p2pft.candidates import relays
-        from p2pft.session import Settings
+        from p2pft.peer import Settings
 
         for spec in ("evil\x1b]0;x\x07.example:9001", "relay\u202e.example:9001", "bad_name!:9001",
                      "[fe80::1%eth0]:9001", "127.1:9001", "2130706433:9001"):

@@ -11,7 +11,7 @@ from p2pft.punch import PunchFailed, PunchSchedule
 from p2pft.rendezvous import PeerGone, RendezvousError
 from p2pft.secure import RECEIVER, SENDER
 from p2pft.candidates import MAX_CANDIDATES, parse_candidates
-from p2pft.session import SessionError, _punch_watching_partner
+from p2pft.connect import SessionError, _punch_watching_partner
 
 
 class FakeClient:
@@ -54,7 +54,7 @@ class PartnerLeavesTests(SynchronousTestCase):
         self.client.fail(PeerGone("gone"))
         self.clock.advance(0)
         f = self.failureResultOf(d, SessionError)
-        self.assertIn("left before a direct connection", str(f.value))
+        self.assertIn("left before a connection was made", str(f.value))
         self.assertTrue(self.connector.cancelled)
 
     def test_receiver_waits_for_a_late_select(self):

@@ -17,13 +17,13 @@ that tests drive without sockets:
 2. C{candidate.CandidateHandshake}: HELLO / PROOF / SELECT
    (L{p2pft.secure.Handshake}) under the handshake timer.
 3. C{records.Records}: the chosen connection's records, sealed and opened
-   with the connection's binding, for an L{IRecordHandler}.
+   with the connection's binding, for an L{ILaneHandler}.
 
-C{interfaces} holds L{IRecordHandler} and the phases' C{IPhase}.
+C{interfaces} holds L{ILaneHandler} and the phases' C{IPhase}.
 """
 
 from .connection import PeerConnection
-from .interfaces import IRecordHandler
+from .interfaces import ILaneHandler
 from .records import KEEPALIVE, KEEPALIVE_INTERVAL
 
-__all__ = ["KEEPALIVE", "KEEPALIVE_INTERVAL", "IRecordHandler", "PeerConnection"]
+__all__ = ["KEEPALIVE", "KEEPALIVE_INTERVAL", "ILaneHandler", "PeerConnection"]

@@ -20,7 +20,7 @@ from ..secure import Handshake, SessionKeys
 from ..util import OneShot
 from .candidate import CandidateHandshake
 from .greeting import RelayGreeting
-from .interfaces import IPhase, IRecordHandler
+from .interfaces import ILaneHandler, IPhase
 from .records import Records
 
 
@@ -33,8 +33,10 @@ class PeerConnection(Protocol):
     log = Logger()
 
     def __init__(self, connector, keys: SessionKeys, clock: IReactorTime, handshake_timeout: float = 10.0,
-                 relay: bool = False):
+                 relay: bool = False, leg: int = 0):
         self._connector = connector
+        #: Through a relay: which of the session's legs there (0: the first).
+        self.leg = leg
         #: "relay" when this connection runs through a relay, else "direct".
         self.path = "relay" if relay else "direct"
         self._keys = keys
@@ -55,7 +57,7 @@ class PeerConnection(Protocol):
         if self.path == "relay":
             # Through a relay: ask it to join us with the other side first.
             greeting = RelayGreeting(self._keys.relay_token(), self._keys.role, self._write, self._drop,
-                                     self._joined)
+                                     self._joined, leg=self.leg)
             self._phase = greeting
             greeting.start()
         else:
@@ -113,12 +115,12 @@ class PeerConnection(Protocol):
         host = normalise_host(p.host)
         return f"[{host}]:{p.port}" if ":" in host else f"{host}:{p.port}"
 
-    def attach(self, handler: IRecordHandler) -> None:
+    def attach(self, handler: ILaneHandler) -> None:
         """Hand the chosen channel to the layer above; replays early data."""
         self._records.attach(handler)
 
-    def send(self, kind: int, payload: bytes = b"") -> None:
-        self._records.send(kind, payload)
+    def send(self, kind: int, payload: bytes = b"", seq: int = 0) -> None:
+        self._records.send(kind, payload, seq)
 
     def registerProducer(self, producer, streaming: bool) -> None:
         self.transport.registerProducer(producer, streaming)
@@ -136,7 +138,7 @@ class PeerConnection(Protocol):
 
     def close(self) -> None:
         """
-        Close after flushing what was sent.  Only our direction is shut at
+        Close after flushing what was sent (once).  Only our direction is shut at
         first: closing a socket with unread input makes the kernel send RST,
         which can destroy our last record (ACK, ABORT) before the other side
         reads it.  We keep reading (and ignoring) until the other side

@@ -3,11 +3,11 @@
 from zope.interface import Interface
 
 
-class IRecordHandler(Interface):
-    """The layer above a chosen channel (the transfer)."""
+class ILaneHandler(Interface):
+    """The layer above a chosen connection (the session, L{p2pft.session})."""
 
-    def recordReceived(kind: int, payload: bytes) -> None:
-        "One authenticated record, in order (none while reading is paused)."
+    def recordReceived(kind: int, seq: int, payload: bytes) -> None:
+        "One authenticated record, in the order it was sent on this connection (none while reading is paused)."
 
     def channelLost(reason: str) -> None:
         "The connection ended (after or instead of a normal end)."

@@ -66,10 +66,18 @@ def _rate(text: str) -> int:
     return int(value * scale)
 
 
+def _streams(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not (text.isdigit() and 1 <= int(text) <= 16):
+        raise usage.UsageError("--streams takes a number from 1 to 16, or auto")
+    return int(text)
+
+
 class _PeerOptions(_Options):
     optFlags = [
         ["json", None, "Print one JSON object per line on stdout (events: code, paired, "
-                       "connected, offer, progress, done, error)."],
+                       "connected, path, reconnecting, reconnected, offer, progress, done, error)."],
         ["no-progress", None, "No progress bar (there is none when stderr is not a terminal)."],
         ["quiet", "q", "Print only errors and what a script needs (the code); no progress bar."],
         ["verbose", "v", "Also log what happens (rendezvous, punching, relays) to stderr."],
@@ -79,8 +87,11 @@ class _PeerOptions(_Options):
                               "the first argument or the default server."],
         ["timeout", None, 60.0, "Seconds to wait for each step once paired (key exchange, "
                                 "addresses) before giving up.", float],
-        ["relay", None, None, "Use this relay (HOST:PORT) when a direct connection fails, "
-                              "instead of the ones the server suggests."],
+        ["relay", None, None, "Use this relay (HOST:PORT), dialled at once next to the direct "
+                              "attempts, instead of the ones the server suggests."],
+        ["reconnect-timeout", None, 300.0, "Seconds to keep trying to reconnect when every connection "
+                                           "is lost (network change, sleep, relay restart) before "
+                                           "failing; the data received is kept for a resume.", float],
     ]
 
     def parseArgs(self, *args) -> None:
@@ -89,6 +100,8 @@ class _PeerOptions(_Options):
     def _check_timeout(self) -> None:
         if not 0 < self["timeout"] <= 86400:
             raise usage.UsageError("--timeout must be between 0 and 86400 seconds")
+        if not 0 <= self["reconnect-timeout"] <= 86400:
+            raise usage.UsageError("--reconnect-timeout must be between 0 and 86400 seconds")
         if self["relay"] is not None:
             self["relay"] = server_address(self["relay"])
         if self["quiet"] and self["verbose"]:
@@ -148,7 +161,7 @@ class _PeerOptions(_Options):
 
 class SendOptions(_PeerOptions):
     synopsis = ("[--code CODE] [--code-length N] [--follow-symlinks] [--limit-rate BYTES/S] "
-                "[--relay HOST:PORT] [--timeout S] [-q | -v] "
+                "[--streams N|auto] [--relay HOST:PORT] [--timeout S] [--reconnect-timeout S] [-q | -v] "
                 "[--no-progress] [--json] [SERVER:PORT] (PATH... | --text TEXT)")
     needs = "send needs SERVER:PORT and at least one PATH (or --text TEXT)"
     longdesc = (
@@ -169,6 +182,10 @@ class SendOptions(_PeerOptions):
                                    "powers of 1000), to leave room on a slow link."],
         ["code", "c", None, "Use this code instead of asking the server for one (NAMEPLATE-WORD-WORD)."],
         ["code-length", None, codes.DEFAULT_WORDS, "Number of words in a generated code.", int],
+        ["streams", None, "auto", "Parallel connections to stripe the data over, 1-16, or 'auto' "
+                                  "(add one while it raises the throughput, up to 8): they help "
+                                  "on long or lossy paths, where one TCP connection cannot fill "
+                                  "the link.  Through a relay."],
     ]
 
     def postOptions(self) -> None:
@@ -193,10 +210,12 @@ class SendOptions(_PeerOptions):
             raise usage.UsageError("--code-length must be between 1 and 16")
         if self["limit-rate"] is not None:
             self["limit-rate"] = _rate(self["limit-rate"])
+        self["streams"] = _streams(self["streams"])
 
 
 class ReceiveOptions(_PeerOptions):
     synopsis = ("[--yes] [--output-dir DIR | --output -] [--overwrite] [--skip-unsafe] [--relay HOST:PORT] [--timeout S] "
+                "[--reconnect-timeout S] "
                 "[-q | -v] [--no-progress] [--json] [SERVER:PORT] [CODE]")
     needs = "receive needs SERVER:PORT"
     longdesc = (

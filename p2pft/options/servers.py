@@ -52,17 +52,19 @@ class _RelayLimitOptions(_Options):
         """Serve Prometheus metrics on http://IP:PORT/metrics and a health check on /healthz (port 0: any free port, shown in the log) [default: none]."""  # noqa: E501
         self["metrics"] = metrics_address(value)
 
+    #: Seconds between keepalives of protocol v1 peers (v2 peers send one
+    #: every 5 s): a relay serves pairs of either version.
+    V1_KEEPALIVE = 60.0
+
     def relay_limits(self):
         from ..server.relay import RelayLimits
-
-        from ..channel import KEEPALIVE_INTERVAL
 
         for name in ("relay-max-sessions", "relay-max-per-ip"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
-        if self["relay-idle-timeout"] <= KEEPALIVE_INTERVAL:
+        if self["relay-idle-timeout"] <= self.V1_KEEPALIVE:
             raise usage.UsageError(
-                f"--relay-idle-timeout must be more than {KEEPALIVE_INTERVAL:g} s "
+                f"--relay-idle-timeout must be more than {self.V1_KEEPALIVE:g} s "
                 "(peers send a keepalive every minute while a person decides)")
         for name in ("relay-max-bytes", "relay-rate"):
             if self[name] < 0:

@@ -54,6 +54,7 @@ class Refusal(enum.Enum):
     RELAY_SIDE_TAKEN = ("relay-side-taken", "this session already has a {side}")
     RELAY_TOO_MANY_LEGS = ("relay-too-many-legs", "this session has too many legs")
     RELAY_ALONE = ("relay-alone", "the other side never came")
+    RELAY_SPENT = ("relay-spent", "this session used up its byte allowance on this relay")
     RELAY_DATA_BEFORE_OK = ("relay-data-before-ok", "data before OK")
 
     def __init__(self, label: str, text: str):

@@ -62,6 +62,11 @@ MAX_PAIRS = 2 * MAX_LEGS
 #: A peer sends it as soon as it is connected, so this only matters for a
 #: link that stalls right after the handshake.
 RELAY_LINE_TIMEOUT = 30.0
+#: Seconds a session cut for its byte cap stays refused, and how many such
+#: sessions are remembered (64 bytes of token each): an hour is longer than
+#: any peer keeps reconnecting (5 minutes by default).
+SPENT_SECONDS = 3600.0
+MAX_SPENT = 10_000
 
 
 @attrs.frozen
@@ -223,6 +228,23 @@ class RelayServer:
         self.pairing = Pairing(lambda token: Session(self, clock, token))
         self._per_ip = AddressCounts()
         self.spliced = 0
+        #: Tokens cut for their byte cap, and until when they stay refused
+        #: (a session reconnects on its own: without this it would start
+        #: over with a fresh allowance).
+        self._spent: dict[str, float] = {}
+
+    def spend(self, token: str) -> None:
+        """C{token}'s session was cut for its byte cap: refuse it for
+        L{SPENT_SECONDS} (at most L{MAX_SPENT} tokens are remembered)."""
+        now = self._clock.seconds()
+        self._spent.pop(token, None)
+        self._spent[token] = now + SPENT_SECONDS
+        while len(self._spent) > MAX_SPENT or next(iter(self._spent.values())) < now:
+            del self._spent[next(iter(self._spent))]
+
+    def _is_spent(self, token: str) -> bool:
+        until = self._spent.get(token)
+        return until is not None and until >= self._clock.seconds()
 
     @property
     def sessions(self) -> int:
@@ -329,6 +351,8 @@ class RelayServer:
             if not 1 <= number < MAX_LEGS:
                 return Refusal.RELAY_MALFORMED, {
                     "detail": f"relay leg out of range: 1 to {MAX_LEGS - 1} (leg 0 has no leg field)"}
+        if self._is_spent(token):
+            return Refusal.RELAY_SPENT, {}
         if not leg.counted:
             # A leg on a rendezvous port.
             reason = self._count(leg)

@@ -225,6 +225,8 @@ class Session:
 
     def cut(self, why: str) -> None:
         """End every splice of the session (its byte cap, its idle timeout)."""
+        if why == "byte-cap":
+            self._server.spend(self.token)
         for splice in list(self.splices):
             splice.end(why)
 

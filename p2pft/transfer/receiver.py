@@ -17,7 +17,7 @@ from functools import partial
 from twisted.internet import defer
 from zope.interface import implementer
 
-from ..channel import IRecordHandler
+from ..session import IRecordHandler
 from ..errors import Declined, TransferFailed
 from .destination import DiskDestination, IDestination, StreamDestination
 from .endpoint import Endpoint, run_now

@@ -17,7 +17,7 @@ from enum import Enum
 from twisted.internet import defer
 from zope.interface import implementer
 
-from ..channel import IRecordHandler
+from ..session import IRecordHandler
 from ..errors import Declined, TransferFailed
 from .endpoint import Endpoint, peer_text, run_now
 from .scan import Manifest

@@ -1,0 +1,580 @@
+"""
+Connecting one session, and keeping it connected (protocol v2):
+
+  rendezvous (pair on a nameplate)  ->  PAKE + key confirmation
+  -> candidates (sealed)  ->  punch and relay at once  ->  lanes of a
+  L{SessionLink}
+
+L{establish} returns as soon as the first connection proves the key (a
+relay's or a direct one), with a L{LaneFinder} that goes on in the
+background: punching until its deadline (a direct lane that proves the key
+later takes over from the relay), parallel streams (C{--streams}), and,
+when every lane is lost, reconnection -- through the relay again, and by
+meeting again on the rendezvous server on a nameplate derived from the
+session key, exchanging fresh candidates sealed under fresh keys, and
+punching again -- until C{--reconnect-timeout}.
+"""
+
+from __future__ import annotations
+
+import os
+
+import attrs
+from twisted.internet import defer, error, task
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
+from twisted.internet.protocol import ClientFactory
+from twisted.internet.tcp import makeBinding
+from twisted.logger import Logger
+
+from . import codes
+from .addresses import global_ipv6_addresses, is_loopback, normalise_host, parse_ip
+from .candidates import own_candidates, parse_candidates, relays, resolve_relays
+from .channel import PeerConnection
+from .errors import SessionError
+from .punch import PunchConnector, PunchSchedule
+from .rendezvous import PeerGone, RendezvousClientProtocol, RendezvousError
+from .secure import RECEIVER, SENDER, Pake, SecurityError, WrongCode
+from .session import CONTROL, SessionLink
+from .transfer import text
+from .util import cancel, dump_object, load_object
+
+log = Logger()
+
+#: What both sides say in their key confirmation: the protocol version.
+PROTOCOL = "p2pft/v2"
+#: Default seconds to wait for each step once paired.
+MESSAGE_TIMEOUT = 60.0
+#: What this p2pft announces in its key confirmation beyond the protocol
+#: (docs/PROTOCOL.md section 2): "text", it takes TEXT records; "mtime-ns",
+#: manifest times in nanoseconds (used only when both sides announce it).
+MTIME_NS = "mtime-ns"
+FEATURES = (text.FEATURE, MTIME_NS)
+#: Seconds a session may spend without any connection before it fails
+#: (its partial data kept for an ordinary resume).  Five minutes covers a
+#: home router rebooting (one to three minutes), a relay restarting, a
+#: laptop lid closed briefly or a change of network; longer, and a person
+#: would rather be told.
+RECONNECT_TIMEOUT = 300.0
+#: Seconds to wait on the rendezvous server for the other side when
+#: looking for a direct path again after reconnecting through a relay (the
+#: other side comes at about the same moment: it reconnected too).
+UPGRADE_WAIT = 30.0
+#: Most parallel streams (the relay takes legs 0..15).
+MAX_STREAMS = 16
+#: Seconds a stream of C{--streams auto} is given to show its worth.
+AUTO_STEP = 2.0
+#: A new stream must raise the throughput by this much to stay worth growing.
+AUTO_GAIN = 1.15
+#: Streams C{auto} grows to at most (croc uses 4 connections, derphole 8).
+AUTO_MAX = 8
+
+GROW = CONTROL  # leader -> follower: {"leg": k}: dial relay leg k
+
+
+@attrs.define
+class Settings:
+    server: tuple[str, int]
+    code: str | None = None
+    code_length: int = codes.DEFAULT_WORDS
+    timeout: float = MESSAGE_TIMEOUT
+    #: A relay the user named (HOST, PORT): used instead of the server's.
+    relay: tuple[str, int] | None = None
+    schedule: PunchSchedule = PunchSchedule()
+    #: An IHostnameResolver for relay names the server advertises (None:
+    #: the reactor's).
+    resolver: object = None
+    #: Parallel streams: a number, or "auto".
+    streams: int | str = "auto"
+    reconnect_timeout: float = RECONNECT_TIMEOUT
+
+
+def _timeout(reactor, d: defer.Deferred, seconds: float, what: str) -> defer.Deferred:
+    def translate(f):
+        f.trap(defer.TimeoutError)
+        raise SessionError(f"timed out after {seconds:g} s waiting for {what}")
+
+    d.addTimeout(seconds, reactor)
+    return d.addErrback(translate)
+
+
+async def connect_rendezvous(reactor, server: tuple[str, int]) -> RendezvousClientProtocol:
+    """
+    Connect to the server, over IPv4 when it has an IPv4 address: that is
+    the family NATs translate, so the address the server sees is the public
+    candidate the other peer needs (IPv6 addresses are added as extra
+    candidates).  Over IPv6 only for an IPv6 literal or a server without
+    IPv4.  The socket is bound with SO_REUSEADDR + SO_REUSEPORT so the punch
+    listener and outgoing attempts can share its port later.
+    """
+    host, port = server
+    binding = makeBinding("", 0, reuseAddress=True, reusePort=True)
+    factory = ClientFactory.forProtocol(RendezvousClientProtocol)
+    try:
+        if ":" in host:
+            endpoint = HostnameEndpoint(reactor, host, port, timeout=10, bindAddress=binding)
+            return await endpoint.connect(factory)
+        try:
+            return await TCP4ClientEndpoint(reactor, host, port, timeout=10, bindAddress=binding).connect(factory)
+        except error.DNSLookupError:
+            # No IPv4 address for that name: try whatever it has.
+            endpoint = HostnameEndpoint(reactor, host, port, timeout=10, bindAddress=binding)
+            return await endpoint.connect(factory)
+    except (error.ConnectError, error.DNSLookupError) as e:
+        why = {error.ConnectionRefusedError: "connection refused", error.TimeoutError: "timed out",
+               error.DNSLookupError: "name not found", error.NoRouteError: "no route to host"}.get(
+                   type(e), str(e.args[0] if e.args and e.args[0] else e.__doc__).lower())
+        raise SessionError(f"cannot reach the rendezvous server {host}:{port}: {why}") from None
+
+
+_encode = dump_object
+
+
+def _decode(data: bytes) -> dict:
+    try:
+        return load_object(data)
+    except ValueError:
+        raise SessionError("the other side sent a malformed message") from None
+
+
+async def _close(reactor, client) -> None:
+    """Close the rendezvous connection once what we sent has left (a key
+    confirmation written just before we fail must still reach the other
+    side, or it would see us vanish instead of a wrong code), but never
+    wait long."""
+    closed = client.close()
+    closed.addTimeout(2, reactor)
+    try:
+        await closed
+    except defer.TimeoutError:
+        pass
+
+
+@attrs.define
+class Session:
+    """A connected session: its link (the transfer's channel), what the
+    other side can do, and what finds its lanes."""
+
+    link: SessionLink
+    finder: "LaneFinder"
+    #: What the other side's p2pft announced it can do (L{FEATURES}).
+    features: frozenset = frozenset()
+    #: Seconds from PAIRED to the first lane.
+    connect_seconds: float = 0.0
+
+    @property
+    def path(self) -> str:
+        return self.link.path
+
+
+async def establish(reactor, settings: Settings, role: str, ui) -> Session:
+    """Everything up to the first lane of a session."""
+    client = await connect_rendezvous(reactor, settings.server)
+    try:
+        session = await _pair_and_punch(reactor, client, settings, role, ui)
+        if role == SENDER:
+            # One anonymous count for the server's metrics, once per
+            # session (so by one side only): how it connected first.
+            client.report(session.path, session.connect_seconds)
+        return session
+    finally:
+        await _close(reactor, client)
+
+
+async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) -> Session:
+    public = await _timeout(reactor, client.welcomed(), 30, "the rendezvous server")
+    if settings.code:
+        code = codes.parse_code(settings.code)
+        client.claim(code.nameplate)
+    else:
+        nameplate = await _timeout(reactor, client.allocate(), 30, "a nameplate")
+        code = codes.Code(nameplate, codes.make_password(settings.code_length))
+    ui.code(str(code), announce=not settings.code)
+    await client.paired()
+    paired_at = reactor.seconds()
+    ui.paired()
+    # Key agreement, then key confirmation, then candidates: nothing but the
+    # SPAKE2 message leaves in the clear.
+    keys, box, features = await _agree_keys(reactor, client, code, role, settings.timeout)
+    server_host = client.transport.getPeer().host
+    mine, local_port = _own(client, public, server_host)
+    client.send(box.seal(_encode({"candidates": mine})))
+    theirs = parse_candidates(_decode(box.open(
+        await _timeout(reactor, client.receive(), settings.timeout, "the other side's addresses")
+    )), server_host, mine)
+    log.info("punching from port {port} to {theirs}", port=local_port, theirs=theirs)
+
+    dial, names = relays(settings, client.relays, server_host)
+    finder = LaneFinder(reactor, settings, role, keys, ui, dial)
+    connector = finder.punch(local_port, theirs, mine)
+    if names:
+        # Resolved while we punch (DNS must not hold up the race); only
+        # what the names resolve to, filtered, is ever dialled.
+        resolving = resolve_relays(settings.resolver or reactor.nameResolver, names, server_host)
+        resolving.addCallback(finder.add_relays)
+        resolving.addErrback(lambda f: log.failure("resolving relays", f))
+    await _punch_watching_partner(reactor, client, connector, role, settings.schedule)
+    return Session(finder.link, finder, features, max(0.0, reactor.seconds() - paired_at))
+
+
+def _own(client, public: tuple[str, int], server_host: str) -> tuple[list[list], int]:
+    """Our candidates as the rendezvous connection C{client} shows them
+    (C{public}: the address the server saw), and its local port (the one
+    punching shares)."""
+    local = client.transport.getHost()
+    mine = own_candidates(public, (normalise_host(local.host), local.port),
+                          [] if is_loopback(server_host) else global_ipv6_addresses())
+    return mine, local.port
+
+
+async def _agree_keys(reactor, client, code: codes.Code, role: str, timeout: float):
+    """SPAKE2 over the rendezvous server, then key confirmation (which also
+    carries the protocol version and the L{FEATURES} each side announces):
+    the session keys, the L{Box} for the rest of the rendezvous messages
+    (one box: its nonces count on from the confirmation's), and the other
+    side's features; or L{WrongCode}."""
+    pake = Pake(code.password, code.nameplate, role)
+    client.send(pake.start())
+    keys = pake.finish(await _timeout(reactor, client.receive(), timeout, "the other side"))
+    box = keys.box()
+    client.send(box.seal(_encode({"confirm": PROTOCOL, "features": list(FEATURES)})))
+    try:
+        confirm = _decode(box.open(await _timeout(reactor, client.receive(), timeout, "key confirmation")))
+    except SecurityError:
+        raise WrongCode(
+            "wrong code: the other side used a different code, or someone tampered "
+            "with the exchange (this code is now used up)"
+        ) from None
+    version = confirm.get("confirm")
+    if version != PROTOCOL:
+        if version == "p2pft/v1":
+            raise SessionError("the other side runs an older p2pft (protocol v1); "
+                               "both sides need p2pft 2 or later: ask them to update")
+        raise SessionError("the other side speaks another version of p2pft")
+    features = confirm.get("features")
+    features = frozenset(f for f in features if isinstance(f, str)) if isinstance(features, list) else frozenset()
+    return keys, box, features
+
+
+async def _punch_watching_partner(reactor, client, connector, role, schedule):
+    """
+    Punch until the first lane, but stop early if the partner leaves the
+    rendezvous server: the sender at once (the receiver only leaves after
+    the sender chose), the receiver after a grace period (the sender leaves
+    right after choosing, so its SELECT may still be on the way).  The
+    server itself going away is fine: it is not needed any more.
+    """
+    punched = connector.run()
+    watch = client.receive()  # nothing more is expected; only GONE matters
+    timers = []
+
+    def partner_left(failure):
+        failure.trap(PeerGone)
+        grace = schedule.gone_grace if role == RECEIVER else 0
+        timers.append(reactor.callLater(grace, lambda: punched.called or punched.cancel()))
+
+    watch.addErrback(partner_left).addErrback(lambda f: None)
+    try:
+        return await punched
+    except defer.CancelledError:
+        raise SessionError("the other side left before a connection was made") from None
+    finally:
+        watch.cancel()
+        for t in timers:
+            cancel(t)
+
+
+def _race(reactor, waits: list[defer.Deferred], timeout: float) -> defer.Deferred:
+    """Fires with the index of the first of C{waits} to fire (success or
+    failure), or None after C{timeout} seconds; the others are cancelled."""
+    result = defer.Deferred()
+
+    def fired(value, index):
+        if not result.called:
+            result.callback(index)
+
+    for index, d in enumerate(waits):
+        d.addBoth(fired, index)
+    timer = reactor.callLater(max(0.0, timeout), lambda: result.called or result.callback(None))
+
+    def settle(index):
+        cancel(timer)
+        for d in waits:
+            if not d.called:
+                d.cancel()
+        return index
+
+    return result.addBoth(settle)
+
+
+class LaneFinder:
+    """
+    Finds the lanes of one session and hands them to its L{SessionLink}:
+    the punching attempts (L{punch}), parallel streams through the relay,
+    and reconnection when every lane is lost.  The leader (the sender)
+    chooses which connections join; the follower joins what it chose.
+    """
+
+    def __init__(self, reactor, settings: Settings, role: str, keys, ui, relays: list[tuple[str, int]]):
+        self._reactor = reactor
+        self._settings = settings
+        self._role = role
+        self._leader = role == SENDER
+        self._keys = keys
+        self._ui = ui
+        self.relays = list(relays)
+        self._connectors: list[PunchConnector] = []
+        self._stopped = False
+        self._reconnecting: defer.Deferred | None = None
+        self._upgrading: defer.Deferred | None = None
+        self._lost_at: float | None = None
+        self._arrived: list[defer.Deferred] = []
+        self._legs = 1  # relay legs in use: 0 .. _legs-1
+        self._auto = None
+        self.link = SessionLink(reactor, self._leader, lost_all=self._lost_all,
+                                path_changed=self._path_changed, control=self._control)
+
+    # -- starting connectors ---------------------------------------------
+
+    def punch(self, local_port: int, theirs, mine, relays=None) -> PunchConnector:
+        """A connector that punches from C{local_port} to the peer's
+        candidates C{theirs} and dials the relays (at once), whose lanes
+        join the link; the caller runs it."""
+        own_hosts = frozenset(str(parse_ip(h)) for h, _ in mine if parse_ip(h) is not None)
+        return self._keep(PunchConnector(
+            self._reactor, local_port, theirs, self._factory(0), leader=self._leader,
+            schedule=self._settings.schedule, relays=self.relays if relays is None else relays,
+            own_hosts=own_hosts, on_lane=self._lane, want=self._want))
+
+    def _relay_leg(self, leg: int, deadline: float, want=None) -> PunchConnector | None:
+        """Dial relay leg C{leg} for up to C{deadline} seconds (running)."""
+        if not self.relays:
+            return None
+        schedule = attrs.evolve(self._settings.schedule, deadline=deadline)
+        connector = self._keep(PunchConnector(
+            self._reactor, 0, [], self._factory(leg), leader=self._leader, schedule=schedule,
+            relays=self.relays, on_lane=self._lane, want=want, listen=False))
+        connector.run().addErrback(lambda f: log.debug("relay leg {leg}: {f}", leg=leg, f=f.getErrorMessage()))
+        return connector
+
+    def _keep(self, connector: PunchConnector) -> PunchConnector:
+        self._connectors = [c for c in self._connectors if c.running]
+        self._connectors.append(connector)
+        return connector
+
+    def _factory(self, leg: int):
+        keys, reactor, timeout = self._keys, self._reactor, self._settings.schedule.handshake_timeout
+        return lambda c, relay: PeerConnection(c, keys, reactor, timeout, relay=relay, leg=leg if relay else 0)
+
+    def add_relays(self, found: list[tuple[str, int]]) -> None:
+        new = [r for r in found if r not in self.relays]
+        self.relays.extend(new)
+        for connector in self._connectors:
+            if connector.running:
+                connector.add_relays(new)
+
+    def stop(self) -> None:
+        """The transfer is over: stop looking for lanes."""
+        self._stopped = True
+        cancel(self._auto)
+        for connector in self._connectors:
+            if connector.running:
+                connector.stop()
+        self._connectors = []
+        for running in (self._reconnecting, self._upgrading):
+            if running is not None:
+                running.cancel()
+
+    # -- lanes arriving ----------------------------------------------------
+
+    def _want(self, candidate) -> bool:
+        """The leader joins a connection that proved the key if the
+        session has none, or if it is the first direct one."""
+        link = self.link
+        if not [lane for lane in link.lanes if not lane.gone]:
+            return True
+        return candidate.path == "direct" and link.path != "direct"
+
+    def _lane(self, candidate) -> None:
+        if self._stopped:
+            return candidate.abandon()
+        self.link.join(candidate)
+        if candidate.path == "direct":
+            # Direct: nothing else is needed from this round of punching.
+            for connector in self._connectors:
+                if connector.running and connector._listen:
+                    connector.stop()
+        arrived, self._arrived = self._arrived, []
+        for d in arrived:
+            d.callback(candidate)
+        if self._leader:
+            self._grow()
+
+    # -- parallel streams (through a relay) ---------------------------------
+
+    @property
+    def _target(self) -> int:
+        streams = self._settings.streams
+        return streams if isinstance(streams, int) else self._auto_target
+
+    _auto_target = 1
+
+    def _grow(self) -> None:
+        """Leader: open relay legs up to the target while the session runs
+        on the relay (legs of a direct path come with issue 15's ports)."""
+        link = self.link
+        if self._stopped or link.path != "relay" or not self.relays:
+            return
+        if isinstance(self._settings.streams, str) and self._auto is None:
+            self._auto = self._reactor.callLater(AUTO_STEP, self._auto_step, self._delivered(), 1)
+        while self._legs < min(self._target, MAX_STREAMS):
+            leg = self._legs
+            self._legs += 1
+            if link.send_control(GROW, _encode({"leg": leg})):
+                self._relay_leg(leg, self._settings.schedule.handshake_timeout, want=self._on_relay)
+
+    def _delivered(self) -> int:
+        return self.link.sent.direct + self.link.sent.relay
+
+    def _auto_step(self, before: int, streams: int) -> None:
+        """C{--streams auto}: add a stream every AUTO_STEP seconds while
+        the last one raised the throughput by AUTO_GAIN."""
+        now = self._delivered()
+        rate = now - before
+        self._auto = None
+        if self._stopped or self.link.path != "relay":
+            return
+        previous = getattr(self, "_auto_rate", None)
+        self._auto_rate = rate
+        if previous is not None and rate < previous * AUTO_GAIN:
+            return  # the last stream did not pay: stay
+        if self._auto_target >= AUTO_MAX:
+            return
+        self._auto_target += 1
+        self._grow()
+        self._auto = self._reactor.callLater(AUTO_STEP, self._auto_step, now, self._auto_target)
+
+    def _control(self, kind: int, payload: bytes) -> None:
+        if kind != GROW or self._leader or self._stopped:
+            return
+        try:
+            leg = _decode(payload).get("leg")
+        except SessionError:
+            return
+        if type(leg) is int and 0 < leg < MAX_STREAMS:
+            self._relay_leg(leg, self._settings.schedule.handshake_timeout)
+
+    def _on_relay(self, candidate) -> bool:
+        """Leader: a further relay leg joins while the session is on the relay."""
+        return self.link.path == "relay"
+
+    def _path_changed(self, path: str, peer: str, streams: int) -> None:
+        if self._reconnecting is None:
+            self._ui.path(path, peer, streams)
+
+    # -- reconnection --------------------------------------------------------
+
+    def _lost_all(self, reason: str) -> None:
+        if self._stopped:
+            return self.link.give_up(f"connection lost ({reason})")
+        if self._reconnecting is not None:
+            return
+        if self._upgrading is not None:
+            self._upgrading.cancel()
+        self._lost_at = self._reactor.seconds()
+        self._ui.reconnecting(reason)
+        self._reconnecting = defer.ensureDeferred(self._reconnect(reason))
+        self._reconnecting.addErrback(lambda f: f.trap(defer.CancelledError))
+
+    def _has_lane(self) -> bool:
+        return any(not lane.gone for lane in self.link.lanes)
+
+    async def _reconnect(self, reason: str) -> None:
+        reactor, settings = self._reactor, self._settings
+        deadline = self._lost_at + settings.reconnect_timeout
+        self._legs = 1
+        # The relay, at once and for as long as we may wait: both sides
+        # dial it with the session's token, so it needs no server.
+        relay = self._relay_leg(0, settings.reconnect_timeout, want=self._want)
+        try:
+            while not self._has_lane() and reactor.seconds() < deadline and not self._stopped:
+                try:
+                    await self._meet(deadline)
+                except (SessionError, RendezvousError, SecurityError, error.ConnectError) as e:
+                    log.info("reconnecting: {e}", e=e)
+                except defer.CancelledError:
+                    raise
+                except Exception:
+                    log.failure("reconnecting")  # a bug: keep trying the other ways meanwhile
+                if not self._has_lane() and reactor.seconds() < deadline:
+                    await task.deferLater(reactor, min(1.0, max(0.0, deadline - reactor.seconds())),
+                                          lambda: None)
+        finally:
+            self._reconnecting = None
+            if relay is not None and relay.running and self.link.path == "direct":
+                relay.stop()
+        if self._has_lane():
+            after = reactor.seconds() - self._lost_at
+            self._ui.reconnected(self.link.path, self.link.peer, after)
+            if self._leader:
+                self._grow()
+            if self.link.path == "relay" and not self._stopped:
+                # Back on the relay first (it answers fastest): meet and
+                # punch anyway, as at the start, so a direct path that is
+                # there again takes over.
+                self._upgrading = defer.ensureDeferred(self._upgrade())
+                self._upgrading.addErrback(lambda f: f.trap(defer.CancelledError))
+        elif not self._stopped:
+            detail = relay.plan.failure() if relay is not None and relay.plan.errors else "nobody answered"
+            self.link.give_up(f"{reason.rstrip('.')}; reconnecting for {settings.reconnect_timeout:g} s "
+                              f"failed: {detail}")
+
+    async def _upgrade(self) -> None:
+        try:
+            await self._meet(self._reactor.seconds() + UPGRADE_WAIT, upgrade=True)
+        except (SessionError, RendezvousError, SecurityError, error.ConnectError) as e:
+            log.info("looking for a direct path again: {e}", e=e)
+        finally:
+            self._upgrading = None
+
+    async def _meet(self, deadline: float, upgrade: bool = False) -> None:
+        """One meeting on the rendezvous server: the nameplate only we can
+        derive, fresh nonces in the clear, then our fresh candidates sealed
+        under keys of those nonces, then punching from the new port until a
+        lane arrives (or, C{upgrade}: a direct one) or the punch gives up."""
+        reactor, keys = self._reactor, self._keys
+        client = await connect_rendezvous(reactor, self._settings.server)
+        try:
+            public = await _timeout(reactor, client.welcomed(), 10, "the rendezvous server")
+            client.claim(keys.reconnect_nameplate())
+            waits = [client.paired()] if upgrade else [client.paired(), self._arrival()]
+            first = await _race(reactor, waits, deadline - reactor.seconds())
+            if first != 0 or (self._has_lane() and not upgrade):
+                return  # a lane arrived some other way, or time is up
+            nonce = os.urandom(16)
+            client.send(nonce)
+            theirs_nonce = await _timeout(reactor, client.receive(), 10, "the other side")
+            if len(theirs_nonce) != 16:
+                raise SessionError("the other side sent a malformed message")
+            pair = (nonce, theirs_nonce) if self._leader else (theirs_nonce, nonce)
+            box = keys.reconnect_box(*pair)
+            server_host = client.transport.getPeer().host
+            mine, local_port = _own(client, public, server_host)
+            client.send(box.seal(_encode({"candidates": mine})))
+            try:
+                message = box.open(await _timeout(reactor, client.receive(), 10, "the other side's addresses"))
+            except SecurityError:
+                raise SessionError("someone else met us on the reconnection nameplate") from None
+            theirs = parse_candidates(_decode(message), server_host, mine)
+            log.info("reconnecting: punching from port {port} to {theirs}", port=local_port, theirs=theirs)
+            connector = self.punch(local_port, theirs, mine, relays=[])
+            punched = connector.run()
+            punched.addErrback(lambda f: log.info("reconnection punch: {e}", e=f.getErrorMessage()))
+            await _race(reactor, [punched] if upgrade else [punched, self._arrival()],
+                        deadline - reactor.seconds() if not upgrade else self._settings.schedule.deadline)
+        finally:
+            await _close(reactor, client)
+
+    def _arrival(self) -> defer.Deferred:
+        d = defer.Deferred(lambda d: self._arrived.remove(d) if d in self._arrived else None)
+        self._arrived.append(d)
+        return d
