@@ -239,7 +239,8 @@ def start_p2pft_server(lab, root, logdir):
 def p2pft_run(lab, root, server, src, size, streams, code, workdir, timeout):
     """One transfer; a dict of what happened."""
     out = tempfile.mkdtemp(dir=workdir)
-    send_argv = [PY, "-m", "p2pft", "send", "--json", "--code", code]
+    send_argv = [PY, "-m", "p2pft", "send", "--json", "--code", code] + (
+        ["-v"] if os.environ.get("P2PFT_BENCH_VERBOSE") else [])
     if streams is not None:
         send_argv += ["--streams", str(streams)]
     send_argv += [server, src]
@@ -293,6 +294,10 @@ def p2pft_run(lab, root, server, src, size, streams, code, workdir, timeout):
     res["bytes_direct"] = done_s.get("bytes_direct")
     res["bytes_relay"] = done_s.get("bytes_relay")
     return res
+
+
+#: The file size of an "auto" cell, in streams' worth (it grows to at most 8).
+AUTO_SCALE = 6
 
 
 def make_file(path, size):
@@ -364,7 +369,8 @@ def cmd_p2pft(args, cells):
                     est = socat_run(lab, 3)
                     print(f"  socat estimate {est:.2f} MB/s (3 s)", flush=True)
                 for n in list(stream_counts):
-                    size = int((args.size_mb or min(40, max(2, est * (n or 1) *
+                    scale = AUTO_SCALE if n == "auto" else int(n or 1)
+                    size = int((args.size_mb or min(40, max(2, est * scale *
                                                             args.p2pft_seconds))) * MB)
                     src = os.path.join(workdir, f"data-{size}.bin")
                     if not os.path.exists(src):
@@ -407,7 +413,8 @@ def cmd_p2pft(args, cells):
             finally:
                 lab.down()
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not os.environ.get("P2PFT_BENCH_VERBOSE"):
+            shutil.rmtree(workdir, ignore_errors=True)
     print("\np2pft send->done MB/s, median of the runs that finished; path and streams from "
           "the done event; socat = one-stream estimate of the cell")
     print(f"{'RTT':>6} {'loss':>5} {'N':>3} {'MB/s':>8} {'ok':>3}  {'path':<14} {'streams':<8} "
@@ -435,7 +442,8 @@ def main():
     p.add_argument("--losses", type=float, nargs="+", default=[0.0, 0.01])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seconds", type=float, default=10, help="socat: seconds per run")
-    p.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--streams", nargs="+", default=["1", "2", "4", "8", "auto"],
+                   help="stream counts to run (numbers, or auto: the default of p2pft send)")
     p.add_argument("--p2pft-seconds", type=float, default=5,
                    help="p2pft: file size = socat rate x N x this, within [2, 40] MB")
     p.add_argument("--size-mb", type=float, help="p2pft: fixed file size instead")

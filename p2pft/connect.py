@@ -61,14 +61,39 @@ RECONNECT_TIMEOUT = 300.0
 UPGRADE_WAIT = 30.0
 #: Most parallel streams (the relay takes legs 0..15).
 MAX_STREAMS = 16
-#: Seconds a stream of C{--streams auto} is given to show its worth.
-AUTO_STEP = 2.0
-#: A new stream must raise the throughput by this much to stay worth growing.
+#: Seconds each step of C{--streams auto} is given to show its worth: some
+#: 30 round trips of a 100 ms path, enough for new connections to leave slow
+#: start and for the count to rise above the noise of a lossy path.
+AUTO_STEP = 3.0
+#: ... and at least this many bytes acknowledged (the count moves a record,
+#: 256 KiB, at a time: 8 of them keep its own noise near 10 %), unless that
+#: takes more than AUTO_STEP_MAX seconds (a very slow path).
+AUTO_BYTES = 2 << 20
+AUTO_STEP_MAX = 12.0
+#: Streams C{auto} opens at once on a long path (croc always uses 4): on a
+#: loss-limited path each adds about one stream's worth (Mathis: a Reno
+#: stream gets MSS / (RTT sqrt(p)) whatever the link), on a clean one they
+#: share what one would have had, at the cost of 3 connections.  Asked for
+#: before the data starts: a later request waits behind what the lanes
+#: already queue (seconds, on a slow path).
+AUTO_START = 4
+#: C{auto} then doubles them (8) if that raises the throughput by at least
+#: this much.
 AUTO_GAIN = 1.15
 #: Streams C{auto} grows to at most (croc uses 4 connections, derphole 8).
 AUTO_MAX = 8
+#: C{auto} adds no stream on a path shorter than this round trip: a LAN or a
+#: nearby path, where one TCP connection fills the link even with some loss
+#: (by the Mathis formula one Reno stream at 10 ms and 1 % loss still moves
+#: about 15 MB/s), and more streams only cost CPU.
+AUTO_MIN_RTT = 0.010
 
-GROW = CONTROL  # leader -> follower: {"leg": k}: dial relay leg k
+#: Unsequenced records of the lane finders (L{SessionLink} control kinds):
+#: leader -> follower GROW {"leg": k} (dial relay leg k) or {"punch": n,
+#: "candidates": [...]} (punch stream n from a fresh port; here is mine);
+#: follower -> leader GROWN {"punch": n, "candidates": [...]}.
+GROW = CONTROL
+GROWN = CONTROL + 1
 
 
 @attrs.define
@@ -329,21 +354,36 @@ class LaneFinder:
         self._lost_at: float | None = None
         self._arrived: list[defer.Deferred] = []
         self._legs = 1  # relay legs in use: 0 .. _legs-1
+        self._punched = 0  # direct streams punched so far (numbered from 1)
+        self._growing: dict[int, defer.Deferred] = {}  # direct streams being punched
+        self._replies: dict[int, defer.Deferred] = {}  # leader: GROWN awaited
+        self._main: list[PunchConnector] = []  # punching for the session's path, not a stream
         self._auto = None
+        self._auto_target = 1
+        self._auto_rate = 0
+        self._auto_done = False
+        self._auto_started = False
+        self._auto_warm = False
+        self._auto_doubt = False
+        self._tcp_acked: dict = {}  # lane -> its TCP's acknowledged bytes, last seen
         self.link = SessionLink(reactor, self._leader, lost_all=self._lost_all,
                                 path_changed=self._path_changed, control=self._control)
 
     # -- starting connectors ---------------------------------------------
 
-    def punch(self, local_port: int, theirs, mine, relays=None) -> PunchConnector:
+    def punch(self, local_port: int, theirs, mine, relays=None, stream: bool = False) -> PunchConnector:
         """A connector that punches from C{local_port} to the peer's
         candidates C{theirs} and dials the relays (at once), whose lanes
-        join the link; the caller runs it."""
+        join the link; the caller runs it.  C{stream}: a further direct
+        stream, not the session's path."""
         own_hosts = frozenset(str(parse_ip(h)) for h, _ in mine if parse_ip(h) is not None)
-        return self._keep(PunchConnector(
+        connector = self._keep(PunchConnector(
             self._reactor, local_port, theirs, self._factory(0), leader=self._leader,
             schedule=self._settings.schedule, relays=self.relays if relays is None else relays,
-            own_hosts=own_hosts, on_lane=self._lane, want=self._want))
+            own_hosts=own_hosts, on_lane=self._lane, want=self._on_direct if stream else self._want))
+        if not stream:
+            self._main = [c for c in self._main if c.running] + [connector]
+        return connector
 
     def _relay_leg(self, leg: int, deadline: float, want=None) -> PunchConnector | None:
         """Dial relay leg C{leg} for up to C{deadline} seconds (running)."""
@@ -376,6 +416,8 @@ class LaneFinder:
         """The transfer is over: stop looking for lanes."""
         self._stopped = True
         cancel(self._auto)
+        for growing in list(self._growing.values()):
+            growing.cancel()
         for connector in self._connectors:
             if connector.running:
                 connector.stop()
@@ -400,8 +442,8 @@ class LaneFinder:
         self.link.join(candidate)
         if candidate.path == "direct":
             # Direct: nothing else is needed from this round of punching.
-            for connector in self._connectors:
-                if connector.running and connector._listen:
+            for connector in self._main:
+                if connector.running:
                     connector.stop()
         arrived, self._arrived = self._arrived, []
         for d in arrived:
@@ -409,63 +451,161 @@ class LaneFinder:
         if self._leader:
             self._grow()
 
-    # -- parallel streams (through a relay) ---------------------------------
+    # -- parallel streams ----------------------------------------------------
 
     @property
     def _target(self) -> int:
         streams = self._settings.streams
         return streams if isinstance(streams, int) else self._auto_target
 
-    _auto_target = 1
-
     def _grow(self) -> None:
-        """Leader: open relay legs up to the target while the session runs
-        on the relay (legs of a direct path come with issue 15's ports)."""
+        """Leader: open streams up to the target on the path the session
+        runs on: relay legs 1, 2, ... through the relay; through NATs, each
+        further direct stream is punched from a fresh port pair, each side's
+        port observed by the rendezvous server (L{_punch_stream})."""
         link = self.link
-        if self._stopped or link.path != "relay" or not self.relays:
+        if self._stopped or link.path == "none":
             return
-        if isinstance(self._settings.streams, str) and self._auto is None:
-            self._auto = self._reactor.callLater(AUTO_STEP, self._auto_step, self._delivered(), 1)
-        while self._legs < min(self._target, MAX_STREAMS):
-            leg = self._legs
-            self._legs += 1
-            if link.send_control(GROW, _encode({"leg": leg})):
-                self._relay_leg(leg, self._settings.schedule.handshake_timeout, want=self._on_relay)
+        if self._settings.streams == "auto" and not self._auto_started:
+            self._auto_started = True
+            rtt = next((lane.conn.rtt for lane in link.live if lane.conn.rtt is not None), None)
+            if rtt is not None and rtt < AUTO_MIN_RTT:
+                self._auto_done = True  # a short path: one stream fills it
+                log.info("streams auto: {ms:.1f} ms round trip, one stream", ms=rtt * 1000)
+            else:
+                # A long path: AUTO_START streams at once, before any data
+                # queues behind the request for them; then double while it
+                # pays.
+                self._auto_target = AUTO_START
+                self._auto = self._reactor.callLater(1.0, self._auto_step, self._reactor.seconds(),
+                                                     self._delivered())
+        target = min(self._target, MAX_STREAMS)
+        if link.path == "relay":
+            while self.relays and self._legs < target:
+                leg = self._legs
+                self._legs += 1
+                if link.send_control(GROW, _encode({"leg": leg})):
+                    self._relay_leg(leg, self._settings.schedule.handshake_timeout, want=self._on_relay)
+            return
+        direct = sum(1 for lane in link.live if lane.path == "direct")
+        while direct + len(self._growing) < target:
+            self._punched += 1
+            number = self._punched
+            d = defer.ensureDeferred(self._punch_stream(number))
+            self._growing[number] = d
+            d.addErrback(lambda f, n=number: log.info("stream {n}: {e}", n=n, e=f.getErrorMessage()))
+            d.addBoth(lambda _, n=number: self._growing.pop(n, None))
 
     def _delivered(self) -> int:
-        return self.link.sent.direct + self.link.sent.relay
+        """Bytes the other side has received so far, as precisely as we can
+        tell: what its TCP acknowledged on every lane (the session's own
+        acknowledgements move a whole record, 256 KiB, at a time)."""
+        seen = self._tcp_acked
+        for lane in self.link.lanes:
+            if not lane.gone:
+                acked = lane.conn.tcp_bytes_acked()
+                if acked is None:
+                    return self.link.acknowledged
+                seen[lane] = acked
+        return sum(seen.values())
 
-    def _auto_step(self, before: int, streams: int) -> None:
-        """C{--streams auto}: add a stream every AUTO_STEP seconds while
-        the last one raised the throughput by AUTO_GAIN."""
-        now = self._delivered()
-        rate = now - before
+    def _auto_step(self, since: float, before: int) -> None:
+        """C{--streams auto}: a step lasts AUTO_STEP seconds and at least
+        AUTO_BYTES acknowledged (at most AUTO_STEP_MAX seconds); after
+        each, double the streams as long as the last doubling raised the
+        throughput by AUTO_GAIN."""
         self._auto = None
-        if self._stopped or self.link.path != "relay":
+        if self._stopped or self._auto_done:
             return
-        previous = getattr(self, "_auto_rate", None)
-        self._auto_rate = rate
-        if previous is not None and rate < previous * AUTO_GAIN:
-            return  # the last stream did not pay: stay
-        if self._auto_target >= AUTO_MAX:
-            return
-        self._auto_target += 1
-        self._grow()
-        self._auto = self._reactor.callLater(AUTO_STEP, self._auto_step, now, self._auto_target)
+        now, got = self._reactor.seconds(), self._delivered() - before
+        elapsed = now - since
+        if got == 0:  # nothing flows (a person deciding, a reconnection): wait
+            since, before = now, self._delivered()
+        elif elapsed >= AUTO_STEP and (got >= AUTO_BYTES or elapsed >= AUTO_STEP_MAX) and not self._auto_warm:
+            # The first step only warms up: TCP's slow start, before the
+            # path's first losses, moves more than the path then sustains.
+            self._auto_warm = True
+            since, before = now, self._delivered()
+        elif elapsed >= AUTO_STEP and (got >= AUTO_BYTES or elapsed >= AUTO_STEP_MAX):
+            rate = got / elapsed
+            log.info("streams auto: {n} streams moved {rate:.2f} MB/s", n=self._auto_target, rate=rate / 1e6)
+            previous = self._auto_rate
+            if previous and rate < previous * AUTO_GAIN and not self._auto_doubt:
+                # Not enough, or the noise of a lossy path: one more step
+                # at this count before deciding.
+                self._auto_doubt = True
+                self._auto = self._reactor.callLater(1.0, self._auto_step, now, self._delivered())
+                return
+            self._auto_doubt, self._auto_rate = False, rate
+            if previous and rate < previous * AUTO_GAIN or self._auto_target >= AUTO_MAX:
+                self._auto_done = True  # the last doubling did not pay: stay
+                return
+            self._auto_target = min(AUTO_MAX, 2 * self._auto_target)
+            self._grow()
+            since, before = now, self._delivered()
+        self._auto = self._reactor.callLater(1.0, self._auto_step, since, before)
+
+    async def _punch_stream(self, number: int, theirs=None) -> None:
+        """One more direct stream: a fresh port, observed by the rendezvous
+        server (its WELCOME), told to the other side over the session (GROW
+        from the leader, GROWN in reply), then punched like the first."""
+        reactor = self._reactor
+        client = await connect_rendezvous(reactor, self._settings.server)
+        try:
+            public = await _timeout(reactor, client.welcomed(), 10, "the rendezvous server")
+            server_host = client.transport.getPeer().host
+            mine, local_port = _own(client, public, server_host)
+            if self._leader:
+                reply = defer.Deferred()
+                self._replies[number] = reply
+                if not self.link.send_control(GROW, _encode({"punch": number, "candidates": mine})):
+                    return
+                try:
+                    theirs = await _timeout(reactor, reply, 10, "the other side's stream address")
+                finally:
+                    self._replies.pop(number, None)
+            else:
+                if not self.link.send_control(GROWN, _encode({"punch": number, "candidates": mine})):
+                    return
+            theirs = parse_candidates(theirs, server_host, mine)
+            connector = self.punch(local_port, theirs, mine, relays=[], stream=True)
+            punched = connector.run()
+            punched.addErrback(lambda f: log.info("stream {n}: {e}", n=number, e=f.getErrorMessage()))
+            await _race(reactor, [punched], self._settings.schedule.handshake_timeout)
+            connector.stop()
+        finally:
+            await _close(reactor, client)
 
     def _control(self, kind: int, payload: bytes) -> None:
-        if kind != GROW or self._leader or self._stopped:
+        if self._stopped or kind not in (GROW, GROWN):
             return
         try:
-            leg = _decode(payload).get("leg")
+            message = _decode(payload)
         except SessionError:
             return
+        if kind == GROWN and self._leader:
+            reply = self._replies.get(message.get("punch"))
+            if reply is not None and not reply.called:
+                reply.callback(message)
+            return
+        if kind != GROW or self._leader:
+            return
+        leg, punch = message.get("leg"), message.get("punch")
         if type(leg) is int and 0 < leg < MAX_STREAMS:
             self._relay_leg(leg, self._settings.schedule.handshake_timeout)
+        elif type(punch) is int and 0 < punch <= 4 * MAX_STREAMS and punch not in self._growing:
+            d = defer.ensureDeferred(self._punch_stream(punch, message))
+            self._growing[punch] = d
+            d.addErrback(lambda f: log.info("stream {n}: {e}", n=punch, e=f.getErrorMessage()))
+            d.addBoth(lambda _: self._growing.pop(punch, None))
 
     def _on_relay(self, candidate) -> bool:
         """Leader: a further relay leg joins while the session is on the relay."""
         return self.link.path == "relay"
+
+    def _on_direct(self, candidate) -> bool:
+        """Leader: a further direct stream joins while the session is direct."""
+        return candidate.path == "direct" and self.link.path == "direct"
 
     def _path_changed(self, path: str, peer: str, streams: int) -> None:
         if self._reconnecting is None:

@@ -8,6 +8,9 @@ punching connector and the next phase.
 
 from __future__ import annotations
 
+import socket
+import sys
+
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -22,6 +25,12 @@ from .candidate import CandidateHandshake
 from .greeting import RelayGreeting
 from .interfaces import ILaneHandler, IPhase
 from .records import Records
+
+
+#: Where struct tcp_info (linux/tcp.h) holds tcpi_bytes_acked (Linux 4.1+),
+#: and the size to ask for.
+_BYTES_ACKED = 120
+_TCP_INFO_SIZE = 128
 
 
 @implementer(ICandidate)
@@ -49,6 +58,10 @@ class PeerConnection(Protocol):
         self._records: Records | None = None  # once chosen
         self._closed = OneShot()
         self.lost_reason: str | None = None
+        self._hello_at = 0.0
+        #: Seconds from our HELLO to the other side's proof of it (about
+        #: one round trip of this path), once authenticated.
+        self.rtt: float | None = None
 
     # -- as a candidate
 
@@ -61,7 +74,7 @@ class PeerConnection(Protocol):
             self._phase = greeting
             greeting.start()
         else:
-            self._candidate.hello()
+            self._hello()
 
     def dataReceived(self, data: bytes) -> None:
         self._phase.dataReceived(data)
@@ -84,11 +97,17 @@ class PeerConnection(Protocol):
 
     def _joined(self, rest: bytes) -> None:
         self._phase = self._candidate
-        self._candidate.hello()
+        self._hello()
         if rest:
             self._candidate.dataReceived(rest)
 
+    def _hello(self) -> None:
+        self._hello_at = self._clock.seconds()
+        self._candidate.hello()
+
     def _authenticated(self) -> None:
+        # HELLO out, the other side's PROOF of it back: one round trip.
+        self.rtt = self._clock.seconds() - self._hello_at
         self._connector.authenticated(self)
 
     def _selected(self, rest: bytes) -> None:
@@ -114,6 +133,17 @@ class PeerConnection(Protocol):
         p = self.transport.getPeer()
         host = normalise_host(p.host)
         return f"[{host}]:{p.port}" if ":" in host else f"{host}:{p.port}"
+
+    def tcp_bytes_acked(self) -> int | None:
+        """Bytes the other side's TCP acknowledged on this connection
+        (Linux's TCP_INFO), or None where the kernel does not say."""
+        try:
+            info = self.transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+        except (AttributeError, OSError):
+            return None
+        if len(info) < _TCP_INFO_SIZE:
+            return None
+        return int.from_bytes(info[_BYTES_ACKED:_BYTES_ACKED + 8], sys.byteorder)
 
     def attach(self, handler: ILaneHandler) -> None:
         """Hand the chosen channel to the layer above; replays early data."""

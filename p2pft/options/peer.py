@@ -183,7 +183,7 @@ class SendOptions(_PeerOptions):
         ["code", "c", None, "Use this code instead of asking the server for one (NAMEPLATE-WORD-WORD)."],
         ["code-length", None, codes.DEFAULT_WORDS, "Number of words in a generated code.", int],
         ["streams", None, "auto", "Parallel connections to stripe the data over, 1-16, or 'auto' "
-                                  "(add one while it raises the throughput, up to 8): they help "
+                                  "(double them, up to 8, while that raises the throughput): they help "
                                   "on long or lossy paths, where one TCP connection cannot fill "
                                   "the link.  Through a relay."],
     ]

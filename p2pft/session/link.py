@@ -186,6 +186,8 @@ class SessionLink:
         self._last_path = "none"  # the path of the last lanes, once all are gone
         self.sent = Counts()
         self.received = Counts()
+        #: Payload bytes of our records the other side acknowledged.
+        self.acknowledged = 0
 
     # -- lanes (the layer above's side) -------------------------------------
 
@@ -432,6 +434,7 @@ class SessionLink:
         (expected,) = _SACK.unpack(payload)
         lane.acked = True
         for record in self._outbox.ack(expected):
+            self.acknowledged += len(record.payload)
             if record.lane is not None:
                 record.lane.inflight -= record.size
         self._resend()
