@@ -341,6 +341,8 @@ class Pull:
         self.active = True
         try:
             self.calls += 1
+            if self.calls > 100_000:
+                raise AssertionError("resumeProducing called without end")
             for _ in range(self.burst):
                 if not self.records:
                     break
