@@ -106,6 +106,7 @@ class End:
         if self.closed or self.lost is not None:
             return
         self.closed = True
+        self.paused = False  # Records.close() reads again (and ignores)
         if self.producer is not None:
             self.closed_with_producer = True
         if not self.wire.dead:
@@ -146,6 +147,11 @@ class End:
             self.early.append((kind, seq, payload))
         else:
             self.handler.recordReceived(kind, seq, payload)
+
+    def lose_now(self, reason: str = "Connection reset by peer") -> None:
+        """This end alone learns its connection is gone (before it was
+        attached, say)."""
+        self._lose(reason)
 
     def _lose(self, reason: str) -> None:
         if self.lost is not None:
