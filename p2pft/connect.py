@@ -59,6 +59,11 @@ RECONNECT_TIMEOUT = 300.0
 #: looking for a direct path again after reconnecting through a relay (the
 #: other side comes at about the same moment: it reconnected too).
 UPGRADE_WAIT = 30.0
+#: Seconds of one reconnection attempt through the relay: more than the 10 s
+#: a connection there may wait for the other side and prove the key, after
+#: which both sides dial it again (a side that noticed the loss later, or
+#: woke up later, finds the other's next attempt).
+RELAY_ROUND = 12.0
 #: Most parallel streams (the relay takes legs 0..15).
 MAX_STREAMS = 16
 #: Seconds each step of C{--streams auto} is given to show its worth: some
@@ -194,15 +199,19 @@ class Session:
 async def establish(reactor, settings: Settings, role: str, ui) -> Session:
     """Everything up to the first lane of a session."""
     client = await connect_rendezvous(reactor, settings.server)
+    reporting = False
     try:
         session = await _pair_and_punch(reactor, client, settings, role, ui)
         if role == SENDER:
             # One anonymous count for the server's metrics, once per
-            # session (so by one side only): how it connected first.
-            client.report(session.path, session.connect_seconds)
+            # session (so by one side only): the path the session settled
+            # on once its first punching is over, sent from the background.
+            reporting = True
+            session.finder.report_later(client, session.connect_seconds)
         return session
     finally:
-        await _close(reactor, client)
+        if not reporting:
+            await _close(reactor, client)
 
 
 async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) -> Session:
@@ -273,7 +282,7 @@ async def _agree_keys(reactor, client, code: codes.Code, role: str, timeout: flo
     if version != PROTOCOL:
         if version == "p2pft/v1":
             raise SessionError("the other side runs an older p2pft (protocol v1); "
-                               "both sides need p2pft 2 or later: ask them to update")
+                               "both sides need p2pft 0.2 or later: ask them to update")
         raise SessionError("the other side speaks another version of p2pft")
     features = confirm.get("features")
     features = frozenset(f for f in features if isinstance(f, str)) if isinstance(features, list) else frozenset()
@@ -349,6 +358,8 @@ class LaneFinder:
         self.relays = list(relays)
         self._connectors: list[PunchConnector] = []
         self._stopped = False
+        self._direct_at: float | None = None
+        self._announced = False  # "reconnected" said for this reconnection
         self._reconnecting: defer.Deferred | None = None
         self._upgrading: defer.Deferred | None = None
         self._lost_at: float | None = None
@@ -426,6 +437,25 @@ class LaneFinder:
             if running is not None:
                 running.cancel()
 
+    def report_later(self, client, first_seconds: float) -> None:
+        """Sender: once the first punching is over (a direct lane joined,
+        or its deadline passed, or the transfer ended), REPORT the path and
+        the seconds from PAIRED to it to the rendezvous server C{client},
+        then close it."""
+        start = self._reactor.seconds() - first_seconds
+
+        async def report():
+            try:
+                while any(c.running for c in self._main) and not self._stopped and self.link.path != "direct":
+                    await task.deferLater(self._reactor, 0.25, lambda: None)
+                path = self.link.path if self.link.path != "none" else "relay"
+                at = self._direct_at if path == "direct" and self._direct_at is not None else start + first_seconds
+                client.report(path, max(0.0, at - start))
+            finally:
+                await _close(self._reactor, client)
+
+        defer.ensureDeferred(report()).addErrback(lambda f: log.failure("reporting", f))
+
     # -- lanes arriving ----------------------------------------------------
 
     def _want(self, candidate) -> bool:
@@ -440,6 +470,13 @@ class LaneFinder:
         if self._stopped:
             return candidate.abandon()
         self.link.join(candidate)
+        if self._reconnecting is not None and not self._announced:
+            # Back, however it came: say so now (the search winds down on
+            # its own).
+            self._announced = True
+            self._ui.reconnected(self.link.path, self.link.peer, self._reactor.seconds() - self._lost_at)
+        if candidate.path == "direct" and self._direct_at is None:
+            self._direct_at = self._reactor.seconds()
         if candidate.path == "direct":
             # Direct: nothing else is needed from this round of punching.
             for connector in self._main:
@@ -608,7 +645,7 @@ class LaneFinder:
         return candidate.path == "direct" and self.link.path == "direct"
 
     def _path_changed(self, path: str, peer: str, streams: int) -> None:
-        if self._reconnecting is None:
+        if self._reconnecting is None or self._announced:
             self._ui.path(path, peer, streams)
 
     # -- reconnection --------------------------------------------------------
@@ -621,6 +658,7 @@ class LaneFinder:
         if self._upgrading is not None:
             self._upgrading.cancel()
         self._lost_at = self._reactor.seconds()
+        self._announced = False
         self._ui.reconnecting(reason)
         self._reconnecting = defer.ensureDeferred(self._reconnect(reason))
         self._reconnecting.addErrback(lambda f: f.trap(defer.CancelledError))
@@ -632,9 +670,12 @@ class LaneFinder:
         reactor, settings = self._reactor, self._settings
         deadline = self._lost_at + settings.reconnect_timeout
         self._legs = 1
-        # The relay, at once and for as long as we may wait: both sides
-        # dial it with the session's token, so it needs no server.
-        relay = self._relay_leg(0, settings.reconnect_timeout, want=self._want)
+        # The relay, at once and again every RELAY_ROUND seconds for as long
+        # as we may wait: both sides dial it with the session's token, so it
+        # needs no server, and each round overlaps the other side's.
+        self._last_relay = None
+        relaying = defer.ensureDeferred(self._relay_rounds(deadline))
+        relaying.addErrback(lambda f: f.trap(defer.CancelledError))
         try:
             while not self._has_lane() and reactor.seconds() < deadline and not self._stopped:
                 try:
@@ -650,11 +691,11 @@ class LaneFinder:
                                           lambda: None)
         finally:
             self._reconnecting = None
+            relaying.cancel()
+            relay = self._last_relay
             if relay is not None and relay.running and self.link.path == "direct":
                 relay.stop()
         if self._has_lane():
-            after = reactor.seconds() - self._lost_at
-            self._ui.reconnected(self.link.path, self.link.peer, after)
             if self._leader:
                 self._grow()
             if self.link.path == "relay" and not self._stopped:
@@ -667,6 +708,20 @@ class LaneFinder:
             detail = relay.plan.failure() if relay is not None and relay.plan.errors else "nobody answered"
             self.link.give_up(f"{reason.rstrip('.')}; reconnecting for {settings.reconnect_timeout:g} s "
                               f"failed: {detail}")
+
+    async def _relay_rounds(self, deadline: float) -> None:
+        reactor = self._reactor
+        while not self._has_lane() and not self._stopped:
+            left = deadline - reactor.seconds()
+            if left <= 0:
+                return
+            connector = self._relay_leg(0, min(RELAY_ROUND, left), want=self._want)
+            if connector is None:
+                return
+            self._last_relay = connector
+            await _race(reactor, [self._arrival()], min(RELAY_ROUND, left))
+            if connector.running and not self._has_lane():
+                connector.stop()
 
     async def _upgrade(self) -> None:
         try:
@@ -705,6 +760,11 @@ class LaneFinder:
             except SecurityError:
                 raise SessionError("someone else met us on the reconnection nameplate") from None
             theirs = parse_candidates(_decode(message), server_host, mine)
+            # A third message: the server gives back the claim of a
+            # pairing whose members each sent three (docs/PROTOCOL.md §1).
+            client.send(box.seal(_encode({})))
+            if self._has_lane() and not upgrade:
+                return
             log.info("reconnecting: punching from port {port} to {theirs}", port=local_port, theirs=theirs)
             connector = self.punch(local_port, theirs, mine, relays=[])
             punched = connector.run()

@@ -54,8 +54,8 @@ async def _finish(endpoint, ui, session: Session) -> Result:
 
 def _routes(link) -> dict:
     """How many payload bytes went each way, and the most streams at once."""
-    return {"bytes_direct": link.sent.direct + link.received.direct,
-            "bytes_relay": link.sent.relay + link.received.relay,
+    return {"bytes_direct": link.delivered.direct + link.received.direct,
+            "bytes_relay": link.delivered.relay + link.received.relay,
             "streams": max(link.sent.streams, 1)}
 
 

@@ -212,7 +212,7 @@ class HumanUI:
 
     def connected(self, peer: str, path: str) -> None:
         if path == "relay":
-            self.say(f"Connected to {peer} successfully! (through that relay: no direct path)")
+            self.say(f"Connected to {peer} successfully! (through that relay; still looking for a direct path)")
         else:
             self.say(f"Connected to {peer} successfully!")
 

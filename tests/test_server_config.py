@@ -212,7 +212,7 @@ class ErrorTests(_Files, SynchronousTestCase):
             "max-per-ip = 0": "max-per-ip must be positive",
             "relay-rate = -5": "relay-rate must not be negative",
             "relay-idle-timeout = 10": "relay-idle-timeout must be more than 60 s "
-                                       "(peers send a keepalive every minute while a person decides)",
+                                       "(protocol v1 peers send a keepalive every minute while a person decides)",
         }
         for line, expected in cases.items():
             message, path = self.error(line + "\n")

@@ -17,11 +17,6 @@ from p2pft.transfer.records import ACK, DATA, FILE, OFFER
 from .fakelanes import Net, Pull, Push
 
 
-#: Bugs in p2pft.session.link the tests marked todo show (see the report).
-RETIRE_LEAVE_BUG = (
-    "a LEAVE that retires a relay lane looks like the leader closing: SessionLink._laneLost "
-    "(link.py:485-489) ends the follower with 'the other side closed the connection'")
-
 
 def payload(i: int, size: int = 100) -> bytes:
     head = b"%08d|" % i
@@ -264,7 +259,6 @@ class OrderTests(Base):
     def test_random_upgrades(self):
         for seed in range(25):
             self._random_run(3000 + seed, paths=("direct", "relay"))
-    test_random_upgrades.todo = RETIRE_LEAVE_BUG
 
 
 class LossTests(Base):
@@ -366,9 +360,6 @@ class LossTests(Base):
         self.assertEqual(net.a.records, [(ACK, b"{}")])
         self.assertEqual(net.a.link._inbox.duplicates, 1)
         self.assertTrue(net.b.link._outbox.idle)
-    test_duplicate_is_acknowledged.todo = (
-        "SessionLink._received returns before any SACK when a duplicate made nothing ready "
-        "(link.py:401): the resender never learns the record arrived")
 
     def test_duplicate_then_close_completes(self):
         # The same, as the receiver's last ACK: its close() must end.
@@ -383,7 +374,6 @@ class LossTests(Base):
         net.settle()
         self.assertEqual(net.b.lost, ["closed"])
         self.assertEqual(net.b.lost_all, [])
-    test_duplicate_then_close_completes.todo = test_duplicate_is_acknowledged.todo
 
 
 class UpgradeTests(Base):
@@ -486,7 +476,6 @@ class UpgradeTests(Base):
         net.settle()
         self.assertEqual(net.b.records, [(OFFER, b"more")])
         self.assertFalse(w.a.closed)
-    test_relay_left_then_direct_cut_is_not_the_end.todo = RETIRE_LEAVE_BUG
 
     def test_delayed_sack_not_lost_on_a_retired_lane(self):
         # A's SACK of b1 is due on the relay lane it came by, but A retires
@@ -509,9 +498,6 @@ class UpgradeTests(Base):
         net.settle()
         self.assertEqual(net.a.records, [(DATA, b"b1")])
         self.assertTrue(net.b.link._outbox.idle)
-    test_delayed_sack_not_lost_on_a_retired_lane.todo = (
-        "SessionLink._flush_ack (link.py:423) sends on _ack_lane even when it is leaving or left "
-        "(the SACK is dropped), and the duplicate that follows is not acknowledged (link.py:401)")
 
     def test_lane_lost_before_it_joined_retires_nothing(self):
         net = self.net()
@@ -525,9 +511,6 @@ class UpgradeTests(Base):
         net.a.link.send(OFFER, b"x")
         self.assertEqual(r.a.data_sent(), [1])
         self.assertEqual(net.a.link.path, "relay")
-    test_lane_lost_before_it_joined_retires_nothing.todo = (
-        "SessionLink.join (link.py:197-205) goes on after conn.attach() reported the lane lost: "
-        "a dead direct lane retires the relay lanes")
 
     def test_direct_lost_while_relay_retiring(self):
         net = self.net()
@@ -702,9 +685,6 @@ class EndTests(Base):
         self.assertTrue(w.a.aborted)
         self.assertEqual(net.a.lost_all, [])
         self.assertEqual(len(net.a.lost), 1)
-    test_abort_with_unacknowledged_records_ends.todo = (
-        "abort() only aborts the lanes; _laneLost (link.py:486) ends the session only if the "
-        "outbox is idle, else calls lost_all (reconnection) and the transfer never hears channelLost")
 
 
 class SilenceTests(Base):
@@ -933,8 +913,6 @@ class ReadingTests(Base):
         net.b.link.pauseReading()
         w = net.wire()
         self.assertTrue(w.b.paused)
-    test_lane_joining_while_paused_is_paused.todo = (
-        "SessionLink.join (link.py:192) does not pause a new lane's reading while the link's reading is paused")
 
 
 class CountTests(Base):

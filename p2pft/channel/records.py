@@ -21,7 +21,7 @@ from .interfaces import ILaneHandler, IPhase
 #: anything.  Keeps a relayed session from looking idle to the relay while a
 #: person decides (TCP keepalive probes carry no data), and lets the session
 #: above tell a silent connection from a live one (L{p2pft.session}): 5 s
-#: is 21 bytes every 5 s per connection, and three missed make a dead one
+#: is 29 bytes every 5 s per connection, and three missed make a dead one
 #: (15 s) well before TCP's own keepalive (80 s) would notice.
 KEEPALIVE = 0
 KEEPALIVE_INTERVAL = 5.0

@@ -77,7 +77,7 @@ def _streams(text: str) -> int | str:
 class _PeerOptions(_Options):
     optFlags = [
         ["json", None, "Print one JSON object per line on stdout (events: code, paired, "
-                       "connected, path, reconnecting, reconnected, offer, progress, done, error)."],
+                       "connected, path, reconnecting, reconnected, offer, progress, text, done, error)."],
         ["no-progress", None, "No progress bar (there is none when stderr is not a terminal)."],
         ["quiet", "q", "Print only errors and what a script needs (the code); no progress bar."],
         ["verbose", "v", "Also log what happens (rendezvous, punching, relays) to stderr."],

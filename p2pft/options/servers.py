@@ -65,7 +65,7 @@ class _RelayLimitOptions(_Options):
         if self["relay-idle-timeout"] <= self.V1_KEEPALIVE:
             raise usage.UsageError(
                 f"--relay-idle-timeout must be more than {self.V1_KEEPALIVE:g} s "
-                "(peers send a keepalive every minute while a person decides)")
+                "(protocol v1 peers send a keepalive every minute while a person decides)")
         for name in ("relay-max-bytes", "relay-rate"):
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} must not be negative")

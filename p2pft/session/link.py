@@ -95,6 +95,7 @@ class Lane:
     #: Whether a SACK arrived on it: records sent again wait for one, so
     #: what the other side already has is not sent twice.
     acked: bool = False
+    final: bool = False
 
     @property
     def usable(self) -> bool:
@@ -186,8 +187,10 @@ class SessionLink:
         self._last_path = "none"  # the path of the last lanes, once all are gone
         self.sent = Counts()
         self.received = Counts()
-        #: Payload bytes of our records the other side acknowledged.
+        #: Payload bytes of our records the other side acknowledged, in all
+        #: and by path.
         self.acknowledged = 0
+        self.delivered = Counts()
 
     # -- lanes (the layer above's side) -------------------------------------
 
@@ -197,7 +200,11 @@ class SessionLink:
         self._joined += 1
         self.lanes.append(lane)
         conn.attach(_LaneHandler(lane))
+        if lane.gone:
+            return lane
         conn.registerProducer(lane, True)
+        if self._paused:
+            conn.pauseReading()
         if self._ended is not None or self._closing and self._outbox.idle:
             self._leave(lane)
             return lane
@@ -307,12 +314,7 @@ class SessionLink:
     def abort(self) -> None:
         """End now: every lane is aborted."""
         self._closing = True
-        self._producer = None
-        lanes = [lane for lane in self.lanes if not lane.gone]
-        for lane in lanes:
-            lane.conn.abort()
-        if not lanes:
-            self._end("aborted")
+        self._end("aborted", abort=True)
 
     def whenClosed(self) -> defer.Deferred:
         return self._closed.when()
@@ -387,7 +389,7 @@ class SessionLink:
             if kind == SACK:
                 return self._on_sack(lane, payload)
             if kind == LEAVE:
-                return self._on_leave(lane)
+                return self._on_leave(lane, payload)
             if kind >= CONTROL:
                 return self._control(kind, payload)
             if seq == 0:
@@ -396,7 +398,10 @@ class SessionLink:
                 # Counted on the path it came by (it may be delivered
                 # later, after a record that came by another).
                 self.received.add(lane.path, len(payload))
+            new = self._inbox.is_new(seq)
             ready = self._inbox.add(seq, kind, payload)
+            if not new:
+                self._sack(lane)  # it was sent again: say we have it
         except (SequenceError, struct.error) as e:
             self.log.info("session protocol error on {peer}: {e}", peer=lane.conn.peer, e=e)
             return self._end(f"protocol error: {e}", abort=True)
@@ -422,7 +427,7 @@ class SessionLink:
         cancel(self._ack_timer)
         self._ack_timer = None
         if self._unacked_in or self._closing:
-            lane = self._ack_lane if self._ack_lane is not None and not self._ack_lane.gone else self._best()
+            lane = self._ack_lane if self._ack_lane is not None and self._ack_lane.usable else self._best()
             if lane is not None:
                 self._unacked_in = 0
                 self._sack(lane)
@@ -437,14 +442,18 @@ class SessionLink:
             self.acknowledged += len(record.payload)
             if record.lane is not None:
                 record.lane.inflight -= record.size
+                # By the path of the lane that carried it last (a record
+                # sent again counts once).
+                self.delivered.add(record.lane.path, len(record.payload))
         self._resend()
         self._retire()
         self._pump()
         self._maybe_finish()
 
-    def _on_leave(self, lane: Lane) -> None:
+    def _on_leave(self, lane: Lane, payload: bytes = b"") -> None:
         """The other side retired C{lane}: what we had on it goes elsewhere."""
         lane.left = True
+        lane.final = payload == b"end"
         for record in self._outbox.lost(lane):
             record.lane = None
         lane.inflight = 0
@@ -463,12 +472,12 @@ class SessionLink:
             return
         for lane in self.lanes:
             if lane.retiring and not lane.leaving and not lane.gone and lane.inflight == 0:
-                self._leave(lane)
+                self._leave(lane, b"")
         self._show()
 
-    def _leave(self, lane: Lane) -> None:
+    def _leave(self, lane: Lane, payload: bytes = b"end") -> None:
         lane.leaving = True
-        lane.conn.send(LEAVE)
+        lane.conn.send(LEAVE, payload)
         lane.conn.unregisterProducer()
         lane.conn.close()
 
@@ -485,7 +494,7 @@ class SessionLink:
             return self._closed.fire(None)
         remaining = [other for other in self.lanes if not other.gone]
         if not remaining:
-            peer_ended = lane.left and not self._closing
+            peer_ended = lane.left and lane.final and not self._closing
             if self._closing and self._outbox.idle:
                 return self._end("closed")
             if peer_ended and self._outbox.idle:
