@@ -70,28 +70,26 @@ MAX_STREAMS = 16
 #: 30 round trips of a 100 ms path, enough for new connections to leave slow
 #: start and for the count to rise above the noise of a lossy path.
 AUTO_STEP = 3.0
-#: ... and at least this many bytes acknowledged (the count moves a record,
-#: 256 KiB, at a time: 8 of them keep its own noise near 10 %), unless that
-#: takes more than AUTO_STEP_MAX seconds (a very slow path).
-AUTO_BYTES = 2 << 20
+#: ... and at least this many bytes acknowledged (TCP's count, where the
+#: kernel gives it, moves by the byte; the session's own by a 256 KiB record),
+#: unless that takes more than AUTO_STEP_MAX seconds (a very slow path).
+AUTO_BYTES = 512 << 10
 AUTO_STEP_MAX = 12.0
-#: Streams C{auto} opens at once on a long path (croc always uses 4): on a
-#: loss-limited path each adds about one stream's worth (Mathis: a Reno
-#: stream gets MSS / (RTT sqrt(p)) whatever the link), on a clean one they
-#: share what one would have had, at the cost of 3 connections.  Asked for
-#: before the data starts: a later request waits behind what the lanes
-#: already queue (seconds, on a slow path).
+#: Streams C{auto} goes to from one on a loss-limited path (croc always uses
+#: 4): each adds about one stream's worth there.
 AUTO_START = 4
 #: C{auto} then doubles them (8) if that raises the throughput by at least
 #: this much.
 AUTO_GAIN = 1.15
 #: Streams C{auto} grows to at most (croc uses 4 connections, derphole 8).
 AUTO_MAX = 8
-#: C{auto} adds no stream on a path shorter than this round trip: a LAN or a
-#: nearby path, where one TCP connection fills the link even with some loss
-#: (by the Mathis formula one Reno stream at 10 ms and 1 % loss still moves
-#: about 15 MB/s), and more streams only cost CPU.
-AUTO_MIN_RTT = 0.010
+#: Retransmitted segments of one stream from which C{auto} takes a path to be
+#: limited by loss, not capacity: one Reno stream then gets about
+#: 1.22 MSS / (RTT sqrt(p)) whatever the link (Mathis), and each further
+#: stream about as much again.  A clean path's own queue overflows cost one
+#: stream far less (0.01 % at 100 Mbit/s and 100 ms in the lab), and there
+#: streams only share what one would have had, and reorder.
+AUTO_MIN_LOSS = 0.001
 
 #: Unsequenced records of the lane finders (L{SessionLink} control kinds):
 #: leader -> follower GROW {"leg": k} (dial relay leg k) or {"punch": n,
@@ -375,8 +373,7 @@ class LaneFinder:
         self._auto_done = False
         self._auto_started = False
         self._auto_warm = False
-        self._auto_doubt = False
-        self._tcp_acked: dict = {}  # lane -> its TCP's acknowledged bytes, last seen
+        self._tcp_seen: dict = {}  # lane -> its TCP's counts, last seen (L{_tcp})
         self.link = SessionLink(reactor, self._leader, lost_all=self._lost_all,
                                 path_changed=self._path_changed, control=self._control)
 
@@ -505,17 +502,8 @@ class LaneFinder:
             return
         if self._settings.streams == "auto" and not self._auto_started:
             self._auto_started = True
-            rtt = next((lane.conn.rtt for lane in link.live if lane.conn.rtt is not None), None)
-            if rtt is not None and rtt < AUTO_MIN_RTT:
-                self._auto_done = True  # a short path: one stream fills it
-                log.info("streams auto: {ms:.1f} ms round trip, one stream", ms=rtt * 1000)
-            else:
-                # A long path: AUTO_START streams at once, before any data
-                # queues behind the request for them; then double while it
-                # pays.
-                self._auto_target = AUTO_START
-                self._auto = self._reactor.callLater(1.0, self._auto_step, self._reactor.seconds(),
-                                                     self._delivered())
+            self._auto = self._reactor.callLater(1.0, self._auto_step, self._reactor.seconds(),
+                                                 self._delivered(), self._tcp())
         target = min(self._target, MAX_STREAMS)
         if link.path == "relay":
             while self.relays and self._legs < target:
@@ -525,7 +513,9 @@ class LaneFinder:
                     self._relay_leg(leg, self._settings.schedule.handshake_timeout, want=self._on_relay)
             return
         direct = sum(1 for lane in link.live if lane.path == "direct")
-        while direct + len(self._growing) < target:
+        for _ in range(target - direct - len(self._growing)):
+            if self._punched >= 4 * MAX_STREAMS:
+                return  # (the receiver takes stream numbers up to that)
             self._punched += 1
             number = self._punched
             d = defer.ensureDeferred(self._punch_stream(number))
@@ -533,54 +523,68 @@ class LaneFinder:
             d.addErrback(lambda f, n=number: log.info("stream {n}: {e}", n=n, e=f.getErrorMessage()))
             d.addBoth(lambda _, n=number: self._growing.pop(n, None))
 
+    def _tcp(self) -> tuple[int, int, int] | None:
+        """Over every lane so far, what TCP says: bytes the other side
+        acknowledged, segments retransmitted, segments sent (a lane that is
+        gone keeps its last counts); None where the kernel does not say."""
+        seen = self._tcp_seen
+        for lane in self.link.lanes:
+            if not lane.gone:
+                counts = lane.conn.tcp_counts()
+                if counts is None:
+                    return None
+                seen[lane] = counts
+        return tuple(sum(c[i] for c in seen.values()) for i in range(3))
+
     def _delivered(self) -> int:
         """Bytes the other side has received so far, as precisely as we can
         tell: what its TCP acknowledged on every lane (the session's own
         acknowledgements move a whole record, 256 KiB, at a time)."""
-        seen = self._tcp_acked
-        for lane in self.link.lanes:
-            if not lane.gone:
-                acked = lane.conn.tcp_bytes_acked()
-                if acked is None:
-                    return self.link.acknowledged
-                seen[lane] = acked
-        return sum(seen.values())
+        tcp = self._tcp()
+        return self.link.acknowledged if tcp is None else tcp[0]
 
-    def _auto_step(self, since: float, before: int) -> None:
-        """C{--streams auto}: a step lasts AUTO_STEP seconds and at least
-        AUTO_BYTES acknowledged (at most AUTO_STEP_MAX seconds); after
-        each, double the streams as long as the last doubling raised the
-        throughput by AUTO_GAIN."""
+    def _auto_step(self, since: float, before: int, counts) -> None:
+        """C{--streams auto}, every second while data flows.  A step lasts
+        AUTO_STEP seconds and AUTO_BYTES acknowledged (at most
+        AUTO_STEP_MAX seconds); the first only warms up.  After the second,
+        still on one stream: more streams only if that stream is limited by
+        loss (it retransmitted at least AUTO_MIN_LOSS of its segments);
+        then AUTO_START, and 8 if that raised the throughput by AUTO_GAIN."""
         self._auto = None
         if self._stopped or self._auto_done:
             return
         now, got = self._reactor.seconds(), self._delivered() - before
         elapsed = now - since
         if got == 0:  # nothing flows (a person deciding, a reconnection): wait
-            since, before = now, self._delivered()
-        elif elapsed >= AUTO_STEP and (got >= AUTO_BYTES or elapsed >= AUTO_STEP_MAX) and not self._auto_warm:
-            # The first step only warms up: TCP's slow start, before the
-            # path's first losses, moves more than the path then sustains.
-            self._auto_warm = True
-            since, before = now, self._delivered()
+            since, before, counts = now, self._delivered(), self._tcp()
         elif elapsed >= AUTO_STEP and (got >= AUTO_BYTES or elapsed >= AUTO_STEP_MAX):
-            rate = got / elapsed
-            log.info("streams auto: {n} streams moved {rate:.2f} MB/s", n=self._auto_target, rate=rate / 1e6)
-            previous = self._auto_rate
-            if previous and rate < previous * AUTO_GAIN and not self._auto_doubt:
-                # Not enough, or the noise of a lossy path: one more step
-                # at this count before deciding.
-                self._auto_doubt = True
-                self._auto = self._reactor.callLater(1.0, self._auto_step, now, self._delivered())
-                return
-            self._auto_doubt, self._auto_rate = False, rate
-            if previous and rate < previous * AUTO_GAIN or self._auto_target >= AUTO_MAX:
-                self._auto_done = True  # the last doubling did not pay: stay
-                return
-            self._auto_target = min(AUTO_MAX, 2 * self._auto_target)
-            self._grow()
-            since, before = now, self._delivered()
-        self._auto = self._reactor.callLater(1.0, self._auto_step, since, before)
+            rate, tcp = got / elapsed, self._tcp()
+            if not self._auto_warm:
+                # TCP's slow start, before the path's first losses, moves
+                # more than the path then sustains: not a measure.
+                self._auto_warm = True
+            elif self._auto_target == 1:
+                lost = None if tcp is None or counts is None or tcp[2] <= counts[2] else \
+                    (tcp[1] - counts[1]) / (tcp[2] - counts[2])
+                log.info("streams auto: one stream moved {rate:.2f} MB/s, {lost} of its segments "
+                         "retransmitted", rate=rate / 1e6, lost="?" if lost is None else f"{lost:.3%}")
+                self._auto_rate = rate
+                if lost is not None and lost < AUTO_MIN_LOSS:
+                    self._auto_done = True  # a clean path: one stream fills it
+                    return
+                self._auto_target = AUTO_START
+                self._grow()
+            else:
+                log.info("streams auto: {n} streams moved {rate:.2f} MB/s", n=self._auto_target,
+                         rate=rate / 1e6)
+                previous, self._auto_rate = self._auto_rate, rate
+                if self._auto_target >= AUTO_MAX or rate < previous * AUTO_GAIN:
+                    self._auto_done = True  # the last step did not pay: stay
+                    return
+                self._auto_target = min(AUTO_MAX, 2 * self._auto_target)
+                self._grow()
+            since, before, counts = now, self._delivered(), tcp
+        self._auto = self._reactor.callLater(1.0, self._auto_step, since, before, counts)
 
     async def _punch_stream(self, number: int, theirs=None) -> None:
         """One more direct stream: a fresh port, observed by the rendezvous

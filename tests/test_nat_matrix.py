@@ -27,6 +27,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.natlab import Nat, start_lab
 from tests.procs import p2pft_argv, spawn
+from tests.test_session_lab import spawn as spawn_timed
 from tests.files import make_file, sha256_of
 from tests.procs import Workspace
 
@@ -52,9 +53,9 @@ class NatMatrixTests(TestCase):
         await server.wait_for(r"listening on ")
         addr = f"{lab.server_ip}:{PORT}"
         started = reactor.seconds()
-        sender = spawn(self, "sender", lab.exec_argv(
+        sender = spawn_timed(self, "sender", lab.exec_argv(
             "a", p2pft_argv("send", "--json", "--limit-rate", "4M", "--code", "55-nat-matrix", addr, src)))
-        receiver = spawn(self, "receiver", lab.exec_argv(
+        receiver = spawn_timed(self, "receiver", lab.exec_argv(
             "b", p2pft_argv("receive", "--json", "--yes", "-o", ws.out, addr, "55-nat-matrix")))
         diagnostics = lambda: sender.text() + receiver.text() + server.text() + lab.dump()
         await receiver.wait_for(r'"event": "connected"', "out", timeout=60)
@@ -66,7 +67,11 @@ class NatMatrixTests(TestCase):
         self.assertEqual(await sender.wait_exit(), 0, diagnostics())
         self.assertEqual(sha256_of(os.path.join(ws.out, "matrix.bin")), sha256_of(src))
         [first] = [e["path"] for e in receiver.events() if e["event"] == "connected"]
-        note = f"connected after {connect_seconds:.3f} s ({first})" + (
+        # Pairing to the first lane, as each side saw it (the sender's
+        # first record, the OFFER, leaves at that moment).
+        lanes = {p.name: p.at("connected") - p.at("paired") for p in (sender, receiver)}
+        note = (f"connected after {connect_seconds:.3f} s ({first}; paired->connected "
+                f"sender {lanes['sender']:.3f} s, receiver {lanes['receiver']:.3f} s)") + (
             f", direct after {direct[0]:.3f} s" if direct else "")
         log.msg(f"NAT matrix {self.id()}: {note}")
         print(f"\n    {note}", end=" ")

@@ -27,10 +27,10 @@ from .interfaces import ILaneHandler, IPhase
 from .records import Records
 
 
-#: Where struct tcp_info (linux/tcp.h) holds tcpi_bytes_acked (Linux 4.1+),
-#: and the size to ask for.
-_BYTES_ACKED = 120
-_TCP_INFO_SIZE = 128
+#: How much of struct tcp_info (linux/tcp.h) to ask for: up to tcpi_segs_out
+#: (Linux 4.2+); tcpi_total_retrans is at offset 100, tcpi_bytes_acked at
+#: 120, tcpi_segs_out at 136.
+_TCP_INFO_SIZE = 144
 
 
 @implementer(ICandidate)
@@ -134,16 +134,18 @@ class PeerConnection(Protocol):
         host = normalise_host(p.host)
         return f"[{host}]:{p.port}" if ":" in host else f"{host}:{p.port}"
 
-    def tcp_bytes_acked(self) -> int | None:
-        """Bytes the other side's TCP acknowledged on this connection
-        (Linux's TCP_INFO), or None where the kernel does not say."""
+    def tcp_counts(self) -> tuple[int, int, int] | None:
+        """What this connection's TCP says of it (Linux's TCP_INFO): bytes
+        the other side acknowledged, segments retransmitted, segments sent;
+        None where the kernel does not say."""
         try:
             info = self.transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
         except (AttributeError, OSError):
             return None
         if len(info) < _TCP_INFO_SIZE:
             return None
-        return int.from_bytes(info[_BYTES_ACKED:_BYTES_ACKED + 8], sys.byteorder)
+        return (int.from_bytes(info[120:128], sys.byteorder), int.from_bytes(info[100:104], sys.byteorder),
+                int.from_bytes(info[136:140], sys.byteorder))
 
     def attach(self, handler: ILaneHandler) -> None:
         """Hand the chosen channel to the layer above; replays early data."""
