@@ -182,10 +182,9 @@ class SendOptions(_PeerOptions):
                                    "powers of 1000), to leave room on a slow link."],
         ["code", "c", None, "Use this code instead of asking the server for one (NAMEPLATE-WORD-WORD)."],
         ["code-length", None, codes.DEFAULT_WORDS, "Number of words in a generated code.", int],
-        ["streams", None, "auto", "Parallel connections to stripe the data over, 1-16, or 'auto' "
-                                  "(double them, up to 8, while that raises the throughput): they help "
-                                  "on long or lossy paths, where one TCP connection cannot fill "
-                                  "the link.  Through a relay."],
+        ["streams", None, "auto", "Parallel connections to stripe the data over (direct or through "
+                                  "the relay), 1-16, or 'auto': one, and 4 to 8 when that one loses "
+                                  "packets -- on lossy paths one TCP connection cannot fill the link."],
     ]
 
     def postOptions(self) -> None:
