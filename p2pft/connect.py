@@ -729,9 +729,16 @@ class LaneFinder:
 
     async def _upgrade(self) -> None:
         try:
-            await self._meet(self._reactor.seconds() + UPGRADE_WAIT, upgrade=True)
-        except (SessionError, RendezvousError, SecurityError, error.ConnectError) as e:
-            log.info("looking for a direct path again: {e}", e=e)
+            # A few tries: the reconnection's own meeting may still hold
+            # the nameplate for a moment ("in use").
+            for attempt in range(3):
+                try:
+                    return await self._meet(self._reactor.seconds() + UPGRADE_WAIT, upgrade=True)
+                except (SessionError, RendezvousError, SecurityError, error.ConnectError) as e:
+                    log.info("looking for a direct path again: {e}", e=e)
+                if self._stopped or self.link.path == "direct":
+                    return
+                await task.deferLater(self._reactor, 1.0, lambda: None)
         finally:
             self._upgrading = None
 
@@ -747,8 +754,10 @@ class LaneFinder:
             client.claim(keys.reconnect_nameplate())
             waits = [client.paired()] if upgrade else [client.paired(), self._arrival()]
             first = await _race(reactor, waits, deadline - reactor.seconds())
-            if first != 0 or (self._has_lane() and not upgrade):
+            if first != 0:
                 return  # a lane arrived some other way, or time is up
+            # Paired: go through with it even if a relay lane came back
+            # meanwhile -- this meeting is what can find a direct path.
             nonce = os.urandom(16)
             client.send(nonce)
             theirs_nonce = await _timeout(reactor, client.receive(), 10, "the other side")
@@ -767,8 +776,6 @@ class LaneFinder:
             # A third message: the server gives back the claim of a
             # pairing whose members each sent three (docs/PROTOCOL.md §1).
             client.send(box.seal(_encode({})))
-            if self._has_lane() and not upgrade:
-                return
             log.info("reconnecting: punching from port {port} to {theirs}", port=local_port, theirs=theirs)
             connector = self.punch(local_port, theirs, mine, relays=[])
             punched = connector.run()

@@ -7,6 +7,6 @@ source scripts/setup.sh
 # Undefined names and unused imports first: pyflakes has caught real bugs.
 .venv/bin/python -m pyflakes p2pft tests scripts bench twisted
 # One process: the NAT-lab tests race crossing SYNs, and CPU starvation from
-# parallel workers would skew those races (the suite takes about 3 minutes on
-# 2 cores: 157-203 s measured).
+# parallel workers would skew those races (the suite takes about 5.5 minutes
+# on 2 cores as root, the NAT lab included: 320 s measured).
 exec .venv/bin/python -m twisted.trial "${@:-tests}"
