@@ -34,7 +34,7 @@ from .errors import SessionError
 from .punch import PunchConnector, PunchSchedule
 from .rendezvous import PeerGone, RendezvousClientProtocol, RendezvousError
 from .secure import RECEIVER, SENDER, Pake, SecurityError, WrongCode
-from .session import CONTROL, SessionLink
+from .session import CONTROL, SessionLink, auto
 from .transfer import text
 from .util import cancel, dump_object, load_object
 
@@ -66,31 +66,6 @@ UPGRADE_WAIT = 30.0
 RELAY_ROUND = 12.0
 #: Most parallel streams (the relay takes legs 0..15).
 MAX_STREAMS = 16
-#: Seconds each step of C{--streams auto} is given to show its worth: some
-#: 30 round trips of a 100 ms path, enough for new connections to leave slow
-#: start and for the count to rise above the noise of a lossy path.
-AUTO_STEP = 3.0
-#: ... and at least this many bytes acknowledged (TCP's count, where the
-#: kernel gives it, moves by the byte; the session's own by a 256 KiB record),
-#: unless that takes more than AUTO_STEP_MAX seconds (a very slow path).
-AUTO_BYTES = 512 << 10
-AUTO_STEP_MAX = 12.0
-#: Streams C{auto} goes to from one on a loss-limited path (croc always uses
-#: 4): each adds about one stream's worth there.
-AUTO_START = 4
-#: C{auto} then doubles them (8) if that raises the throughput by at least
-#: this much.
-AUTO_GAIN = 1.15
-#: Streams C{auto} grows to at most (croc uses 4 connections, derphole 8).
-AUTO_MAX = 8
-#: Retransmitted segments of one stream from which C{auto} takes a path to be
-#: limited by loss, not capacity: one Reno stream then gets about
-#: 1.22 MSS / (RTT sqrt(p)) whatever the link (Mathis), and each further
-#: stream about as much again.  A clean path's own queue overflows cost one
-#: stream far less (0.01 % at 100 Mbit/s and 100 ms in the lab), and there
-#: streams only share what one would have had, and reorder.
-AUTO_MIN_LOSS = 0.001
-
 #: Unsequenced records of the lane finders (L{SessionLink} control kinds):
 #: leader -> follower GROW {"leg": k} (dial relay leg k) or {"punch": n,
 #: "candidates": [...]} (punch stream n from a fresh port; here is mine);
@@ -367,12 +342,9 @@ class LaneFinder:
         self._growing: dict[int, defer.Deferred] = {}  # direct streams being punched
         self._replies: dict[int, defer.Deferred] = {}  # leader: GROWN awaited
         self._main: list[PunchConnector] = []  # punching for the session's path, not a stream
-        self._auto = None
-        self._auto_target = 1
-        self._auto_rate = 0
-        self._auto_done = False
+        self._auto = auto.AutoStreams()  # --streams auto
         self._auto_started = False
-        self._auto_warm = False
+        self._auto_timer = None
         self._tcp_seen: dict = {}  # lane -> its TCP's counts, last seen (L{_tcp})
         self.link = SessionLink(reactor, self._leader, lost_all=self._lost_all,
                                 path_changed=self._path_changed, control=self._control)
@@ -423,7 +395,7 @@ class LaneFinder:
     def stop(self) -> None:
         """The transfer is over: stop looking for lanes."""
         self._stopped = True
-        cancel(self._auto)
+        cancel(self._auto_timer)
         for growing in list(self._growing.values()):
             growing.cancel()
         for connector in self._connectors:
@@ -490,7 +462,7 @@ class LaneFinder:
     @property
     def _target(self) -> int:
         streams = self._settings.streams
-        return streams if isinstance(streams, int) else self._auto_target
+        return streams if isinstance(streams, int) else self._auto.target
 
     def _grow(self) -> None:
         """Leader: open streams up to the target on the path the session
@@ -502,8 +474,7 @@ class LaneFinder:
             return
         if self._settings.streams == "auto" and not self._auto_started:
             self._auto_started = True
-            self._auto = self._reactor.callLater(1.0, self._auto_step, self._reactor.seconds(),
-                                                 self._delivered(), self._tcp())
+            self._auto_step()
         target = min(self._target, MAX_STREAMS)
         if link.path == "relay":
             while self.relays and self._legs < target:
@@ -517,11 +488,7 @@ class LaneFinder:
             if self._punched >= 4 * MAX_STREAMS:
                 return  # (the receiver takes stream numbers up to that)
             self._punched += 1
-            number = self._punched
-            d = defer.ensureDeferred(self._punch_stream(number))
-            self._growing[number] = d
-            d.addErrback(lambda f, n=number: log.info("stream {n}: {e}", n=n, e=f.getErrorMessage()))
-            d.addBoth(lambda _, n=number: self._growing.pop(n, None))
+            self._start_stream(self._punched)
 
     def _tcp(self) -> tuple[int, int, int] | None:
         """Over every lane so far, what TCP says: bytes the other side
@@ -536,55 +503,28 @@ class LaneFinder:
                 seen[lane] = counts
         return tuple(sum(c[i] for c in seen.values()) for i in range(3))
 
-    def _delivered(self) -> int:
-        """Bytes the other side has received so far, as precisely as we can
-        tell: what its TCP acknowledged on every lane (the session's own
-        acknowledgements move a whole record, 256 KiB, at a time)."""
-        tcp = self._tcp()
-        return self.link.acknowledged if tcp is None else tcp[0]
-
-    def _auto_step(self, since: float, before: int, counts) -> None:
-        """C{--streams auto}, every second while data flows.  A step lasts
-        AUTO_STEP seconds and AUTO_BYTES acknowledged (at most
-        AUTO_STEP_MAX seconds); the first only warms up.  After the second,
-        still on one stream: more streams only if that stream is limited by
-        loss (it retransmitted at least AUTO_MIN_LOSS of its segments);
-        then AUTO_START, and 8 if that raised the throughput by AUTO_GAIN."""
-        self._auto = None
-        if self._stopped or self._auto_done:
+    def _auto_step(self) -> None:
+        """C{--streams auto}: tell it what TCP says, every second, and
+        grow when it wants more."""
+        self._auto_timer = None
+        if self._stopped or self._auto.done:
             return
-        now, got = self._reactor.seconds(), self._delivered() - before
-        elapsed = now - since
-        if got == 0:  # nothing flows (a person deciding, a reconnection): wait
-            since, before, counts = now, self._delivered(), self._tcp()
-        elif elapsed >= AUTO_STEP and (got >= AUTO_BYTES or elapsed >= AUTO_STEP_MAX):
-            rate, tcp = got / elapsed, self._tcp()
-            if not self._auto_warm:
-                # TCP's slow start, before the path's first losses, moves
-                # more than the path then sustains: not a measure.
-                self._auto_warm = True
-            elif self._auto_target == 1:
-                lost = None if tcp is None or counts is None or tcp[2] <= counts[2] else \
-                    (tcp[1] - counts[1]) / (tcp[2] - counts[2])
-                log.info("streams auto: one stream moved {rate:.2f} MB/s, {lost} of its segments "
-                         "retransmitted", rate=rate / 1e6, lost="?" if lost is None else f"{lost:.3%}")
-                self._auto_rate = rate
-                if lost is not None and lost < AUTO_MIN_LOSS:
-                    self._auto_done = True  # a clean path: one stream fills it
-                    return
-                self._auto_target = AUTO_START
-                self._grow()
-            else:
-                log.info("streams auto: {n} streams moved {rate:.2f} MB/s", n=self._auto_target,
-                         rate=rate / 1e6)
-                previous, self._auto_rate = self._auto_rate, rate
-                if self._auto_target >= AUTO_MAX or rate < previous * AUTO_GAIN:
-                    self._auto_done = True  # the last step did not pay: stay
-                    return
-                self._auto_target = min(AUTO_MAX, 2 * self._auto_target)
-                self._grow()
-            since, before, counts = now, self._delivered(), tcp
-        self._auto = self._reactor.callLater(1.0, self._auto_step, since, before, counts)
+        tcp = self._tcp() or (self.link.acknowledged, None, None)
+        if self._auto.tick(self._reactor.seconds(), *tcp):
+            log.info("streams auto: {n} streams", n=self._auto.target)
+            self._grow()
+        if self._auto.done:
+            log.info("streams auto: staying at {n} ({why})", n=self._auto.target, why=self._auto.why)
+            return
+        self._auto_timer = self._reactor.callLater(1.0, self._auto_step)
+
+    def _start_stream(self, number: int, theirs: dict | None = None) -> None:
+        """Punch direct stream C{number} in the background (the leader
+        first; the follower with the leader's GROW, C{theirs})."""
+        d = defer.ensureDeferred(self._punch_stream(number, theirs))
+        self._growing[number] = d
+        d.addErrback(lambda f: log.info("stream {n}: {e}", n=number, e=f.getErrorMessage()))
+        d.addBoth(lambda _: self._growing.pop(number, None))
 
     async def _punch_stream(self, number: int, theirs=None) -> None:
         """One more direct stream: a fresh port, observed by the rendezvous
@@ -635,10 +575,7 @@ class LaneFinder:
         if type(leg) is int and 0 < leg < MAX_STREAMS:
             self._relay_leg(leg, self._settings.schedule.handshake_timeout)
         elif type(punch) is int and 0 < punch <= 4 * MAX_STREAMS and punch not in self._growing:
-            d = defer.ensureDeferred(self._punch_stream(punch, message))
-            self._growing[punch] = d
-            d.addErrback(lambda f: log.info("stream {n}: {e}", n=punch, e=f.getErrorMessage()))
-            d.addBoth(lambda _: self._growing.pop(punch, None))
+            self._start_stream(punch, message)
 
     def _on_relay(self, candidate) -> bool:
         """Leader: a further relay leg joins while the session is on the relay."""
