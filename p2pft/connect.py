@@ -366,13 +366,19 @@ class LaneFinder:
         return connector
 
     def _relay_leg(self, leg: int, deadline: float, want=None) -> PunchConnector | None:
-        """Dial relay leg C{leg} for up to C{deadline} seconds (running)."""
-        if not self.relays:
+        """Dial relay leg C{leg} for up to C{deadline} seconds (running):
+        a further leg (1 and up) at the relay the session runs through,
+        leg 0 (a reconnection) at every relay."""
+        relays = self.relays
+        if leg:
+            using = [lane.conn.transport.getPeer() for lane in self.link.live if lane.path == "relay"]
+            relays = [(normalise_host(using[0].host), using[0].port)] if using else relays
+        if not relays:
             return None
         schedule = attrs.evolve(self._settings.schedule, deadline=deadline)
         connector = self._keep(PunchConnector(
             self._reactor, 0, [], self._factory(leg), leader=self._leader, schedule=schedule,
-            relays=self.relays, on_lane=self._lane, want=want, listen=False))
+            relays=relays, on_lane=self._lane, want=want, listen=False))
         connector.run().addErrback(lambda f: log.debug("relay leg {leg}: {f}", leg=leg, f=f.getErrorMessage()))
         return connector
 
