@@ -436,10 +436,9 @@ class LaneFinder:
     def _want(self, candidate) -> bool:
         """The leader joins a connection that proved the key if the
         session has none, or if it is the first direct one."""
-        link = self.link
-        if not [lane for lane in link.lanes if not lane.gone]:
+        if not self._has_lane():
             return True
-        return candidate.path == "direct" and link.path != "direct"
+        return candidate.path == "direct" and self.link.path != "direct"
 
     def _lane(self, candidate) -> None:
         if self._stopped:
@@ -450,9 +449,9 @@ class LaneFinder:
             # its own).
             self._announced = True
             self._ui.reconnected(self.link.path, self.link.peer, self._reactor.seconds() - self._lost_at)
-        if candidate.path == "direct" and self._direct_at is None:
-            self._direct_at = self._reactor.seconds()
         if candidate.path == "direct":
+            if self._direct_at is None:
+                self._direct_at = self._reactor.seconds()
             # Direct: nothing else is needed from this round of punching.
             for connector in self._main:
                 if connector.running:
@@ -501,12 +500,11 @@ class LaneFinder:
         acknowledged, segments retransmitted, segments sent (a lane that is
         gone keeps its last counts); None where the kernel does not say."""
         seen = self._tcp_seen
-        for lane in self.link.lanes:
-            if not lane.gone:
-                counts = lane.conn.tcp_counts()
-                if counts is None:
-                    return None
-                seen[lane] = counts
+        for lane in self.link.up:
+            counts = lane.conn.tcp_counts()
+            if counts is None:
+                return None
+            seen[lane] = counts
         return tuple(sum(c[i] for c in seen.values()) for i in range(3))
 
     def _auto_step(self) -> None:
@@ -611,7 +609,7 @@ class LaneFinder:
         self._reconnecting.addErrback(lambda f: f.trap(defer.CancelledError))
 
     def _has_lane(self) -> bool:
-        return any(not lane.gone for lane in self.link.lanes)
+        return bool(self.link.up)
 
     async def _reconnect(self, reason: str) -> None:
         reactor, settings = self._reactor, self._settings

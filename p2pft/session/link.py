@@ -223,13 +223,20 @@ class SessionLink:
 
     @property
     def live(self) -> list[Lane]:
+        """The lanes records may go to."""
         return [lane for lane in self.lanes if lane.usable]
+
+    @property
+    def up(self) -> list[Lane]:
+        """The lanes whose connection is still there (retiring, left or
+        closing ones included)."""
+        return [lane for lane in self.lanes if not lane.gone]
 
     @property
     def path(self) -> str:
         """The path the session runs on now: "direct" if any direct lane
         carries it, else "relay"."""
-        live = self.live or [lane for lane in self.lanes if not lane.gone]
+        live = self.live or self.up
         if not live:
             return self._last_path
         self._last_path = "direct" if any(lane.path == "direct" for lane in live) else "relay"
@@ -237,7 +244,7 @@ class SessionLink:
 
     @property
     def peer(self) -> str:
-        live = self.live or [lane for lane in self.lanes if not lane.gone] or self.lanes
+        live = self.live or self.up or self.lanes
         return live[0].conn.peer if live else "-"
 
     def give_up(self, reason: str) -> None:
@@ -394,14 +401,14 @@ class SessionLink:
                 return self._control(kind, payload)
             if seq == 0:
                 raise SequenceError("the other side sent a transfer record without a number")
-            if self._inbox.is_new(seq):
+            new = self._inbox.is_new(seq)
+            if new:
                 # Counted on the path it came by (it may be delivered
                 # later, after a record that came by another).
                 self.received.add(lane.path, len(payload))
-            new = self._inbox.is_new(seq)
             ready = self._inbox.add(seq, kind, payload)
             if not new:
-                self._sack(lane)  # it was sent again: say we have it
+                return self._sack(lane)  # it was sent again: say we have it
         except (SequenceError, struct.error) as e:
             self.log.info("session protocol error on {peer}: {e}", peer=lane.conn.peer, e=e)
             return self._end(f"protocol error: {e}", abort=True)
@@ -492,7 +499,7 @@ class SessionLink:
         lane.inflight = 0
         if self._ended is not None and all(other.gone for other in self.lanes):
             return self._closed.fire(None)
-        remaining = [other for other in self.lanes if not other.gone]
+        remaining = self.up
         if not remaining:
             peer_ended = lane.left and lane.final and not self._closing
             if self._closing and self._outbox.idle:
@@ -511,7 +518,7 @@ class SessionLink:
 
     def _maybe_finish(self) -> None:
         if self._closing and self._outbox.idle and self._ended is None:
-            lanes = [lane for lane in self.lanes if not lane.gone]
+            lanes = self.up
             for lane in lanes:
                 if not lane.leaving:
                     self._leave(lane)
@@ -526,7 +533,7 @@ class SessionLink:
         cancel(self._ack_timer)
         cancel(self._watch)
         self._producer = None
-        lanes = [lane for lane in self.lanes if not lane.gone]
+        lanes = self.up
         for lane in lanes:
             if abort:
                 lane.conn.abort()
@@ -550,7 +557,7 @@ class SessionLink:
             if not lane.gone and not self._paused and now - lane.heard > SILENCE:
                 self.log.info("nothing heard from {peer} for {s:g} s", peer=lane.conn.peer, s=now - lane.heard)
                 lane.conn.abort()
-        if any(not lane.gone for lane in self.lanes):
+        if self.up:
             self._watching()
 
     def _show(self) -> None:
