@@ -323,6 +323,29 @@ class RecordSealer:
         self._counter += 1
         return [header, ct]
 
+    def seal_into(self, kind: int, plaintext, seq: int, frame: memoryview) -> None:
+        """Seal into C{frame}, exactly L{frame_size}C{(len(plaintext))}
+        bytes (a reused buffer: nothing is allocated).  The same frame as
+        L{seal}, in one piece."""
+        n = len(plaintext)
+        if n > MAX_RECORD:
+            raise ValueError("record too large")
+        if len(frame) != _HEADER.size + n + TAG:
+            raise ValueError("frame of the wrong size")
+        _HEADER.pack_into(frame, 0, n + TAG, kind, seq)
+        with frame[:_HEADER.size] as header, frame[_HEADER.size:] as body:
+            self._aead.encrypt_into(_nonce(self._counter), plaintext, header, body)
+        self._counter += 1
+
+
+def frame_size(plaintext_length: int) -> int:
+    """Bytes on the wire of a record of C{plaintext_length} bytes."""
+    return _HEADER.size + plaintext_length + TAG
+
+
+#: Bytes of a record's header.
+HEADER_SIZE = _HEADER.size
+
 
 class RecordOpener:
     """Reassembles frames from a byte stream and opens them, in order."""
@@ -365,6 +388,43 @@ class RecordOpener:
                 start = stop
             buf += view[start:]
         return records
+
+    def frame_length(self, frames, offset: int) -> int:
+        """The whole frame's length (header included) of the record whose
+        header is at C{offset} of C{frames}; L{SecurityError} when out of
+        range (before anything is allocated for it)."""
+        return _HEADER.size + self._length(frames, offset)
+
+    def open_frame(self, frames, offset: int) -> tuple[int, int, bytes]:
+        """Open the whole frame at C{offset} of C{frames} (read by the
+        caller straight into its own buffer: see L{p2pft.channel.wire}).
+        Only for a stream that never used L{feed}, or whose L{feed} left
+        nothing L{pending}."""
+        return self._open(frames, offset)
+
+    def open_frame_into(self, frames, offset: int, out: memoryview) -> tuple[int, int, memoryview]:
+        """L{open_frame}, the plaintext written into C{out} (exactly its
+        length, L{frame_length} less the header and tag) instead of a new
+        object: the receiver's file buffer (L{p2pft.channel.wire}).  What a
+        record that fails to open left in C{out} is garbage, never data."""
+        length, kind, seq = _HEADER.unpack_from(frames, offset)
+        body = offset + _HEADER.size
+        with memoryview(frames) as view:
+            header, ct = view[offset:body], view[body:body + length]
+            try:
+                self._aead.decrypt_into(_nonce(self._counter), ct, header, out)
+            except InvalidTag:
+                raise SecurityError("a record failed authentication (tampered, replayed or reordered)") from None
+            finally:
+                header.release()
+                ct.release()
+        self._counter += 1
+        return kind, seq, out
+
+    def take_pending(self) -> bytes:
+        """What L{feed} holds of an incomplete record (now the caller's)."""
+        data, self._buffer = bytes(self._buffer), bytearray()
+        return data
 
     @staticmethod
     def _length(frames, offset: int) -> int:

@@ -155,10 +155,10 @@ class PeerConnection(Protocol):
         self._records.send(kind, payload, seq)
 
     def registerProducer(self, producer, streaming: bool) -> None:
-        self.transport.registerProducer(producer, streaming)
+        self._records.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
-        self.transport.unregisterProducer()
+        self._records.unregisterProducer()
 
     def pauseReading(self) -> None:
         """Deliver no more records until L{resumeReading}; stop reading the

@@ -12,6 +12,14 @@ class ILaneHandler(Interface):
     def channelLost(reason: str) -> None:
         "The connection ended (after or instead of a normal end)."
 
+    def place(kind: int, seq: int, size: int):
+        """
+        Optional.  A writable memoryview of C{size} bytes to open the
+        record (C{kind}, C{seq}) straight into, or None.  Asked only when
+        the record would be handed on at once; if a view is lent, the very
+        same object is the payload of the next L{recordReceived}.
+        """
+
 
 class IPhase(Interface):
     """One phase of a L{PeerConnection}: it gets every byte read meanwhile."""

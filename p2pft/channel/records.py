@@ -14,6 +14,7 @@ from zope.interface import implementer
 
 from ..secure import RecordOpener, RecordSealer, SecurityError
 from ..util import cancel
+from . import wire
 from .interfaces import ILaneHandler, IPhase
 
 
@@ -60,6 +61,9 @@ class Records:
         self._ended: str | None = None
         self._ticker: IDelayedCall | None = None
         self._last_sent = 0.0
+        #: Reads and writes straight on the socket (L{p2pft.channel.wire}),
+        #: where the transport is a real TCP one.
+        self._wire: wire.Wire | None = None
 
     def start(self) -> None:
         _keepalive(self._transport)
@@ -73,11 +77,15 @@ class Records:
         # which fragments the heap).
         self._transport.bufferSize = READ_SIZE
         self._transport.SEND_LIMIT = SEND_SIZE
+        self._wire = wire.install(self._transport, self._sealer, self._opener, self._opened, self._fail,
+                                  self._place)
         self._last_sent = self._clock.seconds()
         self._ticker = self._clock.callLater(KEEPALIVE_INTERVAL, self._tick)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._handler is None:
+        if self._wire is not None:
+            self._wire.absorb(data)  # (only what was read before the wire took over)
+        elif self._handler is None:
             self._pending += data
         else:
             self._open(data)
@@ -92,7 +100,22 @@ class Records:
 
     def send(self, kind: int, payload: bytes = b"", seq: int = 0) -> None:
         self._last_sent = self._clock.seconds()
-        self._transport.writeSequence(self._sealer.seal(kind, payload, seq))
+        if self._wire is not None:
+            self._wire.send(kind, payload, seq)
+        else:
+            self._transport.writeSequence(self._sealer.seal(kind, payload, seq))
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        if self._wire is not None:
+            self._wire.registerProducer(producer, streaming)
+        else:
+            self._transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if self._wire is not None:
+            self._wire.unregisterProducer()
+        else:
+            self._transport.unregisterProducer()
 
     def pauseReading(self) -> None:
         if not self._paused:
@@ -115,6 +138,10 @@ class Records:
             self._paused = False
             self._transport.resumeProducing()
         self.stopTicker()
+        if self._wire is not None:
+            self._wire.discarding = True
+            self._wire.loseWriteConnection()
+            return
         try:
             self._transport.loseWriteConnection()
         except AttributeError:
@@ -123,6 +150,8 @@ class Records:
     def lost(self, reason: str) -> None:
         """The connection is gone (the ticker is already stopped)."""
         self._ended = reason
+        if self._wire is not None:
+            self._wire.lost()
         if self._handler is not None:
             self._handler.channelLost(reason)
 
@@ -148,13 +177,24 @@ class Records:
         except SecurityError as e:
             self._fail(str(e))
             return
+        self._opened(records)
+
+    def _place(self, kind: int, seq: int, size: int):
+        """Where a large record may be opened straight into (the layer
+        above lends it), when it would be delivered at once."""
+        if self._paused or self._held or self._handler is None or self._closing or self._transport.disconnecting:
+            return None
+        place = getattr(self._handler, "place", None)
+        return place(kind, seq, size) if place is not None else None
+
+    def _opened(self, records: list) -> None:
         self._held.extend(records)
         self._deliver()
 
     def _deliver(self) -> None:
         held = self._held
-        while held and not self._paused:
-            if self._handler is None or self._closing or self._transport.disconnecting:
+        while held and not self._paused and self._handler is not None:
+            if self._closing or self._transport.disconnecting:
                 held.clear()
                 return
             kind, seq, payload = held.popleft()

@@ -11,3 +11,11 @@ class IRecordHandler(Interface):
 
     def channelLost(reason: str) -> None:
         "The session ended (after or instead of a normal end)."
+
+    def place(kind: int, size: int):
+        """
+        Optional.  Where the next record (C{kind}, C{size} bytes), which
+        will be delivered at once, may be opened straight into: a writable
+        memoryview lent by the handler, then the very payload of the next
+        L{recordReceived}; or None.
+        """

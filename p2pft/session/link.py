@@ -124,6 +124,9 @@ class _LaneHandler:
     def channelLost(self, reason: str) -> None:
         self.lane.link._laneLost(self.lane, reason)
 
+    def place(self, kind: int, seq: int, size: int):
+        return self.lane.link._place(kind, seq, size)
+
 
 @attrs.define
 class Counts:
@@ -423,6 +426,15 @@ class SessionLink:
         elif self._ack_timer is None:
             self._ack_timer = self._clock.callLater(ACK_DELAY, self._flush_ack)
         self._deliver()
+
+    def _place(self, kind: int, seq: int, size: int):
+        """A record that will be delivered the moment it arrives (the
+        next in order, nothing waiting, reading on) may be opened straight
+        into where the transfer puts it."""
+        if seq != self._inbox.next or self._ready or self._paused or self._closing or self._ended is not None:
+            return None
+        place = getattr(self._handler, "place", None)
+        return place(kind, size) if place is not None else None
 
     def _deliver(self) -> None:
         ready = self._ready

@@ -132,6 +132,11 @@ class Endpoint:
         self._fail(TransferFailed(f"the other side stopped: {peer_text(message) or 'no reason given'}"),
                    tell_peer=False)
 
+    def place(self, kind: int, size: int):
+        """Where the next record may be opened straight into (the
+        receiver's file buffer); None here."""
+        return None
+
     def recordReceived(self, kind: int, payload: bytes) -> None:
         if self._ending:
             return

@@ -130,6 +130,18 @@ class Intake:
         self.current = Incoming(index, entry, sink, received=offset)
         return entry, self.current
 
+    def reserve(self, size: int):
+        """Where the next DATA record of C{size} bytes may be opened
+        straight into (its sink's buffer), if it fits the file and the
+        buffer; else None (L{data} copies it as usual)."""
+        current = self.current
+        if current is None or current.dropped:
+            return None
+        if current.entry.size is not None and current.received + size > current.entry.size:
+            return None
+        reserve = getattr(current.sink, "reserve", None)
+        return reserve(size) if reserve is not None else None
+
     def data(self, data: bytes) -> Incoming:
         """A DATA record of the current file, written (or dropped)."""
         current = self.current

@@ -78,17 +78,18 @@ class Outgoing:
         self.current = OutgoingFile(entry, f, entry.size - offset)
         return entry, {"file": index, "offset": offset}
 
-    def read(self, buf: memoryview) -> memoryview:
-        """The next piece of the current file, read into C{buf} (as much
-        of it as the file has left; empty at its end)."""
+    def read(self, size: int) -> bytes:
+        """The next piece of the current file, at most C{size} bytes (as
+        much as the file has left; empty at its end).  A new object each
+        time, read straight into (no copy, no zero-fill): the session keeps
+        it as it is until the other side acknowledges it."""
         current = self.current
-        want = min(len(buf), current.remaining)
-        # Read into one reused buffer: sealing copies it anyway.
-        got = current.file.readinto(buf[:want]) if want else 0
-        if got < want:
+        want = min(size, current.remaining)
+        data = current.file.read(want) if want else b""
+        if len(data) < want:
             raise TransferFailed(f"{printable(current.entry.path)} shrank while it was being sent")
-        current.remaining -= got
-        return buf[:got]
+        current.remaining -= len(data)
+        return data
 
     def finish(self) -> dict:
         """The current file was read to its offered size: close it and

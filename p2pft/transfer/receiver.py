@@ -148,6 +148,13 @@ class Receiver(Endpoint):
             self._bytes_done += incoming.received
             self._resumed += incoming.received
 
+    def place(self, kind: int, size: int):
+        """A DATA record of the file being written goes straight into its
+        write buffer (L{FileSink.reserve}) when it fits there."""
+        if kind != DATA or self.state is not ReceiverState.RECEIVING or self._ending or self._intake is None:
+            return None
+        return self._intake.reserve(size)
+
     def _on_data(self, data: bytes) -> None:
         current = self._intake.data(data)
         self._bytes_done += len(data)

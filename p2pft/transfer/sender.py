@@ -93,7 +93,6 @@ class Sender(Endpoint):
         self._next_entry = 0
         self._have = HaveBook(self._entries)
         self._outgoing: Outgoing | None = None  # the files, once accepted
-        self._chunk = memoryview(bytearray(CHUNK))
         self._name = ""  # of the file being sent
         self._producer = _ProducerSlot(channel)
 
@@ -175,7 +174,7 @@ class Sender(Endpoint):
                     return self._end()
                 self._open_next()
                 continue
-            chunk = outgoing.read(self._chunk)
+            chunk = outgoing.read(CHUNK)
             if chunk:
                 got = len(chunk)
                 self._bytes_done += got

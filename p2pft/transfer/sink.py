@@ -152,6 +152,7 @@ class FileSink:
         self._base = offset  # file offset of the buffer being filled
         self._buf: mmap.mmap | None = None
         self._fill = 0
+        self._reserved: memoryview | None = None
         self._in_flight = 0
         self._error: BaseException | None = None
         self._waiters: list[tuple[Callable[[], bool], defer.Deferred]] = []
@@ -160,8 +161,31 @@ class FileSink:
 
     # -- reactor thread
 
+    def reserve(self, size: int) -> memoryview | None:
+        """Where the next C{size} bytes would be copied to (part of the
+        buffer being filled), for the caller to write them there itself:
+        then L{write} is given that very view and copies nothing.  None if
+        they do not fit in the buffer (or the sink failed or is closing).
+        Any other L{write} cancels it."""
+        if self._error is not None or self._closing:
+            return None
+        if self._buf is None:
+            self._buf = self._pool.take()
+        if self._fill + size > BUFFER:
+            return None
+        self._reserved = memoryview(self._buf)[self._fill:self._fill + size]
+        return self._reserved
+
     def write(self, data: bytes) -> None:
         self._check()
+        if data is self._reserved:
+            # Already in place (L{reserve}).
+            self._reserved = None
+            self._fill += len(data)
+            if self._fill == BUFFER:
+                self._submit()
+            return
+        self._reserved = None
         view = memoryview(data)
         while view:
             if self._buf is None:
