@@ -7,8 +7,10 @@ and magic-wormhole on one loopback link, and a load test of the server.
 
 Rows (C{--only}, comma-separated): p2pft (file → file, encrypted), stdout
 (stdin → stdout), relay (p2pft through its relay), socat, iperf3, wormhole
-(magic-wormhole 0.24 with its own mailbox server and transit relay), load
-(the server under many clients, then its relay's throughput).
+(magic-wormhole 0.24 with its own mailbox server and transit relay), files
+(p2pft moving a folder of C{--files} files of 0-8 KiB), tar (the same
+folder by tar c | socat -> socat | tar x), load (the server under many
+clients, then its relay's throughput).
 
 It installs what the chosen rows need and the machine lacks (socat and
 iperf3 from apt as root, matplotlib, a virtualenv with magic-wormhole),
@@ -34,25 +36,30 @@ import time
 from suite_load import WORKERS, LoadResult, run_load
 from suite_procs import MiB, ROOT, BenchError
 from suite_report import Target, notes, targets, text_load, text_table, text_targets, write_docs
-from suite_rows import ROWS, Bench, Row
+from suite_files import make_folder, p2pft_files, tar_files
+from suite_rows import ROWS as FILE_ROWS_, Bench, Row
 from suite_setup import NETNS_MARKER, enter_netns, find_tools, install, machine, say
 
+ROWS = {**FILE_ROWS_, "files": p2pft_files, "tar": tar_files}
 ALL = [*ROWS, "load"]
-SMOKE_ROWS = ["p2pft", "stdout", "relay", "load"]
-DEFAULTS = {"size": 1024, "runs": 3, "clients": 10_000}
-SMOKE = {"size": 4, "runs": 1, "clients": 200}
+SMOKE_ROWS = ["p2pft", "stdout", "relay", "files", "load"]
+DEFAULTS = {"size": 1024, "runs": 3, "clients": 10_000, "files": 50_000}
+SMOKE = {"size": 4, "runs": 1, "clients": 200, "files": 300}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bench/suite.py", description=__doc__.split("\n\n")[0].strip(),
         epilog="rows: p2pft (file to file, encrypted), stdout (stdin to stdout), relay (p2pft through "
-               "its relay), socat, iperf3, wormhole (magic-wormhole 0.24), load (the server under many "
-               "clients, and its relay's throughput)")
+               "its relay), socat, iperf3, wormhole (magic-wormhole 0.24), files (a folder of small files), "
+               "tar (the same folder by tar | socat), load (the server under many clients, and its "
+               "relay's throughput)")
     p.add_argument("--size", type=int, metavar="MiB", help="size of the transfers (default 1024)")
     p.add_argument("--runs", type=int, metavar="N", help="runs per row; medians are reported (default 3)")
     p.add_argument("--only", metavar="ROWS", help=f"comma-separated rows to run (default: {','.join(ALL)})")
     p.add_argument("--clients", type=int, metavar="N", help="rendezvous clients in the load row (default 10000)")
+    p.add_argument("--files", type=int, metavar="N",
+                   help="files of 0-8 KiB in the small-files rows, files and tar (default 50000)")
     p.add_argument("--work-dir", metavar="DIR", help="keep the source file, outputs and logs here "
                                                      "(default: a temporary directory, removed afterwards)")
     p.add_argument("--no-write", action="store_true", help="do not write docs/BENCHMARKS.md and the chart")
@@ -87,6 +94,13 @@ def make_source(path: str, size: int) -> None:
     os.unlink(copy)
 
 
+def compile_checkout() -> None:
+    """Byte-compile the checkout, as installing p2pft does: the peers then
+    start from bytecode (see suite_procs.p2pft_env)."""
+    import compileall
+    compileall.compile_dir(os.path.join(ROOT, "p2pft"), quiet=1)
+
+
 def command_line() -> str:
     """This command as run from the checkout."""
     python = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT + os.sep) else sys.executable
@@ -115,6 +129,12 @@ def run(a: argparse.Namespace, work: str, network: str) -> int:
     if set(a.rows) & set(ROWS):
         make_source(source, size)
     bench = Bench(work, source, size, a.runs, *find_tools())
+    if set(a.rows) & {"files", "tar"}:
+        bench.folder = os.path.join(work, f"small-{a.files}")
+        bench.files = a.files
+        say(f"making {a.files} small files ...")
+        bench.folder_bytes = make_folder(bench.folder, a.files)
+    compile_checkout()
     started = time.monotonic()
     rows = []
     for key in (k for k in ROWS if k in a.rows):

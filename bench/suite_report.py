@@ -27,7 +27,7 @@ COLUMNS: list[tuple[str, Callable[[Run], float | None], str]] = [
 ]
 TOOL = "tool"
 #: Rows whose sides count for the p2pft target on RSS ...
-P2PFT_ROWS = ("p2pft", "stdout", "relay")
+P2PFT_ROWS = ("p2pft", "stdout", "relay", "files")
 #: ... and on the first byte (the relay row waits 2 s by design before it dials a relay).
 DIRECT_ROWS = ("p2pft", "stdout")
 CLIENTS_GOAL = 10_000
@@ -129,13 +129,27 @@ def targets(rows: list[Row], load: LoadResult | None) -> list[Target]:
         _relative("p2pft file → file ≥ 0.9 × socat", median("p2pft", mb_per_s), median("socat", mb_per_s),
                   "socat", 0.9, True, "{:.0f} MB/s"),
         _absolute("p2pft stdin → stdout ≥ 1.5 GB/s", median("stdout", mb_per_s), 1500, True, "{:.0f} MB/s"),
+        _absolute("CPU s/GiB, both sides, ≤ 0.9", median("p2pft", cpu), 0.9, False, "{:.2f} CPU-s/GiB"),
         _relative("CPU s/GiB, both sides, ≤ ⅓ of magic-wormhole's", median("p2pft", cpu),
                   median("wormhole", cpu), "magic-wormhole", 1 / 3, False, "{:.2f} CPU-s/GiB"),
+        _relative("relay, one session, ≥ 0.8 × iperf3", load.relay_mb_per_s if load else None,
+                  median("iperf3", mb_per_s), "iperf3", 0.8, True, "{:.0f} MB/s"),
+        _files_target(by_key),
         _rss_target(by_key),
         _absolute("receiver start → first data byte ≤ 0.3 s (direct)", max(first, default=None), 0.3, False,
                   "{:.3f} s"),
         *_load_targets(load),
     ]
+
+
+def _files_target(by_key: dict[str, Row]) -> Target:
+    """Small files, start to done: tar | socat's time ÷ p2pft's (≥ 1: as fast or faster)."""
+    goal = "small files, start→done, ≥ 1.0 × tar | socat"
+    ours, theirs = (by_key[k].median(lambda r: r.total) if k in by_key else None for k in ("files", "tar"))
+    if not ours or not theirs:
+        return Target(goal, "not measured")
+    speed = theirs / ours
+    return _judged(goal, f"{ours:.1f} s = {speed:.2f} × tar | socat's speed ({theirs:.1f} s)", speed, 1.0, True)
 
 
 def _rss_target(by_key: dict[str, Row]) -> Target:

@@ -92,6 +92,11 @@ class Bench:
     missing: dict[str, str] = field(default_factory=dict)
     #: Versions of the tools, by name, for labels.
     versions: dict[str, str] = field(default_factory=dict)
+    #: The small-files rows' folder (L{suite_files}): its path, files, bytes.
+    folder: str = ""
+    files: int = 0
+    folder_bytes: int = 0
+    tar_port: int = 0
 
     def deadline(self) -> float:
         """Deadline for one transfer: generous (20 MB/s is the slowest we wait for)."""
@@ -212,7 +217,6 @@ def p2pft_relay(bench: Bench) -> Row:
         how = _p2pft_transfer(bench, address, relay_only=True)
         _repeat(bench, row, lambda n: file_run(bench, procs, n, how))
         _server_note(row, server, bench.size)
-        row.notes.append("first byte includes the 2 s peers wait before dialling a relay")
 
     return bench.measure("relay", "p2pft via its relay", runs)
 

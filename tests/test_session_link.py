@@ -83,7 +83,8 @@ class OutboxTests(SynchronousTestCase):
         box = Outbox(10_000)
         x, y = object(), object()
         for i in range(6):
-            box.add(DATA, b"%d" % i).lane = x if i % 2 == 0 else y  # 1,3,5 on x; 2,4,6 on y
+            box.place(box.add(DATA, b"%d" % i), x if i % 2 == 0 else y)  # 1,3,5 on x; 2,4,6 on y
+        self.assertEqual(box.unplaced(), [])
         box.ack(2)  # 1 acknowledged
         again = box.lost(x)
         self.assertEqual([r.seq for r in again], [3, 5])
@@ -92,6 +93,13 @@ class OutboxTests(SynchronousTestCase):
         self.assertEqual(box.lost(x), [])
         self.assertEqual([r.seq for r in box.lost(y)], [2, 4, 6])
         self.assertEqual([r.seq for r in box.unplaced()], [2, 3, 4, 5, 6])
+        box.place(box.unplaced()[0], y)
+        box.ack(4)  # 2 and 3 acknowledged: 3 had no lane
+        self.assertEqual([r.seq for r in box.unplaced()], [4, 5, 6])
+        box.ack(7)
+        self.assertEqual(box.unplaced(), [])
+        box.add(DATA, b"new")
+        self.assertEqual([r.seq for r in box.unplaced()], [7])
 
 
 class InboxTests(SynchronousTestCase):

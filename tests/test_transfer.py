@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pft.transfer import sink
+from p2pft.transfer.destination import UNNAMED_MAX
 from p2pft.errors import Declined, TransferFailed, UnsafeName
 from p2pft.transfer.manifest import PARTIAL_SUFFIX, printable, safe_path
 from p2pft.transfer.scan import scan, stream_manifest
@@ -196,7 +197,7 @@ class TransferTests(SynchronousTestCase):
         self.assertEqual(os.listdir(self.out), [])
 
     def test_full_disk_stops_with_a_clear_error_and_keeps_the_data(self):
-        for size, room in ((5000, 1000), (sink.BUFFER * 2 + 5000, sink.BUFFER + 1000)):
+        for size, room in ((UNNAMED_MAX + 5000, 1000), (sink.BUFFER * 2 + 5000, sink.BUFFER + 1000)):
             # The rest of a file, written when it ends; and a full buffer,
             # written by the writer.
             for name in os.listdir(self.out):
@@ -211,6 +212,18 @@ class TransferTests(SynchronousTestCase):
             self.assertIn("the disk is full", str(f.value))
             with open(os.path.join(self.out, "file.bin" + PARTIAL_SUFFIX), "rb") as f:
                 self.assertEqual(f.read(), data[:room])
+
+    def test_small_file_on_a_full_disk_leaves_nothing(self):
+        """A file small enough to be written unnamed (L{UNNAMED_MAX}) leaves
+        nothing behind when the transfer stops, and nobody is told to
+        resume: sending it again is all a resume would do."""
+        self.patch(sink, "_write_all", filling_disk(1000))
+        _, _, _, sd, rd = self.run_pair(os.urandom(5000))
+        f = self.failureResultOf(rd, TransferFailed)
+        self.assertIn("the disk is full while writing file.bin", str(f.value))
+        self.assertNotIn("resume", str(f.value))
+        self.failureResultOf(sd, TransferFailed)
+        self.assertEqual(os.listdir(self.out), [])
 
     def test_interrupted_receiver_tells_the_sender(self):
         data = os.urandom(CHUNK * 8)

@@ -342,7 +342,7 @@ class SessionLink:
         return min(usable, key=lambda lane: (not lane.writable, lane.inflight, lane.number))
 
     def _write(self, lane: Lane, record: Sent) -> None:
-        record.lane = lane
+        self._outbox.place(record, lane)
         lane.inflight += record.size
         self.sent.add(lane.path, len(record.payload))
         lane.conn.send(record.kind, record.payload, record.seq)
@@ -473,8 +473,7 @@ class SessionLink:
         """The other side retired C{lane}: what we had on it goes elsewhere."""
         lane.left = True
         lane.final = payload == b"end"
-        for record in self._outbox.lost(lane):
-            record.lane = None
+        self._outbox.lost(lane)
         lane.inflight = 0
         self._resend()
         if not lane.leaving:
@@ -506,8 +505,7 @@ class SessionLink:
         if not (lane.left or lane.leaving):
             self.log.info("lost the connection to {peer} ({path}): {reason}", peer=lane.conn.peer,
                           path=lane.path, reason=reason)
-        for record in self._outbox.lost(lane):
-            record.lane = None
+        self._outbox.lost(lane)
         lane.inflight = 0
         if self._ended is not None and all(other.gone for other in self.lanes):
             return self._closed.fire(None)

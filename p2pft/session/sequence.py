@@ -61,6 +61,10 @@ class Outbox:
         self.acked = 1
         #: Bytes of unacknowledged records (L{Sent.size}).
         self.bytes = 0
+        #: Unacknowledged records no lane has (so L{unplaced} costs nothing
+        #: while there are none: it is asked on every acknowledgement, and a
+        #: window of small files' records is thousands of them).
+        self._unplaced = 0
 
     @property
     def full(self) -> bool:
@@ -81,7 +85,14 @@ class Outbox:
         self._next += 1
         self._records.append(record)
         self.bytes += record.size
+        self._unplaced += 1
         return record
+
+    def place(self, record: Sent, lane) -> None:
+        """C{record} is written to C{lane}."""
+        if record.lane is None:
+            self._unplaced -= 1
+        record.lane = lane
 
     def ack(self, expected: int) -> list[Sent]:
         """The other side expects C{expected} next: the records this
@@ -94,6 +105,8 @@ class Outbox:
         while records and records[0].seq < expected:
             record = records.popleft()
             self.bytes -= record.size
+            if record.lane is None:
+                self._unplaced -= 1
             done.append(record)
         self.acked = max(self.acked, expected)
         return done
@@ -104,10 +117,13 @@ class Outbox:
         again = [r for r in self._records if r.lane is lane]
         for record in again:
             record.lane = None
+        self._unplaced += len(again)
         return again
 
     def unplaced(self) -> list[Sent]:
         """Unacknowledged records that no lane has, in order."""
+        if not self._unplaced:
+            return []
         return [r for r in self._records if r.lane is None]
 
 

@@ -23,6 +23,12 @@ from .resume import find_existing
 from .sink import FileSink, StreamSink
 from .store import OutputDir
 
+#: Files up to this size are written unnamed (L{OutputDir.open_unnamed})
+#: and leave no partial file to resume from: sending one again costs less
+#: than the two extra folder changes a partial name costs every file (at
+#: 1 MiB, about 10 ms at 1 Gbit/s).
+UNNAMED_MAX = 1 << 20
+
 
 class IDestination(Interface):
     """Where a receiver writes; each method is one step of the receiver's flow."""
@@ -145,6 +151,11 @@ class DiskDestination:
         self._out.remove_partial(entry.path)
 
     def open_file(self, entry, offset: int, pool, run_blocking) -> FileSink:
+        f = None
+        if offset == 0 and entry.size is not None and entry.size <= UNNAMED_MAX:
+            f = self._out.open_unnamed(entry.path)
+        if f is not None:
+            return FileSink(f, offset, pool, run_blocking, keeps=False)
         return FileSink(self._out.open_partial(entry.path, offset), offset, pool, run_blocking)
 
     def discard(self, current) -> bool:

@@ -153,7 +153,7 @@ class Intake:
         if current.dropped:
             self.dropped += len(data)
         else:
-            self.kept = self.kept or current.entry.size is not None
+            self.kept = self.kept or (current.entry.size is not None and getattr(current.sink, "keeps", True))
         try:
             current.sink.write(data)
         except OSError as e:

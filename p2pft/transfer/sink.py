@@ -144,8 +144,11 @@ class FileSink:
     """
 
     def __init__(self, file, offset: int, pool: BufferPool,
-                 run_blocking: Callable[..., defer.Deferred], direct: bool = True):
+                 run_blocking: Callable[..., defer.Deferred], direct: bool = True, keeps: bool = True):
         assert offset % BUFFER == 0, offset
+        #: Whether what it wrote stays for a resume if the transfer stops
+        #: (not for a file with no name yet: L{OutputDir.open_unnamed}).
+        self.keeps = keeps
         self._out = _Output(file, direct)
         self._pool = pool
         self._run = run_blocking
