@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from p2pft.server import splice as splice_module
+from p2pft.server import zerocopy
 from p2pft.server.events import NO_EVENTS, IServerEvents
 from p2pft.server.relay import MAX_LEGS, MAX_PAIRS, RelayFactory, RelayLimits, RelayServer
 from p2pft.server.rendezvous import RendezvousServerFactory
@@ -1169,7 +1170,10 @@ class LoopbackRelayTests(TestCase):
 
     async def test_slow_reader_pauses_the_writer_over_real_sockets(self):
         """b stops reading: the relay stops reading a instead of buffering
-        what a sends; when b reads again, every byte arrives in order."""
+        what a sends; when b reads again, every byte arrives in order.
+        (Bytes moved through Twisted: see the zero-copy test for the
+        kernel's way.)"""
+        self.patch(zerocopy, "available", lambda *transports: False)
         factory = RelayFactory(reactor, RelayLimits())
         port = self.listen(factory)
         paused = defer.Deferred()
@@ -1202,6 +1206,55 @@ class LoopbackRelayTests(TestCase):
         b.transport.resumeProducing()
         self.assertEqual(await bounded(b.complete, "b receives everything", 30), data)
         self.assertIn(relay_a.transport, reactor.getReaders(), "a is read again")
+
+
+    async def test_zero_copy_slow_reader_and_limits(self):
+        """The kernel moves the bytes (splice through a pipe): b stops
+        reading and the relay stops reading a with at most a pipe's worth
+        held; every byte arrives in order once b reads again, both ways;
+        and the session's byte cap still counts every byte."""
+        self.assertTrue(hasattr(os, "splice"))
+        factory = RelayFactory(reactor, RelayLimits())
+        port = self.listen(factory)
+        held = defer.Deferred()
+        original = zerocopy.ZeroCopy.update
+
+        def update(zc):
+            original(zc)
+            if zc.in_pipe and not held.called:
+                held.callback(zc)
+
+        self.patch(zerocopy.ZeroCopy, "update", update)
+        data, back = os.urandom(32 * 1024 * 1024), os.urandom(3 * 1024 * 1024 + 1)
+        a = await self.leg(port, "sender", len(back))
+        b = await self.leg(port, "receiver", len(data))
+        await bounded(a.ok, "a OK")
+        await bounded(b.ok, "b OK")
+        relay_a, relay_b = self.built
+        b.transport.pauseProducing()        # b's application stops reading
+        a.transport.write(data)
+        zc = await bounded(held, "the relay holds bytes for b")
+        self.assertLessEqual(zc.in_pipe, zerocopy.PIPE_SIZE)
+        self.assertNotIn(relay_a.transport, reactor.getReaders(), "the relay still reads a")
+        t = relay_b.transport
+        self.assertEqual(len(t.dataBuffer) - t.offset + t._tempDataLen, 0)  # nothing copied into Twisted
+        b.transport.resumeProducing()
+        b.transport.write(back)
+        self.assertEqual(await bounded(b.complete, "b receives everything", 30), data)
+        self.assertEqual(await bounded(a.complete, "a receives everything", 30), back)
+
+    async def test_zero_copy_byte_cap(self):
+        """The byte cap cuts a session whose bytes the kernel moves, too."""
+        factory = RelayFactory(reactor, RelayLimits(max_bytes=5 * 1024 * 1024))
+        port = self.listen(factory)
+        a = await self.leg(port, "sender", 0)
+        b = await self.leg(port, "receiver", 10 * 1024 * 1024)
+        await bounded(a.ok, "a OK")
+        await bounded(b.ok, "b OK")
+        a.transport.write(os.urandom(10 * 1024 * 1024))
+        await bounded(b.closed, "the relay cuts b")
+        await bounded(a.closed, "the relay cuts a")
+        self.assertLessEqual(len(b.received), 5 * 1024 * 1024 + 3)  # (+ "OK\n")
 
 
 @implementer(IHalfCloseableProtocol)

@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from zope.interface import Interface, implementer
 
 from ..util import cancel as _cancel
+from . import zerocopy
 from .limits import CLOSE_GRACE, TokenBucket
 
 if TYPE_CHECKING:
@@ -133,6 +134,8 @@ class _Direction:
         self._session = session
         self.src, self.dst = src, dst
         self.flow_paused = False
+        #: The kernel moves the bytes (L{zerocopy}), where it can.
+        self.zerocopy: zerocopy.ZeroCopy | None = None
 
     def pauseProducing(self) -> None:
         self.flow_paused = True
@@ -145,9 +148,14 @@ class _Direction:
     def stopProducing(self) -> None:
         pass
 
+    def paused(self) -> bool:
+        return self.flow_paused or self._session.rate_paused
+
     def update(self) -> None:
         if self.src.isClosed():
             return
+        if self.zerocopy is not None:
+            return self.zerocopy.update()
         if self.flow_paused or self._session.rate_paused:
             self.src.pauseReading()
         else:
@@ -203,20 +211,20 @@ class Session:
         self._touch()
         return splice
 
-    def carry(self, src: Leg, data: bytes) -> bool:
-        """C{src} sent C{data}: False if that takes the session over its
-        byte cap (nothing is forwarded: every splice is cut), else count it,
-        restart the idle clock and pay for it."""
+    def carry(self, src: Leg, size: int) -> bool:
+        """C{src} sent C{size} bytes: False if that takes the session over
+        its byte cap (nothing is forwarded: every splice is cut), else
+        count them, restart the idle clock and pay for them."""
         limits = self._server.limits
-        if limits.max_bytes and self.bytes + len(data) > limits.max_bytes:
+        if limits.max_bytes and self.bytes + size > limits.max_bytes:
             self.cut("byte-cap")
             return False
-        self.bytes += len(data)
-        src.bytes += len(data)
+        self.bytes += size
+        src.bytes += size
         self._touch()
         if self._bucket is not None:
             # What was read is forwarded; reading stops until it is paid for.
-            ahead = self._bucket.take(len(data), self._clock.seconds())
+            ahead = self._bucket.take(size, self._clock.seconds())
             if ahead > 0 and not self.rate_paused:
                 self.rate_paused = True
                 self._update()
@@ -305,9 +313,24 @@ class Splice:
             self.update()
         for leg in self.legs:
             leg.connection.write(b"OK\n")
+        self._zerocopy()
+
+    def _zerocopy(self) -> None:
+        """Let the kernel move the bytes, where both legs are real TCP
+        connections (L{zerocopy}); what the legs sent already was
+        forwarded through Twisted, in order, before."""
+        a, b = self.legs
+        transports = [getattr(leg.connection, "transport", None) for leg in self.legs]
+        if not zerocopy.available(*transports):
+            return
+        for direction, (src, dst) in zip(self._directions, ((a, b), (b, a))):
+            direction.zerocopy = zerocopy.ZeroCopy(
+                src.connection.transport, dst.connection.transport,
+                lambda n, src=src: not self._ended and self.session.carry(src, n), direction.paused)
+            direction.update()
 
     def forward(self, src: Leg, data: bytes) -> None:
-        if self._ended or not self.session.carry(src, data):
+        if self._ended or not self.session.carry(src, len(data)):
             return
         src.peer.connection.write(data)
 
