@@ -21,18 +21,19 @@ PIPE_BYTES = 1 << 20
 class FDReader(abstract.FileDescriptor):
     """
     Reads a non-seekable file descriptor (a pipe, a terminal) without
-    blocking the reactor, up to 1 MiB per read into one reused buffer (so
-    C{on_data} gets a view that is valid only during the call), as a push
-    producer the channel's transport can pause.  Restores the descriptor's
-    blocking mode when done (it is shared with whatever started us).
+    blocking the reactor, up to C{piece} bytes per read, each into a new
+    object that C{on_data} may keep (the session keeps it until the other
+    side has it: no copy), as a push producer the channel's transport can
+    pause.  Restores the descriptor's blocking mode when done (it is shared
+    with whatever started us).
     """
 
-    def __init__(self, fd: int, reactor=None):
+    def __init__(self, fd: int, reactor=None, piece: int = 256 * 1024):
         super().__init__(reactor)
         self._fd = fd
         self._flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         self._on_data = self._on_end = None
-        self._view = memoryview(bytearray(PIPE_BYTES))  # reused: on_data must not keep it
+        self._piece = piece
         widen_pipe(fd)
 
     def fileno(self) -> int:
@@ -54,14 +55,14 @@ class FDReader(abstract.FileDescriptor):
 
     def doRead(self):
         try:
-            n = os.readv(self._fd, [self._view])
+            data = os.read(self._fd, self._piece)
         except BlockingIOError:
             return None
         except OSError as e:
             return failure.Failure(e)
-        if not n:
+        if not data:
             return main.CONNECTION_DONE
-        self._on_data(self._view[:n])
+        self._on_data(data)
         return None
 
     def connectionLost(self, reason) -> None:

@@ -249,11 +249,15 @@ class StreamSender(Sender):
     def _data(self, chunk: bytes) -> None:
         if self.state is not SenderState.SENDING:
             return
-        chunk = memoryview(chunk)
-        for i in range(0, len(chunk), CHUNK):
-            piece = chunk[i:i + CHUNK]
-            self._bytes_done += len(piece)
-            self._channel.send(DATA, piece)
+        if len(chunk) <= CHUNK:
+            self._bytes_done += len(chunk)
+            self._channel.send(DATA, chunk)  # as it is: kept until acknowledged, not copied
+        else:
+            view = memoryview(chunk)
+            for i in range(0, len(view), CHUNK):
+                piece = view[i:i + CHUNK]
+                self._bytes_done += len(piece)
+                self._channel.send(DATA, piece)
         self._pacer.count(len(chunk))
         self._progress(self._entries[0].path)
         self._pacer.hold_back(self._paced)

@@ -319,8 +319,22 @@ class StreamSink:
 
     def __init__(self, stream):
         self.file = stream
+        self._buffer: bytearray | None = None
+        self._reserved: memoryview | None = None
+
+    def reserve(self, size: int) -> memoryview | None:
+        """A reused buffer for the next C{size} bytes (the wire opens the
+        record into it; L{write} of that view writes it out, and the
+        buffer is free again once it returns: writes here are blocking)."""
+        if size > (1 << 20):
+            return None
+        if self._buffer is None:
+            self._buffer = bytearray(1 << 20)
+        self._reserved = memoryview(self._buffer)[:size]
+        return self._reserved
 
     def write(self, data: bytes) -> None:
+        self._reserved = None
         view = memoryview(data)
         while view:
             view = view[self.file.write(view):]
