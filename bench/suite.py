@@ -137,9 +137,13 @@ def run(a: argparse.Namespace, work: str, network: str) -> int:
     compile_checkout()
     started = time.monotonic()
     rows = []
-    for key in (k for k in ROWS if k in a.rows):
-        say(f"{key} ...")
-        rows.append(ROWS[key](bench))
+    try:
+        for key in (k for k in ROWS if k in a.rows):
+            say(f"{key} ...")
+            rows.append(ROWS[key](bench))
+    finally:
+        for path in bench.remove_later:
+            shutil.rmtree(path, ignore_errors=True)
     load, load_error = measure_load(a.clients, 2 * size, work) if "load" in a.rows else (None, None)
     items = targets(rows, load)
 

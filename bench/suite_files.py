@@ -49,13 +49,17 @@ def make_folder(path: str, files: int) -> int:
     return total
 
 
-def _check(out: str, name: str, files: int, total: int) -> None:
-    """The output holds the folder: that many files, that many bytes; remove it."""
+def _check(bench: Bench, out: str, name: str, files: int, total: int) -> None:
+    """The output holds the folder: that many files, that many bytes.  It
+    is removed only when the suite ends: ext4 makes a new file slowly for
+    a while after many were deleted (its inode allocator skips inodes freed
+    in the last 30 s or so: C{recently_deleted}, seen with perf taking 60 %
+    of every create), which would slow whichever run comes next."""
     count = size = 0
     for root, _, names in os.walk(os.path.join(out, name)):
         count += len(names)
         size += sum(os.lstat(os.path.join(root, n)).st_size for n in names)
-    shutil.rmtree(out)
+    bench.remove_later.append(out)
     if (count, size) != (files, total):
         raise BenchError(f"expected {files} files of {total} bytes in all, found {count} of {size}")
 
@@ -72,7 +76,7 @@ def _run(bench: Bench, n: int, sender, receiver, done: str | None, files: int, t
     rx = r.wait_ok(deadline)
     sx = s.wait_ok(deadline)
     end = t if done else rx.time
-    _check(out, os.path.basename(bench.folder), files, total)
+    _check(bench, out, os.path.basename(bench.folder), files, total)
     return Run(total, transfer=end - r.started, total=end - r.started, sender=sx.usage, receiver=rx.usage)
 
 

@@ -97,6 +97,8 @@ class Bench:
     files: int = 0
     folder_bytes: int = 0
     tar_port: int = 0
+    #: Output folders removed when the suite ends (L{suite_files}).
+    remove_later: list = field(default_factory=list)
 
     def deadline(self) -> float:
         """Deadline for one transfer: generous (20 MB/s is the slowest we wait for)."""

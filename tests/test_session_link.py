@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2pft.channel import KEEPALIVE, KEEPALIVE_INTERVAL
 from p2pft.session.link import ACK_BYTES, ACK_DELAY, CONTROL, LEAVE, SACK, SILENCE
 from p2pft.session.sequence import OVERHEAD, Inbox, Outbox, SequenceError
-from p2pft.transfer.records import ACK, DATA, FILE, OFFER
+from p2pft.transfer.records import ACK, DATA, END, FILE, FILE_END, OFFER
 
 from .fakelanes import Net, Pull, Push
 
@@ -1020,9 +1020,26 @@ class SackTests(Base):
         net.flush()
         net.a.link.send(DATA, b"x")
         w.deliver("a")
-        net.a.link.send(FILE, b"{}")
+        net.a.link.send(END, b"{}")
         w.deliver("a")
         self.assertEqual(self.sacks(w.b), [1, 3])
+
+    def test_streamed_kinds_are_the_transfers(self):
+        from p2pft.session.link import STREAMED
+        self.assertEqual(STREAMED, {DATA, FILE, FILE_END})
+
+    def test_file_records_wait_like_data(self):
+        """FILE and FILE_END come three a file with DATA: acknowledged by
+        bytes or delay, not one SACK each."""
+        net = self.net()
+        w = net.wire()
+        net.flush()
+        for kind in (FILE, DATA, FILE_END, FILE, DATA, FILE_END):
+            net.a.link.send(kind, b"{}")
+            w.deliver("a")
+        self.assertEqual(self.sacks(w.b), [1])
+        net.clock.advance(ACK_DELAY)
+        self.assertEqual(self.sacks(w.b), [1, 7])
 
     def test_sack_on_close(self):
         net = self.net()

@@ -62,6 +62,12 @@ WINDOW = 16 << 20
 #: with room to spare, at one 29-byte SACK per MiB (0.003 % of the data).
 ACK_BYTES = 1 << 20
 ACK_DELAY = 0.02
+#: The transfer's record kinds that come in streams (L{p2pft.transfer.records}:
+#: DATA 4, FILE 10, FILE_END 11): acknowledged by ACK_BYTES or ACK_DELAY
+#: like any data.  Any other record is acknowledged at once (an answer is
+#: awaited).  A folder of small files is three records a file: one SACK
+#: each cost the receiver a send() per record.
+STREAMED = frozenset({4, 10, 11})
 #: Seconds without hearing anything on a lane (the other side sends a
 #: KEEPALIVE every KEEPALIVE_INTERVAL when it has nothing else to send)
 #: before it counts as dead: three missed keepalives.  TCP's retransmission
@@ -421,7 +427,7 @@ class SessionLink:
             self._unacked_in += len(payload)
         self._ready.extend(ready)
         self._ack_lane = lane
-        if self._unacked_in >= ACK_BYTES or any(kind != 4 for kind, _ in ready):  # 4: DATA
+        if self._unacked_in >= ACK_BYTES or any(kind not in STREAMED for kind, _ in ready):
             self._flush_ack()
         elif self._ack_timer is None:
             self._ack_timer = self._clock.callLater(ACK_DELAY, self._flush_ack)
