@@ -1243,6 +1243,22 @@ class LoopbackRelayTests(TestCase):
         self.assertEqual(await bounded(b.complete, "b receives everything", 30), data)
         self.assertEqual(await bounded(a.complete, "a receives everything", 30), back)
 
+    async def test_out_of_descriptors_for_pipes_falls_back(self):
+        """No descriptors left for the pipes: the splice moves the bytes
+        through Twisted instead, and nothing is lost."""
+        def no_pipes(flags):
+            raise OSError(24, "Too many open files")
+        self.patch(zerocopy.os, "pipe2", no_pipes)
+        factory = RelayFactory(reactor, RelayLimits())
+        port = self.listen(factory)
+        data = os.urandom(3 * 1024 * 1024 + 7)
+        a = await self.leg(port, "sender", 0)
+        b = await self.leg(port, "receiver", len(data))
+        await bounded(a.ok, "a OK")
+        await bounded(b.ok, "b OK")
+        a.transport.write(data)
+        self.assertEqual(await bounded(b.complete, "b receives everything"), data)
+
     async def test_zero_copy_byte_cap(self):
         """The byte cap cuts a session whose bytes the kernel moves, too."""
         factory = RelayFactory(reactor, RelayLimits(max_bytes=5 * 1024 * 1024))

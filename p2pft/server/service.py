@@ -148,7 +148,8 @@ class RendezvousService(Service):
 def _raise_fd_limit(state, relay) -> None:
     """
     Use the hard limit on open files, and keep the caps under it: each
-    relayed session holds two sockets, each rendezvous client one, each
+    relayed session holds two sockets and two pipes (four descriptors: the
+    kernel splices its bytes, L{p2pft.server.zerocopy}), each rendezvous client one, each
     connection in a standalone relay's lobby (no RELAY line yet) one.
     """
     try:
@@ -164,8 +165,8 @@ def _raise_fd_limit(state, relay) -> None:
         return
     budget = max(32, soft - 64)
     if relay is not None:
-        sessions = max(1, min(relay.limits.max_sessions, budget // 4))
-        budget -= 2 * sessions
+        sessions = max(1, min(relay.limits.max_sessions, budget // 12))
+        budget -= 6 * sessions
         pending = max(1, min(relay.limits.max_pending, budget // 4))
         relay.limits = attrs.evolve(relay.limits, max_sessions=sessions, max_pending=pending)
         if state is None:

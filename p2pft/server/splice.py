@@ -323,10 +323,19 @@ class Splice:
         transports = [getattr(leg.connection, "transport", None) for leg in self.legs]
         if not zerocopy.available(*transports):
             return
-        for direction, (src, dst) in zip(self._directions, ((a, b), (b, a))):
-            direction.zerocopy = zerocopy.ZeroCopy(
-                src.connection.transport, dst.connection.transport,
-                lambda n, src=src: not self._ended and self.session.carry(src, n), direction.paused)
+        made = []
+        try:
+            for direction, (src, dst) in zip(self._directions, ((a, b), (b, a))):
+                made.append(zerocopy.ZeroCopy(
+                    src.connection.transport, dst.connection.transport,
+                    lambda n, src=src: not self._ended and self.session.carry(src, n), direction.paused))
+        except OSError:  # out of descriptors for the pipes: through Twisted, as before
+            for zc in made:
+                zc.close()
+            return
+        for direction, zc in zip(self._directions, made):
+            zc.install()
+            direction.zerocopy = zc
             direction.update()
 
     def forward(self, src: Leg, data: bytes) -> None:

@@ -65,6 +65,10 @@ class ZeroCopy:
         self._stopped = False  # the byte cap: nothing more is moved
         self._read_ended = False  # the source's end was passed on
         self._closed = False
+
+    def install(self) -> None:
+        """Take over the source's reads and the destination's writes."""
+        src, dst = self._src, self._dst
         self._dst_doWrite = type(dst).doWrite.__get__(dst)
         src.doRead = self.doRead
         dst.doWrite = self.doWrite
