@@ -198,6 +198,16 @@ class WritingTests(TestCase):
         self.assertLessEqual(len(w._pool), wire.POOL)
         self.assertTrue(views)
 
+    def test_small_frames_queued_hold_only_themselves(self):
+        """Small files' records queued behind a full socket: each holds its
+        own frame, not a pooled buffer (memory stays what is queued)."""
+        w, side, _, _ = make_wire()
+        side.socket.room = 0
+        for i in range(100):
+            w.send(4, os.urandom(8000), i + 1)
+        self.assertTrue(all(buf is None for _, buf in w._pending))
+        self.assertEqual(w.pending_bytes, 100 * frame_size(8000))
+
     def test_producer_paused_while_pending(self):
         w, side, _, _ = make_wire()
         producer = Producer()

@@ -37,9 +37,12 @@ from twisted.internet import main
 
 from ..secure import HEADER_SIZE, MAX_RECORD, RecordOpener, RecordSealer, SecurityError, frame_size
 
-#: Frames from this size on are sealed into a reused buffer; smaller ones
-#: (acknowledgements, keepalives, control messages) are sealed as before.
-POOLED_FROM = 4096
+#: Frames from this size on are sealed into a reused buffer (of
+#: POOLED_FRAME bytes, however large the frame); smaller ones
+#: (acknowledgements, keepalives, control messages, small files' data) are
+#: sealed into a frame of their own, so a queue of them behind a full
+#: socket holds what they are, not a pooled buffer each.
+POOLED_FROM = 64 * 1024
 #: The pooled frame: a DATA record of the transfer's chunk (256 KiB) fits.
 POOLED_FRAME = frame_size(256 * 1024)
 #: Free frame buffers kept for reuse.  A frame is usually sent the moment it
