@@ -27,7 +27,7 @@ COLUMNS: list[tuple[str, Callable[[Run], float | None], str]] = [
 ]
 TOOL = "tool"
 #: Rows whose sides count for the p2pft target on RSS ...
-P2PFT_ROWS = ("p2pft", "stdout", "relay", "files")
+P2PFT_ROWS = ("p2pft", "stdout", "relay")
 #: ... and on the first byte (the relay row waits 2 s by design before it dials a relay).
 DIRECT_ROWS = ("p2pft", "stdout")
 CLIENTS_GOAL = 10_000
