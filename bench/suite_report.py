@@ -311,8 +311,21 @@ METHOD = """\
   so they meet similar memory; the spread between runs of one row shows
   how much this varies.
 - The relay row forces the relay path (`bench/relayonly_p2pft.py`, peers
-  ignore direct candidates); its first byte includes the 2 s a peer waits
-  before it dials a relay.
+  ignore direct candidates).  Protocol v2 peers dial a relay at once, so its
+  first byte no longer includes a wait.  The relay splices the bytes in the
+  kernel (docs/OPERATING.md, "How a relay moves bytes").
+- The peers run from bytecode compiled before the rows, as an installed
+  p2pft does (`PYTHONDONTWRITEBYTECODE` is dropped from their
+  environment): otherwise every process compiles its sources again, about
+  0.2 CPU-s each.
+- Small files: one folder of `--files` files of 0–8 KiB (random sizes,
+  random bytes, 500 to a folder), made once; p2pft sends it folder → folder,
+  and `tar c | socat` → `socat | tar x` moves the same folder over loopback
+  (plain, no checks).  The clock runs from the receiver's start to its
+  `done` event (p2pft) or its exit (tar); the column to compare is
+  **start→done s**.  Outputs are removed only after the last row: ext4
+  creates files several times slower for a while after many were deleted,
+  which would slow whichever run came next.
 - Server load: one `p2pft server` process; two load-generator processes
   (Twisted), each connecting from its own 127.0.0.x, 24 connections at a
   time (under the server's listen backlog).  Half the clients connect and
