@@ -28,10 +28,12 @@ from .names import PARTIAL_SUFFIX, printable
 STAGE_PREFIX = ".p2pft-place-"
 
 
-def link_into_place(parent: int, name: str, fd: int, ours: os.stat_result, path: str, overwrite: bool) -> None:
+def link_into_place(parent: int, name: str, fd: int, ours: os.stat_result, path: str, overwrite: bool,
+                    unnamed: bool = False) -> None:
     """Put the file open as C{fd} (described by C{ours}; its partial name
-    C{name}.p2pft-partial) at C{name} in the folder C{parent} (C{path}: for
-    messages), then drop the partial name if it is still ours."""
+    C{name}.p2pft-partial, unless it is C{unnamed}) at C{name} in the
+    folder C{parent} (C{path}: for messages), then drop the partial name if
+    it is still ours."""
     source = f"/proc/self/fd/{fd}"
     try:
         os.link(source, name, dst_dir_fd=parent, follow_symlinks=True)
@@ -44,8 +46,10 @@ def link_into_place(parent: int, name: str, fd: int, ours: os.stat_result, path:
         os.replace(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
         check_ours(parent, name, ours, printable(path))
     except OSError:
+        if unnamed:
+            raise
         return _by_name(parent, name, ours, path, overwrite)
-    if is_ours(parent, name + PARTIAL_SUFFIX, ours):
+    if not unnamed and is_ours(parent, name + PARTIAL_SUFFIX, ours):
         os.unlink(name + PARTIAL_SUFFIX, dir_fd=parent)
 
 

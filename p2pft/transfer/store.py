@@ -179,7 +179,7 @@ class OutputDir(ConfinedDir):
         the transfer stops, so only for files too small to be worth a
         resume; None where the file system (or the kernel) has no such
         files, or a partial file of C{path} is there (it gets cut and
-        reused as before)."""
+        reused as before, or refused if it is not a file of ours)."""
         if not self._tmpfile or self.lstat(path, partial=True) is not None:
             return None
         parent, _ = self._split(path, create=True)
@@ -253,7 +253,7 @@ class OutputDir(ConfinedDir):
             existing = self.lstat(path)
             if existing is not None and stat.S_ISDIR(existing.st_mode):
                 raise Declined(f"{printable(path)} appeared as a folder while receiving; kept the partial file")
-            placing.link_into_place(parent, name, fd, ours, path, overwrite)
+            placing.link_into_place(parent, name, fd, ours, path, overwrite, unnamed)
 
     def free(self) -> int:
         return shutil.disk_usage(self.path).free
