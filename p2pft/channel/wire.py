@@ -157,6 +157,7 @@ class Wire:
         self._producer = None
         self._producer_paused = False
         self._closing = False
+        self._shut = False  # our direction's shutdown was asked of Twisted
         self._failed = False
         # reading
         self._rbuf = bytearray(READ_BUFFER)
@@ -199,6 +200,11 @@ class Wire:
         accepted from now on)."""
         self._closing = True
         if not self._pending:
+            self._shut_down()
+
+    def _shut_down(self) -> None:
+        if not self._shut:
+            self._shut = True
             self._side.lose_write_connection()
 
     def lost(self) -> None:
@@ -257,7 +263,7 @@ class Wire:
         if result is not None or self._pending:
             return result
         if self._closing:
-            side.lose_write_connection()
+            self._shut_down()
         elif self._producer is not None and self._producer_paused:
             self._producer_paused = False
             self._producer.resumeProducing()
