@@ -1234,7 +1234,7 @@ class LoopbackRelayTests(TestCase):
         b.transport.pauseProducing()        # b's application stops reading
         a.transport.write(data)
         zc = await bounded(held, "the relay holds bytes for b")
-        self.assertLessEqual(zc.in_pipe, zerocopy.PIPE_SIZE)
+        self.assertLessEqual(zc.in_pipe, zerocopy.PIPE_SIZES[0])
         self.assertNotIn(relay_a.transport, reactor.getReaders(), "the relay still reads a")
         t = relay_b.transport
         self.assertEqual(len(t.dataBuffer) - t.offset + t._tempDataLen, 0)  # nothing copied into Twisted
@@ -1242,6 +1242,57 @@ class LoopbackRelayTests(TestCase):
         b.transport.write(back)
         self.assertEqual(await bounded(b.complete, "b receives everything", 30), data)
         self.assertEqual(await bounded(a.complete, "a receives everything", 30), back)
+
+    async def test_zero_copy_byte_cap_closes_promptly(self):
+        """A session cut for its byte cap while bytes wait in a pipe: the
+        relay closes the legs at once (not by spinning on a writable socket
+        until the close grace aborts them)."""
+        calls = []
+        original = zerocopy.ZeroCopy.doWrite
+        self.patch(zerocopy.ZeroCopy, "doWrite", lambda zc: calls.append(1) or original(zc))
+        factory = RelayFactory(reactor, RelayLimits(max_bytes=5 * 1024 * 1024))
+        port = self.listen(factory)
+        a = await self.leg(port, "sender", 0)
+        b = await self.leg(port, "receiver", 10 * 1024 * 1024)
+        await bounded(a.ok, "a OK")
+        await bounded(b.ok, "b OK")
+        a.transport.write(os.urandom(10 * 1024 * 1024))
+        await bounded(b.closed, "the relay cuts b", 5)  # CLOSE_GRACE is 10 s
+        self.assertLess(len(calls), 1000)
+
+    async def test_zero_copy_pipes_go_with_their_direction(self):
+        """When a splice ends (here: idle) while one direction's pipe holds
+        bytes, each direction's pipe is let go with its own connections,
+        and the transports get their own reads and writes back: nothing is
+        ever spliced through a descriptor that was closed (and may belong
+        to another session by then)."""
+        made = []
+        original = zerocopy.ZeroCopy.install
+        self.patch(zerocopy.ZeroCopy, "install", lambda zc: made.append(zc) or original(zc))
+        factory = RelayFactory(reactor, RelayLimits(idle_timeout=0.5))
+        port = self.listen(factory)
+        a = await self.leg(port, "sender", 0)
+        b = await self.leg(port, "receiver", 1 << 40)
+        await bounded(a.ok, "a OK")
+        await bounded(b.ok, "b OK")
+        held = defer.Deferred()
+        update = zerocopy.ZeroCopy.update
+        self.patch(zerocopy.ZeroCopy, "update",
+                   lambda zc: (update(zc), zc.in_pipe and not held.called and held.callback(zc)))
+        b.transport.pauseProducing()
+        a.transport.write(b"A" * (16 << 20))
+        forward = await bounded(held, "a pipe holds bytes for b")
+        await bounded(a.closed, "the relay cuts a (idle)")
+        b.transport.resumeProducing()
+        await bounded(b.closed, "the relay cuts b (idle)", 15)
+        self.assertLessEqual(len(b.received), 16 << 20)
+        self.assertEqual(bytes(b.received), b"A" * len(b.received))  # only ever this session's bytes
+        for zc in made:
+            self.assertTrue(zc._closed)
+            self.assertEqual(zc.in_pipe, 0)
+            self.assertNotIn("doRead", zc._src.__dict__)
+            self.assertNotIn("doWrite", zc._dst.__dict__)
+        self.assertIn(forward, made)
 
     async def test_out_of_descriptors_for_pipes_falls_back(self):
         """No descriptors left for the pipes: the splice moves the bytes

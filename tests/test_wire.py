@@ -410,6 +410,61 @@ class PlacingTests(TestCase):
         self.assertEqual(order, [("deliver", 1), ("deliver", 2), ("place", 3), ("deliver", 3)])
 
 
+class RecordsAttachTests(TestCase):
+    """Records with the wire over a real loopback connection."""
+
+    async def test_records_opened_before_attach_are_delivered_by_it(self):
+        """What the wire read before the session attached (the SELECT's
+        leftovers) is handed on by attach itself, not by whatever record
+        comes next on that connection."""
+        from twisted.internet import defer, protocol, reactor
+        from p2pft.channel.records import Records
+
+        opened = defer.Deferred()
+
+        class Server(protocol.Protocol):
+            def connectionMade(self):
+                self.records = Records(self.transport, reactor, RecordSealer(b"x" * 32), RecordOpener(KEY),
+                                       lambda reason: None)
+                self.records.start()
+                original = self.records._opened
+                def _opened(records):
+                    original(records)
+                    if not opened.called:
+                        opened.callback(self.records)
+                self.records._opened = _opened
+                self.records._wire._deliver = _opened
+
+            def dataReceived(self, data):
+                self.records.dataReceived(data)
+
+        factory = protocol.ServerFactory()
+        factory.protocol = Server
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+
+        class Client(protocol.Protocol):
+            def connectionMade(self):
+                self.transport.writeSequence(RecordSealer(KEY).seal(20, b"offer", 1))
+
+        client = await protocol.ClientCreator(reactor, Client).connectTCP("127.0.0.1", port.getHost().port)
+        records = await opened
+        self.assertIsNotNone(records._wire)
+
+        class Handler:
+            got = []
+            def recordReceived(self, kind, seq, payload):
+                self.got.append((kind, seq, bytes(payload)))
+            def channelLost(self, reason):
+                pass
+
+        handler = Handler()
+        records.attach(handler)
+        self.assertEqual(handler.got, [(20, 1, b"offer")])
+        client.transport.abortConnection()
+        records.close()
+
+
 class SealIntoTests(TestCase):
 
     def test_same_as_seal(self):

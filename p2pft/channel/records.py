@@ -95,6 +95,7 @@ class Records:
         if self._pending:
             data, self._pending = bytes(self._pending), bytearray()
             self._open(data)
+        self._deliver()  # records the wire opened before (the SELECT's leftovers)
         if self._ended is not None:
             handler.channelLost(self._ended)
 

@@ -29,6 +29,7 @@ sends, full sockets, records cut at every byte boundary.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import deque
 from typing import Callable
@@ -71,6 +72,10 @@ def _kind_seq(buf, offset: int) -> tuple[int, int]:
     return buf[offset + 4], int.from_bytes(buf[offset + 5:offset + 13], "big")
 
 
+#: Errors that mean "try again" for a send (as Twisted's own writes take them).
+_AGAIN = (errno.EAGAIN, errno.ENOBUFS, errno.EINTR)
+
+
 def enabled() -> bool:
     """Whether the wire may be used (P2PFT_WIRE=0 turns it off, to compare)."""
     return os.environ.get("P2PFT_WIRE", "1") != "0"
@@ -91,7 +96,7 @@ class _TcpSide:
     def accepts(self) -> bool:
         """Whether writes are still taken (as L{FileDescriptor.write} decides)."""
         t = self.transport
-        return t.connected and not t._writeDisconnected
+        return t.connected and not (t._writeDisconnected or t.disconnected or getattr(t, "_aborting", False))
 
     def own_buffered(self) -> bool:
         t = self.transport
@@ -229,11 +234,10 @@ class Wire:
         if not self._pending and not self._failed and not self._side.own_buffered():
             try:
                 sent = self._sock.send(view)
-            except (BlockingIOError, InterruptedError):
+            except OSError as e:
                 sent = 0
-            except OSError:
-                # Left for doWrite, which reports the connection lost.
-                sent, self._failed = 0, True
+                if e.errno not in _AGAIN:
+                    self._failed = True  # left for doWrite, which reports the connection lost
             if sent == len(view):
                 self._give(buf)
                 return
@@ -281,10 +285,8 @@ class Wire:
                 views = [pending[i][0] for i in range(min(IOV, len(pending)))]
             try:
                 sent = sock.send(views[0]) if len(views) == 1 else sock.sendmsg(views)
-            except (BlockingIOError, InterruptedError):
-                return None
-            except OSError:
-                return main.CONNECTION_LOST
+            except OSError as e:
+                return None if e.errno in _AGAIN else main.CONNECTION_LOST
             total = sent
             self.pending_bytes -= sent
             while sent:

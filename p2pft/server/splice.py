@@ -328,7 +328,9 @@ class Splice:
             for direction, (src, dst) in zip(self._directions, ((a, b), (b, a))):
                 made.append(zerocopy.ZeroCopy(
                     src.connection.transport, dst.connection.transport,
-                    lambda n, src=src: not self._ended and self.session.carry(src, n), direction.paused))
+                    lambda n, src=src: not self._ended and self.session.carry(src, n), direction.paused,
+                    # A rate-limited session reads no more at once than before.
+                    read_max=SPLICE_BUFFER if self._server.limits.rate else None))
         except OSError:  # out of descriptors for the pipes: through Twisted, as before
             for zc in made:
                 zc.close()

@@ -160,8 +160,8 @@ class DiskDestination:
 
     def discard(self, current) -> bool:
         current.sink.close()
-        if current.dropped:
-            return False
+        if current.dropped or not getattr(current.sink, "keeps", True):
+            return False  # (an unnamed file: nothing of it is left)
         self._out.remove_partial(current.entry.path)  # not worth resuming from
         return True
 
