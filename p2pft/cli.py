@@ -131,7 +131,7 @@ async def run_peer(reactor, command: str, sub: usage.Options, ui, channels: list
         sub["server"], code=sub.get("code"),
         code_length=sub.get("code-length", codes.DEFAULT_WORDS), timeout=sub["timeout"],
         relay=sub.get("relay"), streams=sub.get("streams", "auto"),
-        reconnect_timeout=sub["reconnect-timeout"],
+        reconnect_timeout=sub["reconnect-timeout"], port_mapping=sub.get("port-mapping", True),
     )
     if command == "send" and sub["text"] is not None:
         await send_text(reactor, settings, sub["text"], ui, channels=channels)

@@ -215,6 +215,11 @@ class ExchangeTests(SynchronousTestCase):
         self.exchange.datagramReceived(b"no", ("10.0.0.1", 5351))
         self.assertEqual(self.failureResultOf(self.exchange.done, ReplyError).value.code, 2)
 
+    def test_a_port_closed_by_a_read_error_ends_at_once(self):
+        self.exchange.doStop()
+        self.assertIn("the network reported an error", self.failureResultOf(self.exchange.done).getErrorMessage())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_port_unreachable_ends_at_once(self):
         self.exchange.connectionRefused()
         self.assertIn("nothing answers", self.failureResultOf(self.exchange.done).getErrorMessage())
@@ -279,7 +284,7 @@ class OnThreadTests(SynchronousTestCase):
 
 
 @implementer(IMapClient)
-@attrs.define(eq=False)
+@attrs.define(eq=False, slots=False)
 class FakeClient:
     name: str
     answer: defer.Deferred = attrs.field(factory=defer.Deferred)
@@ -302,6 +307,12 @@ class FakeClient:
 
     def delete_blocking(self):
         self.log.append(("delete_blocking",))
+
+    def forget(self):
+        self.log.append(("forget",))
+
+    def abandon(self):
+        self.log.append(("abandon",))
 
 
 class FakeReactor(task.Clock):
@@ -343,10 +354,22 @@ class PortMapperTests(SynchronousTestCase):
         mapping = self.successResultOf(d)
         self.assertEqual((mapping.protocol, mapping.external, mapping.seconds), ("nat-pmp", ("203.0.113.21", 40000), 0.02))
         self.assertEqual(self.events, [("mapped", "nat-pmp")])
-        # UPnP grants too, later: deleted at once.
-        self.upnp.answer.callback(Held(("203.0.113.21", 40000), 300))
+        # The others are told: UPnP need not map after all.
+        self.assertIn(("abandon",), self.upnp.log)
+        # UPnP grants another port, later: deleted at once.
+        self.upnp.answer.callback(Held(("203.0.113.21", 40002), 300))
         self.assertEqual(self.upnp.log[-1], ("delete",))
         self.assertEqual(self.mapper.mapping, mapping)
+
+    def test_the_same_entry_granted_twice_is_not_deleted(self):
+        # miniupnpd keeps one table for all three protocols: UPnP "updating
+        # existing port mapping" is PCP's entry, and deleting it would
+        # delete the mapping in use.
+        self.mapper.map(40000)
+        self.pcp.answer.callback(Held(("203.0.113.21", 40000), 300))
+        self.upnp.answer.callback(Held(("203.0.113.21", 40000), 300))
+        self.assertEqual(self.upnp.log[-1], ("forget",))
+        self.assertNotIn(("delete",), self.upnp.log)
 
     def test_none_when_nobody_maps(self):
         d = self.mapper.map(40000)
@@ -384,6 +407,7 @@ class PortMapperTests(SynchronousTestCase):
         self.assertEqual(len(self.upnp.renewals), 3)
         self.successResultOf(self.mapper.unmap())
         self.successResultOf(self.mapper.unmap())
+        self.assertEqual(self.reactor.triggers, {})
         self.assertEqual(self.upnp.log.count(("delete",)), 1)
         self.assertEqual(self.events, [("mapped", "upnp"), ("deleted", "upnp")])
         self.assertEqual(self.reactor.getDelayedCalls(), [])
@@ -403,6 +427,19 @@ class PortMapperTests(SynchronousTestCase):
         self.assertEqual(self.reactor.triggers, {})
         f()  # the trigger, had it run: nothing left to delete
         self.assertEqual(self.pcp.log.count(("delete",)), 0)
+
+    def test_shutdown_waits_for_a_delete_under_way(self):
+        self.mapper.map(40000)
+        self.pcp.answer.callback(Held(("203.0.113.21", 40000), 300))
+        slow = defer.Deferred()
+        self.pcp.delete = lambda: slow
+        underway = self.mapper.unmap()
+        [(phase, event, f)] = self.reactor.triggers.values()
+        self.assertIs(f(), underway)
+        self.assertNoResult(underway)
+        slow.callback(None)
+        self.successResultOf(underway)
+        self.assertEqual(self.reactor.triggers, {})
 
     def test_session_ended_before_the_grant(self):
         d = self.mapper.map(40000)

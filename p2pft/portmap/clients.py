@@ -54,6 +54,13 @@ class IMapClient(Interface):
         """Delete the mapping held without the reactor (at exit); bounded
         in time; never raises."""
 
+    def forget() -> None:
+        """Drop the mapping held without deleting it (another client holds
+        the same router entry)."""
+
+    def abandon() -> None:
+        """Another protocol won: make no mapping after all, if not made yet."""
+
 
 def _public_ip(text: str, what: str) -> str:
     try:
@@ -127,6 +134,12 @@ class PcpClient:
         if request is not None:
             _send_blocking(self.gateway, natpmp.SERVER_PORT, pcp.encode_map(request.deleting()))
 
+    def forget(self) -> None:
+        self._request = None
+
+    def abandon(self) -> None:
+        pass  # (an answer is a round trip away: a grant is deleted as it comes)
+
 
 @implementer(IMapClient)
 @attrs.define
@@ -172,6 +185,12 @@ class NatPmpClient:
         internal, self._internal = self._internal, None
         if internal is not None:
             _send_blocking(self.gateway, natpmp.SERVER_PORT, natpmp.map_request(internal, 0, 0))
+
+    def forget(self) -> None:
+        self._internal = None
+
+    def abandon(self) -> None:
+        pass
 
 
 def on_thread(reactor, f, *args, timeout: float, late=None) -> defer.Deferred:
@@ -255,6 +274,7 @@ class UpnpClient:
     _upnp: object = None
     _held: tuple[int, int, int] | None = None  # external port, internal port, lease asked
     _lock: threading.Lock = attrs.field(factory=threading.Lock)
+    _abandoned: threading.Event = attrs.field(factory=threading.Event)
 
     def _add(self, upnp, external_port: int, internal_port: int, lease: int) -> tuple[int, int]:
         """addportmapping, the lease made permanent if the router wants
@@ -272,6 +292,8 @@ class UpnpClient:
         upnp = _discover(self.discover_ms)
         ip = _public_ip(upnp.externalipaddress() or "", "UPnP")
         tried = []
+        if self._abandoned.is_set():
+            raise PortMapError("UPnP: not needed any more")
         for external_port in (internal_port, 1024 + (internal_port * 7919) % 64000,
                               1024 + (internal_port * 104729) % 64000):
             if external_port in tried:
@@ -312,6 +334,13 @@ class UpnpClient:
                 upnp.deleteportmapping(held[0], "TCP")
             except Exception as e:
                 log.info("UPnP: deleting the mapping: {e}", e=e)
+
+    def forget(self) -> None:
+        with self._lock:
+            self._held = None
+
+    def abandon(self) -> None:
+        self._abandoned.set()
 
     def delete(self) -> defer.Deferred:
         d = on_thread(self.reactor, self.delete_blocking, timeout=self.timeout)

@@ -145,6 +145,10 @@ class PortMapper:
             return None
         groups = self.clients(reactor, gateway, self.find_local(gateway), self.protocols)
         won = await self._race(groups, internal_port)
+        for group in groups:
+            for client in group:
+                if won is None or client is not won[0]:
+                    client.abandon()  # (UPnP: do not map after all, if not yet)
         if won is None:
             return None
         client, held = won
@@ -168,6 +172,7 @@ class PortMapper:
         deleted."""
         result = defer.Deferred()
         errors: list[str] = []
+        winner: list[tuple] = []
         running = [len(groups)]
 
         async def run(group):
@@ -178,9 +183,16 @@ class PortMapper:
                     errors.append(f"{client.name}: {e}")
                     continue
                 if result.called:
-                    log.info("port mapping: {name} granted too, deleting it", name=client.name)
-                    await defer.ensureDeferred(client.delete())
+                    if winner and winner[0][1].external == held.external:
+                        # One router entry granted twice (miniupnpd keeps one
+                        # table for all three): deleting it would delete ours.
+                        log.info("port mapping: {name} granted the same mapping too", name=client.name)
+                        client.forget()
+                    else:
+                        log.info("port mapping: {name} granted too, deleting it", name=client.name)
+                        await defer.ensureDeferred(client.delete())
                 else:
+                    winner.append((client, held))
                     result.callback((client, held))
                 return
 
@@ -244,19 +256,22 @@ class PortMapper:
         self._client = None
         cancel(self._renewal)
         _held.discard(self)
+        return client, mapping
+
+    def _untrigger(self, _=None) -> None:
         if self._trigger is not None:
             try:
                 self.reactor.removeSystemEventTrigger(self._trigger)
             except (ValueError, KeyError):
                 pass  # (running it now)
             self._trigger = None
-        return client, mapping
 
     def unmap(self) -> defer.Deferred:
         if self._unmapping is not None:
             return self._unmapping
         client, mapping = self._forget()
         if client is None:
+            self._untrigger()
             self._unmapping = defer.succeed(None)
             return self._unmapping
 
@@ -269,12 +284,16 @@ class PortMapper:
         d = defer.ensureDeferred(client.delete())
         d.addTimeout(UNMAP_TIMEOUT, self.reactor)
         d.addCallbacks(deleted, lambda f: log.info("port mapping: deleting: {e}", e=f.getErrorMessage()))
+        # Until it is deleted, a reactor shutdown waits for it (the trigger
+        # calls unmap(), which returns this).
+        d.addBoth(self._untrigger)
         self._unmapping = d
         return d
 
     def unmap_blocking(self) -> None:
         """Delete without the reactor (at exit)."""
         client, mapping = self._forget()
+        self._untrigger()
         if client is not None:
             self.mapping = None
             client.delete_blocking()

@@ -74,6 +74,8 @@ class Exchange(DatagramProtocol):
             self.transport.write(self._payload)
         except OSError as e:  # (e.g. no route, network down)
             return self._finish(PortMapError(f"cannot send to {self._peer[0]}: {e.strerror or e}"))
+        if self.done.called:
+            return  # (refused: an earlier send's ICMP, reported from within write())
         self._timer = self._reactor.callLater(self._waits.pop(0), self._send)
 
     def datagramReceived(self, data: bytes, addr) -> None:
@@ -88,6 +90,12 @@ class Exchange(DatagramProtocol):
                 return
             return self._finish(e)
         self._finish(None, answer)
+
+    def stopProtocol(self) -> None:
+        # The port closed under us: the reactor does that when a read
+        # fails (an ICMP error other than port unreachable, e.g. host
+        # unreachable or administratively prohibited).
+        self._finish(PortMapError(f"no answer from {self._peer[0]} (the network reported an error)"))
 
     def connectionRefused(self) -> None:
         self._finish(PortMapError(f"nothing answers on {self._peer[0]} port {self._peer[1]}"))
