@@ -32,6 +32,7 @@ import attrs
 from .errors import ReplyError
 
 VERSION = 2
+OP_ANNOUNCE = 0
 OP_MAP = 1
 PROTO_TCP = 6
 UNSUPP_VERSION = 1
@@ -152,3 +153,25 @@ def parse_map(data: bytes, request: MapRequest) -> MapResult:
     if request.lifetime and (not external or ipaddress.ip_address(external_ip).is_unspecified):
         raise ReplyError("PCP: a mapping without an external address or port")
     return MapResult(lifetime, epoch, internal, external, external_ip)
+
+
+def encode_announce(client_ip: str) -> bytes:
+    """ANNOUNCE (section 14.1): the header alone, lifetime 0; a PCP server
+    answers it without creating anything, which is how C{p2pft doctor}
+    asks whether one is there."""
+    return struct.pack("!BBHI", VERSION, OP_ANNOUNCE, 0, 0) + _mapped(client_ip)
+
+
+def parse_announce(data: bytes) -> int:
+    """The epoch of a server's answer to ANNOUNCE, or a ReplyError."""
+    if len(data) >= 2 and data[0] == 0:
+        raise ReplyError("PCP: the gateway speaks NAT-PMP only", code=UNSUPP_VERSION)
+    if len(data) < HEADER or len(data) > MAX_MESSAGE or len(data) % 4:
+        raise ReplyError(f"PCP: an answer of {len(data)} bytes")
+    version, op, _, result, _, epoch = struct.unpack_from("!BBBBII", data)
+    if version != VERSION or op != 0x80 | OP_ANNOUNCE:
+        raise ReplyError(f"PCP: not an answer to ANNOUNCE (version {version}, opcode byte {op:#04x})")
+    if result != 0:
+        raise ReplyError(f"PCP: the gateway refused: {RESULTS.get(result, f'result code {result}')}",
+                         code=result)
+    return epoch
