@@ -30,7 +30,7 @@ from .addresses import global_ipv6_addresses, is_loopback, normalise_host
 from .connect import connect_rendezvous
 from .errors import SessionError
 from .portmap import PortMapError, PortMapper, natpmp, pcp
-from .portmap.clients import UPNP_TIMEOUT, DISCOVER_MS, _discover, on_thread
+from .portmap.clients import DISCOVER_MS, UPNP_TIMEOUT, _discover, on_thread, ssdp_search
 from .portmap.gateway import default_gateway, local_address
 from .portmap.udp import exchange
 
@@ -200,9 +200,14 @@ async def _answered(d: defer.Deferred, describe) -> str | None:
         return None
 
 
-def _upnp_probe(discover_ms: int) -> str:
-    upnp = _discover(discover_ms)
+def _upnp_probe(discover_ms: int, location: str | None = None) -> str:
+    upnp = _discover(discover_ms, location)
     return f"external address {upnp.externalipaddress() or '?'}"
+
+
+async def _upnp(reactor, gateway: str, probe) -> str:
+    location = await ssdp_search(reactor, gateway)
+    return await on_thread(reactor, probe, DISCOVER_MS, location, timeout=UPNP_TIMEOUT)
 
 
 async def probe_router(reactor, port: int, gateway: str | None, local_ip: str | None,
@@ -217,7 +222,7 @@ async def probe_router(reactor, port: int, gateway: str | None, local_ip: str | 
         if local_ip else None,
         "nat-pmp": _answered(send(reactor, gateway, natpmp.SERVER_PORT, natpmp.external_address_request(),
                                   natpmp.parse_external_address), lambda a: f"external address {a.address}"),
-        "upnp": _answered(on_thread(reactor, upnp_probe, DISCOVER_MS, timeout=UPNP_TIMEOUT), lambda text: text),
+        "upnp": _answered(defer.ensureDeferred(_upnp(reactor, gateway, upnp_probe)), lambda text: text),
     }
     running = {name: defer.ensureDeferred(ask) for name, ask in asks.items() if ask is not None}
     answers = {name: None for name in asks}

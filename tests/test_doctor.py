@@ -145,7 +145,7 @@ class ProbeTests(SynchronousTestCase):
         clock = task.Clock()
         clock.callFromThread = lambda f, *a: f(*a)
 
-        def upnp(ms):
+        def upnp(ms, location=None):
             raise PortMapError("UPnP: no device answered")
 
         d = defer.ensureDeferred(doctor.probe_router(clock, 5000, "10.0.0.1", "10.0.0.5", make_mapper=Mapper,
@@ -160,7 +160,7 @@ class ProbeTests(SynchronousTestCase):
         clock = task.Clock()
         clock.callFromThread = lambda f, *a: f(*a)
 
-        def upnp(ms):
+        def upnp(ms, location=None):
             raise PortMapError("UPnP: no device answered")
 
         d = defer.ensureDeferred(doctor.probe_router(

@@ -280,6 +280,20 @@ class OnThreadTests(SynchronousTestCase):
         self.assertEqual(late, ["mapped"])
 
 
+class SsdpTests(SynchronousTestCase):
+    def test_location_on_the_gateway_only(self):
+        from p2pft.portmap.clients import ssdp_location
+
+        answer = (b"HTTP/1.1 200 OK\r\nCACHE-CONTROL: max-age=120\r\n"
+                  b"LOCATION: http://10.201.1.1:32939/rootDesc.xml\r\nST: x\r\n\r\n")
+        self.assertEqual(ssdp_location(answer, "10.201.1.1"), "http://10.201.1.1:32939/rootDesc.xml")
+        self.assertIsNone(ssdp_location(answer, "10.201.1.2"))
+        for bad in (answer.replace(b"http://", b"file://"), answer.replace(b":32939", b""),
+                    answer.replace(b"200 OK", b"404 Not Found"), answer.replace(b"LOCATION", b"X"),
+                    answer + bytes(5000), b"M-SEARCH * HTTP/1.1\r\n\r\n"):
+            self.assertIsNone(ssdp_location(bad, "10.201.1.1"), bad[:40])
+
+
 # -- the façade ------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import threading
 
 import attrs
 from twisted.internet import defer
+from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
@@ -247,17 +248,83 @@ def _load_miniupnpc():
     return miniupnpc
 
 
-def _discover(discover_ms: int):
-    """A miniupnpc UPnP object with its IGD selected (blocking)."""
+def _discover(discover_ms: int, location: str | None = None):
+    """A miniupnpc UPnP object with its IGD selected (blocking): the one
+    at C{location} (found by L{ssdp_search}), else miniupnpc's own
+    discovery (which waits a whole second whatever its delay says)."""
     upnp = _load_miniupnpc().UPnP()
     upnp.discoverdelay = discover_ms
-    if not upnp.discover():
+    if location is None and not upnp.discover():
         raise PortMapError("UPnP: no device answered")
     try:
-        upnp.selectigd()
+        upnp.selectigd(*([location] if location else []))
     except Exception as e:
         raise PortMapError(f"UPnP: no internet gateway device ({e})") from None
     return upnp
+
+
+SSDP = ("239.255.255.250", 1900)
+#: Seconds to wait for the router's answer to our own M-SEARCH.
+SSDP_WAIT = 0.3
+_SEARCH = ("M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: \"ssdp:discover\"\r\nMX: 1\r\n"
+           "ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n\r\n").encode()
+
+
+def ssdp_location(data: bytes, gateway: str) -> str | None:
+    """The LOCATION of an SSDP answer, if it is an HTTP URL on the
+    gateway itself (an answer from anyone else on the LAN is not the
+    router's, and miniupnpc would fetch whatever it names)."""
+    from urllib.parse import urlsplit
+
+    if not data.startswith(b"HTTP/1.1 200") or len(data) > 4096:
+        return None
+    for line in data.decode("latin-1").split("\r\n"):
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "location":
+            url = value.strip()
+            try:
+                parts = urlsplit(url)
+                ok = parts.scheme == "http" and parts.hostname == gateway and parts.port is not None
+            except ValueError:
+                ok = False
+            return url if ok else None
+    return None
+
+
+class _Search(DatagramProtocol):
+    def __init__(self, gateway: str):
+        self.gateway = gateway
+        self.found = defer.Deferred()
+
+    def startProtocol(self) -> None:
+        try:
+            self.transport.write(_SEARCH, SSDP)
+        except OSError as e:
+            self.found.errback(PortMapError(f"UPnP: cannot search: {e.strerror or e}"))
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        location = ssdp_location(data, self.gateway) if addr[0] == self.gateway else None
+        if location and not self.found.called:
+            self.found.callback(location)
+
+
+def ssdp_search(reactor, gateway: str, wait: float = SSDP_WAIT) -> defer.Deferred:
+    """Our own M-SEARCH for the router's IGD: fires with its description's
+    URL, or None after C{wait} seconds.  (miniupnpc's discovery takes a
+    second at least; a router answers this in milliseconds.)"""
+    search = _Search(gateway)
+    try:
+        port = reactor.listenUDP(0, search)
+    except Exception:
+        return defer.succeed(None)
+    timer = reactor.callLater(wait, lambda: search.found.called or search.found.callback(None))
+
+    def done(result):
+        timer.cancel() if timer.active() else None
+        port.stopListening()
+        return result if isinstance(result, str) else None
+
+    return search.found.addBoth(done)
 
 
 @implementer(IMapClient)
@@ -268,6 +335,7 @@ class UpnpClient:
     by discovery is kept for renewals and the delete."""
 
     reactor: object
+    gateway: str | None = None
     timeout: float = UPNP_TIMEOUT
     discover_ms: int = DISCOVER_MS
     name = "upnp"
@@ -288,8 +356,8 @@ class UpnpClient:
                 return 0
             raise
 
-    def _map_blocking(self, internal_port: int, lease: int) -> Held:
-        upnp = _discover(self.discover_ms)
+    def _map_blocking(self, internal_port: int, lease: int, location: str | None = None) -> Held:
+        upnp = _discover(self.discover_ms, location)
         ip = _public_ip(upnp.externalipaddress() or "", "UPnP")
         tried = []
         if self._abandoned.is_set():
@@ -310,9 +378,10 @@ class UpnpClient:
             return Held((ip, external_port), granted)
         raise PortMapError(f"UPnP: ports {', '.join(map(str, tried))} are all taken")
 
-    def map(self, internal_port: int, lifetime: int) -> defer.Deferred:
-        return on_thread(self.reactor, self._map_blocking, internal_port, lifetime, timeout=self.timeout,
-                         late=lambda _: self.delete_blocking())
+    async def map(self, internal_port: int, lifetime: int) -> Held:
+        location = await ssdp_search(self.reactor, self.gateway) if self.gateway else None
+        return await on_thread(self.reactor, self._map_blocking, internal_port, lifetime, location,
+                               timeout=self.timeout, late=lambda _: self.delete_blocking())
 
     def _renew_blocking(self) -> Held:
         with self._lock:

@@ -87,7 +87,7 @@ def make_clients(reactor, gateway: str, local_ip: str | None, protocols) -> list
         udp.append(NatPmpClient(reactor, gateway))
     groups = [udp] if udp else []
     if "upnp" in protocols:
-        groups.append([UpnpClient(reactor)])
+        groups.append([UpnpClient(reactor, gateway)])
     return groups
 
 
