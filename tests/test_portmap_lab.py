@@ -159,7 +159,10 @@ class SessionTests(TestCase):
         [*_, last] = [e for e in receiver.events() if e["event"] in ("connected", "path")]
         self.assertEqual(last["peer"], external, diagnostics())
         self.assertEqual(natlab_upnp.mappings(lab, "natA"), [], diagnostics())
+        direct_at = next(t for t, e in receiver.stamps if e.get("path") == "direct" and e["event"] in
+                         ("connected", "path"))
         note = (f"symmetric + miniupnpd: direct through {mapped[0]['protocol']} {external}, mapped in "
-                f"{mapped[0]['seconds'] * 1000:.0f} ms, session {reactor.seconds() - started:.1f} s")
+                f"{mapped[0]['seconds'] * 1000:.0f} ms, direct {direct_at - receiver.at('paired'):.3f} s "
+                f"after pairing, session {reactor.seconds() - started:.1f} s")
         log.msg(note)
         print(f"\n    {note}", end=" ")
