@@ -206,7 +206,9 @@ def _upnp_probe(discover_ms: int, location: str | None = None) -> str:
 
 
 async def _upnp(reactor, gateway: str, probe) -> str:
-    location = await ssdp_search(reactor, gateway)
+    # (No answer to our quick search: miniupnpc's slower discovery, which
+    # also finds a router that waits out the search's MX second.)
+    location = await ssdp_search(reactor, gateway, wait=1.2)
     return await on_thread(reactor, probe, DISCOVER_MS, location, timeout=UPNP_TIMEOUT)
 
 

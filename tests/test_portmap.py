@@ -455,6 +455,22 @@ class PortMapperTests(SynchronousTestCase):
         self.successResultOf(underway)
         self.assertEqual(self.reactor.triggers, {})
 
+    def test_hopeful_while_a_quick_answer_may_come(self):
+        self.upnp.quick = False
+        self.mapper.map(40000)
+        self.assertTrue(self.mapper.hopeful)  # PCP asked
+        hopeless = self.mapper.when_hopeless()
+        self.pcp.answer.errback(PortMapError("nothing answers"))
+        self.assertTrue(self.mapper.hopeful)  # NAT-PMP asked
+        self.natpmp.answer.errback(PortMapError("nothing answers"))
+        # UPnP is still searching, but no router answered it: no hope.
+        self.assertFalse(self.mapper.hopeful)
+        self.successResultOf(hopeless)
+        self.upnp.on_found()  # the router answered the search after all
+        self.assertTrue(self.mapper.hopeful)
+        self.upnp.answer.callback(Held(("203.0.113.21", 40000), 300))
+        self.assertFalse(self.mapper.hopeful)
+
     def test_session_ended_before_the_grant(self):
         d = self.mapper.map(40000)
         self.mapper.unmap()
@@ -489,6 +505,10 @@ class FakeMapper:
         self.unmapped = 0
         self.answer = defer.Deferred()
         self.on_event = on_event
+        self.hopeless = defer.Deferred()
+
+    def when_hopeless(self):
+        return self.hopeless
 
     def map(self, port):
         self.asked.append(port)
@@ -532,6 +552,26 @@ class SessionMappingTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), [])
         self.mappers[0].answer.callback(object())
         self.assertEqual(self.mappers[0].unmapped, 1)
+
+    def test_the_wait_counts_from_the_ask(self):
+        # A side that waited for its partner longer than that waits no more.
+        session = self.start()
+        self.clock.advance(0.3)
+        d = defer.ensureDeferred(session.candidates(0.4))
+        self.clock.advance(0.1)
+        self.assertEqual(self.successResultOf(d), [])
+        session = self.start()
+        self.clock.advance(5)
+        d = defer.ensureDeferred(session.candidates(0.4))
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(d), [])
+
+    def test_no_waiting_once_nothing_is_on_its_way(self):
+        session = self.start()
+        d = defer.ensureDeferred(session.candidates(0.4))
+        self.clock.advance(0.01)
+        self.mappers[0].hopeless.callback(None)
+        self.assertEqual(self.successResultOf(d), [])
 
     def test_no_mapping_no_candidate(self):
         session = self.start()

@@ -264,8 +264,10 @@ def _discover(discover_ms: int, location: str | None = None):
 
 
 SSDP = ("239.255.255.250", 1900)
-#: Seconds to wait for the router's answer to our own M-SEARCH.
-SSDP_WAIT = 0.3
+#: Seconds to wait for the router's answer to our own M-SEARCH: a router
+#: answers in milliseconds (miniupnpd at once); one that waits out the MX
+#: second is missed, as the candidates would not wait for it anyway.
+SSDP_WAIT = 0.2
 _SEARCH = ("M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: \"ssdp:discover\"\r\nMX: 1\r\n"
            "ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n\r\n").encode()
 
@@ -338,7 +340,14 @@ class UpnpClient:
     gateway: str | None = None
     timeout: float = UPNP_TIMEOUT
     discover_ms: int = DISCOVER_MS
+    #: Without an answer to our search, run miniupnpc's own discovery (a
+    #: second or more: for p2pft doctor, not for a session).
+    fallback: bool = False
+    #: Called once the router answered the search (the façade's "hopeful").
+    on_found: object = None
     name = "upnp"
+    #: Not hopeful from the start: only once a router answered the search.
+    quick = False
     _upnp: object = None
     _held: tuple[int, int, int] | None = None  # external port, internal port, lease asked
     _lock: threading.Lock = attrs.field(factory=threading.Lock)
@@ -380,6 +389,10 @@ class UpnpClient:
 
     async def map(self, internal_port: int, lifetime: int) -> Held:
         location = await ssdp_search(self.reactor, self.gateway) if self.gateway else None
+        if location is None and not self.fallback:
+            raise PortMapError("UPnP: no device answered the search")
+        if location is not None and self.on_found is not None:
+            self.on_found()
         return await on_thread(self.reactor, self._map_blocking, internal_port, lifetime, location,
                                timeout=self.timeout, late=lambda _: self.delete_blocking())
 

@@ -123,6 +123,30 @@ class PortMapper:
     _expires: float = 0.0
     _trigger: object = None
     _unmapping: defer.Deferred | None = None
+    _hopeful: set = attrs.field(factory=set)
+    _hopeless: list = attrs.field(factory=list)
+
+    @property
+    def hopeful(self) -> bool:
+        """Whether a mapping may still come quickly: some request is out
+        to a router that answers (or may: UDP requests are not answered
+        yet), rather than everything failed or searched in vain so far."""
+        return bool(self._hopeful)
+
+    def when_hopeless(self) -> defer.Deferred:
+        """Fires (None) as soon as L{hopeful} is false."""
+        if not self._hopeful:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._hopeless.append(d)
+        return d
+
+    def _hope(self, client, hopeful: bool) -> None:
+        (self._hopeful.add if hopeful else self._hopeful.discard)(client)
+        if not self._hopeful:
+            waiting, self._hopeless = self._hopeless, []
+            for d in waiting:
+                d.callback(None)
 
     def map(self, internal_port: int) -> defer.Deferred:
         if self._asked:
@@ -177,11 +201,19 @@ class PortMapper:
 
         async def run(group):
             for client in group:
+                # Hopeful while a quick answer may come: a UDP request from
+                # the start; UPnP once the router answered its search.
+                if getattr(client, "quick", True):
+                    self._hope(client, True)
+                else:
+                    client.on_found = lambda client=client: self._hope(client, True)
                 try:
                     held = await defer.ensureDeferred(client.map(internal_port, self.lifetime))
                 except PortMapError as e:
                     errors.append(f"{client.name}: {e}")
                     continue
+                finally:
+                    self._hope(client, False)
                 if result.called:
                     if winner and winner[0][1].external == held.external:
                         # One router entry granted twice (miniupnpd keeps one

@@ -9,13 +9,19 @@ Candidates go to the other side once, sealed, right after key
 confirmation, and punching starts as soon as both sides have them.  By
 then the mapping has had the pairing and two rounds of key exchange
 through the server to arrive (a router on the LAN answers PCP or NAT-PMP
-in a millisecond or two, UPnP in L{clients.DISCOVER_MS} plus a few
-requests); if it is still on its way, the candidates wait for it at most
-L{CANDIDATE_WAIT} seconds, then go without it.  That bound assumes a
-router that answers at all answers within a few hundred milliseconds of
-the request, as a LAN router does; a mapping that arrives later is deleted
-at once (nobody was told about it).  Relays and punching never wait for
-anything else.
+in a millisecond or two; UPnP, searched for with our own SSDP M-SEARCH,
+in tens of milliseconds: 73 ms in the lab); if it is still on its way, the
+candidates wait for it until L{CANDIDATE_WAIT} seconds after it was asked
+for, then go without it; and not at all once nothing is on its way (PCP
+and NAT-PMP refused or failed, no answer to the UPnP search yet:
+L{PortMapper.hopeful}).  That bound assumes a router that answers at all
+answers within a few hundred milliseconds, as a LAN router does, and costs
+nothing to a side that waited for its partner longer than that (the one
+that got its code first); the other side's candidates go at most that long
+after its WELCOME, and without any router that maps, as soon as PCP and
+NAT-PMP have failed (at once, on a router that answers port unreachable)
+and no answer to the UPnP search has come.  A mapping that arrives later
+is deleted at once (nobody was told about it).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from .mapper import PortMapper
 
 log = Logger()
 
-#: Most seconds the candidates wait for a mapping still being asked for.
+#: Most seconds after asking that the candidates wait for the mapping.
 CANDIDATE_WAIT = 0.4
 
 
@@ -42,6 +48,7 @@ class SessionMapping:
         self._mapper = mapper
         self._pending = pending
         self._sent = False
+        self._asked_at = reactor.seconds()
 
     @classmethod
     def start(cls, reactor, client, enabled: bool = True, ui=None, make_mapper=PortMapper) -> "SessionMapping":
@@ -57,12 +64,14 @@ class SessionMapping:
 
     async def candidates(self, wait: float = CANDIDATE_WAIT) -> list[list]:
         """The mapped address as a candidate ([[ip, port]]), or []: waits
-        at most C{wait} seconds for a mapping still on its way."""
+        for a mapping still on its way until C{wait} seconds after it was
+        asked for."""
         pending, self._pending = self._pending, None
         if pending is None:
             return []
         waited = defer.Deferred()
-        timer = self._reactor.callLater(wait, lambda: waited.called or waited.callback(None))
+        left = max(0.0, self._asked_at + wait - self._reactor.seconds())
+        timer = self._reactor.callLater(left, lambda: waited.called or waited.callback(None))
 
         def arrived(mapping):
             if not waited.called:
@@ -70,6 +79,11 @@ class SessionMapping:
             return mapping
 
         pending.addBoth(arrived)
+        hopeless = getattr(self._mapper, "when_hopeless", None)
+        if hopeless is not None and not pending.called:
+            # Nothing is on its way any more (the requests failed, no
+            # router answered the UPnP search): go now.
+            hopeless().addCallback(lambda _: waited.called or waited.callback(None))
         mapping = await waited
         cancel(timer)
         if mapping is None and not pending.called:
