@@ -356,6 +356,17 @@ class PortMapperTests(SynchronousTestCase):
     def test_verifies(self):
         verifyObject(IPortMapper, self.mapper)
 
+    def test_real_clients(self):
+        # The real clients (attrs classes, unhashable) through the race.
+        from p2pft.portmap.mapper import make_clients
+
+        clock = task.Clock()
+        clock.listenUDP = lambda *a, **kw: (_ for _ in ()).throw(OSError("no network in unit tests"))
+        mapper = PortMapper(clock, find_gateway=lambda: "10.0.0.1", find_local=lambda gw: "10.0.0.5",
+                            clients=lambda r, g, l, p: make_clients(r, g, l, ("pcp", "nat-pmp")))
+        self.assertIsNone(self.successResultOf(mapper.map(40000)))
+        self.assertFalse(mapper.hopeful)
+
     def test_pcp_first_nat_pmp_after_it_upnp_alongside(self):
         d = self.mapper.map(40000)
         self.assertEqual(self.pcp.log, [("map", 40000, 300)])

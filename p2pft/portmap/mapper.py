@@ -142,7 +142,7 @@ class PortMapper:
         return d
 
     def _hope(self, client, hopeful: bool) -> None:
-        (self._hopeful.add if hopeful else self._hopeful.discard)(client)
+        (self._hopeful.add if hopeful else self._hopeful.discard)(id(client))  # (attrs classes: unhashable)
         if not self._hopeful:
             waiting, self._hopeless = self._hopeless, []
             for d in waiting:
