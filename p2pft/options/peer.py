@@ -174,7 +174,7 @@ class _PeerOptions(_Options):
 class SendOptions(_PeerOptions):
     synopsis = ("[--code CODE] [--code-length N] [--follow-symlinks] [--limit-rate BYTES/S] "
                 "[--streams N|auto] [--relay HOST:PORT] [--timeout S] [--reconnect-timeout S] [-q | -v] "
-                "[--no-progress] [--json] [SERVER:PORT] (PATH... | --text TEXT)")
+                "[--no-progress] [--no-port-mapping] [--json] [SERVER:PORT] (PATH... | --text TEXT)")
     needs = "send needs SERVER:PORT and at least one PATH (or --text TEXT)"
     longdesc = (
         "Send files and folders (folders with everything in them, empty folders too); "
@@ -227,7 +227,7 @@ class SendOptions(_PeerOptions):
 class ReceiveOptions(_PeerOptions):
     synopsis = ("[--yes] [--output-dir DIR | --output -] [--overwrite] [--skip-unsafe] [--relay HOST:PORT] [--timeout S] "
                 "[--reconnect-timeout S] "
-                "[-q | -v] [--no-progress] [--json] [SERVER:PORT] [CODE]")
+                "[-q | -v] [--no-progress] [--no-port-mapping] [--json] [SERVER:PORT] [CODE]")
     needs = "receive needs SERVER:PORT"
     longdesc = (
         "Receive files and folders.  Without CODE, asks for it on the terminal.  Shows what "
