@@ -193,7 +193,7 @@ async def establish(reactor, settings: Settings, role: str, ui) -> Session:
 async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) -> Session:
     public = await _timeout(reactor, client.welcomed(), 30, "the rendezvous server")
     # Asked now, in the background; offered with our candidates (p2pft.portmap.session).
-    mapping = SessionMapping.start(reactor, client, settings.port_mapping, ui)
+    router = SessionMapping.start(reactor, client, settings.port_mapping, ui)
     if settings.code:
         code = codes.parse_code(settings.code)
         client.claim(code.nameplate)
@@ -209,7 +209,7 @@ async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) ->
     keys, box, features = await _agree_keys(reactor, client, code, role, settings.timeout)
     server_host = client.transport.getPeer().host
     mine, local_port = _own(client, public, server_host)
-    mine += await mapping.candidates()
+    mine += await router.candidates()
     client.send(box.seal(_encode({"candidates": mine})))
     theirs = parse_candidates(_decode(box.open(
         await _timeout(reactor, client.receive(), settings.timeout, "the other side's addresses")
@@ -218,7 +218,7 @@ async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) ->
 
     dial, names = relays(settings, client.relays, server_host)
     finder = LaneFinder(reactor, settings, role, keys, ui, dial)
-    mapping.until(finder.link.whenClosed())
+    router.until(finder.link.whenClosed())
     connector = finder.punch(local_port, theirs, mine)
     if names:
         # Resolved while we punch (DNS must not hold up the race); only
