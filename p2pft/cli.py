@@ -1,6 +1,6 @@
 """
-The command line: C{p2pft server|relay|send|receive|ping} (C{rcv} is an
-alias).
+The command line: C{p2pft server|relay|send|receive|ping|doctor} (C{rcv}
+is an alias).
 
 The console script runs the same code as the twistd plugins under
 L{twisted.internet.task.react}, so that a failure becomes a non-zero exit
@@ -131,7 +131,7 @@ async def run_peer(reactor, command: str, sub: usage.Options, ui, channels: list
         sub["server"], code=sub.get("code"),
         code_length=sub.get("code-length", codes.DEFAULT_WORDS), timeout=sub["timeout"],
         relay=sub.get("relay"), streams=sub.get("streams", "auto"),
-        reconnect_timeout=sub["reconnect-timeout"],
+        reconnect_timeout=sub["reconnect-timeout"], port_mapping=sub.get("port-mapping", True),
     )
     if command == "send" and sub["text"] is not None:
         await send_text(reactor, settings, sub["text"], ui, channels=channels)
@@ -176,6 +176,8 @@ async def _main(reactor, config: Options) -> None:
         return await _serve(reactor, command, sub)
     if command == "ping":
         return await _ping(reactor, sub)
+    if command == "doctor":
+        return await _doctor(reactor, sub)
 
     ui = make_ui(sub, reactor)
     channels: list = []
@@ -245,6 +247,22 @@ async def _ping(reactor, sub) -> None:
     sys.stdout.write(f"p2pft ping {shown}: ok, p2pft {version} answered in {seconds * 1000:.0f} ms\n")
 
 
+async def _doctor(reactor, sub) -> None:
+    """C{p2pft doctor SERVER:PORT}: what NAT we are behind (p2pft.doctor)."""
+    import json
+
+    from .doctor import as_json, diagnose, lines
+
+    shown = format_server(sub["server"])
+    try:
+        report = await diagnose(reactor, sub["server"], sub["timeout"], port_mapping=not sub["no-port-mapping"])
+    except P2pftError as e:
+        sys.stderr.write(f"p2pft: error: doctor {shown}: {e.message}\n")
+        raise SystemExit(EXIT_FAILURE)
+    text = json.dumps(as_json(report)) + "\n" if sub["json"] else "".join(line + "\n" for line in lines(report))
+    sys.stdout.write(text)
+
+
 def start_logging(fmt: str = "text", level=None, err=None) -> None:
     """Everything the layers log (twisted.logger) on stderr, as text or
     JSON lines: a server always, a peer with -v or P2PFT_DEBUG."""
@@ -296,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyboardInterrupt, Interrupted):
         sys.stderr.write("p2pft: error: interrupted\n")
         sys.exit(EXIT_INTERRUPTED)
-    if command not in ("server", "relay", "ping") and (sub.get("verbose") or os.environ.get("P2PFT_DEBUG")):
+    if command not in ("server", "relay", "ping", "doctor") and (sub.get("verbose") or os.environ.get("P2PFT_DEBUG")):
         start_logging()
     _freeze_startup_objects(command)
     react(_main, [config])

@@ -9,6 +9,8 @@ Where a default comes from, first found wins:
 
        server = "p2pft.example.org:9000"
        relay = "relay.example.org:9001"   # optional
+       port-mapping = false               # optional: never ask the router
+                                          # for a port mapping
 
 A default relay goes with the default server: it is used only when the
 server is the default one (a server named on the command line suggests its
@@ -36,7 +38,7 @@ else:  # the backport, installed for 3.10 only (setup.cfg)
 #: device, a log file given by accident), not something to parse.
 MAX_CONFIG_BYTES = 64 * 1024
 #: The keys a config file may hold.
-KEYS = ("server", "relay")
+KEYS = ("server", "relay", "port-mapping")
 
 
 class ConfigError(P2pftError):
@@ -101,7 +103,24 @@ def read_file(path: str) -> dict:
     unknown = sorted(set(table) - set(KEYS))
     if unknown:
         raise ConfigError(f"{path}: unknown setting {unknown[0]!r} (known: {', '.join(KEYS)})")
-    return {key: _address(table[key], path, key) for key in KEYS if key in table}
+    found = {key: _address(table[key], path, key) for key in ("server", "relay") if key in table}
+    if "port-mapping" in table:
+        if not isinstance(table["port-mapping"], bool):
+            raise ConfigError(f"{path}: port-mapping must be true or false")
+        found["port-mapping"] = table["port-mapping"]
+    return found
+
+
+def port_mapping(environ=None) -> bool:
+    """Whether the config file lets us ask the router for a port mapping
+    (C{port-mapping = false} says no; the default is yes)."""
+    path = config_path(environ)
+    try:
+        return read_file(path).get("port-mapping", True)
+    except ConfigError as e:
+        if str(e).startswith(f"{path}: port-mapping"):
+            raise
+        return True  # a file broken otherwise is reported where its server is needed
 
 
 def defaults(environ=None) -> Defaults:

@@ -31,6 +31,7 @@ from .addresses import global_ipv6_addresses, is_loopback, normalise_host, parse
 from .candidates import own_candidates, parse_candidates, relays, resolve_relays
 from .channel import PeerConnection
 from .errors import SessionError
+from .portmap import SessionMapping
 from .punch import PunchConnector, PunchSchedule
 from .rendezvous import PeerGone, RendezvousClientProtocol, RendezvousError
 from .secure import RECEIVER, SENDER, Pake, SecurityError, WrongCode
@@ -89,6 +90,8 @@ class Settings:
     #: Parallel streams: a number, or "auto".
     streams: int | str = "auto"
     reconnect_timeout: float = RECONNECT_TIMEOUT
+    #: Ask the router to map the punching port (PCP, NAT-PMP, UPnP-IGD).
+    port_mapping: bool = True
 
 
 def _timeout(reactor, d: defer.Deferred, seconds: float, what: str) -> defer.Deferred:
@@ -189,6 +192,8 @@ async def establish(reactor, settings: Settings, role: str, ui) -> Session:
 
 async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) -> Session:
     public = await _timeout(reactor, client.welcomed(), 30, "the rendezvous server")
+    # Asked now, in the background; offered with our candidates (p2pft.portmap.session).
+    router = SessionMapping.start(reactor, client, settings.port_mapping, ui)
     if settings.code:
         code = codes.parse_code(settings.code)
         client.claim(code.nameplate)
@@ -204,6 +209,7 @@ async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) ->
     keys, box, features = await _agree_keys(reactor, client, code, role, settings.timeout)
     server_host = client.transport.getPeer().host
     mine, local_port = _own(client, public, server_host)
+    mine += await router.candidates()
     client.send(box.seal(_encode({"candidates": mine})))
     theirs = parse_candidates(_decode(box.open(
         await _timeout(reactor, client.receive(), settings.timeout, "the other side's addresses")
@@ -212,6 +218,7 @@ async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) ->
 
     dial, names = relays(settings, client.relays, server_host)
     finder = LaneFinder(reactor, settings, role, keys, ui, dial)
+    router.until(finder.link.whenClosed())
     connector = finder.punch(local_port, theirs, mine)
     if names:
         # Resolved while we punch (DNS must not hold up the race); only

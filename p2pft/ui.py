@@ -230,6 +230,10 @@ class HumanUI:
         how = f"direct to {peer}" if path == "direct" else "through the relay"
         self.say(f"Reconnected after {after:.1f} s ({how}); continuing")
 
+    def port_mapping(self, action: str, protocol: str, external: str, seconds: float) -> None:
+        """The router mapped ("mapped") or deleted ("deleted") our port;
+        shown by --json and the -v log only."""
+
     def sending(self, offer: Offer) -> None:
         self.say(f"Sending {describe(offer)}...")
 
@@ -336,6 +340,10 @@ class JsonUI(HumanUI):
     def reconnected(self, path: str, peer: str, after: float) -> None:
         super().reconnected(path, peer, after)
         self.emit("reconnected", path=path, peer=peer, after=round(after, 3))
+
+    def port_mapping(self, action: str, protocol: str, external: str, seconds: float) -> None:
+        self.emit("port-mapping", action=action, protocol=protocol, external=external,
+                  seconds=round(seconds, 3))
 
     def decide(self, offer: Offer) -> defer.Deferred:
         self._emit_offer(offer)

@@ -12,6 +12,9 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     # path emulation: tc (tbf rates) and chrt (real-time delay lines)
     command -v tc >/dev/null || missing+=(iproute2)
     command -v chrt >/dev/null || missing+=(util-linux)
+    # a real UPnP-IGD / NAT-PMP / PCP router in the lab (tests/natlab_upnp.py)
+    command -v nft >/dev/null || missing+=(nftables)
+    [ -x /usr/sbin/miniupnpd ] || missing+=(miniupnpd miniupnpd-nftables)
     if [ ${#missing[@]} -gt 0 ]; then
         mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
         echo "setup: installing ${missing[*]} for the NAT lab" >&2

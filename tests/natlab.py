@@ -291,6 +291,8 @@ class Nat:
     rate_mbit: ``None``, or the link's rate in Mbit/s in each direction
         (a ``tbf`` shaper with RATE_BURST_MS of burst and RATE_BUFFER_MS of
         queue).
+    upnp: run a real miniupnpd (UPnP-IGD, NAT-PMP, PCP) on this host's NAT
+        router (tests/natlab_upnp.py; ``lab.upnp``: router -> daemon).
     """
 
     kind: str = "masquerade"
@@ -298,6 +300,7 @@ class Nat:
     delay_ms: float = 0
     loss: float = 0.0
     rate_mbit: float | None = None
+    upnp: bool = False
 
     def __post_init__(self):
         if self.kind not in NAT_KINDS:
@@ -1193,6 +1196,14 @@ class NatLab:
                 raise NatLabError(f"building NAT lab failed: {e!r}") from e
             raise
         self._is_up = True
+        self.upnp = {}
+        if any(nat.upnp for nat in self.nats.values()):
+            from tests import natlab_upnp
+            try:
+                self.upnp = natlab_upnp.start(self)
+            except BaseException:
+                self.down()
+                raise
         self.up_seconds = time.monotonic() - started
 
     def _shape_wan(self):

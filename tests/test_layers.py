@@ -22,11 +22,11 @@ import p2pft
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "util", "addresses", "codes", "logs"),
     ("rendezvous", "server.limits"),
-    ("punch", "punch_schedule", "secure", "candidates"),
+    ("punch", "punch_schedule", "secure", "candidates", "portmap"),
     ("channel",),
     ("session",),
     ("transfer",),
-    ("peer", "connect"),
+    ("peer", "connect", "doctor"),
     ("server",),
     ("ui", "config", "completion"),
     ("options",),

@@ -6,7 +6,8 @@ top level, with one subcommand per command.
   - L{p2pft.options.common}: the base class and shared coercions;
   - L{p2pft.options.peer}: C{send}, C{receive}, C{completion};
   - L{p2pft.options.servers}: C{server}, C{relay};
-  - L{p2pft.options.ping}: C{ping}.
+  - L{p2pft.options.ping}: C{ping};
+  - L{p2pft.options.doctor}: C{doctor}.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from twisted.python import usage
 
 from .common import _Options, format_server
+from .doctor import DoctorOptions
 from .peer import CompletionOptions, ReceiveOptions, SendOptions
 from .ping import PingOptions
 from .servers import (
@@ -26,7 +28,7 @@ from .servers import (
 )
 
 __all__ = [
-    "CompletionOptions", "Options", "PingOptions", "ReceiveOptions", "RelayCommandOptions", "RelayOptions",
+    "CompletionOptions", "DoctorOptions", "Options", "PingOptions", "ReceiveOptions", "RelayCommandOptions", "RelayOptions",
     "SendOptions", "ServerCommandOptions", "ServerOptions", "check_endpoint", "dual_stack", "format_server",
 ]
 
@@ -48,11 +50,12 @@ class Options(_Options):
         ["rcv", None, ReceiveOptions, "Alias for receive."],
         ["relay", None, RelayCommandOptions, "Run a relay on its own."],
         ["ping", None, PingOptions, "Check that a rendezvous server answers (exit 0/1)."],
+        ["doctor", None, DoctorOptions, "Tell what NAT this host is behind and what it means for direct connections."],
         ["completion", None, CompletionOptions, "Print a bash or zsh completion script."],
     ]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("choose a command: send, receive, server, relay, ping or completion")
+            raise usage.UsageError("choose a command: send, receive, server, relay, ping, doctor or completion")
         if self.subCommand == "rcv":
             self.subCommand = "receive"

@@ -77,10 +77,13 @@ def _streams(text: str) -> int | str:
 class _PeerOptions(_Options):
     optFlags = [
         ["json", None, "Print one JSON object per line on stdout (events: code, paired, "
-                       "connected, path, reconnecting, reconnected, offer, progress, text, done, error)."],
+                       "connected, path, reconnecting, reconnected, offer, progress, text, done, error, "
+                       "port-mapping)."],
         ["no-progress", None, "No progress bar (there is none when stderr is not a terminal)."],
         ["quiet", "q", "Print only errors and what a script needs (the code); no progress bar."],
         ["verbose", "v", "Also log what happens (rendezvous, punching, relays) to stderr."],
+        ["no-port-mapping", None, "Do not ask the router to forward a port (PCP, NAT-PMP, UPnP-IGD) "
+                                  "for the direct connection; also port-mapping = false in the config file."],
     ]
     optParameters = [
         ["server", "s", None, "Rendezvous server HOST:PORT ([V6]:PORT for IPv6), instead of "
@@ -106,6 +109,15 @@ class _PeerOptions(_Options):
             self["relay"] = server_address(self["relay"])
         if self["quiet"] and self["verbose"]:
             raise usage.UsageError("--quiet and --verbose do not go together")
+        self["port-mapping"] = not self["no-port-mapping"] and self._config_port_mapping()
+
+    def _config_port_mapping(self) -> bool:
+        from ..config import ConfigError, port_mapping
+
+        try:
+            return port_mapping()
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
 
     def _code_from_env(self) -> None:
         if self.get("code") == "" and isinstance(self, SendOptions):
@@ -162,7 +174,7 @@ class _PeerOptions(_Options):
 class SendOptions(_PeerOptions):
     synopsis = ("[--code CODE] [--code-length N] [--follow-symlinks] [--limit-rate BYTES/S] "
                 "[--streams N|auto] [--relay HOST:PORT] [--timeout S] [--reconnect-timeout S] [-q | -v] "
-                "[--no-progress] [--json] [SERVER:PORT] (PATH... | --text TEXT)")
+                "[--no-progress] [--no-port-mapping] [--json] [SERVER:PORT] (PATH... | --text TEXT)")
     needs = "send needs SERVER:PORT and at least one PATH (or --text TEXT)"
     longdesc = (
         "Send files and folders (folders with everything in them, empty folders too); "
@@ -215,7 +227,7 @@ class SendOptions(_PeerOptions):
 class ReceiveOptions(_PeerOptions):
     synopsis = ("[--yes] [--output-dir DIR | --output -] [--overwrite] [--skip-unsafe] [--relay HOST:PORT] [--timeout S] "
                 "[--reconnect-timeout S] "
-                "[-q | -v] [--no-progress] [--json] [SERVER:PORT] [CODE]")
+                "[-q | -v] [--no-progress] [--no-port-mapping] [--json] [SERVER:PORT] [CODE]")
     needs = "receive needs SERVER:PORT"
     longdesc = (
         "Receive files and folders.  Without CODE, asks for it on the terminal.  Shows what "
