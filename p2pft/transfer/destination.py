@@ -160,8 +160,10 @@ class DiskDestination:
 
     def discard(self, current) -> bool:
         current.sink.close()
-        if current.dropped or not getattr(current.sink, "keeps", True):
-            return False  # (an unnamed file: nothing of it is left)
+        if current.dropped:
+            return False
+        if not getattr(current.sink, "keeps", True):
+            return True  # an unnamed file: its data went with it (and no partial name is ours)
         self._out.remove_partial(current.entry.path)  # not worth resuming from
         return True
 
