@@ -1294,6 +1294,33 @@ class LoopbackRelayTests(TestCase):
             self.assertNotIn("doWrite", zc._dst.__dict__)
         self.assertIn(forward, made)
 
+    async def test_close_waits_for_the_pipe_behind_twisteds_own_bytes(self):
+        """A splice ends (idle) while Twisted holds bytes of its own for b
+        and the pipe holds more behind them: b still gets every byte the
+        relay read, then the close."""
+        carried = []
+        carry = splice_module.Session.carry
+        self.patch(splice_module.Session, "carry", lambda session, src, n: carried.append(n) or carry(session, src, n))
+        factory = RelayFactory(reactor, RelayLimits(idle_timeout=0.5))
+        port = self.listen(factory)
+        a = await self.leg(port, "sender", 0)
+        b = await self.leg(port, "receiver", 1 << 40)
+        await bounded(a.ok, "a OK")
+        await bounded(b.ok, "b OK")
+        held = defer.Deferred()
+        update = zerocopy.ZeroCopy.update
+        self.patch(zerocopy.ZeroCopy, "update",
+                   lambda zc: (update(zc), zc.in_pipe and not held.called and held.callback(zc)))
+        b.transport.pauseProducing()
+        a.transport.write(b"A" * (16 << 20))
+        await bounded(held, "a pipe holds bytes for b")
+        _, relay_b = self.built
+        relay_b.transport.write(b"A" * 300_000)  # (as data forwarded before the pipes took over would be)
+        await bounded(a.closed, "the relay cuts a (idle)")
+        b.transport.resumeProducing()
+        await bounded(b.closed, "the relay closes b", 15)
+        self.assertEqual(len(b.received), sum(carried) + 300_000)
+
     async def test_out_of_descriptors_for_pipes_falls_back(self):
         """No descriptors left for the pipes: the splice moves the bytes
         through Twisted instead, and nothing is lost."""
@@ -1390,3 +1417,16 @@ class LegInterfaceTests(SynchronousTestCase):
         from p2pft.server.splice import IRelayLeg, TransportLeg
 
         self.assertTrue(verifyObject(IRelayLeg, TransportLeg(Transport("198.51.100.1", 1))))
+
+
+class PipeBudgetTests(SynchronousTestCase):
+    def test_large_pipes_then_smaller_then_none(self):
+        """The relay keeps its pipes to its budget (half the user's pipe
+        allowance): 1 MiB pipes while they fit, then 256 KiB, then none
+        (that splice moves bytes through Twisted)."""
+        budget = zerocopy._Budget()
+        self.patch(budget, "_start", lambda: 2 * 1024 * 1024 + 512 * 1024)
+        sizes = [budget.take() for _ in range(5)]
+        self.assertEqual(sizes, [1 << 20, 1 << 20, 256 << 10, 256 << 10, None])
+        budget.give(1 << 20)
+        self.assertEqual(budget.take(), 1 << 20)

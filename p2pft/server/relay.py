@@ -297,7 +297,9 @@ class RelayServer:
         splice = leg.splice
         if splice is not None:
             splice.forward(leg, data)
-        elif leg.state not in _SILENT:
+        elif leg.state not in _SILENT and leg.state is not LegState.ENDED:
+            # (A leg whose session ended may still have had bytes in the
+            # reactor's last batch of events: they go nowhere, quietly.)
             self.refuse(leg, Refusal.RELAY_DATA_BEFORE_OK)
 
     def readClosed(self, leg: Leg) -> None:

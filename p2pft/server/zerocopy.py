@@ -29,16 +29,53 @@ from typing import Callable
 
 from twisted.internet import main
 
-#: Bytes of each pipe asked for, in order: the first the kernel grants.
-#: 1 MiB moved 1,205-1,296 MB/s through one session on loopback at 0.7
-#: server CPU-s per 2 GiB, 256 KiB 851-1,136 MB/s at 1.0-1.2 (same runs).
-#: Two pipes per spliced pair; Linux's default per-user pipe allowance
-#: (fs.pipe-user-pages-soft, 64 MiB) holds 32 pairs of 1 MiB pipes, then
-#: 128 more of 256 KiB; past that the kernel gives tiny pipes and those
-#: splices move bytes through Twisted (docs/OPERATING.md).
+#: Bytes of each pipe, in order of preference: 1 MiB moved 1,205-1,296
+#: MB/s through one session on loopback at 0.7 server CPU-s per 2 GiB,
+#: 256 KiB 851-1,136 MB/s at 1.0-1.2 (same runs).  Two pipes per spliced
+#: pair.  Linux refuses to grow a pipe once the user's pipes would pass its
+#: allowance (fs.pipe-user-pages-soft: 64 MiB by default), and then makes
+#: every new pipe of that user tiny; so the relay keeps to half of it
+#: (L{_Budget}): 1 MiB pipes while half the allowance holds them, then
+#: 256 KiB ones, then (the budget spent) bytes move through Twisted.
 PIPE_SIZES = (1 << 20, 256 * 1024)
-#: A pipe smaller than this (the allowance is spent) is not used.
+#: A pipe smaller than this is not used.
 MIN_PIPE = 64 * 1024
+
+
+class _Budget:
+    """Pipe bytes the relay's pipes may hold at once: half the user's
+    allowance (fs.pipe-user-pages-soft), so other processes of the same
+    user keep normal pipes; unlimited when the allowance is unlimited
+    (0) or the process may exceed it."""
+
+    def __init__(self):
+        self.left: int | None = None
+
+    def _start(self) -> int:
+        try:
+            with open("/proc/sys/fs/pipe-user-pages-soft") as f:
+                pages = int(f.read())
+        except (OSError, ValueError):
+            pages = 16384
+        if pages == 0 or os.geteuid() == 0:
+            return 1 << 62  # (root has CAP_SYS_RESOURCE: no allowance applies)
+        return pages * 4096 // 2
+
+    def take(self) -> int | None:
+        """The size of the next pipe (reserved), or None: none fits."""
+        if self.left is None:
+            self.left = self._start()
+        for size in PIPE_SIZES:
+            if size <= self.left:
+                self.left -= size
+                return size
+        return None
+
+    def give(self, size: int) -> None:
+        self.left += size
+
+
+_BUDGET = _Budget()
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -77,20 +114,26 @@ class ZeroCopy:
         self._src, self._dst = src, dst
         self._carry = carry
         self._paused = paused
-        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._granted = _BUDGET.take()
+        if self._granted is None:
+            raise OSError(errno.ENOMEM, "the relay's pipe budget is spent")
         try:
-            for size in PIPE_SIZES:
-                try:
-                    fcntl.fcntl(self._w, _F_SETPIPE_SZ, size)
-                    break
-                except OSError:
-                    continue
+            self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except BaseException:
+            _BUDGET.give(self._granted)
+            raise
+        try:
+            try:
+                fcntl.fcntl(self._w, _F_SETPIPE_SZ, self._granted)
+            except OSError:
+                pass
             self._size = fcntl.fcntl(self._w, _F_GETPIPE_SZ)
             if self._size < MIN_PIPE:
                 raise OSError(errno.ENOMEM, "pipe too small: the user's pipe allowance is spent")
         except BaseException:
             os.close(self._r)
             os.close(self._w)
+            _BUDGET.give(self._granted)
             raise
         #: The most one read moves (a rate-limited session's burst).
         self._read_max = min(self._size, read_max or self._size)
@@ -172,6 +215,12 @@ class ZeroCopy:
             return main.CONNECTION_LOST
         if len(dst.dataBuffer) - dst.offset or dst._tempDataLen:
             result = self._dst_doWrite()
+            if result is main.CONNECTION_DONE and self.in_pipe and not self._stopped:
+                # A close that came while Twisted still had bytes of its own
+                # waits for the pipe too (asked again below once it is
+                # drained; for TCP nothing was done yet).
+                result = None
+                dst.startWriting()
             if result is not None or len(dst.dataBuffer) - dst.offset or dst._tempDataLen:
                 return result
         self._drain()
@@ -217,6 +266,7 @@ class ZeroCopy:
         self.in_pipe = 0
         os.close(self._r)
         os.close(self._w)
+        _BUDGET.give(self._granted)
         for t, name, ours in ((self._src, "doRead", self.doRead), (self._dst, "doWrite", self.doWrite)):
             if t.__dict__.get(name) == ours:
                 del t.__dict__[name]
