@@ -6,12 +6,20 @@ asserting that the transfer completes byte-identical and which path it took.
 |--------------------------------------------------------|---------------|
 | both NATs endpoint-independent, inbound dropped        | direct        |
 | both NATs answer unsolicited SYNs with RST             | direct        |
-| one NAT answers with RST                               | direct        |
+| one NAT answers with RST, the other drops              | direct        |
+| both NATs answer with ICMP port unreachable (RFC 5382) | direct        |
+| endpoint-independent NATs that do not keep ports       | direct        |
 | home NAT behind a carrier NAT on one side              | direct        |
 | one peer on a public address, no NAT                   | direct        |
 | both peers on one LAN behind one NAT (no hairpin)      | direct        |
 | one NAT endpoint-dependent (symmetric)                 | relay         |
 | both NATs symmetric                                    | relay         |
+
+Every row runs at two round trips between the peers: 0 ms (the lab's
+wire, where crossings are tightest) in L{NatMatrixTests}, and 30 ms (a
+delay line on each wan link, 7.5 ms each way) in L{NatMatrix30msTests}.
+bench/natmatrix.py runs the same rows many times over, at more round
+trips and with loss.
 
 Needs root (tests/natlab.py): skipped with a reason elsewhere, a failure
 when P2PFT_NATLAB_REQUIRED is set.
@@ -19,6 +27,7 @@ when P2PFT_NATLAB_REQUIRED is set.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from twisted.internet import reactor
@@ -36,6 +45,19 @@ PORT = 9000
 
 class NatMatrixTests(TestCase):
     timeout = 120
+    #: Round trip between the peers, ms (half of it on each side's wan
+    #: link, each way: a quarter per link and direction).
+    rtt_ms = 0
+
+    def shaped(self, lab_options: dict) -> dict:
+        """C{lab_options} with this class's round trip on the peers' links."""
+        if not self.rtt_ms:
+            return lab_options
+        options = dict(lab_options)
+        for host in ("a",) if options.get("shared_lan") else ("a", "b"):
+            nat = options.get(host) or Nat()
+            options[host] = dataclasses.replace(nat, delay_ms=self.rtt_ms / 4)
+        return options
 
     async def transfer(self, expected_path: str, **lab_options):
         """
@@ -45,7 +67,7 @@ class NatMatrixTests(TestCase):
         at 4 MB/s, 2 s) so a direct path found after the relay has time
         to take over, as it would for any transfer longer than a moment.
         """
-        lab = start_lab(self, **lab_options)
+        lab = start_lab(self, **self.shaped(lab_options))
         ws = Workspace(self)
         src = make_file(os.path.join(ws.src, "matrix.bin"), 8 * 1024 * 1024 + 7)
         server = spawn(self, "server", lab.exec_argv("server", p2pft_argv(
@@ -118,6 +140,17 @@ class NatMatrixTests(TestCase):
     async def test_one_sends_rst(self):
         await self.transfer("direct", a=Nat("reject"))
 
+    async def test_icmp_unreachable(self):
+        """Both NATs answer stray SYNs with ICMP port unreachable: raced
+        like resets (before, attempts refused by ICMP were redialled on the
+        slow pace and every session at 0 ms went through the relay)."""
+        await self.transfer("direct", a=Nat("icmp"), b=Nat("icmp"))
+
+    async def test_port_shifting(self):
+        """Endpoint-independent mappings that do not keep the local port:
+        the port the server observed is the one to punch to."""
+        await self.transfer("direct", a=Nat("shift"), b=Nat("shift"))
+
     async def test_carrier_grade_nat_on_one_side(self):
         await self.transfer("direct", a=Nat("masquerade", cgnat="masquerade"))
 
@@ -132,3 +165,9 @@ class NatMatrixTests(TestCase):
 
     async def test_both_symmetric(self):
         await self.transfer("relay", a=Nat("symmetric"), b=Nat("symmetric"))
+
+
+class NatMatrix30msTests(NatMatrixTests):
+    """The same rows at 30 ms round trip between the peers."""
+
+    rtt_ms = 30
