@@ -26,8 +26,8 @@ from twisted.internet.protocol import ClientFactory
 from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
 
-from . import codes
-from .addresses import global_ipv6_addresses, is_loopback, normalise_host, parse_ip
+from . import birthday, codes
+from .addresses import global_ipv6_addresses, is_loopback, is_public, normalise_host, parse_ip
 from .candidates import own_candidates, parse_candidates, relays, resolve_relays
 from .channel import PeerConnection
 from .errors import SessionError
@@ -89,6 +89,8 @@ class Settings:
     #: Parallel streams: a number, or "auto".
     streams: int | str = "auto"
     reconnect_timeout: float = RECONNECT_TIMEOUT
+    #: Birthday punching through one symmetric NAT (None: never).
+    birthday: birthday.BirthdaySchedule | None = birthday.BirthdaySchedule()
 
 
 def _timeout(reactor, d: defer.Deferred, seconds: float, what: str) -> defer.Deferred:
@@ -100,33 +102,34 @@ def _timeout(reactor, d: defer.Deferred, seconds: float, what: str) -> defer.Def
     return d.addErrback(translate)
 
 
-async def connect_rendezvous(reactor, server: tuple[str, int]) -> RendezvousClientProtocol:
+async def connect_rendezvous(reactor, server: tuple[str, int], port: int = 0) -> RendezvousClientProtocol:
     """
     Connect to the server, over IPv4 when it has an IPv4 address: that is
     the family NATs translate, so the address the server sees is the public
     candidate the other peer needs (IPv6 addresses are added as extra
     candidates).  Over IPv6 only for an IPv6 literal or a server without
     IPv4.  The socket is bound with SO_REUSEADDR + SO_REUSEPORT so the punch
-    listener and outgoing attempts can share its port later.
+    listener and outgoing attempts can share its port later; C{port}: the
+    local port (0: any).
     """
-    host, port = server
-    binding = makeBinding("", 0, reuseAddress=True, reusePort=True)
+    host, server_port = server
+    binding = makeBinding("", port, reuseAddress=True, reusePort=True)
     factory = ClientFactory.forProtocol(RendezvousClientProtocol)
     try:
         if ":" in host:
-            endpoint = HostnameEndpoint(reactor, host, port, timeout=10, bindAddress=binding)
+            endpoint = HostnameEndpoint(reactor, host, server_port, timeout=10, bindAddress=binding)
             return await endpoint.connect(factory)
         try:
-            return await TCP4ClientEndpoint(reactor, host, port, timeout=10, bindAddress=binding).connect(factory)
+            return await TCP4ClientEndpoint(reactor, host, server_port, timeout=10, bindAddress=binding).connect(factory)
         except error.DNSLookupError:
             # No IPv4 address for that name: try whatever it has.
-            endpoint = HostnameEndpoint(reactor, host, port, timeout=10, bindAddress=binding)
+            endpoint = HostnameEndpoint(reactor, host, server_port, timeout=10, bindAddress=binding)
             return await endpoint.connect(factory)
     except (error.ConnectError, error.DNSLookupError) as e:
         why = {error.ConnectionRefusedError: "connection refused", error.TimeoutError: "timed out",
                error.DNSLookupError: "name not found", error.NoRouteError: "no route to host"}.get(
                    type(e), str(e.args[0] if e.args and e.args[0] else e.__doc__).lower())
-        raise SessionError(f"cannot reach the rendezvous server {host}:{port}: {why}") from None
+        raise SessionError(f"cannot reach the rendezvous server {host}:{server_port}: {why}") from None
 
 
 _encode = dump_object
@@ -196,6 +199,12 @@ async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) ->
         nameplate = await _timeout(reactor, client.allocate(), 30, "a nameplate")
         code = codes.Code(nameplate, codes.make_password(settings.code_length))
     ui.code(str(code), announce=not settings.code)
+    # While we wait for the other side: is our NAT's mapping fixed?
+    observed: list = []
+    if settings.birthday is not None:
+        mapping = defer.ensureDeferred(observe_mapping(reactor, settings.server, client, public))
+        mapping.addCallback(observed.append)
+        mapping.addErrback(lambda f: log.info("observing our NAT's mapping: {e}", e=f.getErrorMessage()))
     await client.paired()
     paired_at = reactor.seconds()
     ui.paired()
@@ -204,23 +213,80 @@ async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) ->
     keys, box, features = await _agree_keys(reactor, client, code, role, settings.timeout)
     server_host = client.transport.getPeer().host
     mine, local_port = _own(client, public, server_host)
-    client.send(box.seal(_encode({"candidates": mine})))
-    theirs = parse_candidates(_decode(box.open(
-        await _timeout(reactor, client.receive(), settings.timeout, "the other side's addresses")
-    )), server_host, mine)
+    if settings.birthday is not None and not observed:
+        await _race(reactor, [mapping], MAPPING_WAIT)
+    ours = observed[0] if observed else None
+    client.send(box.seal(_encode({"candidates": mine, **({"mapping": ours} if ours else {})})))
+    message = _decode(box.open(
+        await _timeout(reactor, client.receive(), settings.timeout, "the other side's addresses")))
+    theirs = parse_candidates(message, server_host, mine)
     log.info("punching from port {port} to {theirs}", port=local_port, theirs=theirs)
 
     dial, names = relays(settings, client.relays, server_host)
     finder = LaneFinder(reactor, settings, role, keys, ui, dial)
     connector = finder.punch(local_port, theirs, mine)
+    side = birthday.role(ours, message.get("mapping"))
+    target = _birthday_target(client.partner, mine)
+    log.info("our NAT's mapping: {ours}; theirs: {theirs}; the server sees them from {target}",
+             ours=ours or "not known", theirs=message.get("mapping") if isinstance(
+                 message.get("mapping"), str) else "not known", target=client.partner)
+    lanes = [connector.run()]
+    if side is not None and target is not None and settings.birthday is not None:
+        lanes.append(finder.birthday(local_port, side, target))
     if names:
         # Resolved while we punch (DNS must not hold up the race); only
         # what the names resolve to, filtered, is ever dialled.
         resolving = resolve_relays(settings.resolver or reactor.nameResolver, names, server_host)
         resolving.addCallback(finder.add_relays)
         resolving.addErrback(lambda f: log.failure("resolving relays", f))
-    await _punch_watching_partner(reactor, client, connector, role, settings.schedule)
+    await _punch_watching_partner(reactor, client, _first_of(lanes), role, settings.schedule)
     return Session(finder.link, finder, features, max(0.0, reactor.seconds() - paired_at))
+
+
+#: Seconds to wait for our mapping's second observation once the
+#: candidates are due (it started when we joined the nameplate, so it is
+#: done unless the other side was there first and the server is far).
+MAPPING_WAIT = 2.0
+
+
+async def observe_mapping(reactor, server: tuple[str, int], client, public: tuple[str, int]) -> str | None:
+    """
+    Whether our NAT maps the punching port the same way whatever the
+    destination (L{birthday.FIXED}) or gives each connection a port of
+    its own (L{birthday.VARIES}), from what the server saw of the
+    rendezvous connection C{client} (C{public}) and, when that port was not
+    kept, of a second connection from the next local port (WELCOME only:
+    one short connection; see L{birthday.classify}).  None: not known.
+    """
+    local = client.transport.getHost().port
+    if public[1] == local:
+        return birthday.FIXED
+    for second in (local + 1, local - 1):
+        if not 1024 <= second < 65536:
+            continue
+        try:
+            probe = await connect_rendezvous(reactor, server, port=second)
+        except SessionError:
+            continue  # that port is taken here
+        try:
+            seen = await _timeout(reactor, probe.welcomed(), 10, "the rendezvous server")
+        finally:
+            await _close(reactor, probe)
+        return birthday.classify(local, public[1], second, seen[1])
+    return None
+
+
+def _birthday_target(partner: tuple[str, int] | None, mine) -> tuple[str, int] | None:
+    """Where a birthday punch may aim: the partner's address as the server
+    saw it (PAIRED), if it is public and not one of ours (a peer behind our
+    own NAT shares our public address)."""
+    if partner is None:
+        return None
+    ip = parse_ip(partner[0])
+    own = {str(parse_ip(h)) for h, _ in mine if parse_ip(h) is not None}
+    if ip is None or not is_public(ip) or str(ip) in own:
+        return None
+    return (str(ip), partner[1])
 
 
 def _own(client, public: tuple[str, int], server_host: str) -> tuple[list[list], int]:
@@ -262,7 +328,28 @@ async def _agree_keys(reactor, client, code: codes.Code, role: str, timeout: flo
     return keys, box, features
 
 
-async def _punch_watching_partner(reactor, client, connector, role, schedule):
+def _first_of(waits: list[defer.Deferred]) -> defer.Deferred:
+    """Fires with the first of C{waits} to succeed (the first lane, from
+    whichever connector), or fails as the first of them when all failed;
+    cancelling it cancels them all."""
+    result = defer.Deferred(lambda _: [d.cancel() for d in waits if not d.called])
+    failures: list = []
+
+    def succeeded(value):
+        if not result.called:
+            result.callback(value)
+
+    def failed(failure):
+        failures.append(failure)
+        if len(failures) == len(waits) and not result.called:
+            result.errback(failures[0])
+
+    for d in waits:
+        d.addCallbacks(succeeded, failed)
+    return result
+
+
+async def _punch_watching_partner(reactor, client, punched, role, schedule):
     """
     Punch until the first lane, but stop early if the partner leaves the
     rendezvous server: the sender at once (the receiver only leaves after
@@ -270,7 +357,6 @@ async def _punch_watching_partner(reactor, client, connector, role, schedule):
     right after choosing, so its SELECT may still be on the way).  The
     server itself going away is fine: it is not needed any more.
     """
-    punched = connector.run()
     watch = client.receive()  # nothing more is expected; only GONE matters
     timers = []
 
@@ -313,6 +399,23 @@ def _race(reactor, waits: list[defer.Deferred], timeout: float) -> defer.Deferre
     return result.addBoth(settle)
 
 
+def _descriptors(reserve: int = 256) -> int:
+    """How many birthday attempts may be pending at once: the file
+    descriptors we may open (the soft limit raised to the hard one, up to
+    8192, where it is lower), less C{reserve} for everything else."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 8192 if hard == resource.RLIM_INFINITY else min(hard, 8192)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+    except (ImportError, ValueError, OSError):
+        soft = 1024
+    return max(16, (8192 if soft == -1 else soft) - reserve)
+
+
 class LaneFinder:
     """
     Finds the lanes of one session and hands them to its L{SessionLink}:
@@ -346,6 +449,7 @@ class LaneFinder:
         self._auto_started = False
         self._auto_timer = None
         self._tcp_seen: dict = {}  # lane -> its TCP's counts, last seen (L{_tcp})
+        self._birthdays: list = []  # the birthday plans run (L{stats})
         self.link = SessionLink(reactor, self._leader, lost_all=self._lost_all,
                                 path_changed=self._path_changed, control=self._control)
 
@@ -364,6 +468,32 @@ class LaneFinder:
         if not stream:
             self._main = [c for c in self._main if c.running] + [connector]
         return connector
+
+    def birthday(self, local_port: int, side: str, target: tuple[str, int]) -> defer.Deferred:
+        """Birthday punching (L{p2pft.birthday}) in the background as side
+        C{side}, at the peer's server-observed address C{target}; its lane,
+        if any, joins as a direct one would.  Running: fires with its first
+        lane, as L{PunchConnector.run}."""
+        plan = birthday.BirthdayPlan(self._settings.birthday, side, target, max_pending=_descriptors())
+        connector = self._keep(birthday.BirthdayConnector(
+            self._reactor, local_port, plan, self._factory(0), leader=self._leader,
+            schedule=self._settings.schedule, on_lane=self._lane, want=self._want))
+        self._main.append(connector)
+        self._birthdays.append(plan)
+        running = connector.run()
+        running.addErrback(lambda f: log.info("birthday punching: {e}", e=f.getErrorMessage()) or f)
+        return running
+
+    def stats(self) -> dict:
+        """What birthday punching cost, for the "done" event (nothing when
+        there was none)."""
+        if not self._birthdays:
+            return {}
+        out: dict = {}
+        for plan in self._birthdays:
+            for key, value in plan.stats().items():
+                out[key] = value if isinstance(value, str) else out.get(key, 0) + value
+        return out
 
     def _relay_leg(self, leg: int, deadline: float, want=None) -> PunchConnector | None:
         """Dial relay leg C{leg} for up to C{deadline} seconds (running):
