@@ -20,7 +20,8 @@ Per cell it prints: sessions, direct (sessions whose done event says
 sender's "paired" event to its first "connected"/"path" event saying
 direct), and the birthday punching cost: SYNs both sides sent for it
 (done events' birthday_syns, counting Linux's SYN retransmissions), median
-and max per session.  --json FILE also writes every session.
+and max per session.  --birthday N,M (or off) sets P2PFT_BIRTHDAY for the
+sessions: N opens from fresh ports, M probes (off: none, as before).  --json FILE also writes every session.
 
 Run it under the lab lock, in chunks (``flock /tmp/p2pft-lab.lock python3
 bench/natmatrix.py --rows ...``): the machine's other jobs starve NAT
@@ -200,10 +201,14 @@ def main():
     p.add_argument("--sessions", type=int, default=10)
     p.add_argument("--seconds", type=float, default=2.0, help="length of each transfer (s)")
     p.add_argument("--rate", default="1M", help="--limit-rate of each transfer")
+    p.add_argument("--birthday", metavar="N,M|off",
+                   help="P2PFT_BIRTHDAY for every session: opens and probes, or off")
     p.add_argument("--json", metavar="FILE", help="also write every session here")
     p.add_argument("--verbose", action="store_true", help="p2pft -v, and keep its logs")
     p.add_argument("--list", action="store_true")
     args = p.parse_args()
+    if args.birthday:
+        os.environ["P2PFT_BIRTHDAY"] = args.birthday
     if args.list:
         for row, (options, expected) in ROWS.items():
             print(f"{row:26} {expected:6} {options}")

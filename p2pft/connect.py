@@ -74,6 +74,23 @@ GROW = CONTROL
 GROWN = CONTROL + 1
 
 
+def birthday_schedule(text: str | None) -> birthday.BirthdaySchedule | None:
+    """The birthday schedule C{P2PFT_BIRTHDAY} asks for (a knob for the
+    benchmarks, bench/natmatrix.py): unset or empty, the default; "off",
+    none; "N,M" (opens, probes), the default with those."""
+    if not text:
+        return birthday.BirthdaySchedule()
+    if text.strip().lower() == "off":
+        return None
+    try:
+        opens, probes = (int(x) for x in text.split(","))
+        if not (0 < opens <= 4096 and 0 < probes <= 8192):
+            raise ValueError
+    except ValueError:
+        raise SessionError(f"P2PFT_BIRTHDAY must be off or OPENS,PROBES, not {text!r}") from None
+    return birthday.BirthdaySchedule(opens=opens, probes=probes, max_opens=max(opens, 4 * opens))
+
+
 @attrs.define
 class Settings:
     server: tuple[str, int]
@@ -90,7 +107,8 @@ class Settings:
     streams: int | str = "auto"
     reconnect_timeout: float = RECONNECT_TIMEOUT
     #: Birthday punching through one symmetric NAT (None: never).
-    birthday: birthday.BirthdaySchedule | None = birthday.BirthdaySchedule()
+    birthday: birthday.BirthdaySchedule | None = attrs.field(
+        factory=lambda: birthday_schedule(os.environ.get("P2PFT_BIRTHDAY")))
 
 
 def _timeout(reactor, d: defer.Deferred, seconds: float, what: str) -> defer.Deferred:
@@ -230,16 +248,16 @@ async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) ->
     log.info("our NAT's mapping: {ours}; theirs: {theirs}; the server sees them from {target}",
              ours=ours or "not known", theirs=message.get("mapping") if isinstance(
                  message.get("mapping"), str) else "not known", target=client.partner)
-    lanes = [connector.run()]
+    also = []
     if side is not None and target is not None and settings.birthday is not None:
-        lanes.append(finder.birthday(local_port, side, target))
+        also.append(finder.birthday(local_port, side, target))
     if names:
         # Resolved while we punch (DNS must not hold up the race); only
         # what the names resolve to, filtered, is ever dialled.
         resolving = resolve_relays(settings.resolver or reactor.nameResolver, names, server_host)
         resolving.addCallback(finder.add_relays)
         resolving.addErrback(lambda f: log.failure("resolving relays", f))
-    await _punch_watching_partner(reactor, client, _first_of(lanes), role, settings.schedule)
+    await _punch_watching_partner(reactor, client, connector, role, settings.schedule, also)
     return Session(finder.link, finder, features, max(0.0, reactor.seconds() - paired_at))
 
 
@@ -349,7 +367,7 @@ def _first_of(waits: list[defer.Deferred]) -> defer.Deferred:
     return result
 
 
-async def _punch_watching_partner(reactor, client, punched, role, schedule):
+async def _punch_watching_partner(reactor, client, connector, role, schedule, also=()):
     """
     Punch until the first lane, but stop early if the partner leaves the
     rendezvous server: the sender at once (the receiver only leaves after
@@ -357,6 +375,10 @@ async def _punch_watching_partner(reactor, client, punched, role, schedule):
     right after choosing, so its SELECT may still be on the way).  The
     server itself going away is fine: it is not needed any more.
     """
+    punched = connector.run()
+    if also:
+        # (birthday punching): the first lane from any of them.
+        punched = _first_of([punched, *also])
     watch = client.receive()  # nothing more is expected; only GONE matters
     timers = []
 

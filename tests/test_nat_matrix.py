@@ -12,7 +12,8 @@ asserting that the transfer completes byte-identical and which path it took.
 | home NAT behind a carrier NAT on one side              | direct        |
 | one peer on a public address, no NAT                   | direct        |
 | both peers on one LAN behind one NAT (no hairpin)      | direct        |
-| one NAT endpoint-dependent (symmetric)                 | relay         |
+| one NAT endpoint-dependent (symmetric): birthday       | direct        |
+| one symmetric, the other answers with RST: birthday    | direct        |
 | both NATs symmetric                                    | relay         |
 
 Every row runs at two round trips between the peers: 0 ms (the lab's
@@ -116,6 +117,20 @@ class NatMatrixTests(TestCase):
     async def test_both_endpoint_independent(self):
         await self.transfer("direct")
 
+    async def direct_within(self, sessions: int, why: str, **lab_options):
+        """At least one of C{sessions} sessions goes direct (every one
+        transfers); C{why} some may not."""
+        paths = []
+        for attempt in range(sessions):
+            try:
+                await self.transfer("direct", **lab_options)
+                return
+            except self.failureException as e:
+                if "'relay' != 'direct'" not in str(e):
+                    raise
+                paths.append("relay")
+        self.fail(f"{sessions} sessions ({why}) all went {paths}")
+
     async def test_both_send_rst(self):
         """
         Direct, after retries.  With both NATs answering stray SYNs with RST
@@ -126,16 +141,7 @@ class NatMatrixTests(TestCase):
         transfer must succeed every time); a new session uses new ports, so
         at least one of three must go direct.
         """
-        paths = []
-        for attempt in range(3):
-            try:
-                await self.transfer("direct", a=Nat("reject"), b=Nat("reject"))
-                return
-            except self.failureException as e:
-                if "'relay' != 'direct'" not in str(e):
-                    raise
-                paths.append("relay")
-        self.fail(f"three sessions through two RST-sending NATs all went {paths}")
+        await self.direct_within(3, "two RST-sending NATs", a=Nat("reject"), b=Nat("reject"))
 
     async def test_one_sends_rst(self):
         await self.transfer("direct", a=Nat("reject"))
@@ -161,7 +167,17 @@ class NatMatrixTests(TestCase):
         await self.transfer("direct", shared_lan=True)
 
     async def test_one_symmetric(self):
-        await self.transfer("direct", a=Nat("symmetric"))
+        """
+        Birthday punching (p2pft/birthday.py): 256 fresh-port opens from
+        the symmetric side, 1024 probes from the other, about 98 % of
+        sessions direct (bench/natmatrix.py: the numbers); so one of two.
+        """
+        await self.direct_within(2, "birthday punching", a=Nat("symmetric"))
+
+    async def test_one_symmetric_other_rst(self):
+        """The same when the other side's NAT answers with resets: it
+        probes first, refused opens are made again from fresh ports."""
+        await self.direct_within(2, "birthday punching, RST", a=Nat("symmetric"), b=Nat("reject"))
 
     async def test_both_symmetric(self):
         await self.transfer("relay", a=Nat("symmetric"), b=Nat("symmetric"))

@@ -178,3 +178,55 @@ class ConnectorTests(SynchronousTestCase):
         self.assertEqual(plan.stats()["birthday_attempts"], 3)
         self.assertEqual(plan.stats()["birthday_syns"], 3)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+class FirstLaneTests(SynchronousTestCase):
+    """connect._first_of: the session's first lane from the ordinary punch
+    or the birthday punch, whichever comes first."""
+
+    def test_first_success_wins_even_after_a_failure(self):
+        from twisted.internet import defer
+
+        from p2pft.connect import _first_of
+
+        a, b = defer.Deferred(), defer.Deferred()
+        d = _first_of([a, b])
+        a.errback(PunchFailed("stopped"))
+        self.assertNoResult(d)
+        b.callback("lane")
+        self.assertEqual(self.successResultOf(d), "lane")
+
+    def test_fails_as_the_first_when_all_fail(self):
+        from twisted.internet import defer
+
+        from p2pft.connect import _first_of
+
+        a, b = defer.Deferred(), defer.Deferred()
+        d = _first_of([a, b])
+        b.errback(PunchFailed("birthday"))
+        a.errback(PunchFailed("main"))
+        self.assertEqual(str(self.failureResultOf(d, PunchFailed).value), "birthday")
+
+    def test_cancel_cancels_all(self):
+        from twisted.internet import defer
+
+        from p2pft.connect import _first_of
+
+        cancelled = []
+        a = defer.Deferred(lambda _: cancelled.append("a"))
+        b = defer.Deferred(lambda _: cancelled.append("b"))
+        d = _first_of([a, b])
+        d.cancel()
+        self.assertEqual(cancelled, ["a", "b"])
+        self.failureResultOf(d, defer.CancelledError)
+
+
+class ScheduleKnobTests(SynchronousTestCase):
+    def test_p2pft_birthday(self):
+        from p2pft.connect import SessionError, birthday_schedule
+
+        self.assertEqual(birthday_schedule(None), BirthdaySchedule())
+        self.assertIsNone(birthday_schedule("off"))
+        self.assertEqual((birthday_schedule("128,512").opens, birthday_schedule("128,512").probes), (128, 512))
+        for bad in ("1", "a,b", "0,5", "5,100000"):
+            self.assertRaises(SessionError, birthday_schedule, bad)
