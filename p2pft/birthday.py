@@ -6,7 +6,7 @@ A NAT that gives every new connection its own random public port
 --random-fully}, many carrier NATs) never lets the ordinary punch through:
 the port the server saw is not the port its next connection gets.  When
 only one side's NAT is like that, both sides can still meet by the
-birthday paradox:
+birthday paradox (the numbers below are L{BirthdaySchedule}'s defaults):
 
   * the symmetric ("opening") side connects to the other side's public
     address -- the one the server saw, which its NAT keeps for every
@@ -19,7 +19,8 @@ birthday paradox:
 A port both chose opens its NAT both ways and the two SYNs meet (a TCP
 simultaneous open, or the later SYN lands on the prober's listener).  With
 N opens, M probes and R ports in the NAT's range the chance is about
-C{1 - exp(-N*M/R)}: 256 x 1024 over Linux's 64,512 ports is 98 %.  When
+C{1 - exp(-N*M/R)}: 512 x 512 over Linux's 64,512 ports is 98 %, for
+about 1,024 SYNs (N + M is least, for a given N * M, at N = M).  When
 the prober's NAT answers stray SYNs with resets, the opener's SYNs that
 come before the probes are refused: so the prober sprays first (the opener
 waits C{open_delay}), and every refused or expired open is made again from
@@ -110,8 +111,9 @@ class BirthdaySchedule:
         the opening side sends the other's public address).
     @ivar open_delay: seconds the opening side waits before its first
         opens, so that the other side's probes are out first.
-    @ivar open_timeout: seconds an open stays pending (1.5: its SYN and one
-        retransmission) before it is made again from a fresh port.
+    @ivar open_timeout: seconds an open stays pending (0.9: one SYN, no
+        retransmission -- a mapping the probes missed stays missed) before
+        it is made again from a fresh port, a new draw.
     @ivar probe_timeout: seconds a probe stays pending (0.9: one SYN, no
         retransmission; its NAT mapping outlives it, and a later SYN
         through it lands on the listener).
@@ -122,12 +124,12 @@ class BirthdaySchedule:
     @ivar deadline: seconds before it all gives up.
     """
 
-    opens: int = 256
-    probes: int = 1024
+    opens: int = 512
+    probes: int = 512
     ports: tuple[int, int] = (1024, 65535)
-    max_opens: int = 1024
+    max_opens: int = 2048
     open_delay: float = 0.05
-    open_timeout: float = 1.5
+    open_timeout: float = 0.9
     probe_timeout: float = 0.9
     reopen_delay: float = 0.01
     burst: int = 128

@@ -88,7 +88,7 @@ def birthday_schedule(text: str | None) -> birthday.BirthdaySchedule | None:
             raise ValueError
     except ValueError:
         raise SessionError(f"P2PFT_BIRTHDAY must be off or OPENS,PROBES, not {text!r}") from None
-    return birthday.BirthdaySchedule(opens=opens, probes=probes, max_opens=max(opens, 4 * opens))
+    return birthday.BirthdaySchedule(opens=opens, probes=probes, max_opens=4 * opens)
 
 
 @attrs.define

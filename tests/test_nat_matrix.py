@@ -168,8 +168,8 @@ class NatMatrixTests(TestCase):
 
     async def test_one_symmetric(self):
         """
-        Birthday punching (p2pft/birthday.py): 256 fresh-port opens from
-        the symmetric side, 1024 probes from the other, about 98 % of
+        Birthday punching (p2pft/birthday.py): 512 fresh-port opens from
+        the symmetric side, 512 probes from the other, about 98 % of
         sessions direct (bench/natmatrix.py: the numbers); so one of two.
         """
         await self.direct_within(2, "birthday punching", a=Nat("symmetric"))

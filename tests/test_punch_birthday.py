@@ -120,7 +120,7 @@ class ConnectorTests(SynchronousTestCase):
         plan = BirthdayPlan(self.schedule, side, TARGET, random.Random(2))
         return BirthdayConnector(self.reactor, 5555, plan, self.factory, True)
 
-    def fail(self, index, reason):
+    def fail_dial(self, index, reason):
         host, port, factory, timeout, bind = self.reactor.tcpClients[index]
         factory.clientConnectionFailed(self.reactor.connectors[index], Failure(reason))
 
@@ -131,14 +131,14 @@ class ConnectorTests(SynchronousTestCase):
         self.assertEqual(self.reactor.tcpClients, [])
         self.reactor.advance(0.05)
         self.assertEqual([(h, p, t, b) for h, p, _, t, b in self.reactor.tcpClients],
-                         [(TARGET[0], TARGET[1], 1.5, None)] * 3)
+                         [(TARGET[0], TARGET[1], 0.9, None)] * 3)
         # A reset from the other side's NAT: again, from another fresh port.
-        self.fail(0, error.ConnectionRefusedError())
+        self.fail_dial(0, error.ConnectionRefusedError())
         self.reactor.advance(0.02)
         self.assertEqual(len(self.reactor.tcpClients), 4)
         self.assertIsNone(self.reactor.tcpClients[3][4])
         for i in (1, 2, 3):
-            self.fail(i, error.TimeoutError())
+            self.fail_dial(i, error.TimeoutError())
             self.reactor.advance(0.02)
         self.assertEqual(len(self.reactor.tcpClients), 6, "max_opens")
         self.reactor.advance(10)
