@@ -364,6 +364,10 @@ class PunchConnector:
         if self._done:
             return
         self._done = True
+        if self.plan.candidates:
+            self._sockets.log.info("punching over: attempts {attempts}, refused (raced) {refused}; {errors}",
+                                   attempts=dict(self.plan._attempts), refused=self.plan.refused,
+                                   errors=self.plan.errors)
         self._sockets.close()
         for candidate in list(self._live):
             if candidate is not chosen:

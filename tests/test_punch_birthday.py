@@ -230,3 +230,64 @@ class ScheduleKnobTests(SynchronousTestCase):
         self.assertEqual((birthday_schedule("128,512").opens, birthday_schedule("128,512").probes), (128, 512))
         for bad in ("1", "a,b", "0,5", "5,100000"):
             self.assertRaises(SessionError, birthday_schedule, bad)
+
+
+class RepunchTests(SynchronousTestCase):
+    """LaneFinder.repunch_later: fresh ports on both sides while the
+    session is not direct, at the REPUNCH_AFTER times, leader only."""
+
+    def finder(self, role):
+        from twisted.internet.task import Clock
+
+        from p2pft.connect import LaneFinder, Settings
+
+        clock = Clock()
+        finder = LaneFinder(clock, Settings(server=("203.0.113.10", 9000)), role, None, None, [])
+        started = []
+        finder._start_stream = lambda number, theirs=None, fresh=False: started.append((number, fresh))
+
+        class Link:
+            path = "relay"
+
+        finder.link = Link()
+        return clock, finder, started
+
+    def test_leader_punches_again_until_direct(self):
+        from p2pft.connect import REPUNCH_AFTER
+        from p2pft.secure import SENDER
+
+        clock, finder, started = self.finder(SENDER)
+        finder.repunch_later()
+        clock.advance(REPUNCH_AFTER[0] - 0.01)
+        self.assertEqual(started, [])
+        clock.advance(0.01)
+        self.assertEqual(started, [(1, True)])
+        clock.advance(REPUNCH_AFTER[1] - REPUNCH_AFTER[0])
+        self.assertEqual(started, [(1, True), (2, True)])
+        finder.link.path = "direct"
+        clock.advance(100)
+        self.assertEqual(len(started), 2, "direct: no more")
+        self.assertEqual(finder.repunches, 2)
+        self.assertEqual(finder.stats(), {"repunches": 2})
+
+    def test_bounded_and_stopped(self):
+        from p2pft.connect import REPUNCH_AFTER
+        from p2pft.secure import SENDER
+
+        clock, finder, started = self.finder(SENDER)
+        finder.repunch_later()
+        clock.advance(1000)
+        self.assertEqual(len(started), len(REPUNCH_AFTER))
+        clock, finder, started = self.finder(SENDER)
+        finder.repunch_later()
+        finder.stop()
+        clock.advance(1000)
+        self.assertEqual(started, [])
+
+    def test_follower_waits_for_the_leader(self):
+        from p2pft.secure import RECEIVER
+
+        clock, finder, started = self.finder(RECEIVER)
+        finder.repunch_later()
+        clock.advance(1000)
+        self.assertEqual(started, [])
