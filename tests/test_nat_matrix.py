@@ -147,10 +147,15 @@ class NatMatrixTests(TestCase):
         await self.transfer("direct", a=Nat("reject"))
 
     async def test_icmp_unreachable(self):
-        """Both NATs answer stray SYNs with ICMP port unreachable: raced
-        like resets (before, attempts refused by ICMP were redialled on the
-        slow pace and every session at 0 ms went through the relay)."""
-        await self.transfer("direct", a=Nat("icmp"), b=Nat("icmp"))
+        """
+        Both NATs answer stray SYNs with ICMP port unreachable: raced like
+        resets (before, attempts refused by ICMP were redialled on the slow
+        pace and every session at 0 ms went through the relay).  At 0 ms a
+        pair can get stuck as with two RST NATs, more often (measured with
+        bench/natmatrix.py: 5-9 sessions in 10 direct at 0 ms, after the
+        fresh-port punches; 10 in 10 at 30 and 120 ms): so one of three.
+        """
+        await self.direct_within(3, "two ICMP-answering NATs", a=Nat("icmp"), b=Nat("icmp"))
 
     async def test_port_shifting(self):
         """Endpoint-independent mappings that do not keep the local port:
