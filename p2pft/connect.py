@@ -26,8 +26,8 @@ from twisted.internet.protocol import ClientFactory
 from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
 
-from . import codes
-from .addresses import global_ipv6_addresses, is_loopback, normalise_host, parse_ip
+from . import birthday, codes
+from .addresses import global_ipv6_addresses, is_loopback, is_public, normalise_host, parse_ip
 from .candidates import own_candidates, parse_candidates, relays, resolve_relays
 from .channel import PeerConnection
 from .errors import SessionError
@@ -67,12 +67,37 @@ UPGRADE_WAIT = 30.0
 RELAY_ROUND = 12.0
 #: Most parallel streams (the relay takes legs 0..15).
 MAX_STREAMS = 16
+#: Seconds after the first punching began at which the leader punches
+#: again from fresh ports while the session is not direct (both NATs keep
+#: their mappings; L{LaneFinder.repunch_later}): four new port pairs at
+#: most.  Measured in the lab (two ICMP-answering NATs, 0 ms, 2 s
+#: transfers): each new pair goes direct about half the time when the
+#: first got stuck; the first comes after ordinary punching has had time
+#: (0.1-0.6 s to direct at 0-120 ms round trip).
+REPUNCH_AFTER = (0.6, 1.2, 2.4, 4.8)
 #: Unsequenced records of the lane finders (L{SessionLink} control kinds):
 #: leader -> follower GROW {"leg": k} (dial relay leg k) or {"punch": n,
 #: "candidates": [...]} (punch stream n from a fresh port; here is mine);
 #: follower -> leader GROWN {"punch": n, "candidates": [...]}.
 GROW = CONTROL
 GROWN = CONTROL + 1
+
+
+def birthday_schedule(text: str | None) -> birthday.BirthdaySchedule | None:
+    """The birthday schedule C{P2PFT_BIRTHDAY} asks for (a knob for the
+    benchmarks, bench/natmatrix.py): unset or empty, the default; "off",
+    none; "N,M" (opens, probes), the default with those."""
+    if not text:
+        return birthday.BirthdaySchedule()
+    if text.strip().lower() == "off":
+        return None
+    try:
+        opens, probes = (int(x) for x in text.split(","))
+        if not (0 < opens <= 4096 and 0 < probes <= 8192):
+            raise ValueError
+    except ValueError:
+        raise SessionError(f"P2PFT_BIRTHDAY must be off or OPENS,PROBES, not {text!r}") from None
+    return birthday.BirthdaySchedule(opens=opens, probes=probes, max_opens=4 * opens)
 
 
 @attrs.define
@@ -92,6 +117,9 @@ class Settings:
     reconnect_timeout: float = RECONNECT_TIMEOUT
     #: Ask the router to map the punching port (PCP, NAT-PMP, UPnP-IGD).
     port_mapping: bool = True
+    #: Birthday punching through one symmetric NAT (None: never).
+    birthday: birthday.BirthdaySchedule | None = attrs.field(
+        factory=lambda: birthday_schedule(os.environ.get("P2PFT_BIRTHDAY")))
 
 
 def _timeout(reactor, d: defer.Deferred, seconds: float, what: str) -> defer.Deferred:
@@ -103,33 +131,34 @@ def _timeout(reactor, d: defer.Deferred, seconds: float, what: str) -> defer.Def
     return d.addErrback(translate)
 
 
-async def connect_rendezvous(reactor, server: tuple[str, int]) -> RendezvousClientProtocol:
+async def connect_rendezvous(reactor, server: tuple[str, int], port: int = 0) -> RendezvousClientProtocol:
     """
     Connect to the server, over IPv4 when it has an IPv4 address: that is
     the family NATs translate, so the address the server sees is the public
     candidate the other peer needs (IPv6 addresses are added as extra
     candidates).  Over IPv6 only for an IPv6 literal or a server without
     IPv4.  The socket is bound with SO_REUSEADDR + SO_REUSEPORT so the punch
-    listener and outgoing attempts can share its port later.
+    listener and outgoing attempts can share its port later; C{port}: the
+    local port (0: any).
     """
-    host, port = server
-    binding = makeBinding("", 0, reuseAddress=True, reusePort=True)
+    host, server_port = server
+    binding = makeBinding("", port, reuseAddress=True, reusePort=True)
     factory = ClientFactory.forProtocol(RendezvousClientProtocol)
     try:
         if ":" in host:
-            endpoint = HostnameEndpoint(reactor, host, port, timeout=10, bindAddress=binding)
+            endpoint = HostnameEndpoint(reactor, host, server_port, timeout=10, bindAddress=binding)
             return await endpoint.connect(factory)
         try:
-            return await TCP4ClientEndpoint(reactor, host, port, timeout=10, bindAddress=binding).connect(factory)
+            return await TCP4ClientEndpoint(reactor, host, server_port, timeout=10, bindAddress=binding).connect(factory)
         except error.DNSLookupError:
             # No IPv4 address for that name: try whatever it has.
-            endpoint = HostnameEndpoint(reactor, host, port, timeout=10, bindAddress=binding)
+            endpoint = HostnameEndpoint(reactor, host, server_port, timeout=10, bindAddress=binding)
             return await endpoint.connect(factory)
     except (error.ConnectError, error.DNSLookupError) as e:
         why = {error.ConnectionRefusedError: "connection refused", error.TimeoutError: "timed out",
                error.DNSLookupError: "name not found", error.NoRouteError: "no route to host"}.get(
                    type(e), str(e.args[0] if e.args and e.args[0] else e.__doc__).lower())
-        raise SessionError(f"cannot reach the rendezvous server {host}:{port}: {why}") from None
+        raise SessionError(f"cannot reach the rendezvous server {host}:{server_port}: {why}") from None
 
 
 _encode = dump_object
@@ -201,6 +230,12 @@ async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) ->
         nameplate = await _timeout(reactor, client.allocate(), 30, "a nameplate")
         code = codes.Code(nameplate, codes.make_password(settings.code_length))
     ui.code(str(code), announce=not settings.code)
+    # While we wait for the other side: is our NAT's mapping fixed?
+    observed: list = []
+    if settings.birthday is not None:
+        mapping = defer.ensureDeferred(observe_mapping(reactor, settings.server, client, public))
+        mapping.addCallback(observed.append)
+        mapping.addErrback(lambda f: log.info("observing our NAT's mapping: {e}", e=f.getErrorMessage()))
     await client.paired()
     paired_at = reactor.seconds()
     ui.paired()
@@ -210,24 +245,83 @@ async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) ->
     server_host = client.transport.getPeer().host
     mine, local_port = _own(client, public, server_host)
     mine += await router.candidates()
-    client.send(box.seal(_encode({"candidates": mine})))
-    theirs = parse_candidates(_decode(box.open(
-        await _timeout(reactor, client.receive(), settings.timeout, "the other side's addresses")
-    )), server_host, mine)
+    if settings.birthday is not None and not observed:
+        await _race(reactor, [mapping], MAPPING_WAIT)
+    ours = observed[0] if observed else None
+    client.send(box.seal(_encode({"candidates": mine, **({"mapping": ours} if ours else {})})))
+    message = _decode(box.open(
+        await _timeout(reactor, client.receive(), settings.timeout, "the other side's addresses")))
+    theirs = parse_candidates(message, server_host, mine)
     log.info("punching from port {port} to {theirs}", port=local_port, theirs=theirs)
 
     dial, names = relays(settings, client.relays, server_host)
     finder = LaneFinder(reactor, settings, role, keys, ui, dial)
     router.until(finder.link.whenClosed())
     connector = finder.punch(local_port, theirs, mine)
+    side = birthday.role(ours, message.get("mapping"))
+    target = _birthday_target(client.partner, mine)
+    log.info("our NAT's mapping: {ours}; theirs: {theirs}; the server sees them from {target}",
+             ours=ours or "not known", theirs=message.get("mapping") if isinstance(
+                 message.get("mapping"), str) else "not known", target=client.partner)
+    also = []
+    if side is not None and target is not None and settings.birthday is not None:
+        also.append(finder.birthday(local_port, side, target))
+    elif birthday.VARIES not in (ours, message.get("mapping")):
+        finder.repunch_later()
     if names:
         # Resolved while we punch (DNS must not hold up the race); only
         # what the names resolve to, filtered, is ever dialled.
         resolving = resolve_relays(settings.resolver or reactor.nameResolver, names, server_host)
         resolving.addCallback(finder.add_relays)
         resolving.addErrback(lambda f: log.failure("resolving relays", f))
-    await _punch_watching_partner(reactor, client, connector, role, settings.schedule)
+    await _punch_watching_partner(reactor, client, connector, role, settings.schedule, also)
     return Session(finder.link, finder, features, max(0.0, reactor.seconds() - paired_at))
+
+
+#: Seconds to wait for our mapping's second observation once the
+#: candidates are due (it started when we joined the nameplate, so it is
+#: done unless the other side was there first and the server is far).
+MAPPING_WAIT = 2.0
+
+
+async def observe_mapping(reactor, server: tuple[str, int], client, public: tuple[str, int]) -> str | None:
+    """
+    Whether our NAT maps the punching port the same way whatever the
+    destination (L{birthday.FIXED}) or gives each connection a port of
+    its own (L{birthday.VARIES}), from what the server saw of the
+    rendezvous connection C{client} (C{public}) and, when that port was not
+    kept, of a second connection from the next local port (WELCOME only:
+    one short connection; see L{birthday.classify}).  None: not known.
+    """
+    local = client.transport.getHost().port
+    if public[1] == local:
+        return birthday.FIXED
+    for second in (local + 1, local - 1):
+        if not 1024 <= second < 65536:
+            continue
+        try:
+            probe = await connect_rendezvous(reactor, server, port=second)
+        except SessionError:
+            continue  # that port is taken here
+        try:
+            seen = await _timeout(reactor, probe.welcomed(), 10, "the rendezvous server")
+        finally:
+            await _close(reactor, probe)
+        return birthday.classify(local, public[1], second, seen[1])
+    return None
+
+
+def _birthday_target(partner: tuple[str, int] | None, mine) -> tuple[str, int] | None:
+    """Where a birthday punch may aim: the partner's address as the server
+    saw it (PAIRED), if it is public and not one of ours (a peer behind our
+    own NAT shares our public address)."""
+    if partner is None:
+        return None
+    ip = parse_ip(partner[0])
+    own = {str(parse_ip(h)) for h, _ in mine if parse_ip(h) is not None}
+    if ip is None or not is_public(ip) or str(ip) in own:
+        return None
+    return (str(ip), partner[1])
 
 
 def _own(client, public: tuple[str, int], server_host: str) -> tuple[list[list], int]:
@@ -269,7 +363,28 @@ async def _agree_keys(reactor, client, code: codes.Code, role: str, timeout: flo
     return keys, box, features
 
 
-async def _punch_watching_partner(reactor, client, connector, role, schedule):
+def _first_of(waits: list[defer.Deferred]) -> defer.Deferred:
+    """Fires with the first of C{waits} to succeed (the first lane, from
+    whichever connector), or fails as the first of them when all failed;
+    cancelling it cancels them all."""
+    result = defer.Deferred(lambda _: [d.cancel() for d in waits if not d.called])
+    failures: list = []
+
+    def succeeded(value):
+        if not result.called:
+            result.callback(value)
+
+    def failed(failure):
+        failures.append(failure)
+        if len(failures) == len(waits) and not result.called:
+            result.errback(failures[0])
+
+    for d in waits:
+        d.addCallbacks(succeeded, failed)
+    return result
+
+
+async def _punch_watching_partner(reactor, client, connector, role, schedule, also=()):
     """
     Punch until the first lane, but stop early if the partner leaves the
     rendezvous server: the sender at once (the receiver only leaves after
@@ -278,6 +393,9 @@ async def _punch_watching_partner(reactor, client, connector, role, schedule):
     server itself going away is fine: it is not needed any more.
     """
     punched = connector.run()
+    if also:
+        # (birthday punching): the first lane from any of them.
+        punched = _first_of([punched, *also])
     watch = client.receive()  # nothing more is expected; only GONE matters
     timers = []
 
@@ -320,6 +438,23 @@ def _race(reactor, waits: list[defer.Deferred], timeout: float) -> defer.Deferre
     return result.addBoth(settle)
 
 
+def _descriptors(reserve: int = 256) -> int:
+    """How many birthday attempts may be pending at once: the file
+    descriptors we may open (the soft limit raised to the hard one, up to
+    8192, where it is lower), less C{reserve} for everything else."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 8192 if hard == resource.RLIM_INFINITY else min(hard, 8192)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+    except (ImportError, ValueError, OSError):
+        soft = 1024
+    return max(16, (8192 if soft == -1 else soft) - reserve)
+
+
 class LaneFinder:
     """
     Finds the lanes of one session and hands them to its L{SessionLink}:
@@ -353,6 +488,9 @@ class LaneFinder:
         self._auto_started = False
         self._auto_timer = None
         self._tcp_seen: dict = {}  # lane -> its TCP's counts, last seen (L{_tcp})
+        self._birthdays: list = []  # the birthday plans run (L{stats})
+        self.repunches = 0  # punching again from fresh ports (L{repunch_later})
+        self._repunch_timer = None
         self.link = SessionLink(reactor, self._leader, lost_all=self._lost_all,
                                 path_changed=self._path_changed, control=self._control)
 
@@ -371,6 +509,30 @@ class LaneFinder:
         if not stream:
             self._main = [c for c in self._main if c.running] + [connector]
         return connector
+
+    def birthday(self, local_port: int, side: str, target: tuple[str, int]) -> defer.Deferred:
+        """Birthday punching (L{p2pft.birthday}) in the background as side
+        C{side}, at the peer's server-observed address C{target}; its lane,
+        if any, joins as a direct one would.  Running: fires with its first
+        lane, as L{PunchConnector.run}."""
+        plan = birthday.BirthdayPlan(self._settings.birthday, side, target, max_pending=_descriptors())
+        connector = self._keep(birthday.BirthdayConnector(
+            self._reactor, local_port, plan, self._factory(0), leader=self._leader,
+            schedule=self._settings.schedule, on_lane=self._lane, want=self._want))
+        self._main.append(connector)
+        self._birthdays.append(plan)
+        running = connector.run()
+        running.addErrback(lambda f: log.info("birthday punching: {e}", e=f.getErrorMessage()) or f)
+        return running
+
+    def stats(self) -> dict:
+        """What birthday punching cost and how often we punched again from
+        fresh ports, for the "done" event (nothing when neither ran)."""
+        out: dict = {"repunches": self.repunches} if self.repunches else {}
+        for plan in self._birthdays:
+            for key, value in plan.stats().items():
+                out[key] = value if isinstance(value, str) else out.get(key, 0) + value
+        return out
 
     def _relay_leg(self, leg: int, deadline: float, want=None) -> PunchConnector | None:
         """Dial relay leg C{leg} for up to C{deadline} seconds (running):
@@ -409,6 +571,7 @@ class LaneFinder:
         """The transfer is over: stop looking for lanes."""
         self._stopped = True
         cancel(self._auto_timer)
+        cancel(self._repunch_timer)
         for growing in list(self._growing.values()):
             growing.cancel()
         for connector in self._connectors:
@@ -529,15 +692,43 @@ class LaneFinder:
             return
         self._auto_timer = self._reactor.callLater(1.0, self._auto_step)
 
-    def _start_stream(self, number: int, theirs: dict | None = None) -> None:
+    def repunch_later(self, delays=REPUNCH_AFTER, start: float | None = None) -> None:
+        """
+        Leader, when both NATs keep their mappings: if the session is not
+        direct C{delays[0]} seconds after C{start} (default: now), punch again from fresh ports
+        on both sides, each observed by the rendezvous server (GROW with
+        C{"fresh": true}, as for a further direct stream, but for the
+        session's path), and again after each further delay.  A port pair
+        can get stuck (a NAT's conntrack entry in SYN_SENT2 drops every
+        later SYN on it for about 120 s; ICMP-answering NATs at next to no
+        latency), and a new pair is a new draw.
+        """
+        if not self._leader or not delays:
+            return
+        start = self._reactor.seconds() if start is None else start
+
+        def check():
+            if self._stopped or self.link.path == "direct" or self._reconnecting is not None:
+                return
+            if self._punched < 4 * MAX_STREAMS:
+                self._punched += 1
+                self.repunches += 1
+                log.info("not direct after {s:g} s: punching again from fresh ports", s=delays[0])
+                self._start_stream(self._punched, fresh=True)
+            self.repunch_later(delays[1:], start)
+
+        self._repunch_timer = self._reactor.callLater(max(0.0, start + delays[0] - self._reactor.seconds()), check)
+
+    def _start_stream(self, number: int, theirs: dict | None = None, fresh: bool = False) -> None:
         """Punch direct stream C{number} in the background (the leader
-        first; the follower with the leader's GROW, C{theirs})."""
-        d = defer.ensureDeferred(self._punch_stream(number, theirs))
+        first; the follower with the leader's GROW, C{theirs}); C{fresh}:
+        not a further stream but the session's path again (L{repunch_later})."""
+        d = defer.ensureDeferred(self._punch_stream(number, theirs, fresh))
         self._growing[number] = d
         d.addErrback(lambda f: log.info("stream {n}: {e}", n=number, e=f.getErrorMessage()))
         d.addBoth(lambda _: self._growing.pop(number, None))
 
-    async def _punch_stream(self, number: int, theirs=None) -> None:
+    async def _punch_stream(self, number: int, theirs=None, fresh: bool = False) -> None:
         """One more direct stream: a fresh port, observed by the rendezvous
         server (its WELCOME), told to the other side over the session (GROW
         from the leader, GROWN in reply), then punched like the first."""
@@ -550,7 +741,8 @@ class LaneFinder:
             if self._leader:
                 reply = defer.Deferred()
                 self._replies[number] = reply
-                if not self.link.send_control(GROW, _encode({"punch": number, "candidates": mine})):
+                grow = {"punch": number, "candidates": mine, **({"fresh": True} if fresh else {})}
+                if not self.link.send_control(GROW, _encode(grow)):
                     return
                 try:
                     theirs = await _timeout(reactor, reply, 10, "the other side's stream address")
@@ -560,7 +752,7 @@ class LaneFinder:
                 if not self.link.send_control(GROWN, _encode({"punch": number, "candidates": mine})):
                     return
             theirs = parse_candidates(theirs, server_host, mine)
-            connector = self.punch(local_port, theirs, mine, relays=[], stream=True)
+            connector = self.punch(local_port, theirs, mine, relays=[], stream=not fresh)
             punched = connector.run()
             punched.addErrback(lambda f: log.info("stream {n}: {e}", n=number, e=f.getErrorMessage()))
             await _race(reactor, [punched], self._settings.schedule.handshake_timeout)
@@ -586,7 +778,7 @@ class LaneFinder:
         if type(leg) is int and 0 < leg < MAX_STREAMS:
             self._relay_leg(leg, self._settings.schedule.handshake_timeout)
         elif type(punch) is int and 0 < punch <= 4 * MAX_STREAMS and punch not in self._growing:
-            self._start_stream(punch, message)
+            self._start_stream(punch, message, fresh=message.get("fresh") is True)
 
     def _on_relay(self, candidate) -> bool:
         """Leader: a further relay leg joins while the session is on the relay."""

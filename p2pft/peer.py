@@ -48,7 +48,7 @@ async def _finish(endpoint, ui, session: Session) -> Result:
     finally:
         session.finder.stop()
     link = session.link
-    ui.done(result, link.path, routes=_routes(link))
+    ui.done(result, link.path, routes={**_routes(link), **session.finder.stats()})
     return result
 
 

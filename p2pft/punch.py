@@ -34,13 +34,15 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
 from .errors import P2pftError
-from .punch_schedule import AttemptPlan, PunchSchedule
+from .punch_schedule import AttemptPlan, PunchSchedule, refused
 from .util import cancel
 
 
 def _reason(failure: Failure) -> str:
     """A few words for why an attempt failed (for the final error line)."""
     inner = failure.value.args[0] if failure.value.args else None
+    if failure.check(error.ConnectError) and isinstance(inner, Failure) and refused(failure):
+        return "refused (ICMP)"
     if failure.check(error.ConnectError) and isinstance(inner, Failure):
         # Twisted wraps some connect failures (ICMP unreachable) in another.
         return _reason(inner)
@@ -362,6 +364,10 @@ class PunchConnector:
         if self._done:
             return
         self._done = True
+        if self.plan.candidates:
+            self._sockets.log.info("punching over: attempts {attempts}, refused (raced) {refused}; {errors}",
+                                   attempts=dict(self.plan._attempts), refused=self.plan.refused,
+                                   errors=self.plan.errors)
         self._sockets.close()
         for candidate in list(self._live):
             if candidate is not chosen:

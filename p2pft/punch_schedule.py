@@ -16,6 +16,25 @@ from twisted.python.failure import Failure
 from .addresses import is_public, parse_ip
 
 
+def refused(reason: Failure) -> bool:
+    """
+    Whether an attempt was refused by the network: a TCP reset, or an ICMP
+    error (port unreachable: RFC 5382 REQ-4's recommended answer of a NAT
+    to an unsolicited SYN).  Twisted's epoll reactor reports the latter as
+    a L{error.ConnectError} wrapping a L{error.ConnectionDone} (the socket
+    signalled an error before it connected; the errno is lost -- seen in
+    the NAT lab: Nat("icmp")), never as a refusal.  Either way the peer's
+    NAT is there and answering: both are raced alike.
+    """
+    if reason.check(error.ConnectionRefusedError):
+        return True
+    if not reason.check(error.ConnectError) or reason.check(error.TimeoutError, error.NoRouteError):
+        return False
+    inner = reason.value.args[0] if reason.value.args else None
+    return isinstance(inner, Failure) and bool(inner.check(error.ConnectionDone, error.ConnectionLost,
+                                                           error.ConnectionRefusedError))
+
+
 @attrs.frozen
 class PunchSchedule:
     """
@@ -25,7 +44,7 @@ class PunchSchedule:
         at a candidate and the next attempt at it.
     @ivar redial_refused: seconds before redialling the peer's public
         address (its first candidate, the one the server observed) when it
-        answered with RST, plus up to as much again at random.  A NAT that
+        answered with RST or ICMP unreachable (L{refused}), plus up to as much again at random.  A NAT that
         answers unsolicited SYNs with RST lets a connection through only
         while our own SYN is in flight through our NAT at the same moment
         as the peer's SYN through theirs, and each refused attempt lasts one
@@ -135,12 +154,12 @@ class AttemptPlan:
             return None
         if relay:
             return self.schedule.redial
-        if reason.check(error.ConnectionRefusedError) and racing:
-            # The peer's public address (the one the server saw) answers:
-            # its NAT is there and racing us.
+        if refused(reason) and racing:
+            # The peer's public address (the one the server saw) answers
+            # (a reset, or ICMP unreachable): its NAT is there and racing us.
             self.refused += 1
             return self.schedule.redial_refused * (1 + self._random.random())
-        if reason.check(error.ConnectionRefusedError):
+        if refused(reason):
             # A reset from elsewhere (a private address: some other host
             # here, or the peer not listening yet) says nothing of a race.
             return self.schedule.redial_others

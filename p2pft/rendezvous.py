@@ -83,6 +83,9 @@ class RendezvousClientProtocol(LineReceiver):
 
     #: Relays the server advertised: "*" (the server itself) or "HOST:PORT".
     relays: list[str] = []
+    #: Where the server sees our partner from (host, port), as its PAIRED
+    #: said; None from a server that does not say (before p2pft 0.5).
+    partner: tuple[str, int] | None = None
 
     def __init__(self) -> None:
         self._welcomed = OneShot()
@@ -166,6 +169,7 @@ class RendezvousClientProtocol(LineReceiver):
             d, self._allocated = self._allocated, None
             d.callback(rest)
         elif command == "PAIRED":
+            self.partner = _address(rest)
             self._paired.fire(None)
         elif command == "MSG":
             try:
@@ -235,6 +239,20 @@ class RendezvousClientProtocol(LineReceiver):
         for d in pending:
             if d is not None and not d.called:
                 d.errback(error)
+
+
+def _address(text: str) -> tuple[str, int] | None:
+    """C{"HOST PORT"} (an IP literal and a port) as a tuple; None for
+    anything else (nothing, or a malformed one: ignored, as an older
+    server's bare PAIRED)."""
+    parts = text.split(" ")
+    if len(parts) != 2 or "%" in parts[0] or not (parts[1].isascii() and parts[1].isdigit()):
+        return None
+    try:
+        host, port = str(ipaddress.ip_address(parts[0])), int(parts[1])
+    except ValueError:
+        return None
+    return (host, port) if 0 < port < 65536 else None
 
 
 def parse_server(text: str) -> tuple[str, int]:

@@ -34,6 +34,12 @@ Per-host NAT behaviour is described by :class:`Nat`:
 ``Nat("reject")``  like masquerade, but unsolicited inbound TCP is answered
     with a TCP RST (``REJECT --reject-with tcp-reset``), everything else
     with ICMP port-unreachable.
+``Nat("icmp")``  like masquerade, but unsolicited inbound traffic is
+    answered with ICMP port-unreachable (RFC 5382 REQ-4's recommendation
+    for unsolicited SYNs).
+``Nat("shift")``  endpoint-independent mapping that does not keep ports:
+    ``MASQUERADE --to-ports 20000-29999`` maps local port L to public
+    port 20000 + L % 10000 whatever the destination; inbound dropped.
 ``Nat("symmetric")``  ``MASQUERADE --random-fully``: every new connection
     gets a random public port, inbound filtered like masquerade.
 ``Nat("none")``  no NAT: the host sits directly on the public network
@@ -226,7 +232,17 @@ __all__ = [
 REQUIRED_ENV = "P2PFT_NATLAB_REQUIRED"
 
 #: NAT behaviours understood by :class:`Nat`.
-NAT_KINDS = ("masquerade", "reject", "symmetric", "none")
+NAT_KINDS = ("masquerade", "reject", "icmp", "shift", "symmetric", "none")
+
+#: Kinds a carrier NAT may have (everything but "none").
+_BOX_KINDS = NAT_KINDS[:-1]
+
+#: Nat("shift"): public ports SHIFT_PORTS[0]..SHIFT_PORTS[1], the local
+#: port modulo the range's size (10000) added to the first: one fixed port
+#: for each local port whatever the destination (endpoint-independent),
+#: never the local port itself (checked in this lab: local 40000, 40001,
+#: 50123 -> 20000, 20001, 20123, the same towards two server ports).
+SHIFT_PORTS = (20000, 29999)
 
 #: Every namespace this module creates is called ``<PREFIX>-<role>`` where
 #: PREFIX matches this pattern; :func:`cleanup_stale` only ever touches
@@ -280,7 +296,7 @@ class Nat:
     """How one host reaches the public network.
 
     kind: one of :data:`NAT_KINDS`.
-    cgnat: ``None``, or the kind ("masquerade", "reject", "symmetric") of a
+    cgnat: ``None``, or the kind (any of NAT_KINDS but "none") of a
         carrier-grade NAT sitting between the home router and the public
         network.
     delay_ms: one-way delay of the host's public (wan) link, in ms, applied
@@ -305,7 +321,7 @@ class Nat:
     def __post_init__(self):
         if self.kind not in NAT_KINDS:
             raise ValueError(f"unknown NAT kind {self.kind!r}; expected one of {NAT_KINDS}")
-        if self.cgnat is not None and self.cgnat not in ("masquerade", "reject", "symmetric"):
+        if self.cgnat is not None and self.cgnat not in _BOX_KINDS:
             raise ValueError(f"unknown carrier NAT kind {self.cgnat!r}")
         if not 0 <= self.delay_ms <= MAX_DELAY_MS:
             raise ValueError(f"delay_ms must be within [0, {MAX_DELAY_MS}], "
@@ -402,12 +418,24 @@ def _iptables_restore_argv():
 
 def _router_rules(kind, wan="wan0", lan="lan0"):
     """iptables-restore input for a NAT router of the given kind."""
-    masq = "-j MASQUERADE --random-fully" if kind == "symmetric" else "-j MASQUERADE"
+    if kind == "symmetric":
+        masq = "-j MASQUERADE --random-fully"
+    elif kind == "shift":
+        # Endpoint-independent, but no port kept: Linux maps a source port
+        # outside the range to range start + port % range size (the next
+        # free one if that is taken), whatever the destination.
+        low, high = SHIFT_PORTS
+        masq = f"-p tcp -j MASQUERADE --to-ports {low}-{high}\n-A POSTROUTING -o {wan} -j MASQUERADE"
+    else:
+        masq = "-j MASQUERADE"
     if kind == "reject":
         unsolicited = [
             "-p tcp -j REJECT --reject-with tcp-reset",
             "-j REJECT --reject-with icmp-port-unreachable",
         ]
+    elif kind == "icmp":
+        # RFC 5382 REQ-4's recommended answer to an unsolicited SYN.
+        unsolicited = ["-j REJECT --reject-with icmp-port-unreachable"]
     else:
         unsolicited = ["-j DROP"]
     lines = [
@@ -564,7 +592,7 @@ def _probe():
             _cmd(["ip", "-n", ns, "link", "set", "p-x", "master", "lan0"])
             _cmd(["ip", "netns", "exec", ns, "sysctl", "-q", "-w",
                   "net.ipv4.ip_forward=1"])
-            for kind in ("masquerade", "reject", "symmetric"):
+            for kind in _BOX_KINDS:
                 _cmd(["ip", "netns", "exec", ns] + _iptables_restore_argv(),
                      input=_router_rules(kind))
         except NatLabError as e:

@@ -22,7 +22,7 @@ import p2pft
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "util", "addresses", "codes", "logs"),
     ("rendezvous", "server.limits"),
-    ("punch", "punch_schedule", "secure", "candidates", "portmap"),
+    ("punch", "punch_schedule", "birthday", "secure", "candidates", "portmap"),
     ("channel",),
     ("session",),
     ("transfer",),

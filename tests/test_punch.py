@@ -78,6 +78,46 @@ class ScheduleTests(SynchronousTestCase):
         self.assertTrue(all(0.001 <= d <= 0.002 for d in delays), delays)
         self.assertGreater(len(set(delays)), 10, "jittered")
 
+    def test_icmp_unreachable_raced_like_a_reset(self):
+        """
+        A NAT answering our SYN with ICMP port unreachable (Twisted: a
+        ConnectError wrapping ConnectionDone, seen in the lab) is racing us
+        as much as one answering with a reset: redialled at the fast pace,
+        counted, and said as such; a timeout or no route is not.
+        """
+        import random
+
+        icmp = error.ConnectError(string=Failure(error.ConnectionDone()))
+        c = PunchConnector(self.reactor, 5555, [("198.51.100.1", 1)], self.factory, True, SCHEDULE,
+                           rng=random.Random(3))
+        d = c.run()
+        for i in range(5):
+            self.fail_dial(i, icmp)
+            [call] = [d for d in self.reactor.getDelayedCalls() if d.getTime() - self.reactor.seconds() < 5]
+            self.assertLessEqual(call.getTime() - self.reactor.seconds(), 0.002)
+            self.reactor.advance(0.002)
+        self.assertEqual(len(self.reactor.tcpClients), 6)
+        self.assertEqual(c.refused, 5)
+        self.fail_dial(5, error.ConnectError(string=Failure(error.TimeoutError())))
+        self.reactor.advance(0.4)
+        self.assertEqual(len(self.reactor.tcpClients), 6, "not refused: the slow pace")
+        self.reactor.advance(20)
+        self.assertIn("198.51.100.1:1: timed out", str(self.failureResultOf(d, PunchFailed).value))
+
+    def test_refusal_kinds(self):
+        from p2pft.punch_schedule import refused
+
+        for reason, expected in [
+            (error.ConnectionRefusedError(), True),
+            (error.ConnectError(string=Failure(error.ConnectionDone())), True),
+            (error.ConnectError(string=Failure(error.ConnectionLost())), True),
+            (error.ConnectError(string="some text"), False),
+            (error.TimeoutError(), False),
+            (error.NoRouteError(), False),
+            (error.ConnectionDone(), False),  # connected, then closed: not a refusal
+        ]:
+            self.assertEqual(refused(Failure(reason)), expected, reason)
+
     def test_attempts_per_candidate_are_capped(self):
         schedule = PunchSchedule(redial_refused=0.01, max_attempts=5, deadline=100)
         PunchConnector(self.reactor, 5555, [("1.2.3.4", 1)], self.factory, True, schedule).run()

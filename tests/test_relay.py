@@ -3,7 +3,7 @@ The relay from the peer's side: the server's relay options reaching the
 relay (C{p2pft server --relay}, C{--advertise-relay}), the relays a client
 reads from WELCOME, real peer connections (PunchConnector + PeerConnection)
 through a relay on loopback, the punch error's reasons; then the real CLI
-through the NAT lab, where a symmetric NAT leaves the relay as the only
+through the NAT lab, where two symmetric NATs leave the relay as the only
 path.  The relay server itself is tested in tests/test_server_relay.py.
 
 Tests marked C{# Regression:} failed before the fix they describe.
@@ -261,13 +261,14 @@ RELAY_PORT = 9001
 
 
 class NatLabRelayTests(TestCase):
-    """a is behind a symmetric NAT: no direct path, only a relay."""
+    """a and b behind symmetric NATs: no direct path (one symmetric side
+    goes direct by birthday punching), only a relay."""
 
     timeout = 90
 
     async def start(self, *server_args):
         """The lab, and a rendezvous server on the server host."""
-        lab = start_lab(self, a=Nat("symmetric"))
+        lab = start_lab(self, a=Nat("symmetric"), b=Nat("symmetric"))
         ws = Workspace(self)
         server = spawn(self, "server", lab.exec_argv("server", p2pft_argv(
             "server", "--port", f"tcp:{SERVER_PORT}:interface={lab.server_ip}", *server_args)))
@@ -277,7 +278,7 @@ class NatLabRelayTests(TestCase):
     async def start_standalone(self):
         """The lab, a standalone relay and a rendezvous server (no --relay)
         that advertises it, both on the server host."""
-        lab = start_lab(self, a=Nat("symmetric"))
+        lab = start_lab(self, a=Nat("symmetric"), b=Nat("symmetric"))
         ws = Workspace(self)
         ip = lab.server_ip
         relay = spawn(self, "relay", lab.exec_argv("server", p2pft_argv(

@@ -56,6 +56,7 @@ class ClientServerTests(SynchronousTestCase):
         self.flush(pumps)
         self.successResultOf(a.paired())
         self.successResultOf(b.paired())
+        self.assertEqual((a.partner, b.partner), (("198.51.100.1", 2223), ("198.51.100.1", 1112)))
         got = b.receive()
         self.assertNoResult(got)
         a.send(b"hello")
@@ -63,6 +64,17 @@ class ClientServerTests(SynchronousTestCase):
         self.flush(pumps)
         self.assertEqual(self.successResultOf(got), b"hello")
         self.assertEqual(self.successResultOf(b.receive()), b"world")
+
+    def test_paired_from_an_older_server_or_malformed(self):
+        for line, partner in [(b"PAIRED", None), (b"PAIRED 203.0.113.5 4000", ("203.0.113.5", 4000)),
+                              (b"PAIRED 203.0.113.5", None), (b"PAIRED 203.0.113.5 0", None),
+                              (b"PAIRED fe80::1%eth0 4000", None), (b"PAIRED name 4000", None),
+                              (b"PAIRED 2001:db8::1 65535", ("2001:db8::1", 65535))]:
+            c = RendezvousClientProtocol()
+            c.makeConnection(StringTransport())
+            c.lineReceived(line)
+            self.successResultOf(c.paired())
+            self.assertEqual(c.partner, partner, line)
 
     def test_error_fails_pending(self):
         (a, b), pumps = self.pair()

@@ -32,7 +32,8 @@ class ServerHarness:
 def lines(transport) -> list[str]:
     data = transport.value().decode("utf-8")
     transport.clear()
-    return [l for l in data.split("\n") if l]
+    # PAIRED's fields (the partner's address) are checked where they matter.
+    return [line.split(" ")[0] if line.startswith("PAIRED ") else line for line in data.split("\n") if line]
 
 
 def send(proto, text: str):
@@ -61,6 +62,16 @@ class ServerProtocolTests(SynchronousTestCase):
         self.assertEqual(lines(ta), ["PAIRED"])
         self.assertEqual(lines(tb), ["PAIRED"])
         self.assertEqual(self.h.state.pairings, 1)
+
+    def test_paired_tells_each_where_the_server_sees_the_other(self):
+        a, ta = self.h.connect("198.51.100.7", 5555)
+        b, tb = self.h.connect("203.0.113.9", 40001)
+        ta.clear(), tb.clear()
+        send(a, "ALLOCATE")
+        ta.clear()
+        send(b, "CLAIM 1")
+        self.assertEqual(ta.value(), b"PAIRED 203.0.113.9 40001\n")
+        self.assertEqual(tb.value(), b"PAIRED 198.51.100.7 5555\n")
 
     def test_allocations_are_distinct_and_reused_after_free(self):
         a, ta = self.h.connect()

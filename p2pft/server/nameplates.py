@@ -81,6 +81,9 @@ class Member:
     timer: IDelayedCall | None = None
     #: Whether it sent its REPORT (one per member).
     reported: bool = False
+    #: The address (host, port) the server sees it from, as in its WELCOME
+    #: (None: not known), told to its partner in PAIRED.
+    observed: tuple[str, int] | None = None
 
 
 class Nameplates:
@@ -144,8 +147,12 @@ class Nameplates:
             self.pairings += 1
             # The wall clock may be stepped back: never a negative duration.
             self._events.paired(max(0.0, self._clock.seconds() - nameplate.since))
-            for m in nameplate.members:
-                m.connection.sendLine(b"PAIRED")
+            # Each learns where the server sees the other from: the one
+            # address a birthday punch may aim at (docs/PROTOCOL.md, s. 1).
+            first, second = nameplate.members
+            for m, other in ((first, second), (second, first)):
+                seen = other.observed
+                m.connection.sendLine(b"PAIRED" if seen is None else f"PAIRED {seen[0]} {seen[1]}".encode("ascii"))
 
     def leave(self, member: Member) -> None:
         """C{member} is gone: free its nameplate if it was the last one,

@@ -102,9 +102,11 @@ class RendezvousServer:
 
     # -- what connections tell us
 
-    def connected(self, conn: IRendezvousConnection, ip: str = "") -> None:
-        """A new connection from C{ip}; refused when the server or that
-        address already holds too many."""
+    def connected(self, conn: IRendezvousConnection, ip: str = "",
+                  observed: tuple[str, int] | None = None) -> None:
+        """A new connection from C{ip} (its address key), seen from
+        C{observed} (host, port: told to its partner in PAIRED); refused
+        when the server or that address already holds too many."""
         self.events.connected(ip)
         if len(self._members) >= self.max_connections:
             return self.refuse(conn, Refusal.BUSY, ip)
@@ -113,7 +115,7 @@ class RendezvousServer:
         if not self.lobby.enter(conn, lambda: self.refuse(conn, Refusal.HELLO_TIMEOUT, ip)):
             return self.refuse(conn, Refusal.BUSY, ip)
         self._per_ip.add(ip)
-        member = Member(conn, ip=ip)
+        member = Member(conn, ip=ip, observed=observed)
         member.timer = self._clock.callLater(self.hello_timeout, self.refuse, conn, Refusal.HELLO_TIMEOUT, ip)
         self._members[conn] = member
 
@@ -246,7 +248,7 @@ class RendezvousServerProtocol(LineReceiver):
             f"{self.factory.advertised_relays}".encode()
         )
         self._ip = ip_key(host)
-        self.state.connected(self, self._ip)
+        self.state.connected(self, self._ip, (host, peer.port))
 
     # IPushProducer: our output is backed up / drained.
     def pauseProducing(self) -> None:

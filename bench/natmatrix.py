@@ -1,0 +1,271 @@
+"""
+Benchmark (not a test; root only): how often, and how soon, p2pft goes
+direct through each kind of NAT the lab builds (the rows of
+tests/test_nat_matrix.py), at several round trips, with and without loss.
+
+    python3 bench/natmatrix.py                            # every row x 0/30/120 ms x 0/1 % loss, 10 sessions
+    python3 bench/natmatrix.py --rows one_symmetric --rtts 0 30 --losses 0 --sessions 20
+    python3 bench/natmatrix.py --list                     # the rows
+
+One cell = one lab (row, RTT R ms, loss p): each peer's wan link gets
+``delay_ms=R/4`` (the a<->b round trip crosses both links twice: R) and
+loss q = 1 - sqrt(1 - p) each way, so a packet a->b is lost with
+probability p.  In it: ``p2pft server --relay``, then --sessions sessions
+one after the other, each ``p2pft send --json --limit-rate`` of a file
+that lasts --seconds (so a direct path found after the relay has time to
+take over) and ``p2pft receive --json``.
+
+Per cell it prints: sessions, direct (sessions whose done event says
+"direct"), the median and max of paired -> first direct lane (the
+sender's "paired" event to its first "connected"/"path" event saying
+direct), and the birthday punching cost: SYNs both sides sent for it
+(done events' birthday_syns, counting Linux's SYN retransmissions), median
+and max per session.  --birthday N,M (or off) sets P2PFT_BIRTHDAY for the
+sessions: N opens from fresh ports, M probes (off: none, as before).  --json FILE also writes every session.
+
+Measured here (2 vCPUs shared with other jobs; 10 sessions per cell, 2-s
+transfers at 1 MB/s; direct sessions / 10, median ms from "paired" to the
+first direct lane, and for the birthday rows the median SYNs both sides
+sent for it):
+
+==========================  =========  =========  =========  =========  =========  =========
+row                         0 ms       30 ms      120 ms     0 ms 1 %   30 ms 1 %  120 ms 1 %
+==========================  =========  =========  =========  =========  =========  =========
+both_endpoint_independent   10  25     10 147     10 533     10  19     10 146     10 506
+both_send_rst                9 136     10 163     10 523     10  48     10 146     10 519
+one_sends_rst (other drops) 10  17     10 145     10 522     10  22     10 150     10 508
+icmp_unreachable             9 537     10 146     10 510      8 521     10 143     10 512
+port_shifting               10  28     10 150     10 507     10  22     10 144     10 511
+carrier_grade_nat           10  33     10 153     10 515     10  22     10 144     10 513
+one_peer_public             10  22     10 151     10 515     10  21     10 143     10 508
+same_lan                    10  21     10  78     10 221     10  23     10  69     10 212
+one_symmetric                9  89     10 270     10 564     10  80     10 239     10 561
+  birthday SYNs               832       1024       1024        768       1024       1024
+one_symmetric_other_rst     10 106     10 393     10 587     10  93     10 282     10 560
+  birthday SYNs               768       1280       1591        768       1216       1524
+both_symmetric (relay)       0          0          0          0          0          0
+==========================  =========  =========  =========  =========  =========  =========
+
+Every session of every cell transferred the file.  The sessions that did
+not go direct at 0 ms went through the relay (both NATs answering with
+RST or ICMP: a port pair stuck in SYN_SENT2, not undone by the fresh-port
+punches within 2 s).
+
+Run it under the lab lock, in chunks (``flock /tmp/p2pft-lab.lock python3
+bench/natmatrix.py --rows ...``): the machine's other jobs starve NAT
+races.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests.natlab import Nat, NatLab  # noqa: E402
+
+PY = sys.executable
+SERVER_PORT = 9000
+
+#: name -> (NatLab keyword arguments, the path expected)
+ROWS = {
+    "both_endpoint_independent": (dict(a=Nat(), b=Nat()), "direct"),
+    "both_send_rst": (dict(a=Nat("reject"), b=Nat("reject")), "direct"),
+    "one_sends_rst": (dict(a=Nat("reject"), b=Nat()), "direct"),
+    "icmp_unreachable": (dict(a=Nat("icmp"), b=Nat("icmp")), "direct"),
+    "port_shifting": (dict(a=Nat("shift"), b=Nat("shift")), "direct"),
+    "carrier_grade_nat": (dict(a=Nat("masquerade", cgnat="masquerade"), b=Nat()), "direct"),
+    "one_peer_public": (dict(a=Nat(), b=Nat("none")), "direct"),
+    "same_lan": (dict(a=Nat(), shared_lan=True), "direct"),
+    "one_symmetric": (dict(a=Nat("symmetric"), b=Nat()), "direct"),
+    "one_symmetric_other_rst": (dict(a=Nat("symmetric"), b=Nat("reject")), "direct"),
+    "both_symmetric": (dict(a=Nat("symmetric"), b=Nat("symmetric")), "relay"),
+}
+
+
+def shaped(options: dict, rtt: float, loss: float) -> dict:
+    out = dict(options)
+    q = 1 - math.sqrt(1 - loss) if loss else 0.0
+    for host in ("a",) if out.get("shared_lan") else ("a", "b"):
+        nat = out.get(host) or Nat()
+        out[host] = dataclasses.replace(nat, delay_ms=rtt / 4, loss=q)
+    return out
+
+
+def env():
+    e = dict(os.environ)
+    e["PYTHONPATH"] = ROOT + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    e["PYTHONUNBUFFERED"] = "1"
+    e.pop("P2PFT_CODE", None)
+    return e
+
+
+class Events:
+    """A process's JSON stdout lines with their arrival times."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.events = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                try:
+                    self.events.append((time.monotonic(), json.loads(line)))
+                except ValueError:
+                    pass
+
+    def first(self, test):
+        return next(((t, e) for t, e in self.events if test(e)), (None, None))
+
+
+def start_server(lab, logdir):
+    log = open(os.path.join(logdir, "server.log"), "w")
+    lab.popen("server", [PY, "-m", "p2pft", "server", "--relay", "--port",
+                         f"tcp:{SERVER_PORT}:interface={lab.server_ip}"],
+              stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with open(log.name) as f:
+            if "listening on" in f.read():
+                return f"{lab.server_ip}:{SERVER_PORT}"
+        time.sleep(0.05)
+    raise RuntimeError("p2pft server did not start: " + open(log.name).read())
+
+
+def session(lab, server, src, size, rate, code, workdir, timeout, verbose):
+    out = tempfile.mkdtemp(dir=workdir)
+    procs = {}
+    errs = {}
+    for name, host, argv in (
+            ("send", "a", ["send", "--json", "--limit-rate", rate, "--code", code, server, src]),
+            ("receive", "b", ["receive", "--json", "--yes", "-o", out, server, code])):
+        errs[name] = open(os.path.join(workdir, f"{code}.{name}.err"), "w+")
+        argv = argv[:1] + (["-v"] if verbose else []) + argv[1:]
+        procs[name] = Events(lab.popen(host, [PY, "-m", "p2pft"] + argv,
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                       stderr=errs[name], text=True, env=env()))
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            rcs = [ev.proc.poll() for ev in procs.values()]
+            if all(rc is not None for rc in rcs) or any(rc not in (None, 0) for rc in rcs):
+                break
+            time.sleep(0.05)
+    finally:
+        for ev in procs.values():
+            if ev.proc.poll() is None:
+                ev.proc.kill()
+                ev.proc.wait()
+            ev.thread.join(5)
+    got = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+    shutil.rmtree(out, ignore_errors=True)
+    send = procs["send"]
+    _, done = send.first(lambda e: e.get("event") == "done")
+    _, done_r = procs["receive"].first(lambda e: e.get("event") == "done")
+    t_paired, _ = send.first(lambda e: e.get("event") == "paired")
+    t_direct, _ = send.first(lambda e: e.get("event") in ("connected", "path") and e.get("path") == "direct")
+    res = {"ok": bool(done and done_r and got == size), "path": (done or {}).get("path", "failed"),
+           "to_direct": (t_direct - t_paired) if t_direct and t_paired else None,
+           "syns": sum((d or {}).get("birthday_syns", 0) for d in (done, done_r)),
+           "roles": sorted((d or {}).get("birthday_role", "-") for d in (done, done_r))}
+    for n, f in errs.items():
+        f.seek(0)
+        if not res["ok"]:
+            res[n + "_err"] = f.read()[-1500:]
+        f.close()
+        if not verbose:
+            os.unlink(f.name)
+    return res
+
+
+def cell(row, rtt, loss, args, workdir, src, size):
+    options, expected = ROWS[row]
+    lab = NatLab(**shaped(options, rtt, loss))
+    results = []
+    try:
+        lab.up()
+        server = start_server(lab, workdir)
+        for i in range(args.sessions):
+            code = f"{10 + i}-natmatrix-{row.replace('_', '')[:10]}"
+            results.append(session(lab, server, src, size, args.rate, code, workdir,
+                                   args.seconds * 4 + 30, args.verbose))
+    finally:
+        lab.down()
+    return results
+
+
+def summary(row, rtt, loss, results):
+    direct = sum(1 for r in results if r["path"] == "direct")
+    failed = sum(1 for r in results if not r["ok"])
+    times = sorted(r["to_direct"] * 1000 for r in results if r["to_direct"] is not None)
+    syns = sorted(r["syns"] for r in results)
+    med = lambda xs: f"{statistics.median(xs):.0f}" if xs else "-"
+    return (f"{row:26} {rtt:4.0f} ms {loss * 100:3.0f} %  direct {direct:2}/{len(results):<2}"
+            f"{'  FAILED %d' % failed if failed else ''}  to direct median {med(times):>5} ms"
+            f" max {max(times) if times else 0:5.0f} ms  birthday SYNs median {med(syns):>5}"
+            f" max {max(syns) if syns else 0:5}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW")
+    p.add_argument("--rtts", nargs="+", type=float, default=[0, 30, 120])
+    p.add_argument("--losses", nargs="+", type=float, default=[0, 0.01])
+    p.add_argument("--sessions", type=int, default=10)
+    p.add_argument("--seconds", type=float, default=2.0, help="length of each transfer (s)")
+    p.add_argument("--rate", default="1M", help="--limit-rate of each transfer")
+    p.add_argument("--birthday", metavar="N,M|off",
+                   help="P2PFT_BIRTHDAY for every session: opens and probes, or off")
+    p.add_argument("--json", metavar="FILE", help="also write every session here")
+    p.add_argument("--verbose", action="store_true", help="p2pft -v, and keep its logs")
+    p.add_argument("--list", action="store_true")
+    args = p.parse_args()
+    if args.birthday:
+        os.environ["P2PFT_BIRTHDAY"] = args.birthday
+    if args.list:
+        for row, (options, expected) in ROWS.items():
+            print(f"{row:26} {expected:6} {options}")
+        return
+    workdir = tempfile.mkdtemp(prefix="natmatrix-")
+    size = int(float(args.rate.rstrip("MKk")) * (1e6 if args.rate.endswith("M") else 1e3) * args.seconds)
+    src = os.path.join(workdir, "natmatrix.bin")
+    with open(src, "wb") as f:
+        f.write(os.urandom(size))
+    every = []
+    try:
+        for row in args.rows:
+            for rtt in args.rtts:
+                for loss in args.losses:
+                    results = cell(row, rtt, loss, args, workdir, src, size)
+                    print(summary(row, rtt, loss, results), flush=True)
+                    for r in results:
+                        if not r["ok"]:
+                            print("   failed:", {k: v for k, v in r.items() if k.endswith("_err")})
+                    every.append({"row": row, "rtt_ms": rtt, "loss": loss, "sessions": results})
+    finally:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(every, f, indent=1)
+        if not args.verbose:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print("logs in", workdir)
+
+
+if __name__ == "__main__":
+    main()
