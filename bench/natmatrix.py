@@ -68,13 +68,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tests.natlab import Nat, NatLab  # noqa: E402
+from streams import Events, wait_all  # noqa: E402  (bench/, beside this script)
 
 PY = sys.executable
 SERVER_PORT = 9000
@@ -112,27 +112,6 @@ def env():
     return e
 
 
-class Events:
-    """A process's JSON stdout lines with their arrival times."""
-
-    def __init__(self, proc):
-        self.proc = proc
-        self.events = []
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            if line.startswith("{"):
-                try:
-                    self.events.append((time.monotonic(), json.loads(line)))
-                except ValueError:
-                    pass
-
-    def first(self, test):
-        return next(((t, e) for t, e in self.events if test(e)), (None, None))
-
-
 def start_server(lab, logdir):
     log = open(os.path.join(logdir, "server.log"), "w")
     lab.popen("server", [PY, "-m", "p2pft", "server", "--relay", "--port",
@@ -159,19 +138,7 @@ def session(lab, server, src, size, rate, code, workdir, timeout, verbose):
         procs[name] = Events(lab.popen(host, [PY, "-m", "p2pft"] + argv,
                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                        stderr=errs[name], text=True, env=env()))
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            rcs = [ev.proc.poll() for ev in procs.values()]
-            if all(rc is not None for rc in rcs) or any(rc not in (None, 0) for rc in rcs):
-                break
-            time.sleep(0.05)
-    finally:
-        for ev in procs.values():
-            if ev.proc.poll() is None:
-                ev.proc.kill()
-                ev.proc.wait()
-            ev.thread.join(5)
+    wait_all(procs, time.monotonic() + timeout)
     got = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
     shutil.rmtree(out, ignore_errors=True)
     send = procs["send"]

@@ -201,11 +201,29 @@ class Events:
                 except ValueError:
                     pass
 
-    def first(self, name):
-        for t, e in self.events:
-            if e.get("event") == name:
-                return t, e
-        return None, None
+    def first(self, match):
+        """(arrival time, event) of the first event named C{match}, or
+        passing C{match} if it is a test; (None, None) if none."""
+        test = match if callable(match) else (lambda e: e.get("event") == match)
+        return next(((t, e) for t, e in self.events if test(e)), (None, None))
+
+
+def wait_all(procs: dict, deadline: float) -> None:
+    """Until every process of C{procs} (name: L{Events}) exited, or one
+    failed (an option refused ends the run at once rather than leaving the
+    other waiting for its peer), or C{deadline}; then none is left running."""
+    try:
+        while time.monotonic() < deadline:
+            rcs = [ev.proc.poll() for ev in procs.values()]
+            if all(rc is not None for rc in rcs) or any(rc not in (None, 0) for rc in rcs):
+                break
+            time.sleep(0.05)
+    finally:
+        for ev in procs.values():
+            if ev.proc.poll() is None:
+                ev.proc.kill()
+                ev.proc.wait()
+            ev.thread.join(5)
 
 
 def p2pft_env(root):
@@ -255,21 +273,7 @@ def p2pft_run(lab, root, server, src, size, streams, code, workdir, timeout):
         procs[name] = Events(lab.popen(host, argv, stdin=subprocess.DEVNULL,
                                        stdout=subprocess.PIPE, stderr=errs[name], text=True,
                                        env=p2pft_env(root)))
-    deadline = t0 + timeout
-    try:
-        # until both exit; a failed one (e.g. an option refused) ends the
-        # run at once rather than leaving the other waiting for its peer
-        while time.monotonic() < deadline:
-            rcs = [ev.proc.poll() for ev in procs.values()]
-            if all(rc is not None for rc in rcs) or any(rc not in (None, 0) for rc in rcs):
-                break
-            time.sleep(0.05)
-    finally:
-        for ev in procs.values():
-            if ev.proc.poll() is None:
-                ev.proc.kill()
-                ev.proc.wait()
-            ev.thread.join(5)
+    wait_all(procs, t0 + timeout)
     res = {"rc": {n: ev.proc.returncode for n, ev in procs.items()}}
     for n, f in errs.items():
         f.seek(0)

@@ -407,24 +407,7 @@ class RecordOpener:
         length, L{frame_length} less the header and tag) instead of a new
         object: the receiver's file buffer (L{p2pft.channel.wire}).  What a
         record that fails to open left in C{out} is garbage, never data."""
-        length, kind, seq = _HEADER.unpack_from(frames, offset)
-        body = offset + _HEADER.size
-        with memoryview(frames) as view:
-            header, ct = view[offset:body], view[body:body + length]
-            try:
-                self._aead.decrypt_into(_nonce(self._counter), ct, header, out)
-            except InvalidTag:
-                raise SecurityError("a record failed authentication (tampered, replayed or reordered)") from None
-            finally:
-                header.release()
-                ct.release()
-        self._counter += 1
-        return kind, seq, out
-
-    def take_pending(self) -> bytes:
-        """What L{feed} holds of an incomplete record (now the caller's)."""
-        data, self._buffer = bytes(self._buffer), bytearray()
-        return data
+        return self._open(frames, offset, out)
 
     @staticmethod
     def _length(frames, offset: int) -> int:
@@ -434,14 +417,18 @@ class RecordOpener:
             raise SecurityError("record length out of range")
         return length
 
-    def _open(self, frames, offset: int) -> tuple[int, int, bytes]:
-        """Open the whole record at C{offset} of C{frames}."""
+    def _open(self, frames, offset: int, out: memoryview | None = None) -> tuple[int, int, bytes]:
+        """Open the whole record at C{offset} of C{frames} (into C{out}, if given)."""
         length, kind, seq = _HEADER.unpack_from(frames, offset)
         body = offset + _HEADER.size
         with memoryview(frames) as view:
             header, ct = view[offset:body], view[body:body + length]
             try:
-                pt = self._aead.decrypt(_nonce(self._counter), ct, header)
+                if out is None:
+                    pt = self._aead.decrypt(_nonce(self._counter), ct, header)
+                else:
+                    self._aead.decrypt_into(_nonce(self._counter), ct, header, out)
+                    pt = out
             except InvalidTag:
                 raise SecurityError("a record failed authentication (tampered, replayed or reordered)") from None
             finally:

@@ -1208,6 +1208,20 @@ class LoopbackRelayTests(TestCase):
         self.assertIn(relay_a.transport, reactor.getReaders(), "a is read again")
 
 
+    def held_pipe(self) -> defer.Deferred:
+        """Fires with the first L{zerocopy.ZeroCopy} whose pipe holds bytes
+        its destination has not taken yet."""
+        held = defer.Deferred()
+        update = zerocopy.ZeroCopy.update
+
+        def hooked(zc):
+            update(zc)
+            if zc.in_pipe and not held.called:
+                held.callback(zc)
+
+        self.patch(zerocopy.ZeroCopy, "update", hooked)
+        return held
+
     async def test_zero_copy_slow_reader_and_limits(self):
         """The kernel moves the bytes (splice through a pipe): b stops
         reading and the relay stops reading a with at most a pipe's worth
@@ -1216,15 +1230,7 @@ class LoopbackRelayTests(TestCase):
         self.assertTrue(hasattr(os, "splice"))
         factory = RelayFactory(reactor, RelayLimits())
         port = self.listen(factory)
-        held = defer.Deferred()
-        original = zerocopy.ZeroCopy.update
-
-        def update(zc):
-            original(zc)
-            if zc.in_pipe and not held.called:
-                held.callback(zc)
-
-        self.patch(zerocopy.ZeroCopy, "update", update)
+        held = self.held_pipe()
         data, back = os.urandom(32 * 1024 * 1024), os.urandom(3 * 1024 * 1024 + 1)
         a = await self.leg(port, "sender", len(back))
         b = await self.leg(port, "receiver", len(data))
@@ -1275,10 +1281,7 @@ class LoopbackRelayTests(TestCase):
         b = await self.leg(port, "receiver", 1 << 40)
         await bounded(a.ok, "a OK")
         await bounded(b.ok, "b OK")
-        held = defer.Deferred()
-        update = zerocopy.ZeroCopy.update
-        self.patch(zerocopy.ZeroCopy, "update",
-                   lambda zc: (update(zc), zc.in_pipe and not held.called and held.callback(zc)))
+        held = self.held_pipe()
         b.transport.pauseProducing()
         a.transport.write(b"A" * (16 << 20))
         forward = await bounded(held, "a pipe holds bytes for b")
@@ -1307,10 +1310,7 @@ class LoopbackRelayTests(TestCase):
         b = await self.leg(port, "receiver", 1 << 40)
         await bounded(a.ok, "a OK")
         await bounded(b.ok, "b OK")
-        held = defer.Deferred()
-        update = zerocopy.ZeroCopy.update
-        self.patch(zerocopy.ZeroCopy, "update",
-                   lambda zc: (update(zc), zc.in_pipe and not held.called and held.callback(zc)))
+        held = self.held_pipe()
         b.transport.pauseProducing()
         a.transport.write(b"A" * (16 << 20))
         await bounded(held, "a pipe holds bytes for b")
