@@ -1207,6 +1207,19 @@ class LoopbackRelayTests(TestCase):
         self.assertEqual(await bounded(b.complete, "b receives everything", 30), data)
         self.assertIn(relay_a.transport, reactor.getReaders(), "a is read again")
 
+    async def held_idle_session(self):
+        """a and b spliced through a relay that cuts idle sessions after
+        0.5 s; b stops reading and a sends 16 MiB: (a, b, the
+        L{zerocopy.ZeroCopy} whose pipe holds bytes for b)."""
+        port = self.listen(RelayFactory(reactor, RelayLimits(idle_timeout=0.5)))
+        a = await self.leg(port, "sender", 0)
+        b = await self.leg(port, "receiver", 1 << 40)
+        await bounded(a.ok, "a OK")
+        await bounded(b.ok, "b OK")
+        held = self.held_pipe()
+        b.transport.pauseProducing()
+        a.transport.write(b"A" * (16 << 20))
+        return a, b, await bounded(held, "a pipe holds bytes for b")
 
     def held_pipe(self) -> defer.Deferred:
         """Fires with the first L{zerocopy.ZeroCopy} whose pipe holds bytes
@@ -1275,16 +1288,7 @@ class LoopbackRelayTests(TestCase):
         made = []
         original = zerocopy.ZeroCopy.install
         self.patch(zerocopy.ZeroCopy, "install", lambda zc: made.append(zc) or original(zc))
-        factory = RelayFactory(reactor, RelayLimits(idle_timeout=0.5))
-        port = self.listen(factory)
-        a = await self.leg(port, "sender", 0)
-        b = await self.leg(port, "receiver", 1 << 40)
-        await bounded(a.ok, "a OK")
-        await bounded(b.ok, "b OK")
-        held = self.held_pipe()
-        b.transport.pauseProducing()
-        a.transport.write(b"A" * (16 << 20))
-        forward = await bounded(held, "a pipe holds bytes for b")
+        a, b, forward = await self.held_idle_session()
         await bounded(a.closed, "the relay cuts a (idle)")
         b.transport.resumeProducing()
         await bounded(b.closed, "the relay cuts b (idle)", 15)
@@ -1304,16 +1308,7 @@ class LoopbackRelayTests(TestCase):
         carried = []
         carry = splice_module.Session.carry
         self.patch(splice_module.Session, "carry", lambda session, src, n: carried.append(n) or carry(session, src, n))
-        factory = RelayFactory(reactor, RelayLimits(idle_timeout=0.5))
-        port = self.listen(factory)
-        a = await self.leg(port, "sender", 0)
-        b = await self.leg(port, "receiver", 1 << 40)
-        await bounded(a.ok, "a OK")
-        await bounded(b.ok, "b OK")
-        held = self.held_pipe()
-        b.transport.pauseProducing()
-        a.transport.write(b"A" * (16 << 20))
-        await bounded(held, "a pipe holds bytes for b")
+        a, b, _ = await self.held_idle_session()
         _, relay_b = self.built
         relay_b.transport.write(b"A" * 300_000)  # (as data forwarded before the pipes took over would be)
         await bounded(a.closed, "the relay cuts a (idle)")
