@@ -27,6 +27,8 @@ import tempfile
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import SkipTest, TestCase
 
+from p2pft.channel import KEEPALIVE_INTERVAL
+from p2pft.session.link import SILENCE
 from tests.files import make_file, sha256_of
 from tests.natlab import Nat, start_lab
 from tests.procs import ROOT, Proc, Workspace, env, p2pft_argv, start_relay, start_server
@@ -283,9 +285,12 @@ class SessionLabTests(TestCase):
         await self._cut("rst", 4, flush=True, back_to_direct=True)
 
     async def test_router_dead_drop(self):
-        """a's router drops everything for 15 s (at least the link's SILENCE):
-        the same two processes reconnect and finish."""
-        await self._cut("drop", 15, flush=False)
+        """a's router drops everything for longer than it takes the link to
+        notice (SILENCE, checked every KEEPALIVE_INTERVAL: 15-20 s): the
+        same two processes reconnect and finish.  (A cut of exactly SILENCE
+        raced that check: TCP's retransmission right after the heal could
+        come before it, and the lane then simply lived on.)"""
+        await self._cut("drop", SILENCE + KEEPALIVE_INTERVAL + 1, flush=False)
 
     # -- 5. the relay restarts ---------------------------------------------------
 
