@@ -9,4 +9,4 @@ plugins; the server package (rendezvous server, relay) runs on the public
 host and uses only the lowest layers.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

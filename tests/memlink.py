@@ -7,9 +7,19 @@ import os
 
 from twisted.internet.task import Clock
 
+from p2pft.errors import TransferFailed
 from p2pft.transfer.scan import scan
 from p2pft.transfer import Receiver, Sender
-from p2pft.transfer.records import DATA
+from p2pft.transfer.records import DATA, FILES
+from p2pft.transfer.small import unpack
+
+
+def files_content(payload: bytes) -> int:
+    """The bytes of file content in a FILES record (0 if it is malformed)."""
+    try:
+        return sum(len(data) for _, data in unpack(payload))
+    except TransferFailed:
+        return 0
 
 
 class FakeChannel:
@@ -75,19 +85,19 @@ class Link:
         self.log = []
         self.a, self.b = FakeChannel(self.log), FakeChannel(self.log)
         self.a.peer, self.b.peer = self.b, self.a
-        self.delivered = 0  # DATA bytes that reached b
+        self.delivered = 0  # file content (DATA, FILES) that reached b
 
     def pump(self, limit=1_000_000, data_limit=None):
         """Deliver records both ways and let pull producers run until
-        nothing moves, or until C{data_limit} DATA bytes were delivered."""
+        nothing moves, or until C{data_limit} bytes of file content were delivered."""
         for _ in range(limit):
             progressed = False
             for ch in (self.a, self.b):
                 while ch.queue and ch.peer.handler is not None and not ch.peer.paused:
                     kind, payload = ch.queue.pop(0)
                     ch.peer.handler.recordReceived(kind, payload)
-                    if kind == DATA and ch is self.a:
-                        self.delivered += len(payload)
+                    if kind in (DATA, FILES) and ch is self.a:
+                        self.delivered += len(payload) if kind == DATA else files_content(payload)
                         if data_limit is not None and self.delivered >= data_limit:
                             return
                     progressed = True
@@ -116,6 +126,11 @@ class Link:
     def sent(self, kind):
         """Payloads of the records of C{kind} sent so far, either way."""
         return [p for ch, k, p in self.log if k == kind]
+
+    def content_sent(self) -> int:
+        """Bytes of file content sent so far: in DATA records, and in
+        FILES records (small files whole)."""
+        return sum(map(len, self.sent(DATA))) + sum(map(files_content, self.sent(FILES)))
 
 
 def accept(offer):

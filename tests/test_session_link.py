@@ -1026,7 +1026,8 @@ class SackTests(Base):
 
     def test_streamed_kinds_are_the_transfers(self):
         from p2pft.session.link import STREAMED
-        self.assertEqual(STREAMED, {DATA, FILE, FILE_END})
+        from p2pft.transfer.records import FILES
+        self.assertEqual(STREAMED, {DATA, FILE, FILE_END, FILES})
 
     def test_file_records_wait_like_data(self):
         """FILE and FILE_END come three a file with DATA: acknowledged by

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2pft.transfer import sink
 from p2pft.transfer.resume import BLOCK
 from p2pft.transfer.sink import BUFFER, IN_FLIGHT, BufferPool, FileSink
-from p2pft.transfer.records import DATA
+
 
 from .files import write
 from .memlink import start_pair, tree
@@ -267,4 +267,4 @@ class SlowDiskReceiverTests(SynchronousTestCase):
         self.assertLessEqual(peak, IN_FLIGHT + 1)
         self.assertEqual(tree(out), {os.path.basename(src): None,
                                      **{os.path.join(os.path.basename(src), k): v for k, v in files.items()}})
-        self.assertEqual(sum(map(len, link.sent(DATA))), sum(map(len, files.values())))
+        self.assertEqual(link.content_sent(), sum(map(len, files.values())))

@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pft.transfer import sink
+from p2pft.transfer import destination, sink
 from p2pft.transfer.destination import UNNAMED_MAX
 from p2pft.errors import Declined, TransferFailed, UnsafeName
 from p2pft.transfer.manifest import PARTIAL_SUFFIX, printable, safe_path
@@ -150,7 +150,7 @@ class TransferTests(SynchronousTestCase):
         link, _, _, sd, rd = self.run_pair(data)
         result = self.successResultOf(rd)
         self.assertEqual((result.size, result.skipped, result.resumed), (len(data), len(data), 0))
-        self.assertEqual(link.sent(DATA), [])
+        self.assertEqual(link.content_sent(), 0)
         self.successResultOf(sd)
 
     def test_overwrite_replaces(self):
@@ -218,6 +218,7 @@ class TransferTests(SynchronousTestCase):
         nothing behind when the transfer stops, and nobody is told to
         resume: sending it again is all a resume would do."""
         self.patch(sink, "_write_all", filling_disk(1000))
+        self.patch(destination, "_write_all", filling_disk(1000))  # (sent whole: L{p2pft.transfer.small})
         _, _, _, sd, rd = self.run_pair(os.urandom(5000))
         f = self.failureResultOf(rd, TransferFailed)
         self.assertIn("the disk is full while writing file.bin", str(f.value))

@@ -63,11 +63,12 @@ WINDOW = 16 << 20
 ACK_BYTES = 1 << 20
 ACK_DELAY = 0.02
 #: The transfer's record kinds that come in streams (L{p2pft.transfer.records}:
-#: DATA 4, FILE 10, FILE_END 11): acknowledged by ACK_BYTES or ACK_DELAY
-#: like any data.  Any other record is acknowledged at once (an answer is
-#: awaited).  A folder of small files is three records a file: one SACK
-#: each cost the receiver a send() per record.
-STREAMED = frozenset({4, 10, 11})
+#: DATA 4, FILE 10, FILE_END 11, FILES 14): acknowledged by ACK_BYTES or
+#: ACK_DELAY like any data.  Any other record is acknowledged at once (an
+#: answer is awaited).  A folder of small files is three records a file
+#: (or a FILES record of many): one SACK each cost the receiver a send()
+#: per record.
+STREAMED = frozenset({4, 10, 11, 14})
 #: Seconds without hearing anything on a lane (the other side sends a
 #: KEEPALIVE every KEEPALIVE_INTERVAL when it has nothing else to send)
 #: before it counts as dead: three missed keepalives.  TCP's retransmission

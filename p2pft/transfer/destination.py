@@ -16,11 +16,12 @@ from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
 
 from ..errors import Declined, TransferFailed
+from .endpoint import os_error
 from .manifest import DIR, POSIX, ManifestChecker, NameRules, printable, safe_mode
 from .offer import Offer
 from .pipes import widen_pipe
 from .resume import find_existing
-from .sink import FileSink, StreamSink
+from .sink import FileSink, StreamSink, _write_all
 from .store import OutputDir
 
 #: Files up to this size are written unnamed (L{OutputDir.open_unnamed})
@@ -63,6 +64,12 @@ class IDestination(Interface):
     def open_file(entry, offset: int, pool, run_blocking):
         """A sink for C{entry}'s data from C{offset} on."""
 
+    takes_whole = Attribute(
+        "Whether small files may come whole, many to a record (L{p2pft.transfer.small}).")
+
+    def write_whole(entry, data, overwrite: bool) -> None:
+        """Write C{data}, the whole of C{entry}, and place it."""
+
     def discard(current) -> bool:
         """The file failed its check: drop its data; whether any was deleted."""
 
@@ -94,6 +101,7 @@ class DiskDestination:
     """
 
     resumable = True
+    takes_whole = True
 
     def __init__(self, path: str):
         self._dir = os.path.abspath(path)
@@ -157,6 +165,21 @@ class DiskDestination:
         if f is not None:
             return FileSink(f, offset, pool, run_blocking, keeps=False)
         return FileSink(self._out.open_partial(entry.path, offset), offset, pool, run_blocking)
+
+    def write_whole(self, entry, data, overwrite: bool) -> None:
+        """As L{FileSink} and L{place} would: with no name where the file
+        system allows it, else in its partial file, then into place."""
+        out, path = self._out, entry.path
+        try:
+            f = out.open_unnamed(path) or out.open_partial(path, 0)
+            try:
+                _write_all(f.fileno(), data, 0)
+            except BaseException:
+                f.close()
+                raise
+            out.place(path, f, safe_mode(entry, out.umask), entry.mtime_ns, overwrite)
+        except OSError as e:
+            raise os_error(e, path) from None
 
     def discard(self, current) -> bool:
         current.sink.close()
@@ -233,6 +256,11 @@ class StreamDestination:
 
     def open_file(self, entry, offset: int, pool, run_blocking) -> StreamSink:
         return StreamSink(self._stream)
+
+    takes_whole = False
+
+    def write_whole(self, entry, data, overwrite: bool) -> None:
+        raise AssertionError("takes_whole is False: the receiver lets no FILES through")
 
     def discard(self, current) -> bool:
         return False  # what was written cannot be taken back

@@ -19,9 +19,10 @@ from twisted.internet import defer
 from ..errors import TransferFailed
 from .endpoint import os_error
 from .manifest import PARTIAL_SUFFIX, Entry, ManifestChecker, printable
-from .records import DATA, END, FILE_END, count
+from .records import DATA, END, FILE_END, FILES, count
 from .resume import Have, check_resume, have_messages
 from .sink import BufferPool, FileSink, StreamSink
+from .small import SMALL_FILE, unpack
 
 RESUME_HINT = "the data received so far is kept: run the same send and receive again to resume"
 #: After a file failed its check: its data is gone, what came before it is not.
@@ -129,6 +130,32 @@ class Intake:
         sink = self._dest.open_file(entry, offset, self._pool, self._run_blocking)
         self.current = Incoming(index, entry, sink, received=offset)
         return entry, self.current
+
+    def whole(self, payload: bytes) -> tuple[int, str]:
+        """A FILES record: whole small files (L{p2pft.transfer.small}),
+        each checked as a FILE ... FILE_END would be, then written by the
+        destination.  The bytes they hold and the last one's path."""
+        if self.current is not None or not self._dest.takes_whole:
+            raise self._unexpected(FILES)
+        entries, files, total, entry = self._checker.entries, self._files, 0, None
+        for index, data in unpack(payload):
+            if self._next == len(files) or files[self._next] != index:
+                raise TransferFailed("protocol error: files out of order")
+            entry = entries[index]
+            if entry.size != len(data) or len(data) > SMALL_FILE:
+                raise TransferFailed(f"size mismatch for {printable(entry.path)}: offered {entry.size}, "
+                                     f"received {len(data)} bytes")
+            self._next += 1
+            have = self._have.pop(index, None)
+            total += len(data)
+            if entries.skipped(index):  # left out: dropped, nothing touched
+                self.dropped += len(data)
+                continue
+            check_resume(have, entry.path, 0, self._overwrite)
+            self._dest.write_whole(entry, data, self._overwrite)
+            self.kept = True
+            self.placed += 1
+        return total, entry.path
 
     def reserve(self, size: int):
         """Where the next DATA record of C{size} bytes may be opened

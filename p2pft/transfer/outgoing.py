@@ -16,6 +16,7 @@ import attrs
 
 from ..errors import TransferFailed
 from .manifest import Entry, printable
+from .small import BATCH_BYTES, BATCH_FILES, SMALL_FILE, read_whole
 
 
 @attrs.define
@@ -77,6 +78,24 @@ class Outgoing:
         f.seek(offset)
         self.current = OutgoingFile(entry, f, entry.size - offset)
         return entry, {"file": index, "offset": offset}
+
+    def whole(self) -> list[tuple[int, bytes]]:
+        """The next files, if they are small and sent from their start
+        (the receiver has nothing of them), read whole for a FILES record
+        (L{p2pft.transfer.small}): (file index, content) each, at most
+        L{BATCH_BYTES} of content (or one file) and L{BATCH_FILES} files;
+        empty if the next file is not such a file."""
+        files, size, entries = [], 0, self._entries
+        while self._next < len(self._files) and len(files) < BATCH_FILES:
+            index = self._files[self._next]
+            entry = entries[index]
+            if entry.size is None or entry.size > SMALL_FILE or index in self._plan \
+                    or (files and size + entry.size > BATCH_BYTES):
+                break
+            files.append((index, read_whole(entry, self._sources[index])))
+            self._next += 1
+            size += entry.size
+        return files
 
     def read(self, size: int) -> bytes:
         """The next piece of the current file, at most C{size} bytes (as

@@ -24,7 +24,8 @@ from .endpoint import Endpoint, run_now
 from .intake import Incoming, Intake
 from .manifest import ManifestChecker, NameRules
 from .offer import Offer, OfferReader, Result
-from .records import ACCEPT, ACK, DATA, END, ENTRIES, FILE, FILE_END, HAVE, OFFER, REJECT, TEXT, control, parse_control
+from .records import (ACCEPT, ACK, DATA, END, ENTRIES, FILE, FILE_END, FILES, HAVE, OFFER, REJECT, TEXT, control,
+                      parse_control)
 from .resume import Have
 from .sink import BufferPool
 from .text import decode_text
@@ -134,7 +135,8 @@ class Receiver(Endpoint):
             self._channel.send(HAVE, control(message))
         self.state = ReceiverState.RECEIVING
         self._started = self._clock.seconds()
-        self._channel.send(ACCEPT, control({}))
+        # "files": send small files whole, many to a record (FILES).
+        self._channel.send(ACCEPT, control({"files": True} if self._dest.takes_whole else {}))
 
     # -- the files ---------------------------------------------------------
 
@@ -166,6 +168,11 @@ class Receiver(Endpoint):
         current = self._intake.file_end(parse_control(payload))
         self._later(current.disk(current.sink.finish()), lambda _: self._place(current), hold=True)
 
+    def _on_files(self, payload: bytes) -> None:
+        size, last = self._intake.whole(payload)
+        self._bytes_done += size
+        self._progress(last)
+
     def _place(self, current: Incoming) -> None:
         if self._intake.place(current) and current.entry.size is None:
             self._total = current.received
@@ -187,6 +194,7 @@ class Receiver(Endpoint):
         (ReceiverState.RECEIVING, FILE): _on_file,
         (ReceiverState.RECEIVING, DATA): _on_data,
         (ReceiverState.RECEIVING, FILE_END): _on_file_end,
+        (ReceiverState.RECEIVING, FILES): _on_files,
         (ReceiverState.RECEIVING, END): _on_end,
     }
 

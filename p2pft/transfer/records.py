@@ -27,9 +27,12 @@ class Kind(IntEnum):
     FILE = 10
     FILE_END = 11
     TEXT = 12
+    #: Several whole small files (L{p2pft.transfer.small}); 13, 15 and up
+    #: belong to the session (L{p2pft.session.link}).
+    FILES = 14
 
 
-OFFER, ACCEPT, REJECT, DATA, END, ACK, ABORT, ENTRIES, HAVE, FILE, FILE_END, TEXT = Kind
+OFFER, ACCEPT, REJECT, DATA, END, ACK, ABORT, ENTRIES, HAVE, FILE, FILE_END, TEXT, FILES = Kind
 KIND_NAMES = {kind.value: kind.name for kind in Kind}
 
 #: Largest JSON control message accepted: a HAVE of

@@ -140,6 +140,9 @@ def find_existing(out: OutputDir, entries, stop: threading.Event,
     its destination, or the whole blocks of its partial file.
     """
     found = {}
+    # Folders that are not there (nothing below them is: one look for a
+    # folder of 10,000 new files, not two for each file) and folders that are.
+    absent, present = set(), {""}
     try:
         for index in range(len(entries)):
             if stop.is_set():
@@ -149,6 +152,16 @@ def find_existing(out: OutputDir, entries, stop: threading.Event,
             entry = entries[index]
             if entry.kind == DIR or entry.size is None:
                 continue
+            folder = entry.path.rpartition("/")[0]
+            if folder not in present:
+                try:
+                    st = None if folder in absent else out.lstat(folder)
+                except Declined:  # (below a link or a file: refused when it is written)
+                    st = None
+                if st is None or not stat.S_ISDIR(st.st_mode):
+                    absent.add(folder)
+                    continue
+                present.add(folder)
             try:
                 have = _existing(out, entry)
             except Declined:

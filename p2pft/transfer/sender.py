@@ -24,7 +24,9 @@ from .scan import Manifest
 from .offer import Offer, Result, entry_batches
 from .outgoing import Outgoing
 from .pacing import Paced, Pacer
-from .records import ACCEPT, ACK, DATA, END, ENTRIES, FILE, FILE_END, HAVE, OFFER, REJECT, TEXT, control, parse_control
+from .records import (ACCEPT, ACK, DATA, END, ENTRIES, FILE, FILE_END, FILES, HAVE, OFFER, REJECT, TEXT, control,
+                      parse_control)
+from .small import pack
 from .resume import HaveBook, check_have
 from .text import encode_text
 
@@ -95,6 +97,7 @@ class Sender(Endpoint):
         self._outgoing: Outgoing | None = None  # the files, once accepted
         self._name = ""  # of the file being sent
         self._producer = _ProducerSlot(channel)
+        self._whole = False  # the receiver takes small files whole (FILES)
 
     @property
     def offer(self) -> Offer:
@@ -113,6 +116,7 @@ class Sender(Endpoint):
         self._have.add(parse_control(payload))
 
     def _on_accept(self, payload: bytes) -> None:
+        self._whole = parse_control(payload).get("files") is True
         self.state = SenderState.CHECKING
         work = self._run_blocking(check_have, self._entries, self._manifest.sources, self._have.take(), self._stop)
         self._later(work, self._send_files)
@@ -172,6 +176,11 @@ class Sender(Endpoint):
             if current is None:
                 if outgoing.all_started:
                     return self._end()
+                if self._whole:
+                    files = outgoing.whole()
+                    if files:
+                        budget -= self._send_whole(files)
+                        continue
                 self._open_next()
                 continue
             chunk = outgoing.read(CHUNK)
@@ -185,6 +194,16 @@ class Sender(Endpoint):
                 self._channel.send(FILE_END, control(outgoing.finish()))
         if self.state is SenderState.SENDING:
             self._progress(self._name)
+
+    def _send_whole(self, files: list[tuple[int, bytes]]) -> int:
+        """One FILES record of C{files}; the bytes of their content."""
+        payload = pack(files)
+        size = sum(len(data) for _, data in files)
+        self._bytes_done += size
+        self._pacer.count(size)
+        self._name = self._entries[files[-1][0]].path
+        self._channel.send(FILES, payload)
+        return max(len(payload), 1)
 
     def _open_next(self) -> None:
         entry, message = self._outgoing.start_next()

@@ -51,6 +51,8 @@ class ConfinedDir:
         self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if fd is None else fd
         self._dirs: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.umask = umask()
+        #: The folders this handle made (so nothing of ours was in them before).
+        self.made: set[str] = set()
 
     def clone(self) -> "ConfinedDir":
         """Another handle on the same folder, for use on another thread."""
@@ -84,6 +86,7 @@ class ConfinedDir:
                     raise
                 try:
                     os.mkdir(name, 0o755 & ~self.umask | 0o700, dir_fd=parent)
+                    self.made.add(key)
                 except FileExistsError:
                     pass  # made meanwhile; the open below checks what it is
                 fd = os.open(name, flags, dir_fd=parent)
@@ -180,8 +183,11 @@ class OutputDir(ConfinedDir):
         resume; None where the file system (or the kernel) has no such
         files, or a partial file of C{path} is there (it gets cut and
         reused as before, or refused if it is not a file of ours)."""
-        if not self._tmpfile or self.lstat(path, partial=True) is not None:
+        if not self._tmpfile:
             return None
+        folder = path.rpartition("/")[0]
+        if folder not in self.made and self.lstat(path, partial=True) is not None:
+            return None  # (in a folder we made there can be no partial file of an earlier run)
         parent, _ = self._split(path, create=True)
         try:
             fd = os.open(".", os.O_RDWR | _TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=parent)
@@ -250,10 +256,18 @@ class OutputDir(ConfinedDir):
             if ours.st_nlink != (0 if unnamed else 1):
                 raise Declined(f"{shown} got another hard link while receiving; kept it where it is")
             parent, name = self._split(path, create=True)
-            existing = self.lstat(path)
-            if existing is not None and stat.S_ISDIR(existing.st_mode):
-                raise Declined(f"{printable(path)} appeared as a folder while receiving; kept the partial file")
-            placing.link_into_place(parent, name, fd, ours, path, overwrite, unnamed)
+            if overwrite:
+                self._not_a_folder(path)
+            try:
+                placing.link_into_place(parent, name, fd, ours, path, overwrite, unnamed)
+            except Declined:
+                self._not_a_folder(path)  # (what took the name: looked at only when one did)
+                raise
+
+    def _not_a_folder(self, path: str) -> None:
+        existing = self.lstat(path)
+        if existing is not None and stat.S_ISDIR(existing.st_mode):
+            raise Declined(f"{printable(path)} appeared as a folder while receiving; kept the partial file")
 
     def free(self) -> int:
         return shutil.disk_usage(self.path).free
