@@ -31,6 +31,8 @@ GiB = 1 << 30
 CODE = "900-bench-run"
 #: Block size of socat's reads and writes (bytes).
 SOCAT_BLOCK = MiB
+#: dd's block when it writes the disk as p2pft's receiver does (its BUFFER).
+DISK_BLOCK = "2M"
 #: Seconds iperf3 measures the link for.
 IPERF_SECONDS = 5
 
@@ -354,6 +356,31 @@ def _wormhole_path(procs: Procs, runs: int) -> str:
     return f"{'through the transit relay' if 'relay' in m.group(1) else 'direct'} ({m.group(1)})"
 
 
+def _disk_run(bench: Bench, procs: Procs, n: int) -> Run:
+    out = bench.out_dir()
+    dd = procs.start(f"dd-{n}", ["dd", f"if={bench.source}", f"of={out}/copy.bin", f"bs={DISK_BLOCK}",
+                                 "oflag=direct", "conv=fsync", "status=none"])
+    x = dd.wait_ok(bench.deadline())
+    _received(out, bench.size)
+    return Run(bench.size, transfer=x.time - dd.started, total=x.time - dd.started, sender=x.usage,
+               receiver=Usage(0.0, 0.0))
+
+
+def disk_write(bench: Bench) -> Row:
+    """What the disk takes when written as p2pft's receiver writes it
+    (whole 2 MiB buffers with O_DIRECT, then a sync): the ceiling of any
+    file → file row that keeps what it received, which socat (page cache,
+    no sync) is not held to."""
+    def runs(procs: Procs, row: Row) -> None:
+        _repeat(bench, row, lambda n: _disk_run(bench, procs, n))
+        row.notes.append(f"dd bs={DISK_BLOCK} oflag=direct conv=fsync from the source file: no network, "
+                         "as p2pft's receiver writes (its CPU in the send column)")
+
+    if not shutil.which("dd"):
+        return Row("disk", "dd (the disk)", status="skipped: dd not installed")
+    return bench.measure("disk", "dd → disk, O_DIRECT (the disk)", runs)
+
+
 def _if_tool(bench: Bench, tool: str, label: str, runs: Callable[[Procs, Row], None]) -> Row:
     """The row, or a skipped one when the tool is missing."""
     if tool not in bench.tools:
@@ -366,6 +393,7 @@ ROWS = {
     "stdout": p2pft_stdout,
     "relay": p2pft_relay,
     "socat": socat_file,
+    "disk": disk_write,
     "iperf3": iperf3_link,
     "wormhole": wormhole_file,
 }
