@@ -1,0 +1,467 @@
+"""
+A hostile review of small files sent whole (FILES, L{p2pft.transfer.small}):
+a sender that forges FILES records, a local user racing the receiver in
+its output folder, the resume scan's folder shortcut, what is counted, and
+a sender whose files change under it.  Each test is one attack; those that
+found a bug say so.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2pft.errors import TransferFailed
+from p2pft.transfer import Receiver, Sender, sink, store
+from p2pft.transfer.manifest import PARTIAL_SUFFIX
+from p2pft.transfer.names import NameRules
+from p2pft.transfer.receiver import StdoutReceiver
+from p2pft.transfer.records import ACCEPT, ACK, END, FILE, FILES, HAVE
+from p2pft.transfer.scan import scan
+from p2pft.transfer.small import SMALL_FILE, pack, unpack
+
+from .files import write
+from .memlink import Link, accept, start_pair, tree
+
+
+def files_sent(link) -> list[list[int]]:
+    return [[index for index, _ in unpack(p)] for p in link.sent(FILES)]
+
+
+class Base(SynchronousTestCase):
+    def setUp(self):
+        self.src = os.path.abspath(self.mktemp())
+        self.out = os.path.abspath(self.mktemp())
+        self.outside = os.path.abspath(self.mktemp())  # what must never be touched
+        os.makedirs(self.out)
+        os.makedirs(self.outside)
+        self.top = os.path.basename(self.src)
+
+    def folder(self, sizes: dict[str, int]) -> dict[str, bytes]:
+        files = {name: os.urandom(size) for name, size in sizes.items()}
+        for name, data in files.items():
+            write(os.path.join(self.src, name), data)
+        return files
+
+    def dest(self, *parts) -> str:
+        return os.path.join(self.out, self.top, *parts)
+
+    def forging(self, link, forge):
+        """Have C{forge(kind, data, send)} send in place of the sender."""
+        send = link.a.send
+        link.a.send = lambda kind, data=b"": forge(kind, data, send)
+
+
+class ForgedRecordsTests(Base):
+    """A hostile sender's FILES records: each is a clear one-line protocol
+    error, and nothing is written for it."""
+
+    def setUp(self):
+        super().setUp()
+        self.folder({"a": 3, "b": 4, "c": SMALL_FILE + 1})
+
+    def forged(self, payload: bytes, written=(), when=(FILES, FILE)) -> str:
+        link, sender, receiver, sd, rd = start_pair([self.src], self.out, clock=Clock())
+        done = []
+
+        def forge(kind, data, send):
+            if kind in when and not done:
+                done.append(kind)
+                kind, data = FILES, payload
+            send(kind, data)
+        self.forging(link, forge)
+        link.pump()
+        error = str(self.failureResultOf(rd, TransferFailed).value)
+        self.failureResultOf(sd, TransferFailed)
+        self.assertEqual(sorted(tree(self.dest())), sorted(written))
+        self.assertNotIn("\n", error)
+        return error
+
+    def test_an_index_past_the_manifest(self):
+        self.assertIn("files out of order", self.forged(pack([(0xFFFFFFFF, b"")])))
+
+    def test_a_size_past_the_record(self):
+        """u32 size 4 GiB - 1 in a short record: cut short, nothing allocated."""
+        self.assertIn("FILES cut short", self.forged(b"\0\0\0\1\xff\xff\xff\xffzzz"))
+
+    def test_a_file_offered_bigger_than_a_small_file(self):
+        """The file offered as 64 KiB + 1 sent whole: refused, and the
+        error says why (it said "size mismatch ... offered 65537, received
+        65537 bytes", which contradicts itself)."""
+        # Sent whole in place of the FILE of c (a and b went first).
+        link, sender, receiver, sd, rd = start_pair([self.src], self.out, clock=Clock())
+        big = os.urandom(SMALL_FILE + 1)
+
+        def forge(kind, data, send):
+            if kind == FILE and json.loads(data)["file"] == 3:
+                return send(FILES, pack([(3, big)]))
+            send(kind, data)
+        self.forging(link, forge)
+        link.pump()
+        error = str(self.failureResultOf(rd, TransferFailed).value)
+        self.failureResultOf(sd, TransferFailed)
+        self.assertIn("too big to be sent whole", error)
+        self.assertNotIn("size mismatch", error)
+        self.assertFalse(os.path.exists(self.dest("c")))
+
+    def test_files_inside_a_file(self):
+        """A FILES record between a FILE and its FILE_END."""
+        link, sender, receiver, sd, rd = start_pair([self.src], self.out, clock=Clock())
+
+        def forge(kind, data, send):
+            send(kind, data)
+            if kind == FILE:
+                send(FILES, pack([(1, b"zzz")]))
+        self.forging(link, forge)
+        link.pump()
+        self.assertIn("unexpected FILES in state receiving", str(self.failureResultOf(rd, TransferFailed).value))
+        self.failureResultOf(sd, TransferFailed)
+
+    def test_files_before_accept(self):
+        answer = defer.Deferred()
+        link, sender, receiver, sd, rd = start_pair([self.src], self.out, clock=Clock(), decide=lambda o: answer)
+        link.pump()
+        self.assertEqual(receiver.state, Receiver.State.DECIDING)
+        receiver.recordReceived(FILES, pack([(1, b"zzz")]))
+        link.pump()
+        self.assertIn("unexpected FILES in state deciding", str(self.failureResultOf(rd, TransferFailed).value))
+        self.failureResultOf(sd, TransferFailed)
+        self.assertFalse(os.path.exists(self.dest()))
+
+    def test_files_after_end(self):
+        """Once END was taken the receiver is closing: a FILES record is
+        ignored, nothing more is written."""
+        os.unlink(os.path.join(self.src, "c"))
+        link, sender, receiver, sd, rd = start_pair([self.src], self.out, clock=Clock())
+
+        def forge(kind, data, send):
+            send(kind, data)
+            if kind == END:
+                send(FILES, pack([(1, b"zzz")]))
+        self.forging(link, forge)
+        link.pump()
+        self.successResultOf(rd)
+        self.successResultOf(sd)
+        self.assertEqual(sorted(tree(self.dest())), ["a", "b"])
+
+    def test_to_a_stdout_receiver(self):
+        """Standard output takes no FILES: its ACCEPT says {}, and a FILES
+        record anyway is a protocol error, nothing written."""
+        src = write(os.path.abspath(self.mktemp()), b"abc")
+        link, out = Link(), io.BytesIO()
+        clock = Clock()
+        receiver = StdoutReceiver(link.b, clock, out, accept)
+        sender = Sender(link.a, clock, scan([src]))
+        rd, sd = receiver.start(), sender.start()
+
+        def forge(kind, data, send):
+            if kind == FILES:
+                raise AssertionError("FILES to a receiver that said {}")
+            if kind == FILE:
+                kind, data = FILES, pack([(0, b"abc")])
+            send(kind, data)
+        self.forging(link, forge)
+        link.pump()
+        self.assertEqual(json.loads(link.sent(ACCEPT)[0]), {})
+        self.assertIn("unexpected FILES", str(self.failureResultOf(rd, TransferFailed).value))
+        self.failureResultOf(sd, TransferFailed)
+        self.assertEqual(out.getvalue(), b"")
+
+    def test_a_file_the_receiver_has_complete(self):
+        """The receiver has an identical copy (HAVE complete) but the sender
+        sends it whole anyway: refused, the copy untouched (as FILE
+        {offset: 0} would be)."""
+        os.unlink(os.path.join(self.src, "c"))
+        start_pair([self.src], self.out, clock=Clock())[0].pump()
+        before = os.stat(self.dest("a"))
+        link, sender, receiver, sd, rd = start_pair([self.src], self.out, clock=Clock())
+
+        def forge(kind, data, send):
+            if kind == FILE and json.loads(data) == {"file": 1, "skip": True}:
+                kind, data = FILES, pack([(1, b"!!!")])
+            send(kind, data)
+        self.forging(link, forge)
+        link.pump()
+        self.assertEqual(len(link.sent(HAVE)), 2)
+        self.assertIn("already exists with other content", str(self.failureResultOf(rd, TransferFailed).value))
+        self.failureResultOf(sd, TransferFailed)
+        with open(self.dest("a"), "rb") as f:
+            self.assertEqual(f.read(), open(os.path.join(self.src, "a"), "rb").read())
+        self.assertEqual(os.stat(self.dest("a")).st_ino, before.st_ino)
+
+
+class LeftOutTests(Base):
+    """--skip-unsafe: a left-out file sent whole is dropped, and counted as
+    a left-out file sent one at a time is."""
+
+    def run_skip_unsafe(self, whole: bool):
+        files = self.folder({"ok1": 5, "bad:name": 7, "ok2": 11, "d/x:y": 13, "d/ok3": 17})
+        self.out = os.path.abspath(self.mktemp())
+        os.makedirs(self.out)
+        link, clock = Link(), Clock()
+        receiver = Receiver(link.b, clock, self.out, accept, skip_unsafe=True,
+                            rules=NameRules(windows=True, fold_case=False))
+        if not whole:
+            receiver._dest.takes_whole = False
+        sender = Sender(link.a, clock, scan([self.src]))
+        rd, sd = receiver.start(), sender.start()
+        link.pump()
+        return files, link, self.successResultOf(rd), self.successResultOf(sd)
+
+    def test_counted_as_one_at_a_time(self):
+        files, link, got, sent = self.run_skip_unsafe(whole=True)
+        self.assertEqual(sum(map(len, files_sent(link))), 5)
+        _, link1, got1, sent1 = self.run_skip_unsafe(whole=False)
+        self.assertEqual(link1.sent(FILES), [])
+        for r, r1 in ((got, got1), (sent, sent1)):
+            self.assertEqual((r.size, r.files, r.refused), (r1.size, r1.files, r1.refused))
+        self.assertEqual((got.size, got.refused), (5 + 11 + 17, 2))
+        self.assertEqual(sent.size, sum(map(len, files.values())))
+        self.assertEqual(json.loads(link.sent(ACK)[0])["bytes"], sent.size)
+        self.assertEqual(sorted(tree(self.dest())), ["d", "d/ok3", "ok1", "ok2"])
+
+
+class LocalRaceTests(Base):
+    """A local user who can make entries in the output folder, racing the
+    receiver: nothing is written through a link, nothing lands outside."""
+
+    def after_prepare(self, attack):
+        """Run C{attack()} once the receiver made its folders (just before
+        its ACCEPT goes out)."""
+        from p2pft.transfer.destination import DiskDestination
+        real = DiskDestination.prepare
+
+        def prepare(dest, checker, needed):
+            real(dest, checker, needed)
+            attack()
+        self.patch(DiskDestination, "prepare", prepare)
+
+    def test_a_link_planted_at_the_partial_name_in_a_folder_we_made(self):
+        """The receiver skips the look for a partial file in a folder it
+        made: a symlink planted there at NAME.p2pft-partial is neither
+        written through nor moved into place, with or without O_TMPFILE."""
+        files = self.folder({"d/f": 10, "d/g": 20})
+        target = write(os.path.join(self.outside, "secret"), b"secret")
+
+        def attack():
+            os.symlink(target, self.dest("d", "f" + PARTIAL_SUFFIX))
+        self.after_prepare(attack)
+        link, sender, receiver, sd, rd = start_pair([self.src], self.out, clock=Clock())
+        link.pump()
+        self.successResultOf(rd)
+        self.assertEqual(open(self.dest("d", "f"), "rb").read(), files["d/f"])
+        self.assertFalse(os.path.islink(self.dest("d", "f")))
+        self.assertEqual(open(target, "rb").read(), b"secret")
+
+    def test_the_same_without_unnamed_files(self):
+        self.patch(store, "_TMPFILE", 0)
+        self.folder({"d/f": 10, "d/g": 20})
+        target = write(os.path.join(self.outside, "secret"), b"secret")
+
+        def attack():
+            os.symlink(target, self.dest("d", "f" + PARTIAL_SUFFIX))
+        self.after_prepare(attack)
+        link, sender, receiver, sd, rd = start_pair([self.src], self.out, clock=Clock())
+        link.pump()
+        self.assertIn("is a symbolic link", str(self.failureResultOf(rd, TransferFailed).value))
+        self.failureResultOf(sd, TransferFailed)
+        self.assertEqual(open(target, "rb").read(), b"secret")
+        self.assertFalse(os.path.exists(self.dest("d", "f")))
+
+    def test_a_hard_link_planted_at_the_partial_name(self):
+        self.patch(store, "_TMPFILE", 0)
+        self.folder({"d/f": 10})
+        target = write(os.path.join(self.out, "mine"), b"mine")  # (same file system)
+
+        def attack():
+            os.link(target, self.dest("d", "f" + PARTIAL_SUFFIX))
+        self.after_prepare(attack)
+        link, sender, receiver, sd, rd = start_pair([self.src], self.out, clock=Clock())
+        link.pump()
+        self.assertIn("hard links", str(self.failureResultOf(rd, TransferFailed).value))
+        self.failureResultOf(sd, TransferFailed)
+        self.assertEqual(open(target, "rb").read(), b"mine")
+
+    def test_a_folder_we_made_replaced_by_a_link(self):
+        """The folder the receiver made is moved away and a symlink to a
+        folder outside put in its place: files land in the folder it
+        made (still inside the output folder) or are refused, never
+        outside -- also once its descriptor left the small cache."""
+        self.patch(store, "OPEN_DIRS", 1)
+        self.folder({**{f"d{i}/f": 10 for i in range(4)}})
+
+        def attack():
+            for i in range(4):
+                os.rename(self.dest(f"d{i}"), os.path.join(self.out, f"moved{i}"))
+                os.symlink(self.outside, self.dest(f"d{i}"))
+        self.after_prepare(attack)
+        link, sender, receiver, sd, rd = start_pair([self.src], self.out, clock=Clock())
+        link.pump()
+        error = str(self.failureResultOf(rd, TransferFailed).value)
+        self.failureResultOf(sd, TransferFailed)
+        self.assertIn("not a folder (p2pft never writes through symbolic links)", error)
+        self.assertEqual(os.listdir(self.outside), [])
+
+    def test_overwrite_over_a_symlink_and_a_hard_link(self):
+        """--overwrite replaces the names, never what they point to."""
+        files = self.folder({"l": 5, "h": 6})
+        os.makedirs(self.dest())
+        target = write(os.path.join(self.outside, "t"), b"outside")
+        os.symlink(target, self.dest("l"))
+        other = write(os.path.join(self.out, "other"), b"hhhhhh")
+        os.link(other, self.dest("h"))
+        link, sender, receiver, sd, rd = start_pair([self.src], self.out, clock=Clock(), overwrite=True)
+        link.pump()
+        self.successResultOf(rd)
+        self.assertEqual(files_sent(link), [[1, 2]])
+        self.assertEqual(open(target, "rb").read(), b"outside")
+        self.assertEqual(open(other, "rb").read(), b"hhhhhh")
+        self.assertFalse(os.path.islink(self.dest("l")))
+        self.assertEqual(open(self.dest("l"), "rb").read(), files["l"])
+        self.assertEqual(open(self.dest("h"), "rb").read(), files["h"])
+        self.assertEqual(os.stat(self.dest("h")).st_nlink, 1)
+
+    def test_overwrite_and_a_folder_that_appears(self):
+        self.folder({"a": 5, "b": 6})
+
+        def attack():
+            os.makedirs(self.dest("b"))
+        self.after_prepare(attack)
+        link, sender, receiver, sd, rd = start_pair([self.src], self.out, clock=Clock(), overwrite=True)
+        link.pump()
+        self.assertIn("appeared as a folder while receiving", str(self.failureResultOf(rd, TransferFailed).value))
+        self.failureResultOf(sd, TransferFailed)
+        self.assertTrue(os.path.isdir(self.dest("b")))
+        self.assertEqual(sorted(os.listdir(self.dest())), ["a", "b"])
+
+
+class ResumeShortcutTests(Base):
+    """find_existing looks once at a folder that is not there: it must
+    still find every complete file in a folder that is."""
+
+    def test_identical_files_in_nested_folders_are_skipped(self):
+        self.folder({"a/b/c/f": 5, "a/g": 6, "h": 7, "x/y/z": 8})
+        start_pair([self.src], self.out, clock=Clock())[0].pump()
+        link, sender, receiver, sd, rd = start_pair([self.src], self.out, clock=Clock())
+        link.pump()
+        self.assertEqual(self.successResultOf(rd).skipped, 26)
+        self.assertEqual(link.sent(FILES), [])
+
+    def test_some_folders_there_some_not(self):
+        """Only x/ is there (with its complete file): skipped; the rest sent."""
+        self.folder({"a/f": 5, "x/g": 6, "x/y/h": 7})
+        os.makedirs(self.dest("x"))
+        write(self.dest("x", "g"), open(os.path.join(self.src, "x", "g"), "rb").read())
+        link, sender, receiver, sd, rd = start_pair([self.src], self.out, clock=Clock())
+        link.pump()
+        self.assertEqual(self.successResultOf(rd).skipped, 6)
+        self.assertEqual(sum(map(len, files_sent(link))), 2)
+
+    def test_a_folder_that_is_a_file_or_a_link(self):
+        """Refused before anyone is asked, as before: the shortcut changes nothing."""
+        self.folder({"a/f": 5})
+        os.makedirs(self.dest())
+        os.symlink(self.outside, self.dest("a"))
+        link, sender, receiver, sd, rd = start_pair([self.src], self.out, clock=Clock())
+        link.pump()
+        self.assertIn("symbolic link", str(self.failureResultOf(rd, TransferFailed).value))
+        self.failureResultOf(sd, TransferFailed)
+        os.unlink(self.dest("a"))
+        write(self.dest("a"), b"")
+        link, sender, receiver, sd, rd = start_pair([self.src], self.out, clock=Clock())
+        link.pump()
+        self.assertIn("not a folder", str(self.failureResultOf(rd, TransferFailed).value))
+        self.failureResultOf(sd, TransferFailed)
+
+
+class ThreadedDiskTests(Base):
+    """The receiver's disk work on a thread (here: run when the test says):
+    FILES records that arrive while a file sent as DATA is still being
+    finished are held, not refused."""
+
+    def test_files_after_a_file_still_being_written(self):
+        files = self.folder({"a": 5, "b": sink.BUFFER + 1, "c": 6, "d": 7})  # (b: a write on the thread)
+        pending = []
+
+        def later(f, *args):
+            d = defer.Deferred()
+            pending.append((d, f, args))
+            return d
+        link, clock = Link(), Clock()
+        receiver = Receiver(link.b, clock, self.out, accept, run_blocking=later)
+        sender = Sender(link.a, clock, scan([self.src]))
+        rd, sd = receiver.start(), sender.start()
+        held = []
+        for _ in range(100):
+            link.pump()
+            if not pending:
+                break
+            held.append([k for k, _ in link.a.queue] if link.b.paused else None)
+            d, f, args = pending.pop(0)
+            d.callback(f(*args))
+        self.successResultOf(rd)
+        self.successResultOf(sd)
+        self.assertIn([FILES, END], held)  # (c and d waited for b to be placed)
+        self.assertEqual(files_sent(link), [[1], [3, 4]])
+        self.assertEqual({name: open(self.dest(name), "rb").read() for name in files}, files)
+
+
+class FailureHintTests(Base):
+    """A FILES file that fails mid-record: the ones before it are placed
+    and counted, the rest not written; the hint says so."""
+
+    def test_disk_full_mid_record(self):
+        self.folder({"a": 5, "b": 6, "c": 7})
+        real = sink._write_all
+
+        def write_all(fd, view, offset):
+            if bytes(view) == open(os.path.join(self.src, "b"), "rb").read():
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(fd, view, offset)
+        from p2pft.transfer import destination
+        self.patch(destination, "_write_all", write_all)
+        link, sender, receiver, sd, rd = start_pair([self.src], self.out, clock=Clock())
+        link.pump()
+        error = str(self.failureResultOf(rd, TransferFailed).value)
+        self.failureResultOf(sd, TransferFailed)
+        self.assertIn("the disk is full while writing", error)
+        self.assertIn("the data received so far is kept", error)
+        self.assertEqual(sorted(os.listdir(self.dest())), ["a"])
+
+    def test_a_bad_size_mid_record(self):
+        self.folder({"a": 5, "b": 6, "c": 7})
+        link, sender, receiver, sd, rd = start_pair([self.src], self.out, clock=Clock())
+
+        def forge(kind, data, send):
+            if kind == FILES:
+                (i, a), (j, b), (k, c) = unpack(data)
+                data = pack([(i, a), (j, b[:-1]), (k, c)])
+            send(kind, data)
+        self.forging(link, forge)
+        link.pump()
+        error = str(self.failureResultOf(rd, TransferFailed).value)
+        self.failureResultOf(sd, TransferFailed)
+        self.assertIn("size mismatch for", error)
+        self.assertEqual(sorted(os.listdir(self.dest())), ["a"])
+
+
+class SenderTests(Base):
+    """The sender's files change between the scan and the send."""
+
+    def test_grows_and_shrinks(self):
+        for change in (b"x" * 6, b"x" * 4):
+            self.folder({"a": 5})
+            manifest = scan([self.src])
+            write(os.path.join(self.src, "a"), change)
+            link, clock = Link(), Clock()
+            rd = Receiver(link.b, clock, self.out, accept).start()
+            sd = Sender(link.a, clock, manifest).start()
+            link.pump()
+            self.assertIn("changed after the transfer started", str(self.failureResultOf(sd, TransferFailed).value))
+            self.failureResultOf(rd, TransferFailed)
