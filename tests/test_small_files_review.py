@@ -454,6 +454,36 @@ class FailureHintTests(Base):
 class SenderTests(Base):
     """The sender's files change between the scan and the send."""
 
+    def test_replaced_by_a_fifo(self):
+        """A small file replaced by a FIFO after the scan: the sender fails
+        with a clear error instead of blocking its reactor in open()
+        forever (the scan left FIFOs out; the open did not)."""
+        self.folder({"a": 5, "f": 0})
+        manifest = scan([self.src])
+        os.unlink(os.path.join(self.src, "f"))
+        os.mkfifo(os.path.join(self.src, "f"))
+        link, clock = Link(), Clock()
+        receiver = Receiver(link.b, clock, self.out, accept)
+        sender = Sender(link.a, clock, manifest)
+        rd, sd = receiver.start(), sender.start()
+        link.pump()
+        self.assertIn("is not a regular file", str(self.failureResultOf(sd, TransferFailed).value))
+        self.failureResultOf(rd, TransferFailed)
+
+    def test_a_large_file_replaced_by_a_fifo(self):
+        """The same for a file sent as FILE, DATA..., FILE_END."""
+        self.folder({"a": 5, "f": SMALL_FILE + 1})
+        manifest = scan([self.src])
+        os.unlink(os.path.join(self.src, "f"))
+        os.mkfifo(os.path.join(self.src, "f"))
+        link, clock = Link(), Clock()
+        receiver = Receiver(link.b, clock, self.out, accept)
+        sender = Sender(link.a, clock, manifest)
+        rd, sd = receiver.start(), sender.start()
+        link.pump()
+        self.assertIn("is not a regular file", str(self.failureResultOf(sd, TransferFailed).value))
+        self.failureResultOf(rd, TransferFailed)
+
     def test_grows_and_shrinks(self):
         for change in (b"x" * 6, b"x" * 4):
             self.folder({"a": 5})
@@ -465,3 +495,18 @@ class SenderTests(Base):
             link.pump()
             self.assertIn("changed after the transfer started", str(self.failureResultOf(sd, TransferFailed).value))
             self.failureResultOf(rd, TransferFailed)
+
+    def test_a_file_the_receiver_has_replaced_by_a_fifo(self):
+        """The same for a file the receiver has (HAVE): the sender's check
+        of its blocks does not block in open() either."""
+        self.folder({"a": 5, "f": 3})
+        start_pair([self.src], self.out, clock=Clock())[0].pump()
+        manifest = scan([self.src])
+        os.unlink(os.path.join(self.src, "f"))
+        os.mkfifo(os.path.join(self.src, "f"))
+        link, clock = Link(), Clock()
+        rd = Receiver(link.b, clock, self.out, accept).start()
+        sd = Sender(link.a, clock, manifest).start()
+        link.pump()
+        self.assertIn("is not a regular file", str(self.failureResultOf(sd, TransferFailed).value))
+        self.failureResultOf(rd, TransferFailed)

@@ -16,7 +16,7 @@ import attrs
 
 from ..errors import TransferFailed
 from .manifest import Entry, printable
-from .small import BATCH_BYTES, BATCH_FILES, SMALL_FILE, read_whole
+from .small import BATCH_BYTES, BATCH_FILES, SMALL_FILE, open_regular, read_whole
 
 
 @attrs.define
@@ -30,10 +30,7 @@ class OutgoingFile:
 
 def _open_source(entry, source: str):
     """The file C{source} of C{entry}, unbuffered, if it is still its size."""
-    try:
-        f = open(source, "rb", buffering=0)
-    except OSError as e:
-        raise TransferFailed(f"cannot read {printable(source)}: {e.strerror or e}") from None
+    f = os.fdopen(open_regular(source), "rb", buffering=0)
     size = os.fstat(f.fileno()).st_size
     if size != entry.size:
         f.close()

@@ -34,6 +34,7 @@ version is cut and reused.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from typing import Iterator
 
@@ -80,14 +81,30 @@ def unpack(payload: bytes) -> Iterator[tuple[int, memoryview]]:
         at += size
 
 
+def open_regular(source: str) -> int:
+    """A descriptor of the file C{source}, for reading, if it is (still) a
+    regular file: the scan left FIFOs and devices out, but one can take a
+    file's name before it is sent, and opening a FIFO would block until
+    something writes to it (the reactor thread, forever)."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise TransferFailed(f"cannot read {printable(source)}: {e.strerror or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TransferFailed(f"cannot read {printable(source)}: it is not a regular file any more; send again")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def read_whole(entry, source: str) -> bytes:
     """The whole content of the file C{source} of C{entry}, if it is still
     the size offered (the checks of L{p2pft.transfer.outgoing}, in one
     read)."""
-    try:
-        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise TransferFailed(f"cannot read {printable(source)}: {e.strerror or e}") from None
+    fd = open_regular(source)
     try:
         size = os.fstat(fd).st_size
         if size != entry.size:
