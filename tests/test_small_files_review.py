@@ -24,7 +24,7 @@ from p2pft.transfer.names import NameRules
 from p2pft.transfer.receiver import StdoutReceiver
 from p2pft.transfer.records import ACCEPT, ACK, END, FILE, FILES, HAVE
 from p2pft.transfer.scan import scan
-from p2pft.transfer.small import SMALL_FILE, pack, unpack
+from p2pft.transfer.small import BATCH_FILES, SMALL_FILE, pack, unpack
 
 from .files import write
 from .memlink import Link, accept, start_pair, tree
@@ -495,6 +495,43 @@ class SenderTests(Base):
             link.pump()
             self.assertIn("changed after the transfer started", str(self.failureResultOf(sd, TransferFailed).value))
             self.failureResultOf(rd, TransferFailed)
+
+    def files_per_call(self, n: int, **kw) -> list[int]:
+        """The files a sender of C{n} empty files starts in each call of its
+        producer."""
+        for i in range(n):
+            write(os.path.join(self.src, f"{i:05d}"), b"")
+        link, sender, receiver, sd, rd = start_pair([self.src], self.out, clock=Clock())
+        if not kw.get("whole", True):
+            receiver._dest.takes_whole = False
+        real_resume, calls = sender.resumeProducing, []
+
+        def started():
+            return sum(len(list(unpack(p))) if k == FILES else k == FILE for _, k, p in link.log)
+
+        def resume_producing():
+            before = started()
+            real_resume()
+            calls.append(started() - before)
+        sender.resumeProducing = resume_producing
+        link.pump()
+        self.successResultOf(rd)
+        self.successResultOf(sd)
+        self.assertEqual(len(tree(self.dest())), n)
+        self.assertEqual(sum(calls), n)
+        return calls
+
+    def test_a_folder_of_empty_files_does_not_hog_the_reactor(self):
+        """Each call of the sender's producer starts a bounded number of
+        files: 8 header bytes a file counted against a 1 MiB burst let one
+        call read 131,072 empty files (seconds from a cold disk, with
+        nothing else running meanwhile, keepalives included)."""
+        self.assertLessEqual(max(self.files_per_call(4 * BATCH_FILES)), BATCH_FILES)
+
+    def test_the_same_one_at_a_time(self):
+        """(An older receiver: FILE and FILE_END records, no data; they
+        counted nothing at all, and one call sent the whole folder.)"""
+        self.assertLessEqual(max(self.files_per_call(4 * BATCH_FILES, whole=False)), BATCH_FILES)
 
     def test_a_file_the_receiver_has_replaced_by_a_fifo(self):
         """The same for a file the receiver has (HAVE): the sender's check
