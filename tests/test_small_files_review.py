@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pft.errors import TransferFailed
-from p2pft.transfer import Receiver, Sender, sink, store
+from p2pft.transfer import Receiver, Sender, resume, sink, store
 from p2pft.transfer.manifest import PARTIAL_SUFFIX
 from p2pft.transfer.names import NameRules
 from p2pft.transfer.receiver import StdoutReceiver
@@ -547,3 +547,86 @@ class SenderTests(Base):
         link.pump()
         self.assertIn("is not a regular file", str(self.failureResultOf(sd, TransferFailed).value))
         self.failureResultOf(rd, TransferFailed)
+
+
+class SenderLinkTests(Base):
+    """The scan follows no link inside a folder unless told to; a name that
+    became a link (or a folder above it swapped for a link) after the scan
+    is not followed when the file is sent either: someone who can write in
+    the folder being sent could otherwise have the sender send any file of
+    the same size it can read (a key, to the receiver)."""
+
+    def setUp(self):
+        super().setUp()
+        self.secret = write(os.path.join(self.outside, "id_key"), b"SECRET-KEY")
+
+    def sent_after(self, swap, files):
+        manifest = scan([self.src])
+        swap()
+        link, clock = Link(), Clock()
+        rd = Receiver(link.b, clock, self.out, accept).start()
+        sd = Sender(link.a, clock, manifest).start()
+        link.pump()
+        error = str(self.failureResultOf(sd, TransferFailed).value)
+        self.failureResultOf(rd, TransferFailed)
+        for _, kind, payload in link.log:
+            self.assertNotIn(b"SECRET-KEY", payload)
+        return error
+
+    def test_a_small_file_swapped_for_a_link(self):
+        self.folder({"a": 3, "key": 10})
+
+        def swap():
+            os.unlink(os.path.join(self.src, "key"))
+            os.symlink(self.secret, os.path.join(self.src, "key"))
+        self.assertIn("is another file than when the transfer started", self.sent_after(swap, ()))
+
+    def test_a_folder_swapped_for_a_link(self):
+        self.folder({"d/id_key": 10})
+        decoy = os.path.join(self.out, "decoy")
+
+        def swap():
+            os.rename(os.path.join(self.src, "d"), decoy)
+            os.symlink(self.outside, os.path.join(self.src, "d"))
+        self.assertIn("is another file than when the transfer started", self.sent_after(swap, ()))
+
+    def test_a_large_file_swapped_for_a_link(self):
+        big = write(os.path.join(self.outside, "big"), b"SECRET-KEY" * 10000)
+        self.folder({"a": 3, "key": 100000})
+
+        def swap():
+            os.unlink(os.path.join(self.src, "key"))
+            os.symlink(big, os.path.join(self.src, "key"))
+        self.assertIn("is another file than when the transfer started", self.sent_after(swap, ()))
+
+    def test_a_file_the_receiver_has_swapped_for_a_link(self):
+        """Nor are its blocks hashed against the receiver's HAVE (which
+        would tell a receiver whether its guess of the file is right)."""
+        self.folder({"a": 3, "key": 10})
+        start_pair([self.src], self.out, clock=Clock())[0].pump()
+        hashed = []
+        real = resume.match_prefix
+        self.patch(resume, "match_prefix", lambda f, hashes: hashed.append(f.read()) or real(f, hashes))
+
+        def swap():
+            os.unlink(os.path.join(self.src, "key"))
+            os.symlink(self.secret, os.path.join(self.src, "key"))
+        self.assertIn("is another file than when the transfer started", self.sent_after(swap, ()))
+        self.assertNotIn(b"SECRET-KEY", hashed)
+
+    def test_links_the_scan_followed_are_still_sent(self):
+        """A link named on the command line, and links inside a folder with
+        --follow-symlinks, are the files they point to, as scanned."""
+        target = write(os.path.join(self.outside, "t"), b"tt")
+        os.makedirs(self.src)
+        os.symlink(target, os.path.join(self.src, "l"))
+        named = os.path.join(self.outside, "named")
+        os.symlink(target, named)
+        link, clock = Link(), Clock()
+        rd = Receiver(link.b, clock, self.out, accept).start()
+        sd = Sender(link.a, clock, scan([self.src, named], follow_symlinks=True)).start()
+        link.pump()
+        self.successResultOf(sd)
+        self.assertEqual(self.successResultOf(rd).files, 2)
+        self.assertEqual(open(self.dest("l"), "rb").read(), b"tt")
+        self.assertEqual(open(os.path.join(self.out, os.path.basename(named)), "rb").read(), b"tt")

@@ -31,7 +31,7 @@ import attrs
 from ..errors import Declined, TransferFailed
 from .manifest import DIR, printable
 from .records import count
-from .small import open_regular
+from .small import open_regular, scanned_as
 from .store import OutputDir
 
 #: Bytes per hashed block: big enough that a HAVE of a 3 GiB file fits one
@@ -256,7 +256,7 @@ def check_have(entries, sources, have: dict, stop: threading.Event) -> dict[int,
         entry = entries[index]
         path = sources[index]
         try:
-            with os.fdopen(open_regular(path), "rb") as f:  # (not a FIFO that took its name)
+            with os.fdopen(open_regular(path, scanned_as(sources, index)), "rb") as f:
                 prefix = match_prefix(f, hashes)
         except OSError as e:
             raise TransferFailed(f"cannot read {printable(path)}: {e.strerror or e}") from None
