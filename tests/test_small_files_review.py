@@ -630,3 +630,57 @@ class SenderLinkTests(Base):
         self.assertEqual(self.successResultOf(rd).files, 2)
         self.assertEqual(open(self.dest("l"), "rb").read(), b"tt")
         self.assertEqual(open(os.path.join(self.out, os.path.basename(named)), "rb").read(), b"tt")
+
+
+class StreamOfferTests(Base):
+    def test_a_stream_sent_whole(self):
+        """A stream of unknown length (size null) into a folder, its FILE
+        forged into a FILES record: no size to match, refused, nothing
+        written."""
+        from p2pft.transfer.sender import StreamSender
+        from p2pft.transfer.scan import stream_manifest
+        from .test_transfer import FakeSource
+
+        link, source = Link(), FakeSource()
+        sd = StreamSender(link.a, Clock(), stream_manifest(), source).start()
+        rd = Receiver(link.b, Clock(), self.out, accept).start()
+
+        def forge(kind, data, send):
+            if kind == FILE:
+                kind, data = FILES, pack([(0, b"abc")])
+            send(kind, data)
+        self.forging(link, forge)
+        link.pump()
+        self.assertIn("size mismatch for stdin: offered None, received 3 bytes",
+                      str(self.failureResultOf(rd, TransferFailed).value))
+        self.failureResultOf(sd, TransferFailed)
+        self.assertEqual(os.listdir(self.out), [])
+
+
+class AccountingTests(Base):
+    def test_progress_and_counts_with_files_skips_and_data(self):
+        """FILES, FILE/DATA/FILE_END and skipped files mixed: both sides'
+        progress only grows and ends at the total, END, ACK and both
+        results agree, skipped bytes are counted once."""
+        files = self.folder({"a": 5, "b": SMALL_FILE + 3, "c": 0, "d/e": 9, "d/f": 4})
+        os.makedirs(self.dest("d"))
+        write(self.dest("d", "e"), files["d/e"])  # (identical: skipped)
+        link, clock, seen = Link(), Clock(), {"r": [], "s": []}
+        receiver = Receiver(link.b, clock, self.out, accept,
+                            progress=lambda done, total, name: seen["r"].append((done, total)))
+        sender = Sender(link.a, clock, scan([self.src]),
+                        progress=lambda done, total, name: seen["s"].append((done, total)))
+        rd, sd = receiver.start(), sender.start()
+        link.pump()
+        got, sent = self.successResultOf(rd), self.successResultOf(sd)
+        total = sum(map(len, files.values()))
+        self.assertEqual((got.size, got.skipped, got.files), (total, 9, 5))
+        self.assertEqual((sent.size, sent.skipped, sent.files), (total, 9, 5))
+        self.assertEqual(json.loads(link.sent(END)[0]), {"files": 5, "bytes": total})
+        self.assertEqual(json.loads(link.sent(ACK)[0]), {"files": 5, "bytes": total})
+        for side in ("r", "s"):
+            dones = [done for done, _ in seen[side]]
+            self.assertEqual(dones, sorted(dones))
+            self.assertEqual(dones[-1], total)
+            self.assertTrue(all(t == total for _, t in seen[side]))
+        self.assertEqual(files_sent(link), [[1], [3], [6]])
