@@ -142,7 +142,10 @@ class Intake:
             if self._next == len(files) or files[self._next] != index:
                 raise TransferFailed("protocol error: files out of order")
             entry = entries[index]
-            if entry.size != len(data) or len(data) > SMALL_FILE:
+            if len(data) > SMALL_FILE:
+                raise TransferFailed(f"protocol error: {printable(entry.path)} ({len(data)} bytes) is too big "
+                                     f"to be sent whole")
+            if entry.size != len(data):
                 raise TransferFailed(f"size mismatch for {printable(entry.path)}: offered {entry.size}, "
                                      f"received {len(data)} bytes")
             self._next += 1

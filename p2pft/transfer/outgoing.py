@@ -16,7 +16,7 @@ import attrs
 
 from ..errors import TransferFailed
 from .manifest import Entry, printable
-from .small import BATCH_BYTES, BATCH_FILES, SMALL_FILE, read_whole
+from .small import BATCH_BYTES, BATCH_FILES, SMALL_FILE, open_regular, read_whole, scanned_as
 
 
 @attrs.define
@@ -28,12 +28,10 @@ class OutgoingFile:
     remaining: int
 
 
-def _open_source(entry, source: str):
-    """The file C{source} of C{entry}, unbuffered, if it is still its size."""
-    try:
-        f = open(source, "rb", buffering=0)
-    except OSError as e:
-        raise TransferFailed(f"cannot read {printable(source)}: {e.strerror or e}") from None
+def _open_source(entry, source: str, scanned: int | None = None):
+    """The file C{source} of C{entry}, unbuffered, if it is still the file
+    scanned and its size."""
+    f = os.fdopen(open_regular(source, scanned), "rb", buffering=0)
     size = os.fstat(f.fileno()).st_size
     if size != entry.size:
         f.close()
@@ -73,7 +71,7 @@ class Outgoing:
         complete, prefix = self._plan.pop(index, (False, None))
         if complete:
             return entry, {"file": index, "skip": True}
-        f = _open_source(entry, self._sources[index])
+        f = _open_source(entry, self._sources[index], scanned_as(self._sources, index))
         offset = prefix.length if prefix is not None else 0
         f.seek(offset)
         self.current = OutgoingFile(entry, f, entry.size - offset)
@@ -92,7 +90,7 @@ class Outgoing:
             if entry.size is None or entry.size > SMALL_FILE or index in self._plan \
                     or (files and size + entry.size > BATCH_BYTES):
                 break
-            files.append((index, read_whole(entry, self._sources[index])))
+            files.append((index, read_whole(entry, self._sources[index], scanned_as(self._sources, index))))
             self._next += 1
             size += entry.size
         return files

@@ -31,6 +31,7 @@ import attrs
 from ..errors import Declined, TransferFailed
 from .manifest import DIR, printable
 from .records import count
+from .small import open_regular, scanned_as
 from .store import OutputDir
 
 #: Bytes per hashed block: big enough that a HAVE of a 3 GiB file fits one
@@ -255,7 +256,7 @@ def check_have(entries, sources, have: dict, stop: threading.Event) -> dict[int,
         entry = entries[index]
         path = sources[index]
         try:
-            with open(path, "rb") as f:
+            with os.fdopen(open_regular(path, scanned_as(sources, index)), "rb") as f:
                 prefix = match_prefix(f, hashes)
         except OSError as e:
             raise TransferFailed(f"cannot read {printable(path)}: {e.strerror or e}") from None

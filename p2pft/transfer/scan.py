@@ -18,19 +18,32 @@ from .manifest import DIR, FILE, Entries, Entry, ManifestChecker, listing
 from .names import PORTABLE, POSIX, NameRules, printable, safe_path
 
 
+def identity(st: os.stat_result) -> int:
+    """Which file C{st} describes (its device and inode), in 64 bits."""
+    return hash((st.st_dev, st.st_ino)) & 0xFFFF_FFFF_FFFF_FFFF
+
+
 class _Sources(Sequence):
     """Where a scanned manifest's entries are read from: the folder of the
     command-line path each came from, joined to the entry's path, except
-    where the name on disk is not the entry's (not in NFC form)."""
+    where the name on disk is not the entry's (not in NFC form).  And which
+    file each was when scanned (L{identity}): a name that is another file
+    when it is sent -- a link put there since, or a folder above it
+    swapped for one -- is not read (L{p2pft.transfer.small.open_regular})."""
 
     def __init__(self, entries: Entries):
         self._entries = entries
         self.bases: list[str] = []
         self.base_of = array("i")
         self.other: dict[int, str] = {}
+        self.identities = array("Q")
 
-    def append(self, local: str, rel: str, path: str) -> None:
+    def identity(self, index: int) -> int:
+        return self.identities[index]
+
+    def append(self, local: str, rel: str, path: str, st: os.stat_result) -> None:
         index = len(self.base_of)
+        self.identities.append(identity(st))
         base = local[:len(local) - len(rel)]
         if not self.bases or self.bases[-1] != base:
             self.bases.append(base)
@@ -121,7 +134,7 @@ def _add_tree(checker: ManifestChecker, sources: _Sources, local: str, rel: str,
     def add(kind, size):
         path = safe_path(rel, checker.rules)
         checker.add(Entry(path, kind, size, stat.S_IMODE(st.st_mode), st.st_mtime_ns))
-        sources.append(local, rel, path)
+        sources.append(local, rel, path, st)
     if stat.S_ISREG(st.st_mode):
         if not os.access(local, os.R_OK):
             raise ScanError(f"{local}: permission denied")

@@ -36,6 +36,12 @@ CHUNK = 256 * 1024
 #: Payload bytes written each time the transport asks for more (a pull
 #: producer that wrote less than the socket takes would idle the link).
 BURST = 1 << 20
+#: What a file costs of a burst beyond its bytes: opening, reading and
+#: closing it are a few system calls (microseconds from a warm cache, a
+#: disk seek from a cold one), where its bytes in a FILES record may be
+#: none.  So one burst reads at most BURST / FILE_COST (512) files, about
+#: one FILES record of empty ones, not 131,072.
+FILE_COST = 2048
 
 
 class SenderState(str, Enum):
@@ -179,9 +185,10 @@ class Sender(Endpoint):
                 if self._whole:
                     files = outgoing.whole()
                     if files:
-                        budget -= self._send_whole(files)
+                        budget -= self._send_whole(files) + len(files) * FILE_COST
                         continue
                 self._open_next()
+                budget -= FILE_COST
                 continue
             chunk = outgoing.read(CHUNK)
             if chunk:
@@ -196,14 +203,14 @@ class Sender(Endpoint):
             self._progress(self._name)
 
     def _send_whole(self, files: list[tuple[int, bytes]]) -> int:
-        """One FILES record of C{files}; the bytes of their content."""
+        """One FILES record of C{files}; its size."""
         payload = pack(files)
         size = sum(len(data) for _, data in files)
         self._bytes_done += size
         self._pacer.count(size)
         self._name = self._entries[files[-1][0]].path
         self._channel.send(FILES, payload)
-        return max(len(payload), 1)
+        return len(payload)
 
     def _open_next(self) -> None:
         entry, message = self._outgoing.start_next()

@@ -34,12 +34,14 @@ version is cut and reused.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from typing import Iterator
 
 
 from ..errors import TransferFailed
 from .manifest import printable
+from .scan import identity
 
 #: Largest file sent whole in a FILES record.  A FILES record holds its
 #: files in the receiver's memory until they are written, and a file this
@@ -80,14 +82,44 @@ def unpack(payload: bytes) -> Iterator[tuple[int, memoryview]]:
         at += size
 
 
-def read_whole(entry, source: str) -> bytes:
-    """The whole content of the file C{source} of C{entry}, if it is still
-    the size offered (the checks of L{p2pft.transfer.outgoing}, in one
-    read)."""
+def scanned_as(sources, index: int) -> int | None:
+    """Which file C{sources[index]} was when scanned, if the sources say
+    (L{p2pft.transfer.scan.identity}; standard input does not)."""
+    of = getattr(sources, "identity", None)
+    return of(index) if of is not None else None
+
+
+def open_regular(source: str, scanned: int | None = None) -> int:
+    """A descriptor of the file C{source}, for reading, if it is (still) a
+    regular file: the scan left FIFOs and devices out, but one can take a
+    file's name before it is sent, and opening a FIFO would block until
+    something writes to it (the reactor thread, forever).  And if it is
+    still the file scanned (C{scanned}: its L{p2pft.transfer.scan.identity}):
+    the scan followed no link it was not told to, and the name could since
+    have become one (to a file of the same size elsewhere)."""
     try:
-        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
         raise TransferFailed(f"cannot read {printable(source)}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TransferFailed(f"cannot read {printable(source)}: it is not a regular file any more; send again")
+        if scanned is not None and identity(st) != scanned:
+            raise TransferFailed(f"{printable(source)} is another file than when the transfer started "
+                                 f"(replaced, or a link put there); send again")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_whole(entry, source: str, scanned: int | None = None) -> bytes:
+    """The whole content of the file C{source} of C{entry}, if it is still
+    the file scanned and the size offered (the checks of
+    L{p2pft.transfer.outgoing}, in one read)."""
+    fd = open_regular(source, scanned)
     try:
         size = os.fstat(fd).st_size
         if size != entry.size:
