@@ -17,6 +17,7 @@ from p2pft.errors import TransferFailed
 from p2pft.transfer import resume, store
 from p2pft.transfer.destination import DiskDestination
 from p2pft.transfer.manifest import PARTIAL_SUFFIX
+from p2pft.transfer.receiver import FILES_PER_TURN
 from p2pft.transfer.records import ACCEPT, DATA, FILE, FILE_END, FILES
 from p2pft.transfer.small import BATCH_BYTES, BATCH_FILES, SMALL_FILE, pack, unpack
 
@@ -143,6 +144,31 @@ class SmallFileTests(SynchronousTestCase):
         link.pump()
         self.assertIn("appeared as a folder while receiving", str(self.failureResultOf(rd, TransferFailed).value))
         self.failureResultOf(sd, TransferFailed)
+
+
+    def test_the_receiver_lets_the_reactor_run(self):
+        """One socket read can hold hundreds of FILES records of empty
+        files: after L{FILES_PER_TURN} files the receiver holds the next
+        records until the reactor's next turn."""
+        self.folder({f"e/{i:05d}": 0 for i in range(3 * FILES_PER_TURN)})
+        clock, per_turn = Clock(), [0]
+        advance = clock.advance
+
+        def next_turn(amount):
+            per_turn.append(0)
+            advance(amount)
+        clock.advance = next_turn
+        write_whole = DiskDestination.write_whole
+
+        def counted(self, *args):
+            per_turn[-1] += 1
+            write_whole(self, *args)
+        self.patch(DiskDestination, "write_whole", counted)
+        link, sender, receiver, sd, rd = start_pair([self.src], self.out, clock=clock)
+        link.pump()
+        self.assertEqual(self.successResultOf(rd).files, 3 * FILES_PER_TURN)
+        self.assertGreaterEqual(len(per_turn), 3)
+        self.assertLessEqual(max(per_turn), FILES_PER_TURN + BATCH_FILES - 1)
 
 
 class ReceiverChecksTests(SynchronousTestCase):

@@ -134,10 +134,10 @@ class Intake:
     def whole(self, payload: bytes) -> tuple[int, str]:
         """A FILES record: whole small files (L{p2pft.transfer.small}),
         each checked as a FILE ... FILE_END would be, then written by the
-        destination.  The bytes they hold and the last one's path."""
+        destination.  How many, the bytes they hold and the last one's path."""
         if self.current is not None or not self._dest.takes_whole:
             raise self._unexpected(FILES)
-        entries, files, total, entry = self._checker.entries, self._files, 0, None
+        entries, files, total, entry, first = self._checker.entries, self._files, 0, None, self._next
         for index, data in unpack(payload):
             if self._next == len(files) or files[self._next] != index:
                 raise TransferFailed("protocol error: files out of order")
@@ -158,7 +158,7 @@ class Intake:
             self._dest.write_whole(entry, data, self._overwrite)
             self.kept = True
             self.placed += 1
-        return total, entry.path
+        return self._next - first, total, entry.path
 
     def reserve(self, size: int):
         """Where the next DATA record of C{size} bytes may be opened
