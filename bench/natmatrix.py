@@ -95,13 +95,21 @@ ROWS = {
 }
 
 
-def shaped(options: dict, rtt: float, loss: float) -> dict:
+def shaped(options: dict, rtt: float, loss: float, server=(0.0, 0.0)) -> dict:
+    """C{options} with RTT C{rtt} between the peers, loss C{loss}, and
+    C{server}: (a, b), ms added to each peer's round trip to the server."""
     out = dict(options)
     q = 1 - math.sqrt(1 - loss) if loss else 0.0
-    for host in ("a",) if out.get("shared_lan") else ("a", "b"):
+    for host, extra in zip(("a",) if out.get("shared_lan") else ("a", "b"), server):
         nat = out.get(host) or Nat()
-        out[host] = dataclasses.replace(nat, delay_ms=rtt / 4, loss=q)
+        out[host] = dataclasses.replace(nat, delay_ms=rtt / 4, loss=q, server_delay_ms=extra / 2)
     return out
+
+
+def server_paths(text: str) -> tuple[float, float]:
+    """--server A,B: ms added to a's and b's round trips to the server."""
+    a, b = (float(x) for x in text.split(","))
+    return (a, b)
 
 
 def env():
@@ -160,9 +168,9 @@ def session(lab, server, src, size, rate, code, workdir, timeout, verbose):
     return res
 
 
-def cell(row, rtt, loss, args, workdir, src, size):
+def cell(row, rtt, loss, args, workdir, src, size, server=(0.0, 0.0)):
     options, expected = ROWS[row]
-    lab = NatLab(**shaped(options, rtt, loss))
+    lab = NatLab(**shaped(options, rtt, loss, server))
     results = []
     try:
         lab.up()
@@ -176,13 +184,15 @@ def cell(row, rtt, loss, args, workdir, src, size):
     return results
 
 
-def summary(row, rtt, loss, results):
+def summary(row, rtt, loss, results, server=(0.0, 0.0), timed=None):
     direct = sum(1 for r in results if r["path"] == "direct")
     failed = sum(1 for r in results if not r["ok"])
     times = sorted(r["to_direct"] * 1000 for r in results if r["to_direct"] is not None)
     syns = sorted(r["syns"] for r in results)
     med = lambda xs: f"{statistics.median(xs):.0f}" if xs else "-"
-    return (f"{row:26} {rtt:4.0f} ms {loss * 100:3.0f} %  direct {direct:2}/{len(results):<2}"
+    extra = (f"  server +{server[0]:g}/+{server[1]:g} ms" if any(server) else "") + (
+        f"  timed {timed}" if timed else "")
+    return (f"{row:26} {rtt:4.0f} ms {loss * 100:3.0f} %{extra}  direct {direct:2}/{len(results):<2}"
             f"{'  FAILED %d' % failed if failed else ''}  to direct median {med(times):>5} ms"
             f" max {max(times) if times else 0:5.0f} ms  birthday SYNs median {med(syns):>5}"
             f" max {max(syns) if syns else 0:5}")
@@ -198,6 +208,10 @@ def main():
     p.add_argument("--rate", default="1M", help="--limit-rate of each transfer")
     p.add_argument("--birthday", metavar="N,M|off",
                    help="P2PFT_BIRTHDAY for every session: opens and probes, or off")
+    p.add_argument("--server", nargs="+", type=server_paths, default=[(0.0, 0.0)], metavar="A,B",
+                   help="ms added to a's and b's round trips to the server (each A,B a cell)")
+    p.add_argument("--timed", nargs="+", choices=["on", "off"], default=[None],
+                   help="P2PFT_TIMED for the sessions (each value a cell; default: unset)")
     p.add_argument("--json", metavar="FILE", help="also write every session here")
     p.add_argument("--verbose", action="store_true", help="p2pft -v, and keep its logs")
     p.add_argument("--list", action="store_true")
@@ -218,12 +232,17 @@ def main():
         for row in args.rows:
             for rtt in args.rtts:
                 for loss in args.losses:
-                    results = cell(row, rtt, loss, args, workdir, src, size)
-                    print(summary(row, rtt, loss, results), flush=True)
-                    for r in results:
-                        if not r["ok"]:
-                            print("   failed:", {k: v for k, v in r.items() if k.endswith("_err")})
-                    every.append({"row": row, "rtt_ms": rtt, "loss": loss, "sessions": results})
+                    for server in args.server:
+                        for timed in args.timed:
+                            if timed:
+                                os.environ["P2PFT_TIMED"] = timed
+                            results = cell(row, rtt, loss, args, workdir, src, size, server)
+                            print(summary(row, rtt, loss, results, server, timed), flush=True)
+                            for r in results:
+                                if not r["ok"]:
+                                    print("   failed:", {k: v for k, v in r.items() if k.endswith("_err")})
+                            every.append({"row": row, "rtt_ms": rtt, "loss": loss, "server_ms": server,
+                                          "timed": timed, "sessions": results})
     finally:
         if args.json:
             with open(args.json, "w") as f:

@@ -22,7 +22,6 @@ import os
 import attrs
 from twisted.internet import defer, error, task
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
-from twisted.internet.protocol import ClientFactory
 from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
 
@@ -33,7 +32,8 @@ from .channel import PeerConnection
 from .errors import SessionError
 from .portmap import SessionMapping
 from .punch import PunchConnector, PunchSchedule
-from .rendezvous import PeerGone, RendezvousClientProtocol, RendezvousError
+from .punch_schedule import peer_rtt, timed_delay
+from .rendezvous import PeerGone, RendezvousClientFactory, RendezvousClientProtocol, RendezvousError
 from .secure import RECEIVER, SENDER, Pake, SecurityError, WrongCode
 from .session import CONTROL, SessionLink, auto
 from .transfer import text
@@ -100,6 +100,15 @@ def birthday_schedule(text: str | None) -> birthday.BirthdaySchedule | None:
     return birthday.BirthdaySchedule(opens=opens, probes=probes, max_opens=4 * opens)
 
 
+def timed_setting(text: str | None) -> bool:
+    """Whether C{P2PFT_TIMED} (a knob for the benchmarks, bench/natmatrix.py)
+    leaves timed punching on: unset, empty or "on", yes; "off", no."""
+    value = (text or "on").strip().lower()
+    if value not in ("on", "off"):
+        raise SessionError(f"P2PFT_TIMED must be on or off, not {text!r}")
+    return value == "on"
+
+
 @attrs.define
 class Settings:
     server: tuple[str, int]
@@ -120,6 +129,9 @@ class Settings:
     #: Birthday punching through one symmetric NAT (None: never).
     birthday: birthday.BirthdaySchedule | None = attrs.field(
         factory=lambda: birthday_schedule(os.environ.get("P2PFT_BIRTHDAY")))
+    #: Timed punching: the side farther from the server holds its first
+    #: attempts back so both sides' SYNs leave together (L{timed_delay}).
+    timed: bool = attrs.field(factory=lambda: timed_setting(os.environ.get("P2PFT_TIMED")))
 
 
 def _timeout(reactor, d: defer.Deferred, seconds: float, what: str) -> defer.Deferred:
@@ -143,7 +155,7 @@ async def connect_rendezvous(reactor, server: tuple[str, int], port: int = 0) ->
     """
     host, server_port = server
     binding = makeBinding("", port, reuseAddress=True, reusePort=True)
-    factory = ClientFactory.forProtocol(RendezvousClientProtocol)
+    factory = RendezvousClientFactory(reactor)
     try:
         if ":" in host:
             endpoint = HostnameEndpoint(reactor, host, server_port, timeout=10, bindAddress=binding)
@@ -221,6 +233,9 @@ async def establish(reactor, settings: Settings, role: str, ui) -> Session:
 
 async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) -> Session:
     public = await _timeout(reactor, client.welcomed(), 30, "the rendezvous server")
+    # A second sample of our round trip to the server (the first: WELCOME),
+    # for timed punching; its PONG is back long before the candidates go.
+    client.ping("rtt").addErrback(lambda f: None)
     # Asked now, in the background; offered with our candidates (p2pft.portmap.session).
     router = SessionMapping.start(reactor, client, settings.port_mapping, ui)
     if settings.code:
@@ -248,16 +263,19 @@ async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) ->
     if settings.birthday is not None and not observed:
         await _race(reactor, [mapping], MAPPING_WAIT)
     ours = observed[0] if observed else None
-    client.send(box.seal(_encode({"candidates": mine, **({"mapping": ours} if ours else {})})))
+    client.send(box.seal(_encode(candidates_message(mine, ours, client.rtt))))
     message = _decode(box.open(
         await _timeout(reactor, client.receive(), settings.timeout, "the other side's addresses")))
     theirs = parse_candidates(message, server_host, mine)
-    log.info("punching from port {port} to {theirs}", port=local_port, theirs=theirs)
+    delay = timed_delay(client.rtt, peer_rtt(message.get("rtt_ms"))) if settings.timed else 0.0
+    log.info("punching from port {port} to {theirs} (our round trip to the server {ours}, theirs "
+             "{rtt}: first attempts after {delay:.3f} s)", port=local_port, theirs=theirs,
+             ours=_ms(client.rtt), rtt=_ms(peer_rtt(message.get("rtt_ms"))), delay=delay)
 
     dial, names = relays(settings, client.relays, server_host)
     finder = LaneFinder(reactor, settings, role, keys, ui, dial)
     router.until(finder.link.whenClosed())
-    connector = finder.punch(local_port, theirs, mine)
+    connector = finder.punch(local_port, theirs, mine, delay=delay)
     side = birthday.role(ours, message.get("mapping"))
     target = _birthday_target(client.partner, mine)
     log.info("our NAT's mapping: {ours}; theirs: {theirs}; the server sees them from {target}",
@@ -276,6 +294,22 @@ async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) ->
         resolving.addErrback(lambda f: log.failure("resolving relays", f))
     await _punch_watching_partner(reactor, client, connector, role, settings.schedule, also)
     return Session(finder.link, finder, features, max(0.0, reactor.seconds() - paired_at))
+
+
+def candidates_message(mine: list, mapping: str | None, rtt: float | None) -> dict:
+    """Message 3 (docs/PROTOCOL.md section 2): our candidates, what we know
+    of our NAT's C{mapping}, and our round trip to the server C{rtt}
+    (seconds; as C{rtt_ms}, for timed punching), each only when known."""
+    message: dict = {"candidates": mine}
+    if mapping:
+        message["mapping"] = mapping
+    if rtt is not None:
+        message["rtt_ms"] = round(rtt * 1000, 2)
+    return message
+
+
+def _ms(seconds: float | None) -> str:
+    return "not known" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
 #: Seconds to wait for our mapping's second observation once the
@@ -496,16 +530,19 @@ class LaneFinder:
 
     # -- starting connectors ---------------------------------------------
 
-    def punch(self, local_port: int, theirs, mine, relays=None, stream: bool = False) -> PunchConnector:
+    def punch(self, local_port: int, theirs, mine, relays=None, stream: bool = False,
+              delay: float = 0.0) -> PunchConnector:
         """A connector that punches from C{local_port} to the peer's
         candidates C{theirs} and dials the relays (at once), whose lanes
         join the link; the caller runs it.  C{stream}: a further direct
-        stream, not the session's path."""
+        stream, not the session's path; C{delay}: seconds before its first
+        attempts at C{theirs} (timed punching)."""
         own_hosts = frozenset(str(parse_ip(h)) for h, _ in mine if parse_ip(h) is not None)
         connector = self._keep(PunchConnector(
             self._reactor, local_port, theirs, self._factory(0), leader=self._leader,
             schedule=self._settings.schedule, relays=self.relays if relays is None else relays,
-            own_hosts=own_hosts, on_lane=self._lane, want=self._on_direct if stream else self._want))
+            own_hosts=own_hosts, on_lane=self._lane, want=self._on_direct if stream else self._want,
+            delay=delay))
         if not stream:
             self._main = [c for c in self._main if c.running] + [connector]
         return connector

@@ -7,6 +7,7 @@ L{p2pft.punch.PunchConnector} consults the plan and runs the sockets.
 
 from __future__ import annotations
 
+import math
 import random
 
 import attrs
@@ -33,6 +34,50 @@ def refused(reason: Failure) -> bool:
     inner = reason.value.args[0] if reason.value.args else None
     return isinstance(inner, Failure) and bool(inner.check(error.ConnectionDone, error.ConnectionLost,
                                                            error.ConnectionRefusedError))
+
+
+#: Longest wait before our first attempts that a timed start (L{timed_delay})
+#: may ask for, seconds.  It is half the difference of the two sides' round
+#: trips to the rendezvous server: a geostationary satellite hop (about
+#: 600 ms) on one side and a server next door on the other differs by 0.3 s;
+#: more than this is a stall while measuring, not a path, and waiting on it
+#: would only delay the direct path.
+MAX_TIMED_DELAY = 0.5
+#: Largest round trip to the server (ms) the peer's C{rtt_ms} may claim
+#: (docs/PROTOCOL.md section 2); anything else is taken as absent.
+MAX_RTT_MS = 10_000
+
+
+def peer_rtt(value) -> float | None:
+    """The peer's C{rtt_ms} (message 3), in seconds: a JSON number (not a
+    bool) within [0, L{MAX_RTT_MS}]; None for anything else (absent, as
+    from an older peer, or malformed: untrusted, so no delay)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not (math.isfinite(value) and 0 <= value <= MAX_RTT_MS):
+        return None
+    return value / 1000.0
+
+
+def timed_delay(own_rtt: float | None, their_rtt: float | None) -> float:
+    """
+    Seconds to hold our first attempts back so that both sides' SYNs leave
+    at the same instant (the DCUtR method, measured through the server).
+
+    Punching starts when the peer's candidates arrive through the server.
+    With one-way delays server->us C{o} and server->peer C{p} (half of
+    each side's round trip), the exchange that leads up to it (PAKE, key
+    confirmation, candidates: each side sends its next message when the
+    peer's last one arrived) makes the side farther from the server start
+    C{o - p} seconds before the nearer one.  So the farther side waits
+    C{o - p}, the nearer side nothing: C{max(0, (own - theirs) / 2)}, at
+    most L{MAX_TIMED_DELAY}.  Assumes each side's path to the server takes
+    as long each way, and that both measured their round trips alike.
+    Either not known: 0 (no timing; an older peer).
+    """
+    if own_rtt is None or their_rtt is None:
+        return 0.0
+    return min(MAX_TIMED_DELAY, max(0.0, (own_rtt - their_rtt) / 2))
 
 
 @attrs.frozen

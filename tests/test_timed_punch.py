@@ -1,0 +1,181 @@
+"""
+Timed punching (issue 15, the DCUtR method): each side measures its round
+trip to the rendezvous server, tells the other in message 3 (C{rtt_ms}),
+and the side farther from the server holds its first attempts back by half
+the difference, so both sides' SYNs leave at the same instant.
+"""
+
+import os
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2pft.connect import Settings, candidates_message, timed_setting
+from p2pft.errors import SessionError
+from p2pft.punch import PunchConnector
+from p2pft.punch_schedule import MAX_TIMED_DELAY, peer_rtt, timed_delay
+from p2pft.rendezvous import RendezvousClientFactory, RendezvousClientProtocol
+from tests.test_punch import SCHEDULE, FakeCandidate
+
+
+class DelayTests(SynchronousTestCase):
+    def test_the_farther_side_waits_half_the_difference(self):
+        self.assertAlmostEqual(timed_delay(0.060, 0.0), 0.030)
+        self.assertAlmostEqual(timed_delay(0.080, 0.020), 0.030)
+
+    def test_the_nearer_side_waits_nothing(self):
+        self.assertEqual(timed_delay(0.0, 0.060), 0.0)
+        self.assertEqual(timed_delay(0.030, 0.030), 0.0)
+
+    def test_not_known_no_delay(self):
+        self.assertEqual(timed_delay(None, 0.0), 0.0)
+        self.assertEqual(timed_delay(0.5, None), 0.0)
+
+    def test_bounded(self):
+        self.assertEqual(timed_delay(9.0, 0.0), MAX_TIMED_DELAY)
+
+    def test_the_peers_field_is_untrusted(self):
+        self.assertEqual(peer_rtt(61.5), 0.0615)
+        self.assertEqual(peer_rtt(0), 0.0)
+        for bad in (None, True, False, "60", -1, float("nan"), float("inf"), 10_001, [60], {}):
+            self.assertIsNone(peer_rtt(bad), bad)
+
+    def test_sides_that_start_apart_send_their_first_syns_together(self):
+        """
+        A model of the exchange on a Clock, as the code runs it: PAIRED
+        reaches both at once from the server; PAKE, key confirmation and
+        candidates each go when the peer's previous message arrived; each
+        side starts punching when the peer's candidates arrive, after
+        L{timed_delay} of the round trips each measured (WELCOME: one round
+        trip).  The first SYNs leave together, whichever side is farther.
+        """
+        for one_way in ((0.0, 0.030), (0.030, 0.0), (0.005, 0.045), (0.020, 0.020)):
+            clock = Clock()
+            arrived, syn = {}, {}
+            rtt = {side: 2 * one_way[side] for side in (0, 1)}
+
+            def deliver(to, n):
+                # side `to` got the peer's message n
+                if n < 3:
+                    send(to, n + 1)
+                else:
+                    arrived[to] = clock.seconds()
+                    syn[to] = arrived[to] + timed_delay(rtt[to], rtt[1 - to])
+
+            def send(side, n):
+                clock.callLater(one_way[side] + one_way[1 - side], deliver, 1 - side, n)
+
+            for side in (0, 1):
+                clock.callLater(one_way[side], send, side, 1)  # PAIRED arrives, PAKE goes
+            while clock.getDelayedCalls():
+                clock.advance(min(c.getTime() for c in clock.getDelayedCalls()) - clock.seconds())
+            # Untimed, the farther side would start first, by the difference:
+            self.assertAlmostEqual(arrived[1] - arrived[0], one_way[0] - one_way[1], places=6)
+            self.assertAlmostEqual(syn[0], syn[1], places=6, msg=one_way)
+
+
+class ConnectorTests(SynchronousTestCase):
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+
+    def make(self, delay):
+        return PunchConnector(self.reactor, 5555, [("198.51.100.1", 4000), ("10.0.0.2", 4000)],
+                              lambda c, relay: FakeCandidate(c), True, SCHEDULE,
+                              relays=[("203.0.113.9", 9000)], delay=delay)
+
+    def dialled(self):
+        return [(h, p) for h, p, _, _, _ in self.reactor.tcpClients]
+
+    def test_first_attempts_held_back_listener_at_once(self):
+        self.make(0.030).run()
+        self.assertEqual(len(self.reactor.tcpServers), 2)
+        self.assertEqual(self.dialled(), [])
+        self.reactor.advance(0.029)
+        self.assertEqual(self.dialled(), [])
+        self.reactor.advance(0.001)
+        self.assertEqual(self.dialled(), [("198.51.100.1", 4000), ("10.0.0.2", 4000)])
+
+    def test_relays_are_not_held_back(self):
+        schedule = SCHEDULE.__class__(relay_delay=0.0)
+        PunchConnector(self.reactor, 5555, [("198.51.100.1", 4000)], lambda c, relay: FakeCandidate(c),
+                       True, schedule, relays=[("203.0.113.9", 9000)], delay=0.2).run()
+        self.reactor.advance(0)
+        self.assertEqual(self.dialled(), [("203.0.113.9", 9000)])
+        self.reactor.advance(0.2)
+        self.assertEqual(self.dialled(), [("203.0.113.9", 9000), ("198.51.100.1", 4000)])
+
+    def test_stopped_before_the_delay_dials_nothing(self):
+        connector = self.make(0.030)
+        connector.run().addErrback(lambda f: None)
+        connector.stop()
+        self.reactor.advance(1)
+        self.assertEqual(self.dialled(), [])
+
+    def test_no_delay_dials_at_once(self):
+        self.make(0.0).run()
+        self.assertEqual(self.dialled(), [("198.51.100.1", 4000), ("10.0.0.2", 4000)])
+
+
+WELCOME = b"WELCOME p2pft 1 203.0.113.5 4444 -\n"
+
+
+class RoundTripTests(SynchronousTestCase):
+    def connected(self):
+        clock = Clock()
+        client = RendezvousClientFactory(clock).buildProtocol(None)
+        client.makeConnection(StringTransport())
+        return clock, client
+
+    def test_connection_to_welcome_is_one_round_trip(self):
+        clock, client = self.connected()
+        self.assertIsNone(client.rtt)
+        clock.advance(0.061)
+        client.dataReceived(WELCOME)
+        self.assertAlmostEqual(client.rtt, 0.061)
+
+    def test_a_ping_keeps_the_shortest(self):
+        clock, client = self.connected()
+        clock.advance(0.080)
+        client.dataReceived(WELCOME)
+        client.ping("rtt")
+        clock.advance(0.060)
+        client.dataReceived(b"PONG rtt\n")
+        self.assertAlmostEqual(client.rtt, 0.060)
+        client.ping("rtt")
+        clock.advance(0.070)
+        client.dataReceived(b"PONG rtt\n")
+        self.assertAlmostEqual(client.rtt, 0.060)
+
+    def test_an_unasked_pong_measures_nothing(self):
+        clock, client = self.connected()
+        clock.advance(0.05)
+        client.dataReceived(WELCOME)
+        clock.advance(0.01)
+        client.dataReceived(b"PONG rtt\n")
+        self.assertAlmostEqual(client.rtt, 0.05)
+
+    def test_without_a_clock_nothing_is_measured(self):
+        client = RendezvousClientProtocol()
+        client.makeConnection(StringTransport())
+        client.dataReceived(WELCOME)
+        self.assertIsNone(client.rtt)
+
+
+class MessageTests(SynchronousTestCase):
+    def test_candidates_carry_the_round_trip(self):
+        mine = [["203.0.113.5", 4444]]
+        self.assertEqual(candidates_message(mine, "fixed", 0.06123),
+                         {"candidates": mine, "mapping": "fixed", "rtt_ms": 61.23})
+        self.assertEqual(candidates_message(mine, None, None), {"candidates": mine})
+
+    def test_knob(self):
+        self.assertTrue(timed_setting(None))
+        self.assertTrue(timed_setting(""))
+        self.assertTrue(timed_setting(" On "))
+        self.assertFalse(timed_setting("off"))
+        self.assertRaises(SessionError, timed_setting, "maybe")
+
+    def test_settings_read_the_knob(self):
+        self.patch(os, "environ", {"P2PFT_TIMED": "off"})
+        self.assertFalse(Settings(server=("h", 1)).timed)
