@@ -32,7 +32,7 @@ from .channel import PeerConnection
 from .errors import SessionError
 from .portmap import SessionMapping
 from .punch import PunchConnector, PunchSchedule
-from .punch_schedule import peer_rtt, timed_delay
+from .punch_schedule import MAX_TIMED_DELAY, STAGGER, peer_rtt, timed_delay
 from .rendezvous import PeerGone, RendezvousClientFactory, RendezvousClientProtocol, RendezvousError
 from .secure import RECEIVER, SENDER, Pake, SecurityError, WrongCode
 from .session import CONTROL, SessionLink, auto
@@ -109,6 +109,21 @@ def timed_setting(text: str | None) -> bool:
     return value == "on"
 
 
+def stagger_setting(text: str | None) -> float:
+    """The follower's stagger C{P2PFT_STAGGER} asks for (a knob for the
+    benchmarks): unset or empty, L{STAGGER}; else milliseconds, 0 to 500
+    (0: none)."""
+    if not text or not text.strip():
+        return STAGGER
+    try:
+        ms = float(text)
+        if not 0 <= ms <= 500:
+            raise ValueError
+    except ValueError:
+        raise SessionError(f"P2PFT_STAGGER must be milliseconds from 0 to 500, not {text!r}") from None
+    return ms / 1000.0
+
+
 @attrs.define
 class Settings:
     server: tuple[str, int]
@@ -132,6 +147,8 @@ class Settings:
     #: Timed punching: the side farther from the server holds its first
     #: attempts back so both sides' SYNs leave together (L{timed_delay}).
     timed: bool = attrs.field(factory=lambda: timed_setting(os.environ.get("P2PFT_TIMED")))
+    #: Seconds the follower starts after the leader (L{STAGGER}).
+    stagger: float = attrs.field(factory=lambda: stagger_setting(os.environ.get("P2PFT_STAGGER")))
 
 
 def _timeout(reactor, d: defer.Deferred, seconds: float, what: str) -> defer.Deferred:
@@ -267,13 +284,14 @@ async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) ->
     message = _decode(box.open(
         await _timeout(reactor, client.receive(), settings.timeout, "the other side's addresses")))
     theirs = parse_candidates(message, server_host, mine)
-    delay = timed_delay(client.rtt, peer_rtt(message.get("rtt_ms"))) if settings.timed else 0.0
+    delay = first_delay(settings, role, client.rtt, peer_rtt(message.get("rtt_ms")))
     log.info("punching from port {port} to {theirs} (our round trip to the server {ours}, theirs "
              "{rtt}: first attempts after {delay:.3f} s)", port=local_port, theirs=theirs,
              ours=_ms(client.rtt), rtt=_ms(peer_rtt(message.get("rtt_ms"))), delay=delay)
 
     dial, names = relays(settings, client.relays, server_host)
     finder = LaneFinder(reactor, settings, role, keys, ui, dial)
+    finder.server_rtts = (client.rtt, peer_rtt(message.get("rtt_ms")))
     router.until(finder.link.whenClosed())
     connector = finder.punch(local_port, theirs, mine, delay=delay)
     side = birthday.role(ours, message.get("mapping"))
@@ -306,6 +324,15 @@ def candidates_message(mine: list, mapping: str | None, rtt: float | None) -> di
     if rtt is not None:
         message["rtt_ms"] = round(rtt * 1000, 2)
     return message
+
+
+def first_delay(settings: Settings, role: str, ours: float | None, theirs: float | None) -> float:
+    """Seconds before our first attempts of the first punching: aligned
+    with the peer's (L{timed_delay} of our round trip to the server C{ours}
+    and the peer's C{theirs}, unless C{settings.timed} is off), and the
+    follower C{settings.stagger} after the leader."""
+    delay = timed_delay(ours, theirs) if settings.timed else 0.0
+    return delay + (settings.stagger if role == RECEIVER else 0.0)
 
 
 def _ms(seconds: float | None) -> str:
@@ -524,6 +551,9 @@ class LaneFinder:
         self._tcp_seen: dict = {}  # lane -> its TCP's counts, last seen (L{_tcp})
         self._birthdays: list = []  # the birthday plans run (L{stats})
         self.repunches = 0  # punching again from fresh ports (L{repunch_later})
+        #: Our round trip to the rendezvous server and the peer's (seconds;
+        #: None: not known), from the first meeting (L{_follow_delay}).
+        self.server_rtts: tuple = (None, None)
         self._repunch_timer = None
         self.link = SessionLink(reactor, self._leader, lost_all=self._lost_all,
                                 path_changed=self._path_changed, control=self._control)
@@ -789,13 +819,28 @@ class LaneFinder:
                 if not self.link.send_control(GROWN, _encode({"punch": number, "candidates": mine})):
                     return
             theirs = parse_candidates(theirs, server_host, mine)
-            connector = self.punch(local_port, theirs, mine, relays=[], stream=not fresh)
+            connector = self.punch(local_port, theirs, mine, relays=[], stream=not fresh,
+                                   delay=self._follow_delay() if fresh else 0.0)
             punched = connector.run()
             punched.addErrback(lambda f: log.info("stream {n}: {e}", n=number, e=f.getErrorMessage()))
             await _race(reactor, [punched], self._settings.schedule.handshake_timeout)
             connector.stop()
         finally:
             await _close(reactor, client)
+
+    def _follow_delay(self) -> float:
+        """Follower, punching again from fresh ports: seconds to hold its
+        first attempts back so that they follow the leader's by
+        C{settings.stagger}.  The leader starts when our GROWN reaches it,
+        over the session's link (not direct: through the relay, which is
+        usually the rendezvous server): about half of our round trip to the
+        server plus half of the leader's, when both are known (at most
+        L{MAX_TIMED_DELAY}); the leader itself never waits."""
+        if self._leader:
+            return 0.0
+        ours, theirs = self.server_rtts
+        one_way = min(MAX_TIMED_DELAY, (ours + theirs) / 2) if ours is not None and theirs is not None else 0.0
+        return (one_way if self._settings.timed else 0.0) + self._settings.stagger
 
     def _control(self, kind: int, payload: bytes) -> None:
         if self._stopped or kind not in (GROW, GROWN):

@@ -11,10 +11,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pft.connect import Settings, candidates_message, timed_setting
+from p2pft.connect import LaneFinder, Settings, candidates_message, first_delay, stagger_setting, timed_setting
 from p2pft.errors import SessionError
 from p2pft.punch import PunchConnector
-from p2pft.punch_schedule import MAX_TIMED_DELAY, peer_rtt, timed_delay
+from p2pft.punch_schedule import MAX_TIMED_DELAY, STAGGER, peer_rtt, timed_delay
+from p2pft.secure import RECEIVER, SENDER
 from p2pft.rendezvous import RendezvousClientFactory, RendezvousClientProtocol
 from tests.test_punch import SCHEDULE, FakeCandidate
 
@@ -179,3 +180,50 @@ class MessageTests(SynchronousTestCase):
     def test_settings_read_the_knob(self):
         self.patch(os, "environ", {"P2PFT_TIMED": "off"})
         self.assertFalse(Settings(server=("h", 1)).timed)
+
+
+class StaggerTests(SynchronousTestCase):
+    """The leader (sender) first, the follower (receiver) STAGGER later:
+    a fixed order instead of two sides starting within a fraction of a
+    millisecond of each other."""
+
+    def settings(self, **kw):
+        return Settings(server=("h", 1), **kw)
+
+    def test_knob(self):
+        self.assertEqual(stagger_setting(None), STAGGER)
+        self.assertEqual(stagger_setting(""), STAGGER)
+        self.assertEqual(stagger_setting("0"), 0.0)
+        self.assertEqual(stagger_setting("35"), 0.035)
+        for bad in ("-1", "501", "soon"):
+            self.assertRaises(SessionError, stagger_setting, bad)
+
+    def test_first_punch_the_follower_after_the_leader(self):
+        s = self.settings(timed=True, stagger=0.02)
+        self.assertEqual(first_delay(s, SENDER, 0.001, 0.001), 0.0)
+        self.assertAlmostEqual(first_delay(s, RECEIVER, 0.001, 0.001), 0.02)
+        # aligned first (the receiver farther from the server), then staggered
+        self.assertAlmostEqual(first_delay(s, RECEIVER, 0.061, 0.001), 0.05)
+        self.assertAlmostEqual(first_delay(s, SENDER, 0.061, 0.001), 0.03)
+        self.assertEqual(first_delay(s, SENDER, 0.001, 0.061), 0.0)
+
+    def test_knobs_off(self):
+        s = self.settings(timed=False, stagger=0.0)
+        self.assertEqual(first_delay(s, RECEIVER, 0.061, 0.001), 0.0)
+        self.assertEqual(first_delay(s, SENDER, 0.061, 0.001), 0.0)
+
+    def finder(self, role, **kw):
+        finder = LaneFinder(Clock(), self.settings(**kw), role, None, None, [])
+        finder.server_rtts = (0.010, 0.050)
+        return finder
+
+    def test_fresh_ports_the_follower_waits_for_the_leaders_start(self):
+        """The leader punches when the follower's GROWN reaches it through
+        the relay (half of each side's round trip to the server): the
+        follower waits that, then the stagger."""
+        self.assertAlmostEqual(self.finder(RECEIVER, stagger=0.02)._follow_delay(), 0.05)
+        self.assertEqual(self.finder(SENDER, stagger=0.02)._follow_delay(), 0.0)
+        self.assertAlmostEqual(self.finder(RECEIVER, stagger=0.02, timed=False)._follow_delay(), 0.02)
+        unknown = self.finder(RECEIVER, stagger=0.02)
+        unknown.server_rtts = (0.010, None)
+        self.assertAlmostEqual(unknown._follow_delay(), 0.02)
