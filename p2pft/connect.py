@@ -285,9 +285,9 @@ async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) ->
         await _timeout(reactor, client.receive(), settings.timeout, "the other side's addresses")))
     theirs = parse_candidates(message, server_host, mine)
     delay = first_delay(settings, role, client.rtt, peer_rtt(message.get("rtt_ms")))
-    log.info("punching from port {port} to {theirs} (our round trip to the server {ours}, theirs "
-             "{rtt}: first attempts after {delay:.3f} s)", port=local_port, theirs=theirs,
-             ours=_ms(client.rtt), rtt=_ms(peer_rtt(message.get("rtt_ms"))), delay=delay)
+    log.info("punching from port {port} to {theirs} at {at:.3f} (our round trip to the server {ours}, "
+             "theirs {rtt}: first attempts after {delay:.3f} s)", port=local_port, theirs=theirs,
+             at=reactor.seconds(), ours=_ms(client.rtt), rtt=_ms(peer_rtt(message.get("rtt_ms"))), delay=delay)
 
     dial, names = relays(settings, client.relays, server_host)
     finder = LaneFinder(reactor, settings, role, keys, ui, dial)
