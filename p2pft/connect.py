@@ -32,7 +32,7 @@ from .channel import PeerConnection
 from .errors import SessionError
 from .portmap import SessionMapping
 from .punch import PunchConnector, PunchSchedule
-from .punch_schedule import MAX_TIMED_DELAY, STAGGER, peer_rtt, timed_delay
+from .punch_schedule import MAX_TIMED_DELAY, STAGGER, peer_rtt, peer_sent, timed_delay
 from .rendezvous import PeerGone, RendezvousClientFactory, RendezvousClientProtocol, RendezvousError
 from .secure import RECEIVER, SENDER, Pake, SecurityError, WrongCode
 from .session import CONTROL, SessionLink, auto
@@ -280,11 +280,14 @@ async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) ->
     if settings.birthday is not None and not observed:
         await _race(reactor, [mapping], MAPPING_WAIT)
     ours = observed[0] if observed else None
-    client.send(box.seal(_encode(candidates_message(mine, ours, client.rtt))))
+    sent = reactor.seconds() - paired_at
+    client.send(box.seal(_encode(candidates_message(mine, ours, client.rtt, sent))))
     message = _decode(box.open(
         await _timeout(reactor, client.receive(), settings.timeout, "the other side's addresses")))
     theirs = parse_candidates(message, server_host, mine)
-    delay = first_delay(settings, role, client.rtt, peer_rtt(message.get("rtt_ms")))
+    delay = first_delay(settings, role, timed_delay(
+        client.rtt, peer_rtt(message.get("rtt_ms")), sent, peer_sent(message.get("sent_ms")),
+        reactor.seconds() - paired_at))
     log.info("punching from port {port} to {theirs} at {at:.3f} (our round trip to the server {ours}, "
              "theirs {rtt}: first attempts after {delay:.3f} s)", port=local_port, theirs=theirs,
              at=reactor.seconds(), ours=_ms(client.rtt), rtt=_ms(peer_rtt(message.get("rtt_ms"))), delay=delay)
@@ -314,25 +317,25 @@ async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) ->
     return Session(finder.link, finder, features, max(0.0, reactor.seconds() - paired_at))
 
 
-def candidates_message(mine: list, mapping: str | None, rtt: float | None) -> dict:
+def candidates_message(mine: list, mapping: str | None, rtt: float | None, sent: float | None = None) -> dict:
     """Message 3 (docs/PROTOCOL.md section 2): our candidates, what we know
-    of our NAT's C{mapping}, and our round trip to the server C{rtt}
-    (seconds; as C{rtt_ms}, for timed punching), each only when known."""
+    of our NAT's C{mapping}, our round trip to the server C{rtt} and the
+    seconds from our PAIRED to this message, C{sent} (as C{rtt_ms} and
+    C{sent_ms}, for timed punching), each only when known."""
     message: dict = {"candidates": mine}
     if mapping:
         message["mapping"] = mapping
-    if rtt is not None:
+    if rtt is not None and sent is not None:
         message["rtt_ms"] = round(rtt * 1000, 2)
+        message["sent_ms"] = round(sent * 1000, 2)
     return message
 
 
-def first_delay(settings: Settings, role: str, ours: float | None, theirs: float | None) -> float:
-    """Seconds before our first attempts of the first punching: aligned
-    with the peer's (L{timed_delay} of our round trip to the server C{ours}
-    and the peer's C{theirs}, unless C{settings.timed} is off), and the
-    follower C{settings.stagger} after the leader."""
-    delay = timed_delay(ours, theirs) if settings.timed else 0.0
-    return delay + (settings.stagger if role == RECEIVER else 0.0)
+def first_delay(settings: Settings, role: str, aligned: float) -> float:
+    """Seconds before our first attempts of the first punching: C{aligned}
+    (L{timed_delay}: until the peer starts) unless C{settings.timed} is
+    off, and the follower C{settings.stagger} after that."""
+    return (aligned if settings.timed else 0.0) + (settings.stagger if role == RECEIVER else 0.0)
 
 
 def _ms(seconds: float | None) -> str:

@@ -43,41 +43,59 @@ def refused(reason: Failure) -> bool:
 #: more than this is a stall while measuring, not a path, and waiting on it
 #: would only delay the direct path.
 MAX_TIMED_DELAY = 0.5
-#: Largest round trip to the server (ms) the peer's C{rtt_ms} may claim
-#: (docs/PROTOCOL.md section 2); anything else is taken as absent.
+#: Largest round trip to the server (ms) the peer's C{rtt_ms} may claim,
+#: and largest C{sent_ms} (docs/PROTOCOL.md section 2); anything else is
+#: taken as absent.
 MAX_RTT_MS = 10_000
+MAX_SENT_MS = 120_000
+
+
+def _number(value, top: float) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not (math.isfinite(value) and 0 <= value <= top):
+        return None
+    return value / 1000.0
 
 
 def peer_rtt(value) -> float | None:
     """The peer's C{rtt_ms} (message 3), in seconds: a JSON number (not a
     bool) within [0, L{MAX_RTT_MS}]; None for anything else (absent, as
     from an older peer, or malformed: untrusted, so no delay)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if not (math.isfinite(value) and 0 <= value <= MAX_RTT_MS):
-        return None
-    return value / 1000.0
+    return _number(value, MAX_RTT_MS)
 
 
-def timed_delay(own_rtt: float | None, their_rtt: float | None) -> float:
+def peer_sent(value) -> float | None:
+    """The peer's C{sent_ms} (message 3), in seconds, as L{peer_rtt}:
+    within [0, L{MAX_SENT_MS}]."""
+    return _number(value, MAX_SENT_MS)
+
+
+def timed_delay(own_rtt: float | None, their_rtt: float | None, own_sent: float | None,
+                their_sent: float | None, elapsed: float) -> float:
     """
-    Seconds to hold our first attempts back so that both sides' SYNs leave
-    at the same instant (the DCUtR method, measured through the server).
+    Seconds to hold our first attempts back so that they leave when the
+    peer's do (timed punching, measured through the server).
 
-    Punching starts when the peer's candidates arrive through the server.
-    With one-way delays server->us C{o} and server->peer C{p} (half of
-    each side's round trip), the exchange that leads up to it (PAKE, key
-    confirmation, candidates: each side sends its next message when the
-    peer's last one arrived) makes the side farther from the server start
-    C{o - p} seconds before the nearer one.  So the farther side waits
-    C{o - p}, the nearer side nothing: C{max(0, (own - theirs) / 2)}, at
-    most L{MAX_TIMED_DELAY}.  Assumes each side's path to the server takes
-    as long each way, and that both measured their round trips alike.
-    Either not known: 0 (no timing; an older peer).
+    The server sends PAIRED to both sides at one instant C{s}; it reaches
+    us C{o} later and the peer C{p} later (half of each side's round trip
+    to the server, C{own_rtt} and C{their_rtt}).  Each side sends its
+    candidates (message 3) some time after its PAIRED arrived
+    (C{own_sent}, C{their_sent}: the key exchange, and whatever each side
+    waited for locally, such as a port mapping), and starts punching once
+    it has sent its own and the peer's have arrived.  So, after C{s}, the
+    peer's candidates leave at C{p + their_sent}, ours at C{o + own_sent},
+    and the peer starts at C{max(p + their_sent, o + own_sent + o + p)}.
+    We are C{elapsed} seconds after our PAIRED arrived (C{o + elapsed}
+    after C{s}): we wait until the peer starts, if that is later, at most
+    L{MAX_TIMED_DELAY}.  Assumes each path to the server takes as long each
+    way.  Any figure not known (an older peer): 0, no timing.
     """
-    if own_rtt is None or their_rtt is None:
+    if None in (own_rtt, their_rtt, own_sent, their_sent):
         return 0.0
-    return min(MAX_TIMED_DELAY, max(0.0, (own_rtt - their_rtt) / 2))
+    o, p = own_rtt / 2, their_rtt / 2
+    peer_starts = max(p + their_sent, o + own_sent + o + p)
+    return min(MAX_TIMED_DELAY, max(0.0, peer_starts - (o + elapsed)))
 
 
 #: Seconds the follower (the receiver) starts its attempts after the

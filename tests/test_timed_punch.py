@@ -14,66 +14,102 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2pft.connect import LaneFinder, Settings, candidates_message, first_delay, stagger_setting, timed_setting
 from p2pft.errors import SessionError
 from p2pft.punch import PunchConnector
-from p2pft.punch_schedule import MAX_TIMED_DELAY, STAGGER, peer_rtt, timed_delay
+from p2pft.punch_schedule import MAX_TIMED_DELAY, STAGGER, peer_rtt, peer_sent, timed_delay
 from p2pft.secure import RECEIVER, SENDER
 from p2pft.rendezvous import RendezvousClientFactory, RendezvousClientProtocol
 from tests.test_punch import SCHEDULE, FakeCandidate
 
 
 class DelayTests(SynchronousTestCase):
-    def test_the_farther_side_waits_half_the_difference(self):
-        self.assertAlmostEqual(timed_delay(0.060, 0.0), 0.030)
-        self.assertAlmostEqual(timed_delay(0.080, 0.020), 0.030)
+    def test_lockstep_the_farther_side_waits_the_difference(self):
+        """One-way 30 ms to us, 0 to the peer, each message 3 sent 60 ms
+        after its PAIRED arrived (the key exchange in lockstep): we start
+        at 90 ms after the server's PAIRED, the peer at 120; we wait 30."""
+        self.assertAlmostEqual(timed_delay(0.060, 0.0, 0.060, 0.060, 0.060), 0.030)
+        # ... and the peer, nearer, waits nothing:
+        self.assertEqual(timed_delay(0.0, 0.060, 0.060, 0.060, 0.120), 0.0)
 
-    def test_the_nearer_side_waits_nothing(self):
-        self.assertEqual(timed_delay(0.0, 0.060), 0.0)
-        self.assertEqual(timed_delay(0.030, 0.030), 0.0)
+    def test_a_local_wait_moves_the_start(self):
+        """The peer held its candidates 40 ms more (a port mapping on its
+        way): it starts 40 ms later than the exchange alone says."""
+        # It: sent at 60 ms, ours (sent at 10) had arrived: it starts at
+        # 70 ms after the server's PAIRED; we get its candidates at 90.
+        self.assertEqual(timed_delay(0.020, 0.020, 0.010, 0.060, 0.080), 0.0)
+        # ... so it, having waited, waits 20 ms more for us:
+        self.assertAlmostEqual(timed_delay(0.020, 0.020, 0.060, 0.010, 0.060), 0.020)
 
     def test_not_known_no_delay(self):
-        self.assertEqual(timed_delay(None, 0.0), 0.0)
-        self.assertEqual(timed_delay(0.5, None), 0.0)
+        self.assertEqual(timed_delay(None, 0.0, 0.1, 0.1, 0.1), 0.0)
+        self.assertEqual(timed_delay(0.5, None, 0.1, 0.1, 0.1), 0.0)
+        self.assertEqual(timed_delay(0.5, 0.0, 0.1, None, 0.1), 0.0)
 
     def test_bounded(self):
-        self.assertEqual(timed_delay(9.0, 0.0), MAX_TIMED_DELAY)
+        self.assertEqual(timed_delay(9.0, 0.0, 0.0, 60.0, 0.0), MAX_TIMED_DELAY)
 
-    def test_the_peers_field_is_untrusted(self):
+    def test_the_peers_fields_are_untrusted(self):
         self.assertEqual(peer_rtt(61.5), 0.0615)
         self.assertEqual(peer_rtt(0), 0.0)
+        self.assertEqual(peer_sent(1500), 1.5)
         for bad in (None, True, False, "60", -1, float("nan"), float("inf"), 10_001, [60], {}):
             self.assertIsNone(peer_rtt(bad), bad)
+        for bad in (None, True, "60", -1, float("inf"), 120_001):
+            self.assertIsNone(peer_sent(bad), bad)
 
     def test_sides_that_start_apart_send_their_first_syns_together(self):
         """
         A model of the exchange on a Clock, as the code runs it: PAIRED
-        reaches both at once from the server; PAKE, key confirmation and
-        candidates each go when the peer's previous message arrived; each
-        side starts punching when the peer's candidates arrive, after
-        L{timed_delay} of the round trips each measured (WELCOME: one round
-        trip).  The first SYNs leave together, whichever side is farther.
+        leaves the server to both at once; PAKE, key confirmation and
+        candidates each go when the peer's previous message arrived, the
+        candidates after a local wait of each side's own; each side starts
+        punching when the peer's candidates arrive, after L{timed_delay}
+        of what it measured and was told.  The first SYNs leave together,
+        however far each side is from the server and however long it waited.
         """
-        for one_way in ((0.0, 0.030), (0.030, 0.0), (0.005, 0.045), (0.020, 0.020)):
+        cases = [((0.0, 0.030), (0, 0)), ((0.030, 0.0), (0, 0)), ((0.005, 0.045), (0.0, 0.040)),
+                 ((0.020, 0.020), (0.070, 0.0)), ((0.0, 0.030), (0.0, 0.070))]
+        for one_way, hold in cases:
             clock = Clock()
-            arrived, syn = {}, {}
+            paired, sent, arrived, syn = {}, {}, {}, {}
             rtt = {side: 2 * one_way[side] for side in (0, 1)}
+
+            got = {}
+
+            def start(side):
+                # punching starts once ours went and theirs came
+                if side in sent and side in got and side not in arrived:
+                    arrived[side] = clock.seconds()
+                    elapsed = arrived[side] - paired[side]
+                    syn[side] = arrived[side] + timed_delay(rtt[side], rtt[1 - side], sent[side],
+                                                            sent[1 - side], elapsed)
 
             def deliver(to, n):
                 # side `to` got the peer's message n
-                if n < 3:
-                    send(to, n + 1)
+                if n == 1:
+                    send(to, 2)
+                elif n == 2:
+                    clock.callLater(hold[to], send, to, 3)
                 else:
-                    arrived[to] = clock.seconds()
-                    syn[to] = arrived[to] + timed_delay(rtt[to], rtt[1 - to])
+                    got[to] = True
+                    start(to)
 
             def send(side, n):
                 clock.callLater(one_way[side] + one_way[1 - side], deliver, 1 - side, n)
+                if n == 3:
+                    sent[side] = clock.seconds() - paired[side]
+                    start(side)
+
+            def pair(side):
+                paired[side] = clock.seconds()
+                send(side, 1)
 
             for side in (0, 1):
-                clock.callLater(one_way[side], send, side, 1)  # PAIRED arrives, PAKE goes
+                clock.callLater(one_way[side], pair, side)
             while clock.getDelayedCalls():
                 clock.advance(min(c.getTime() for c in clock.getDelayedCalls()) - clock.seconds())
-            # Untimed, the farther side would start first, by the difference:
-            self.assertAlmostEqual(arrived[1] - arrived[0], one_way[0] - one_way[1], places=6)
-            self.assertAlmostEqual(syn[0], syn[1], places=6, msg=one_way)
+            self.assertAlmostEqual(syn[0], syn[1], places=6, msg=(one_way, hold))
+            # ... where untimed they would not have (but for one case):
+            if (one_way, hold) != ((0.020, 0.020), (0.070, 0.0)):
+                self.assertNotAlmostEqual(arrived[0], arrived[1], places=3, msg=(one_way, hold))
 
 
 class ConnectorTests(SynchronousTestCase):
@@ -164,11 +200,11 @@ class RoundTripTests(SynchronousTestCase):
 
 
 class MessageTests(SynchronousTestCase):
-    def test_candidates_carry_the_round_trip(self):
+    def test_candidates_carry_the_round_trip_and_when_they_left(self):
         mine = [["203.0.113.5", 4444]]
-        self.assertEqual(candidates_message(mine, "fixed", 0.06123),
-                         {"candidates": mine, "mapping": "fixed", "rtt_ms": 61.23})
-        self.assertEqual(candidates_message(mine, None, None), {"candidates": mine})
+        self.assertEqual(candidates_message(mine, "fixed", 0.06123, 0.1),
+                         {"candidates": mine, "mapping": "fixed", "rtt_ms": 61.23, "sent_ms": 100.0})
+        self.assertEqual(candidates_message(mine, None, None, 0.1), {"candidates": mine})
 
     def test_knob(self):
         self.assertTrue(timed_setting(None))
@@ -200,17 +236,16 @@ class StaggerTests(SynchronousTestCase):
 
     def test_first_punch_the_follower_after_the_leader(self):
         s = self.settings(timed=True, stagger=0.02)
-        self.assertEqual(first_delay(s, SENDER, 0.001, 0.001), 0.0)
-        self.assertAlmostEqual(first_delay(s, RECEIVER, 0.001, 0.001), 0.02)
-        # aligned first (the receiver farther from the server), then staggered
-        self.assertAlmostEqual(first_delay(s, RECEIVER, 0.061, 0.001), 0.05)
-        self.assertAlmostEqual(first_delay(s, SENDER, 0.061, 0.001), 0.03)
-        self.assertEqual(first_delay(s, SENDER, 0.001, 0.061), 0.0)
+        self.assertEqual(first_delay(s, SENDER, 0.0), 0.0)
+        self.assertAlmostEqual(first_delay(s, RECEIVER, 0.0), 0.02)
+        # aligned first, then staggered
+        self.assertAlmostEqual(first_delay(s, RECEIVER, 0.03), 0.05)
+        self.assertAlmostEqual(first_delay(s, SENDER, 0.03), 0.03)
 
     def test_knobs_off(self):
         s = self.settings(timed=False, stagger=0.0)
-        self.assertEqual(first_delay(s, RECEIVER, 0.061, 0.001), 0.0)
-        self.assertEqual(first_delay(s, SENDER, 0.061, 0.001), 0.0)
+        self.assertEqual(first_delay(s, RECEIVER, 0.03), 0.0)
+        self.assertEqual(first_delay(s, SENDER, 0.03), 0.0)
 
     def finder(self, role, **kw):
         finder = LaneFinder(Clock(), self.settings(**kw), role, None, None, [])
