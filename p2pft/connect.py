@@ -102,8 +102,9 @@ def birthday_schedule(text: str | None) -> birthday.BirthdaySchedule | None:
 
 def timed_setting(text: str | None) -> bool:
     """Whether C{P2PFT_TIMED} (a knob for the benchmarks, bench/natmatrix.py)
-    leaves timed punching on: unset, empty or "on", yes; "off", no."""
-    value = (text or "on").strip().lower()
+    turns timed punching on: "on", yes; unset, empty or "off", no (it did
+    not help in the lab: docs/PROTOCOL.md section 3, "Timed start")."""
+    value = (text or "off").strip().lower()
     if value not in ("on", "off"):
         raise SessionError(f"P2PFT_TIMED must be on or off, not {text!r}")
     return value == "on"
@@ -144,8 +145,9 @@ class Settings:
     #: Birthday punching through one symmetric NAT (None: never).
     birthday: birthday.BirthdaySchedule | None = attrs.field(
         factory=lambda: birthday_schedule(os.environ.get("P2PFT_BIRTHDAY")))
-    #: Timed punching: the side farther from the server holds its first
-    #: attempts back so both sides' SYNs leave together (L{timed_delay}).
+    #: Timed punching: a side that would start before the other holds its
+    #: first attempts back so both sides' SYNs leave together
+    #: (L{timed_delay}); off unless P2PFT_TIMED=on (measured: no help).
     timed: bool = attrs.field(factory=lambda: timed_setting(os.environ.get("P2PFT_TIMED")))
     #: Seconds the follower starts after the leader (L{STAGGER}).
     stagger: float = attrs.field(factory=lambda: stagger_setting(os.environ.get("P2PFT_STAGGER")))

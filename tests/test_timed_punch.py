@@ -207,14 +207,16 @@ class MessageTests(SynchronousTestCase):
         self.assertEqual(candidates_message(mine, None, None, 0.1), {"candidates": mine})
 
     def test_knob(self):
-        self.assertTrue(timed_setting(None))
-        self.assertTrue(timed_setting(""))
+        self.assertFalse(timed_setting(None))
+        self.assertFalse(timed_setting(""))
         self.assertTrue(timed_setting(" On "))
         self.assertFalse(timed_setting("off"))
         self.assertRaises(SessionError, timed_setting, "maybe")
 
     def test_settings_read_the_knob(self):
-        self.patch(os, "environ", {"P2PFT_TIMED": "off"})
+        self.patch(os, "environ", {"P2PFT_TIMED": "on"})
+        self.assertTrue(Settings(server=("h", 1)).timed)
+        self.patch(os, "environ", {})
         self.assertFalse(Settings(server=("h", 1)).timed)
 
 
@@ -256,9 +258,9 @@ class StaggerTests(SynchronousTestCase):
         """The leader punches when the follower's GROWN reaches it through
         the relay (half of each side's round trip to the server): the
         follower waits that, then the stagger."""
-        self.assertAlmostEqual(self.finder(RECEIVER, stagger=0.02)._follow_delay(), 0.05)
+        self.assertAlmostEqual(self.finder(RECEIVER, stagger=0.02, timed=True)._follow_delay(), 0.05)
         self.assertEqual(self.finder(SENDER, stagger=0.02)._follow_delay(), 0.0)
         self.assertAlmostEqual(self.finder(RECEIVER, stagger=0.02, timed=False)._follow_delay(), 0.02)
-        unknown = self.finder(RECEIVER, stagger=0.02)
+        unknown = self.finder(RECEIVER, stagger=0.02, timed=True)
         unknown.server_rtts = (0.010, None)
         self.assertAlmostEqual(unknown._follow_delay(), 0.02)
