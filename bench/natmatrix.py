@@ -6,6 +6,8 @@ tests/test_nat_matrix.py), at several round trips, with and without loss.
     python3 bench/natmatrix.py                            # every row x 0/30/120 ms x 0/1 % loss, 10 sessions
     python3 bench/natmatrix.py --rows one_symmetric --rtts 0 30 --losses 0 --sessions 20
     python3 bench/natmatrix.py --list                     # the rows
+    python3 bench/natmatrix.py --rows icmp_unreachable --rtts 0 --losses 0 \
+        --server 0,0 0,60 60,0 --timed on off             # timed punching on/off
 
 One cell = one lab (row, RTT R ms, loss p): each peer's wan link gets
 ``delay_ms=R/4`` (the a<->b round trip crosses both links twice: R) and
@@ -50,6 +52,46 @@ Every session of every cell transferred the file.  The sessions that did
 not go direct at 0 ms went through the relay (both NATs answering with
 RST or ICMP: a port pair stuck in SYN_SENT2, not undone by the fresh-port
 punches within 2 s).
+
+Timed punching and the stagger (issue 15; docs/PROTOCOL.md section 3):
+``--server A,B`` adds A ms to a's (the sender's) round trip to the server
+and B ms to b's (the receiver's), nothing to the peers' round trip
+(tests/natlab.py ``Nat(server_delay_ms=...)``); ``--timed on off`` runs
+each cell with P2PFT_TIMED=on and =off.  Measured (10 sessions per cell,
+2-s transfers, every cell with the receiver's 20 ms stagger; direct / 10,
+median ms paired -> direct; "lockstep": the first alignment, without
+sent_ms, commit 51d6cd5):
+
+================  ====  ==========  =========  ===============  =========
+row               RTT   server      timed off  on (lockstep)    on
+================  ====  ==========  =========  ===============  =========
+both_send_rst     0     +0/+0       10  554     7  331          10  176
+both_send_rst     0     +0/+60      10  433    10  525           9  427
+both_send_rst     0     +60/+0       8  854    10  797          10  583
+both_send_rst     30    +0/+0       10  167    10  174          10  182
+both_send_rst     30    +0/+60      10  460    10  403          10  521
+both_send_rst     30    +60/+0      10  317    10  350          10  317
+icmp_unreachable  0     +0/+0       10   44    10   72          10   62
+icmp_unreachable  0     +0/+60      10  249    10  280          10  255
+icmp_unreachable  0     +60/+0      10  200    10  230           9 1619
+icmp_unreachable  30    +0/+0       10  185    10  194          10  221
+icmp_unreachable  30    +0/+60      10  800    10  408          10  390
+icmp_unreachable  30    +60/+0      10  317    10  348          10  316
+one_sends_rst     0     +0/+0       10   60    10   51          10   54
+one_sends_rst     0     +0/+60      10  250    10  278          10  256
+one_sends_rst     0     +60/+0      10  205    10  231          10  207
+one_sends_rst     30    +0/+0       10  180    10  183          10  200
+one_sends_rst     30    +0/+60      10  372    10  404          10  375
+one_sends_rst     30    +60/+0      10  313    10  349          10  317
+================  ====  ==========  =========  ===============  =========
+
+So the alignment is off by default.  The stagger (P2PFT_STAGGER, ms):
+icmp_unreachable at 0 ms 20/20 direct, median 47 ms, with 20; 5/20, median
+1010 ms, with 0; both_send_rst 20/20 either way (680 / 258 ms).  Before it
+(the first two cells of the table, without the stagger): both_send_rst 7-8
+/ 10, icmp_unreachable 8 / 10 (median 1510 ms) at 0 ms.  Two RST NATs at 0
+ms depend on the two peers running on two CPUs at once (pinned to one CPU
+with taskset: 0 of 6 direct; unpinned 6 of 6).
 
 Run it under the lab lock, in chunks (``flock /tmp/p2pft-lab.lock python3
 bench/natmatrix.py --rows ...``): the machine's other jobs starve NAT
