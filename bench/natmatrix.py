@@ -91,7 +91,11 @@ icmp_unreachable at 0 ms 20/20 direct, median 47 ms, with 20; 5/20, median
 (the first two cells of the table, without the stagger): both_send_rst 7-8
 / 10, icmp_unreachable 8 / 10 (median 1510 ms) at 0 ms.  Two RST NATs at 0
 ms depend on the two peers running on two CPUs at once (pinned to one CPU
-with taskset: 0 of 6 direct; unpinned 6 of 6).
+with taskset: 0 of 6 direct; unpinned 6 of 6; with another job keeping one
+of the two cores busy: 2/20 and 0/10, and at once 10/10, median 110 ms,
+with ``--rtts 0.4``, 0.1 ms on each wan link).  With the final code (timed
+off, stagger 20) at 0 ms, quiet machine but for that job: icmp_unreachable
+20/20, median 48 ms.
 
 Run it under the lab lock, in chunks (``flock /tmp/p2pft-lab.lock python3
 bench/natmatrix.py --rows ...``): the machine's other jobs starve NAT

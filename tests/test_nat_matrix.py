@@ -143,8 +143,9 @@ class NatMatrixTests(TestCase):
         on one CPU, so a crossing needs both peers' connect() calls to run
         at the same moment on two CPUs: measured, both peers pinned to one
         CPU 0 of 6 sessions direct, unpinned 6 of 6; on this shared 2-core
-        machine 7-10 in 10 (bench/natmatrix.py; docs/PROTOCOL.md, "Stuck
-        pairs").  Such a session completes through the relay (the transfer
+        machine 7-10 in 10, 0-2 in 10 while another job kept one core busy,
+        and 10 in 10 then with 0.1 ms on each wan link (bench/natmatrix.py;
+        docs/PROTOCOL.md, "Stuck pairs").  Such a session completes through the relay (the transfer
         must succeed every time); a new session is a new draw, so at least
         one of three must go direct.  (At 30 ms every session does.)
         """
