@@ -6,6 +6,8 @@ tests/test_nat_matrix.py), at several round trips, with and without loss.
     python3 bench/natmatrix.py                            # every row x 0/30/120 ms x 0/1 % loss, 10 sessions
     python3 bench/natmatrix.py --rows one_symmetric --rtts 0 30 --losses 0 --sessions 20
     python3 bench/natmatrix.py --list                     # the rows
+    python3 bench/natmatrix.py --rows icmp_unreachable --rtts 0 --losses 0 \
+        --server 0,0 0,60 60,0 --timed on off             # timed punching on/off
 
 One cell = one lab (row, RTT R ms, loss p): each peer's wan link gets
 ``delay_ms=R/4`` (the a<->b round trip crosses both links twice: R) and
@@ -51,6 +53,50 @@ not go direct at 0 ms went through the relay (both NATs answering with
 RST or ICMP: a port pair stuck in SYN_SENT2, not undone by the fresh-port
 punches within 2 s).
 
+Timed punching and the stagger (issue 15; docs/PROTOCOL.md section 3):
+``--server A,B`` adds A ms to a's (the sender's) round trip to the server
+and B ms to b's (the receiver's), nothing to the peers' round trip
+(tests/natlab.py ``Nat(server_delay_ms=...)``); ``--timed on off`` runs
+each cell with P2PFT_TIMED=on and =off.  Measured (10 sessions per cell,
+2-s transfers, every cell with the receiver's 20 ms stagger; direct / 10,
+median ms paired -> direct; "lockstep": the first alignment, without
+sent_ms, commit 51d6cd5):
+
+================  ====  ==========  =========  ===============  =========
+row               RTT   server      timed off  on (lockstep)    on
+================  ====  ==========  =========  ===============  =========
+both_send_rst     0     +0/+0       10  554     7  331          10  176
+both_send_rst     0     +0/+60      10  433    10  525           9  427
+both_send_rst     0     +60/+0       8  854    10  797          10  583
+both_send_rst     30    +0/+0       10  167    10  174          10  182
+both_send_rst     30    +0/+60      10  460    10  403          10  521
+both_send_rst     30    +60/+0      10  317    10  350          10  317
+icmp_unreachable  0     +0/+0       10   44    10   72          10   62
+icmp_unreachable  0     +0/+60      10  249    10  280          10  255
+icmp_unreachable  0     +60/+0      10  200    10  230           9 1619
+icmp_unreachable  30    +0/+0       10  185    10  194          10  221
+icmp_unreachable  30    +0/+60      10  800    10  408          10  390
+icmp_unreachable  30    +60/+0      10  317    10  348          10  316
+one_sends_rst     0     +0/+0       10   60    10   51          10   54
+one_sends_rst     0     +0/+60      10  250    10  278          10  256
+one_sends_rst     0     +60/+0      10  205    10  231          10  207
+one_sends_rst     30    +0/+0       10  180    10  183          10  200
+one_sends_rst     30    +0/+60      10  372    10  404          10  375
+one_sends_rst     30    +60/+0      10  313    10  349          10  317
+================  ====  ==========  =========  ===============  =========
+
+So the alignment is off by default.  The stagger (P2PFT_STAGGER, ms):
+icmp_unreachable at 0 ms 20/20 direct, median 47 ms, with 20; 5/20, median
+1010 ms, with 0; both_send_rst 20/20 either way (680 / 258 ms).  Before it
+(the first two cells of the table, without the stagger): both_send_rst 7-8
+/ 10, icmp_unreachable 8 / 10 (median 1510 ms) at 0 ms.  Two RST NATs at 0
+ms depend on the two peers running on two CPUs at once (pinned to one CPU
+with taskset: 0 of 6 direct; unpinned 6 of 6; with another job keeping one
+of the two cores busy: 2/20 and 0/10, and at once 10/10, median 110 ms,
+with ``--rtts 0.4``, 0.1 ms on each wan link).  With the final code (timed
+off, stagger 20) at 0 ms, quiet machine but for that job: icmp_unreachable
+20/20, median 48 ms.
+
 Run it under the lab lock, in chunks (``flock /tmp/p2pft-lab.lock python3
 bench/natmatrix.py --rows ...``): the machine's other jobs starve NAT
 races.
@@ -95,13 +141,21 @@ ROWS = {
 }
 
 
-def shaped(options: dict, rtt: float, loss: float) -> dict:
+def shaped(options: dict, rtt: float, loss: float, server=(0.0, 0.0)) -> dict:
+    """C{options} with RTT C{rtt} between the peers, loss C{loss}, and
+    C{server}: (a, b), ms added to each peer's round trip to the server."""
     out = dict(options)
     q = 1 - math.sqrt(1 - loss) if loss else 0.0
-    for host in ("a",) if out.get("shared_lan") else ("a", "b"):
+    for host, extra in zip(("a",) if out.get("shared_lan") else ("a", "b"), server):
         nat = out.get(host) or Nat()
-        out[host] = dataclasses.replace(nat, delay_ms=rtt / 4, loss=q)
+        out[host] = dataclasses.replace(nat, delay_ms=rtt / 4, loss=q, server_delay_ms=extra / 2)
     return out
+
+
+def server_paths(text: str) -> tuple[float, float]:
+    """--server A,B: ms added to a's and b's round trips to the server."""
+    a, b = (float(x) for x in text.split(","))
+    return (a, b)
 
 
 def env():
@@ -160,9 +214,9 @@ def session(lab, server, src, size, rate, code, workdir, timeout, verbose):
     return res
 
 
-def cell(row, rtt, loss, args, workdir, src, size):
+def cell(row, rtt, loss, args, workdir, src, size, server=(0.0, 0.0)):
     options, expected = ROWS[row]
-    lab = NatLab(**shaped(options, rtt, loss))
+    lab = NatLab(**shaped(options, rtt, loss, server))
     results = []
     try:
         lab.up()
@@ -176,13 +230,15 @@ def cell(row, rtt, loss, args, workdir, src, size):
     return results
 
 
-def summary(row, rtt, loss, results):
+def summary(row, rtt, loss, results, server=(0.0, 0.0), timed=None):
     direct = sum(1 for r in results if r["path"] == "direct")
     failed = sum(1 for r in results if not r["ok"])
     times = sorted(r["to_direct"] * 1000 for r in results if r["to_direct"] is not None)
     syns = sorted(r["syns"] for r in results)
     med = lambda xs: f"{statistics.median(xs):.0f}" if xs else "-"
-    return (f"{row:26} {rtt:4.0f} ms {loss * 100:3.0f} %  direct {direct:2}/{len(results):<2}"
+    extra = (f"  server +{server[0]:g}/+{server[1]:g} ms" if any(server) else "") + (
+        f"  timed {timed}" if timed else "")
+    return (f"{row:26} {rtt:4.0f} ms {loss * 100:3.0f} %{extra}  direct {direct:2}/{len(results):<2}"
             f"{'  FAILED %d' % failed if failed else ''}  to direct median {med(times):>5} ms"
             f" max {max(times) if times else 0:5.0f} ms  birthday SYNs median {med(syns):>5}"
             f" max {max(syns) if syns else 0:5}")
@@ -198,6 +254,10 @@ def main():
     p.add_argument("--rate", default="1M", help="--limit-rate of each transfer")
     p.add_argument("--birthday", metavar="N,M|off",
                    help="P2PFT_BIRTHDAY for every session: opens and probes, or off")
+    p.add_argument("--server", nargs="+", type=server_paths, default=[(0.0, 0.0)], metavar="A,B",
+                   help="ms added to a's and b's round trips to the server (each A,B a cell)")
+    p.add_argument("--timed", nargs="+", choices=["on", "off"], default=[None],
+                   help="P2PFT_TIMED for the sessions (each value a cell; default: unset)")
     p.add_argument("--json", metavar="FILE", help="also write every session here")
     p.add_argument("--verbose", action="store_true", help="p2pft -v, and keep its logs")
     p.add_argument("--list", action="store_true")
@@ -218,12 +278,17 @@ def main():
         for row in args.rows:
             for rtt in args.rtts:
                 for loss in args.losses:
-                    results = cell(row, rtt, loss, args, workdir, src, size)
-                    print(summary(row, rtt, loss, results), flush=True)
-                    for r in results:
-                        if not r["ok"]:
-                            print("   failed:", {k: v for k, v in r.items() if k.endswith("_err")})
-                    every.append({"row": row, "rtt_ms": rtt, "loss": loss, "sessions": results})
+                    for server in args.server:
+                        for timed in args.timed:
+                            if timed:
+                                os.environ["P2PFT_TIMED"] = timed
+                            results = cell(row, rtt, loss, args, workdir, src, size, server)
+                            print(summary(row, rtt, loss, results, server, timed), flush=True)
+                            for r in results:
+                                if not r["ok"]:
+                                    print("   failed:", {k: v for k, v in r.items() if k.endswith("_err")})
+                            every.append({"row": row, "rtt_ms": rtt, "loss": loss, "server_ms": server,
+                                          "timed": timed, "sessions": results})
     finally:
         if args.json:
             with open(args.json, "w") as f:

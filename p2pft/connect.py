@@ -22,7 +22,6 @@ import os
 import attrs
 from twisted.internet import defer, error, task
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
-from twisted.internet.protocol import ClientFactory
 from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
 
@@ -33,7 +32,8 @@ from .channel import PeerConnection
 from .errors import SessionError
 from .portmap import SessionMapping
 from .punch import PunchConnector, PunchSchedule
-from .rendezvous import PeerGone, RendezvousClientProtocol, RendezvousError
+from .punch_schedule import MAX_TIMED_DELAY, STAGGER, peer_rtt, peer_sent, timed_delay
+from .rendezvous import PeerGone, RendezvousClientFactory, RendezvousClientProtocol, RendezvousError
 from .secure import RECEIVER, SENDER, Pake, SecurityError, WrongCode
 from .session import CONTROL, SessionLink, auto
 from .transfer import text
@@ -100,6 +100,31 @@ def birthday_schedule(text: str | None) -> birthday.BirthdaySchedule | None:
     return birthday.BirthdaySchedule(opens=opens, probes=probes, max_opens=4 * opens)
 
 
+def timed_setting(text: str | None) -> bool:
+    """Whether C{P2PFT_TIMED} (a knob for the benchmarks, bench/natmatrix.py)
+    turns timed punching on: "on", yes; unset, empty or "off", no (it did
+    not help in the lab: docs/PROTOCOL.md section 3, "Timed start")."""
+    value = (text or "off").strip().lower()
+    if value not in ("on", "off"):
+        raise SessionError(f"P2PFT_TIMED must be on or off, not {text!r}")
+    return value == "on"
+
+
+def stagger_setting(text: str | None) -> float:
+    """The follower's stagger C{P2PFT_STAGGER} asks for (a knob for the
+    benchmarks): unset or empty, L{STAGGER}; else milliseconds, 0 to 500
+    (0: none)."""
+    if not text or not text.strip():
+        return STAGGER
+    try:
+        ms = float(text)
+        if not 0 <= ms <= 500:
+            raise ValueError
+    except ValueError:
+        raise SessionError(f"P2PFT_STAGGER must be milliseconds from 0 to 500, not {text!r}") from None
+    return ms / 1000.0
+
+
 @attrs.define
 class Settings:
     server: tuple[str, int]
@@ -120,6 +145,12 @@ class Settings:
     #: Birthday punching through one symmetric NAT (None: never).
     birthday: birthday.BirthdaySchedule | None = attrs.field(
         factory=lambda: birthday_schedule(os.environ.get("P2PFT_BIRTHDAY")))
+    #: Timed punching: a side that would start before the other holds its
+    #: first attempts back so both sides' SYNs leave together
+    #: (L{timed_delay}); off unless P2PFT_TIMED=on (measured: no help).
+    timed: bool = attrs.field(factory=lambda: timed_setting(os.environ.get("P2PFT_TIMED")))
+    #: Seconds the follower starts after the leader (L{STAGGER}).
+    stagger: float = attrs.field(factory=lambda: stagger_setting(os.environ.get("P2PFT_STAGGER")))
 
 
 def _timeout(reactor, d: defer.Deferred, seconds: float, what: str) -> defer.Deferred:
@@ -143,7 +174,7 @@ async def connect_rendezvous(reactor, server: tuple[str, int], port: int = 0) ->
     """
     host, server_port = server
     binding = makeBinding("", port, reuseAddress=True, reusePort=True)
-    factory = ClientFactory.forProtocol(RendezvousClientProtocol)
+    factory = RendezvousClientFactory(reactor)
     try:
         if ":" in host:
             endpoint = HostnameEndpoint(reactor, host, server_port, timeout=10, bindAddress=binding)
@@ -221,6 +252,9 @@ async def establish(reactor, settings: Settings, role: str, ui) -> Session:
 
 async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) -> Session:
     public = await _timeout(reactor, client.welcomed(), 30, "the rendezvous server")
+    # A second sample of our round trip to the server (the first: WELCOME),
+    # for timed punching; its PONG is back long before the candidates go.
+    client.ping("rtt").addErrback(lambda f: None)
     # Asked now, in the background; offered with our candidates (p2pft.portmap.session).
     router = SessionMapping.start(reactor, client, settings.port_mapping, ui)
     if settings.code:
@@ -248,16 +282,23 @@ async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) ->
     if settings.birthday is not None and not observed:
         await _race(reactor, [mapping], MAPPING_WAIT)
     ours = observed[0] if observed else None
-    client.send(box.seal(_encode({"candidates": mine, **({"mapping": ours} if ours else {})})))
+    sent = reactor.seconds() - paired_at
+    client.send(box.seal(_encode(candidates_message(mine, ours, client.rtt, sent))))
     message = _decode(box.open(
         await _timeout(reactor, client.receive(), settings.timeout, "the other side's addresses")))
     theirs = parse_candidates(message, server_host, mine)
-    log.info("punching from port {port} to {theirs}", port=local_port, theirs=theirs)
+    delay = first_delay(settings, role, timed_delay(
+        client.rtt, peer_rtt(message.get("rtt_ms")), sent, peer_sent(message.get("sent_ms")),
+        reactor.seconds() - paired_at))
+    log.info("punching from port {port} to {theirs} at {at:.3f} (our round trip to the server {ours}, "
+             "theirs {rtt}: first attempts after {delay:.3f} s)", port=local_port, theirs=theirs,
+             at=reactor.seconds(), ours=_ms(client.rtt), rtt=_ms(peer_rtt(message.get("rtt_ms"))), delay=delay)
 
     dial, names = relays(settings, client.relays, server_host)
     finder = LaneFinder(reactor, settings, role, keys, ui, dial)
+    finder.server_rtts = (client.rtt, peer_rtt(message.get("rtt_ms")))
     router.until(finder.link.whenClosed())
-    connector = finder.punch(local_port, theirs, mine)
+    connector = finder.punch(local_port, theirs, mine, delay=delay)
     side = birthday.role(ours, message.get("mapping"))
     target = _birthday_target(client.partner, mine)
     log.info("our NAT's mapping: {ours}; theirs: {theirs}; the server sees them from {target}",
@@ -276,6 +317,31 @@ async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) ->
         resolving.addErrback(lambda f: log.failure("resolving relays", f))
     await _punch_watching_partner(reactor, client, connector, role, settings.schedule, also)
     return Session(finder.link, finder, features, max(0.0, reactor.seconds() - paired_at))
+
+
+def candidates_message(mine: list, mapping: str | None, rtt: float | None, sent: float | None = None) -> dict:
+    """Message 3 (docs/PROTOCOL.md section 2): our candidates, what we know
+    of our NAT's C{mapping}, our round trip to the server C{rtt} and the
+    seconds from our PAIRED to this message, C{sent} (as C{rtt_ms} and
+    C{sent_ms}, for timed punching), each only when known."""
+    message: dict = {"candidates": mine}
+    if mapping:
+        message["mapping"] = mapping
+    if rtt is not None and sent is not None:
+        message["rtt_ms"] = round(rtt * 1000, 2)
+        message["sent_ms"] = round(sent * 1000, 2)
+    return message
+
+
+def first_delay(settings: Settings, role: str, aligned: float) -> float:
+    """Seconds before our first attempts of the first punching: C{aligned}
+    (L{timed_delay}: until the peer starts) unless C{settings.timed} is
+    off, and the follower C{settings.stagger} after that."""
+    return (aligned if settings.timed else 0.0) + (settings.stagger if role == RECEIVER else 0.0)
+
+
+def _ms(seconds: float | None) -> str:
+    return "not known" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
 #: Seconds to wait for our mapping's second observation once the
@@ -490,22 +556,28 @@ class LaneFinder:
         self._tcp_seen: dict = {}  # lane -> its TCP's counts, last seen (L{_tcp})
         self._birthdays: list = []  # the birthday plans run (L{stats})
         self.repunches = 0  # punching again from fresh ports (L{repunch_later})
+        #: Our round trip to the rendezvous server and the peer's (seconds;
+        #: None: not known), from the first meeting (L{_follow_delay}).
+        self.server_rtts: tuple = (None, None)
         self._repunch_timer = None
         self.link = SessionLink(reactor, self._leader, lost_all=self._lost_all,
                                 path_changed=self._path_changed, control=self._control)
 
     # -- starting connectors ---------------------------------------------
 
-    def punch(self, local_port: int, theirs, mine, relays=None, stream: bool = False) -> PunchConnector:
+    def punch(self, local_port: int, theirs, mine, relays=None, stream: bool = False,
+              delay: float = 0.0) -> PunchConnector:
         """A connector that punches from C{local_port} to the peer's
         candidates C{theirs} and dials the relays (at once), whose lanes
         join the link; the caller runs it.  C{stream}: a further direct
-        stream, not the session's path."""
+        stream, not the session's path; C{delay}: seconds before its first
+        attempts at C{theirs} (timed punching)."""
         own_hosts = frozenset(str(parse_ip(h)) for h, _ in mine if parse_ip(h) is not None)
         connector = self._keep(PunchConnector(
             self._reactor, local_port, theirs, self._factory(0), leader=self._leader,
             schedule=self._settings.schedule, relays=self.relays if relays is None else relays,
-            own_hosts=own_hosts, on_lane=self._lane, want=self._on_direct if stream else self._want))
+            own_hosts=own_hosts, on_lane=self._lane, want=self._on_direct if stream else self._want,
+            delay=delay))
         if not stream:
             self._main = [c for c in self._main if c.running] + [connector]
         return connector
@@ -752,13 +824,28 @@ class LaneFinder:
                 if not self.link.send_control(GROWN, _encode({"punch": number, "candidates": mine})):
                     return
             theirs = parse_candidates(theirs, server_host, mine)
-            connector = self.punch(local_port, theirs, mine, relays=[], stream=not fresh)
+            connector = self.punch(local_port, theirs, mine, relays=[], stream=not fresh,
+                                   delay=self._follow_delay() if fresh else 0.0)
             punched = connector.run()
             punched.addErrback(lambda f: log.info("stream {n}: {e}", n=number, e=f.getErrorMessage()))
             await _race(reactor, [punched], self._settings.schedule.handshake_timeout)
             connector.stop()
         finally:
             await _close(reactor, client)
+
+    def _follow_delay(self) -> float:
+        """Follower, punching again from fresh ports: seconds to hold its
+        first attempts back so that they follow the leader's by
+        C{settings.stagger}.  The leader starts when our GROWN reaches it,
+        over the session's link (not direct: through the relay, which is
+        usually the rendezvous server): about half of our round trip to the
+        server plus half of the leader's, when both are known (at most
+        L{MAX_TIMED_DELAY}); the leader itself never waits."""
+        if self._leader:
+            return 0.0
+        ours, theirs = self.server_rtts
+        one_way = min(MAX_TIMED_DELAY, (ours + theirs) / 2) if ours is not None and theirs is not None else 0.0
+        return (one_way if self._settings.timed else 0.0) + self._settings.stagger
 
     def _control(self, kind: int, payload: bytes) -> None:
         if self._stopped or kind not in (GROW, GROWN):

@@ -204,6 +204,9 @@ class PunchConnector:
         key only if C{want(candidate)} (default: always).
     @param listen: whether to listen on the shared port (not for a
         connector that only dials relays).
+    @param delay: seconds before the first attempts at the candidates (a
+        timed start, L{p2pft.punch_schedule.timed_delay}); the listener and
+        the relays start at once all the same.
     """
 
     def __init__(
@@ -221,8 +224,10 @@ class PunchConnector:
         on_lane=None,
         want=None,
         listen: bool = True,
+        delay: float = 0.0,
     ):
         self._reactor = reactor
+        self._delay = delay
         self._on_lane = on_lane
         self._want = want
         self._listen = listen
@@ -249,11 +254,17 @@ class PunchConnector:
         if self._listen:
             self._sockets.listen(_ListenFactory(self))
         self._sockets.later(self._schedule.deadline, self._giveUp)
-        for address in self.plan.candidates:
-            self._dial(address)
+        if self._delay > 0 and self.plan.candidates:
+            self._sockets.later(self._delay, self._dialCandidates)
+        else:
+            self._dialCandidates()
         if self.plan.relays:
             self._relaysAfter(self._schedule.relay_delay)
         return self._result
+
+    def _dialCandidates(self) -> None:
+        for address in self.plan.candidates:
+            self._dial(address)
 
     def add_relays(self, relays: list[tuple[str, int]]) -> None:
         """Relay addresses learnt after L{run} (names resolved meanwhile):

@@ -7,6 +7,7 @@ L{p2pft.punch.PunchConnector} consults the plan and runs the sockets.
 
 from __future__ import annotations
 
+import math
 import random
 
 import attrs
@@ -33,6 +34,81 @@ def refused(reason: Failure) -> bool:
     inner = reason.value.args[0] if reason.value.args else None
     return isinstance(inner, Failure) and bool(inner.check(error.ConnectionDone, error.ConnectionLost,
                                                            error.ConnectionRefusedError))
+
+
+#: Longest wait before our first attempts that a timed start (L{timed_delay})
+#: may ask for, seconds.  It is half the difference of the two sides' round
+#: trips to the rendezvous server: a geostationary satellite hop (about
+#: 600 ms) on one side and a server next door on the other differs by 0.3 s;
+#: more than this is a stall while measuring, not a path, and waiting on it
+#: would only delay the direct path.
+MAX_TIMED_DELAY = 0.5
+#: Largest round trip to the server (ms) the peer's C{rtt_ms} may claim,
+#: and largest C{sent_ms} (docs/PROTOCOL.md section 2); anything else is
+#: taken as absent.
+MAX_RTT_MS = 10_000
+MAX_SENT_MS = 120_000
+
+
+def _number(value, top: float) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not (math.isfinite(value) and 0 <= value <= top):
+        return None
+    return value / 1000.0
+
+
+def peer_rtt(value) -> float | None:
+    """The peer's C{rtt_ms} (message 3), in seconds: a JSON number (not a
+    bool) within [0, L{MAX_RTT_MS}]; None for anything else (absent, as
+    from an older peer, or malformed: untrusted, so no delay)."""
+    return _number(value, MAX_RTT_MS)
+
+
+def peer_sent(value) -> float | None:
+    """The peer's C{sent_ms} (message 3), in seconds, as L{peer_rtt}:
+    within [0, L{MAX_SENT_MS}]."""
+    return _number(value, MAX_SENT_MS)
+
+
+def timed_delay(own_rtt: float | None, their_rtt: float | None, own_sent: float | None,
+                their_sent: float | None, elapsed: float) -> float:
+    """
+    Seconds to hold our first attempts back so that they leave when the
+    peer's do (timed punching, measured through the server).
+
+    The server sends PAIRED to both sides at one instant C{s}; it reaches
+    us C{o} later and the peer C{p} later (half of each side's round trip
+    to the server, C{own_rtt} and C{their_rtt}).  Each side sends its
+    candidates (message 3) some time after its PAIRED arrived
+    (C{own_sent}, C{their_sent}: the key exchange, and whatever each side
+    waited for locally, such as a port mapping), and starts punching once
+    it has sent its own and the peer's have arrived.  So, after C{s}, the
+    peer's candidates leave at C{p + their_sent}, ours at C{o + own_sent},
+    and the peer starts at C{max(p + their_sent, o + own_sent + o + p)}.
+    We are C{elapsed} seconds after our PAIRED arrived (C{o + elapsed}
+    after C{s}): we wait until the peer starts, if that is later, at most
+    L{MAX_TIMED_DELAY}.  Assumes each path to the server takes as long each
+    way.  Any figure not known (an older peer): 0, no timing.
+    """
+    if None in (own_rtt, their_rtt, own_sent, their_sent):
+        return 0.0
+    o, p = own_rtt / 2, their_rtt / 2
+    peer_starts = max(p + their_sent, o + own_sent + o + p)
+    return min(MAX_TIMED_DELAY, max(0.0, peer_starts - (o + elapsed)))
+
+
+#: Seconds the follower (the receiver) starts its attempts after the
+#: leader's, once both are aligned (L{timed_delay}; for the fresh-port
+#: punches, after the leader has its GROWN): a fixed order, so the leader's
+#: SYN has opened its NAT's mapping before the follower's arrives there.
+#: Measured in the NAT lab (two ICMP-answering NATs, 0 ms): when both sides
+#: started within a fraction of a millisecond, a pair often got stuck (see
+#: docs/PROTOCOL.md, "Stuck pairs"): 5 of 20 sessions direct; with this
+#: order 20 of 20 (and 10 of 10 in each later cell).  20
+#: ms is well above the jitter of two processes' timers on a loaded machine
+#: (a few ms) and costs a direct path at most that much.
+STAGGER = 0.020
 
 
 @attrs.frozen

@@ -19,6 +19,7 @@ import ipaddress
 import re
 
 from twisted.internet import defer
+from twisted.internet.protocol import ClientFactory
 from twisted.protocols.basic import LineReceiver
 
 from .codes import valid_nameplate
@@ -86,6 +87,15 @@ class RendezvousClientProtocol(LineReceiver):
     #: Where the server sees our partner from (host, port), as its PAIRED
     #: said; None from a server that does not say (before p2pft 0.5).
     partner: tuple[str, int] | None = None
+    #: What tells the time (an IReactorTime), set by whoever builds the
+    #: protocol (L{RendezvousClientFactory}); None: round trips are not
+    #: measured.
+    clock = None
+    #: The shortest round trip to the server seen so far, seconds: from the
+    #: connection's establishment to WELCOME (the server sends it as it
+    #: accepts, so one round trip) and from each PING to its PONG; None
+    #: until measured.  For timed punching (docs/PROTOCOL.md section 2).
+    rtt: float | None = None
 
     def __init__(self) -> None:
         self._welcomed = OneShot()
@@ -96,6 +106,15 @@ class RendezvousClientProtocol(LineReceiver):
         self._readers: list[defer.Deferred] = []
         self._failure: RendezvousError | None = None
         self._pongs: dict[str, defer.Deferred] = {}
+        self._pinged: dict[str, float] = {}  # token -> when its PING left
+        self._made: float | None = None
+
+    def _sample(self, since: float | None) -> None:
+        """One round trip measured: from C{since} (clock seconds) to now."""
+        if self.clock is None or since is None:
+            return
+        seconds = max(0.0, self.clock.seconds() - since)
+        self.rtt = seconds if self.rtt is None else min(self.rtt, seconds)
 
     # -- API
 
@@ -141,6 +160,8 @@ class RendezvousClientProtocol(LineReceiver):
         """Send PING C{token}; fires when the matching PONG comes back."""
         if self._failure is not None:
             return defer.fail(self._failure)
+        if token not in self._pongs and self.clock is not None:
+            self._pinged[token] = self.clock.seconds()
         d = self._pongs.setdefault(token, defer.Deferred())
         self.sendLine(f"PING {token}".encode("ascii"))
         return d
@@ -151,6 +172,10 @@ class RendezvousClientProtocol(LineReceiver):
         return self._closed.when()
 
     # -- protocol
+
+    def connectionMade(self) -> None:
+        if self.clock is not None:
+            self._made = self.clock.seconds()
 
     def lineReceived(self, line: bytes) -> None:
         try:
@@ -186,6 +211,7 @@ class RendezvousClientProtocol(LineReceiver):
             self._fail(RendezvousError(f"server: {printable(rest, 200)}"))
             self.transport.loseConnection()
         elif command == "PONG":
+            self._sample(self._pinged.pop(rest, None))
             d = self._pongs.pop(rest, None)
             if d is not None:
                 d.callback(None)
@@ -217,6 +243,7 @@ class RendezvousClientProtocol(LineReceiver):
             self.transport.loseConnection()
             return
         self.relays = relays
+        self._sample(self._made)
         self._welcomed.fire((host, port))
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -239,6 +266,21 @@ class RendezvousClientProtocol(LineReceiver):
         for d in pending:
             if d is not None and not d.called:
                 d.errback(error)
+
+
+class RendezvousClientFactory(ClientFactory):
+    """Builds L{RendezvousClientProtocol}s that measure their round trips
+    with C{clock}."""
+
+    protocol = RendezvousClientProtocol
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def buildProtocol(self, addr):
+        client = super().buildProtocol(addr)
+        client.clock = self.clock
+        return client
 
 
 def _address(text: str) -> tuple[str, int] | None:

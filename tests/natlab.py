@@ -78,6 +78,12 @@ bridge - can be given path properties::
 ``delay_ms``  one-way delay, added in each direction: a round trip a<->b
     takes 2*(delay_a + delay_b), a<->server 2*delay_a (the server's link
     is ideal).  0 (the default) starts no delay line at all.
+``server_delay_ms``  one-way delay added, each way, only to the packets
+    between this link and the server (a second delay line of the link's
+    delay plus this, fed by ``-d``/``-s`` server-address rules placed
+    before the link's own): a<->server takes 2*(delay_a +
+    server_delay_a), a<->b is unchanged.  Asymmetric server paths, for
+    timed punching.
 ``loss``  each packet crossing the link is dropped with this probability,
     independently per packet and per direction (data and ACKs alike), by
     ``-m statistic --mode random --probability P -j DROP``.  Per *wire*
@@ -309,6 +315,11 @@ class Nat:
         queue).
     upnp: run a real miniupnpd (UPnP-IGD, NAT-PMP, PCP) on this host's NAT
         router (tests/natlab_upnp.py; ``lab.upnp``: router -> daemon).
+    server_delay_ms: one-way delay added, in each direction, to this host's
+        packets to and from the rendezvous server only (on top of
+        delay_ms): the host's round trip to the server grows by
+        2*server_delay_ms, its round trip to the other host not at all
+        (asymmetric server paths, for timed punching).
     """
 
     kind: str = "masquerade"
@@ -317,6 +328,7 @@ class Nat:
     loss: float = 0.0
     rate_mbit: float | None = None
     upnp: bool = False
+    server_delay_ms: float = 0
 
     def __post_init__(self):
         if self.kind not in NAT_KINDS:
@@ -326,6 +338,9 @@ class Nat:
         if not 0 <= self.delay_ms <= MAX_DELAY_MS:
             raise ValueError(f"delay_ms must be within [0, {MAX_DELAY_MS}], "
                              f"not {self.delay_ms!r}")
+        if not 0 <= self.server_delay_ms <= MAX_DELAY_MS:
+            raise ValueError(f"server_delay_ms must be within [0, {MAX_DELAY_MS}], "
+                             f"not {self.server_delay_ms!r}")
         if not 0 <= self.loss < 1:
             raise ValueError(f"loss is a probability in [0, 1), not {self.loss!r}")
         if self.rate_mbit is not None and not 0 < self.rate_mbit <= MAX_RATE_MBIT:
@@ -335,7 +350,7 @@ class Nat:
     @property
     def shaped(self):
         """True if the wan link has any path property (delay, loss, rate)."""
-        return bool(self.delay_ms or self.loss or self.rate_mbit)
+        return bool(self.delay_ms or self.loss or self.rate_mbit or self.server_delay_ms)
 
 
 # ---------------------------------------------------------------------------
@@ -1244,6 +1259,11 @@ class NatLab:
             if nat.delay_ms:
                 self.delay_lines[port] = DelayLineProcess.start(
                     inet, qnum, nat.delay_ms)
+            if nat.server_delay_ms:
+                # Packets between this link and the server wait in a line
+                # of their own, the link's delay plus the server's.
+                self.delay_lines[f"{port}>server"] = DelayLineProcess.start(
+                    inet, qnum + 2, nat.delay_ms + nat.server_delay_ms)
         # Packets coming up the link are matched in PREROUTING (only the
         # in-port is known there), packets going down it in POSTROUTING:
         # two different hooks, so a packet from one delayed link to
@@ -1256,6 +1276,11 @@ class NatLab:
                 if nat.loss:
                     lines.append(f"-A {chain} -m physdev {match} -m statistic "
                                  f"--mode random --probability {nat.loss:.6f} -j DROP")
+                if nat.server_delay_ms:
+                    # (first: a packet takes one NFQUEUE per hook)
+                    toward = "-d" if chain == "PREROUTING" else "-s"
+                    lines.append(f"-A {chain} -m physdev {match} {toward} {self.server_ip} -j NFQUEUE "
+                                 f"--queue-num {qnum + 2} --queue-bypass")
                 if nat.delay_ms:
                     lines.append(f"-A {chain} -m physdev {match} -j NFQUEUE "
                                  f"--queue-num {qnum} --queue-bypass")

@@ -137,15 +137,19 @@ class NatMatrixTests(TestCase):
 
     async def test_both_send_rst(self):
         """
-        Direct, after retries.  With both NATs answering stray SYNs with RST
-        and next to no latency between them (this lab), a crossing that half
-        succeeds can leave one NAT's conntrack entry stuck in SYN_SENT2 for
-        that port pair, marking every later SYN on it invalid (seen: about 1
-        session in 10).  Such a session completes through the relay (the
-        transfer must succeed every time); a new session uses new ports, so
-        at least one of three must go direct.
+        Direct, after retries.  With both NATs answering stray SYNs with
+        RST and no latency between them (this lab at 0 ms), a SYN's whole
+        way (both NATs, the reset, back) runs inside the caller's connect()
+        on one CPU, so a crossing needs both peers' connect() calls to run
+        at the same moment on two CPUs: measured, both peers pinned to one
+        CPU 0 of 6 sessions direct, unpinned 6 of 6; on this shared 2-core
+        machine 7-10 in 10, 0-2 in 10 while another job kept one core busy,
+        and 10 in 10 then with 0.1 ms on each wan link (bench/natmatrix.py;
+        docs/PROTOCOL.md, "Stuck pairs").  Such a session completes through the relay (the transfer
+        must succeed every time); a new session is a new draw, so at least
+        one of three must go direct.  (At 30 ms every session does.)
         """
-        await self.direct_within(3, "two RST-sending NATs", a=Nat("reject"), b=Nat("reject"))
+        await self.direct_within(3, "two RST-sending NATs at no latency", a=Nat("reject"), b=Nat("reject"))
 
     async def test_one_sends_rst(self):
         await self.transfer("direct", a=Nat("reject"))
@@ -153,13 +157,13 @@ class NatMatrixTests(TestCase):
     async def test_icmp_unreachable(self):
         """
         Both NATs answer stray SYNs with ICMP port unreachable: raced like
-        resets (before, attempts refused by ICMP were redialled on the slow
-        pace and every session at 0 ms went through the relay).  At 0 ms a
-        pair can get stuck as with two RST NATs, more often (measured with
-        bench/natmatrix.py: 5-9 sessions in 10 direct at 0 ms, after the
-        fresh-port punches; 10 in 10 at 30 and 120 ms): so one of three.
+        resets, and the receiver starts 20 ms after the sender (the
+        stagger).  When both started together, a pair at 0 ms often got
+        stuck (a NAT dropping the handshake as invalid) and only 5 of 20
+        sessions went direct; with the stagger 20 of 20 (bench/natmatrix.py;
+        docs/PROTOCOL.md, "Stuck pairs").
         """
-        await self.direct_within(3, "two ICMP-answering NATs", a=Nat("icmp"), b=Nat("icmp"))
+        await self.transfer("direct", a=Nat("icmp"), b=Nat("icmp"))
 
     async def test_port_shifting(self):
         """Endpoint-independent mappings that do not keep the local port:
