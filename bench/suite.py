@@ -38,11 +38,11 @@ import time
 from suite_load import WORKERS, LoadResult, run_load
 from suite_procs import MiB, ROOT, BenchError
 from suite_report import Target, notes, targets, text_load, text_table, text_targets, write_docs
-from suite_files import make_folder, p2pft_files, tar_files
+from suite_files import files_and_tar, make_folder
 from suite_rows import ROWS as FILE_ROWS_, Bench, Row
 from suite_setup import NETNS_MARKER, enter_netns, find_tools, install, machine, say
 
-ROWS = {**FILE_ROWS_, "files": p2pft_files, "tar": tar_files}
+ROWS = {**FILE_ROWS_, "files": None, "tar": None}  # (files and tar: L{files_and_tar}, their runs in turn)
 ALL = [*ROWS, "load"]
 SMOKE_ROWS = ["p2pft", "stdout", "relay", "files", "load"]
 DEFAULTS = {"size": 1024, "runs": 3, "clients": 10_000, "files": 50_000}
@@ -140,9 +140,13 @@ def run(a: argparse.Namespace, work: str, network: str) -> int:
     started = time.monotonic()
     rows = []
     try:
-        for key in (k for k in ROWS if k in a.rows):
+        for key in (k for k in FILE_ROWS_ if k in a.rows):
             say(f"{key} ...")
             rows.append(ROWS[key](bench))
+        small = [k for k in ("files", "tar") if k in a.rows]
+        if small:
+            say(f"{' and '.join(small)}, in turn ...")
+            rows.extend(files_and_tar(bench, small))
     finally:
         for path in bench.remove_later:
             shutil.rmtree(path, ignore_errors=True)

@@ -80,52 +80,76 @@ def _run(bench: Bench, n: int, sender, receiver, done: str | None, files: int, t
     return Run(total, transfer=end - r.started, total=end - r.started, sender=sx.usage, receiver=rx.usage)
 
 
-def p2pft_files(bench: Bench) -> Row:
+def _p2pft_files_runs(bench: Bench, procs: Procs):
+    """One run of the files row at a time: C{one(n) -> Run}."""
     files, total = bench.files, bench.folder_bytes
+    _, address = p2pft_server(procs, "server")
 
-    def runs(procs: Procs, row: Row) -> None:
-        _, address = p2pft_server(procs, "server")
+    def sender(n):
+        s = procs.start(f"sender-{n}", p2pft_argv("send", "--json", "--code", CODE, address, bench.folder),
+                        lines="stdout", env=p2pft_env())
+        s.wait_line(r'"event": "code"', time.monotonic() + 60 + files / 2000)
+        return s
 
-        def sender(n):
-            s = procs.start(f"sender-{n}", p2pft_argv("send", "--json", "--code", CODE, address, bench.folder),
-                            lines="stdout", env=p2pft_env())
-            s.wait_line(r'"event": "code"', time.monotonic() + 60 + files / 2000)
-            return s
+    def receiver(n, out):
+        return procs.start(f"receiver-{n}", p2pft_argv("receive", "--yes", "--json", "-o", out, address, CODE),
+                           lines="stdout", env=p2pft_env())
 
-        def receiver(n, out):
-            return procs.start(f"receiver-{n}", p2pft_argv("receive", "--yes", "--json", "-o", out, address, CODE),
-                               lines="stdout", env=p2pft_env())
-
-        for n in range(bench.runs):
-            row.runs.append(_run(bench, n, sender, receiver, r'"event": "done"', files, total))
-        row.notes.append(f"{files:,} files of 0–{MAX_FILE // 1024} KiB ({total / 1e6:.0f} MB) in "
-                         f"{-(-files // PER_FOLDER)} folders; the sender scans and hashes nothing ahead")
-
-    return bench.measure("files", f"p2pft {files:,} small files", runs)
+    return lambda n: _run(bench, n, sender, receiver, r'"event": "done"', files, total)
 
 
-def tar_files(bench: Bench) -> Row:
+def _tar_runs(bench: Bench, procs: Procs):
+    """One run of the tar row at a time: C{one(n) -> Run}."""
     files, total = bench.files, bench.folder_bytes
     socat = bench.tools.get("socat")
     parent, name = os.path.split(bench.folder)
 
-    def runs(procs: Procs, row: Row) -> None:
-        def sender(n):
-            port = bench.tar_port = free_port()
-            s = procs.start(f"sender-{n}", ["sh", "-c", f'tar c -C "$1" "$2" | {socat} -d -d -u -b 1048576 '
-                                                        f'STDIN TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr',
-                                            "sh", parent, name], lines="stderr")
-            s.wait_line("listening on", time.monotonic() + 30)
-            return s
+    def sender(n):
+        port = bench.tar_port = free_port()
+        s = procs.start(f"sender-{n}", ["sh", "-c", f'tar c -C "$1" "$2" | {socat} -d -d -u -b 1048576 '
+                                                    f'STDIN TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr',
+                                        "sh", parent, name], lines="stderr")
+        s.wait_line("listening on", time.monotonic() + 30)
+        return s
 
-        def receiver(n, out):
-            return procs.start(f"receiver-{n}", ["sh", "-c", f'{socat} -u -b 1048576 TCP:127.0.0.1:{bench.tar_port} '
-                                                           f'STDOUT | tar x -C "$1"', "sh", out])
+    def receiver(n, out):
+        return procs.start(f"receiver-{n}", ["sh", "-c", f'{socat} -u -b 1048576 TCP:127.0.0.1:{bench.tar_port} '
+                                                       f'STDOUT | tar x -C "$1"', "sh", out])
 
+    return lambda n: _run(bench, n, sender, receiver, None, files, total)
+
+
+def files_and_tar(bench: Bench, keys: list[str]) -> list[Row]:
+    """The rows C{keys} ("files", "tar"), their runs taken in turn (files,
+    tar, files, tar, ...): both meet the file system in the same state.
+    How fast ext4 creates files drifts by 2x and more from one minute to
+    the next on these machines (what was deleted lately, how full its
+    block groups are), so three runs of one row and then three of the
+    other compared two different file systems."""
+    made = {"files": (Row("files", f"p2pft {bench.files:,} small files"), _p2pft_files_runs),
+            "tar": (Row("tar", "tar | socat (plain)"), _tar_runs)}
+    rows = [made[key][0] for key in keys]
+    if "tar" in keys and not bench.tools.get("socat"):
+        made["tar"][0].status = "skipped: " + bench.missing.get("socat", "socat not installed")
+    with Procs(os.path.join(bench.work, "logs", "files")) as procs:
+        ones = {}
+        for row in rows:
+            try:
+                if row.status == "ok":
+                    ones[row.key] = made[row.key][1](bench, procs)
+            except BenchError as e:
+                row.status = f"failed: {e}"
         for n in range(bench.runs):
-            row.runs.append(_run(bench, n, sender, receiver, None, files, total))
-        row.notes.append("tar c | socat → socat | tar x: plain TCP, no encryption, no checks, no resume")
-
-    if not socat:
-        return Row("tar", "tar | socat (plain)", status="skipped: " + bench.missing.get("socat", "socat not installed"))
-    return bench.measure("tar", "tar | socat (plain)", runs)
+            for key, one in ones.items():
+                row = made[key][0]
+                try:
+                    if row.status == "ok":
+                        row.runs.append(one(n))
+                except BenchError as e:
+                    row.status = f"failed: {e}"
+    made["files"][0].notes.append(
+        f"{bench.files:,} files of 0–{MAX_FILE // 1024} KiB ({bench.folder_bytes / 1e6:.0f} MB) in "
+        f"{-(-bench.files // PER_FOLDER)} folders; the sender scans and hashes nothing ahead; "
+        "its runs taken in turn with tar's")
+    made["tar"][0].notes.append("tar c | socat → socat | tar x: plain TCP, no encryption, no checks, no resume")
+    return rows

@@ -329,7 +329,9 @@ METHOD = """\
   and `tar c | socat` → `socat | tar x` moves the same folder over loopback
   (plain, no checks).  The clock runs from the receiver's start to its
   `done` event (p2pft) or its exit (tar); the column to compare is
-  **start→done s**.  Outputs are removed only after the last row: ext4
+  **start→done s**.  The two rows' runs are taken in turn (p2pft, tar,
+  p2pft, ...): how fast ext4 creates files drifts by 2× and more from one
+  minute to the next here, so both must meet it in the same state.  Outputs are removed only after the last row: ext4
   creates files several times slower for a while after many were deleted,
   which would slow whichever run came next.
 - Server load: one `p2pft server` process; two load-generator processes
