@@ -51,6 +51,10 @@ log = Logger()
 FIXED = "fixed"
 #: Each connection gets a public port of its own: symmetric.
 VARIES = "varies"
+#: Symmetric, but the home router mapped our punching port (PCP, NAT-PMP,
+#: UPnP-IGD): the peer reaches us through that mapped candidate with a
+#: plain connect, so neither side sprays (L{role} gives no role).
+MAPPED = "mapped"
 #: Roles: the symmetric side opens from fresh ports, the other probes.
 OPEN = "open"
 PROBE = "probe"

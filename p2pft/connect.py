@@ -278,10 +278,13 @@ async def _pair_and_punch(reactor, client, settings: Settings, role: str, ui) ->
     keys, box, features = await _agree_keys(reactor, client, code, role, settings.timeout)
     server_host = client.transport.getPeer().host
     mine, local_port = _own(client, public, server_host)
-    mine += await router.candidates()
+    mapped = await router.candidates()
+    mine += mapped
     if settings.birthday is not None and not observed:
         await _race(reactor, [mapping], MAPPING_WAIT)
     ours = observed[0] if observed else None
+    if mapped and ours == birthday.VARIES:
+        ours = birthday.MAPPED  # reached through the router's mapping: no birthday punching either way
     sent = reactor.seconds() - paired_at
     client.send(box.seal(_encode(candidates_message(mine, ours, client.rtt, sent))))
     message = _decode(box.open(

@@ -155,6 +155,8 @@ class SessionTests(TestCase):
         for proc in (sender, receiver):
             done = [e for e in proc.events() if e["event"] == "done"][-1]
             self.assertEqual(done["path"], "direct", diagnostics())
+            # The mapping is the way in: no birthday punching, either side.
+            self.assertEqual(done.get("birthday_attempts", 0), 0, diagnostics())
         # The receiver reached the sender through the mapped port.
         [*_, last] = [e for e in receiver.events() if e["event"] in ("connected", "path")]
         self.assertEqual(last["peer"], external, diagnostics())

@@ -11,7 +11,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pft.birthday import (FIXED, OPEN, PROBE, VARIES, BirthdayConnector, BirthdayPlan, BirthdaySchedule,
+from p2pft.birthday import (FIXED, MAPPED, OPEN, PROBE, VARIES, BirthdayConnector, BirthdayPlan, BirthdaySchedule,
                             classify, role, syns)
 from p2pft.punch import PunchFailed
 from tests.test_punch import FakeCandidate
@@ -36,8 +36,9 @@ class ClassifyTests(SynchronousTestCase):
     def test_roles_need_exactly_one_symmetric_side(self):
         self.assertEqual(role(VARIES, FIXED), OPEN)
         self.assertEqual(role(FIXED, VARIES), PROBE)
+        # MAPPED: symmetric, but reached through the router's mapping.
         for ours, theirs in [(FIXED, FIXED), (VARIES, VARIES), (None, VARIES), (VARIES, None),
-                             (FIXED, "something"), (VARIES, 7)]:
+                             (FIXED, "something"), (VARIES, 7), (MAPPED, FIXED), (FIXED, MAPPED)]:
             self.assertIsNone(role(ours, theirs))
 
     def test_syns_count_linux_retransmissions(self):
