@@ -477,7 +477,11 @@ async def _punch_watching_partner(reactor, client, connector, role, schedule, al
     try:
         return await punched
     except defer.CancelledError:
-        raise SessionError("the other side left before a connection was made") from None
+        # (Both sides' deadlines are about equal: whichever gives up second
+        # says what it tried too, as the first one did.)
+        tried = connector.plan.tried()
+        raise SessionError("the other side left before a connection was made"
+                           + (f" (tried: {tried})" if tried else "")) from None
     finally:
         watch.cancel()
         for t in timers:

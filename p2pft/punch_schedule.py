@@ -248,8 +248,12 @@ class AttemptPlan:
             return self.schedule.relay_delay_refused - waited
         return 0.0
 
+    def tried(self) -> str:
+        """How each address failed so far ("" if none did)."""
+        return "; ".join(f"{h}:{p}: {e}" for (h, p), e in self.errors.items())
+
     def failure(self) -> str:
         """What to report when the deadline passes."""
-        detail = "; ".join(f"{h}:{p}: {e}" for (h, p), e in self.errors.items())
+        detail = self.tried()
         how = "directly or through a relay" if self.relays else "directly"
         return f"could not connect to the other side {how}" + (f" ({detail})" if detail else "")

@@ -8,6 +8,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pft.punch import PunchFailed, PunchSchedule
+from p2pft.punch_schedule import AttemptPlan
 from p2pft.rendezvous import PeerGone, RendezvousError
 from p2pft.secure import RECEIVER, SENDER
 from p2pft.candidates import MAX_CANDIDATES, parse_candidates
@@ -33,6 +34,7 @@ class FakeConnector:
     def __init__(self):
         self.cancelled = False
         self.result = defer.Deferred(self._cancel)
+        self.plan = AttemptPlan(PunchSchedule(), [("198.51.100.7", 4000)])
 
     def _cancel(self, d):
         self.cancelled = True
@@ -55,7 +57,18 @@ class PartnerLeavesTests(SynchronousTestCase):
         self.clock.advance(0)
         f = self.failureResultOf(d, SessionError)
         self.assertIn("left before a connection was made", str(f.value))
+        self.assertNotIn("tried", str(f.value))
         self.assertTrue(self.connector.cancelled)
+
+    def test_what_was_tried_is_said(self):
+        """Both sides' deadlines are about equal: the one that gives up
+        second says how its attempts failed, as the first one did."""
+        d = self.start(SENDER)
+        self.connector.plan.errors[("198.51.100.7", 4000)] = "refused (ICMP)"
+        self.client.fail(PeerGone("gone"))
+        self.clock.advance(0)
+        f = self.failureResultOf(d, SessionError)
+        self.assertIn("left before a connection was made (tried: 198.51.100.7:4000: refused (ICMP))", str(f.value))
 
     def test_receiver_waits_for_a_late_select(self):
         d = self.start(RECEIVER)
