@@ -8,11 +8,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import ProcessProtocol
+from twisted.trial.unittest import SkipTest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -154,6 +158,27 @@ class Workspace:
         self.out = os.path.join(self.root, "out")
         os.makedirs(self.src)
         os.makedirs(self.out)
+
+
+def older_checkout(testcase, commit: str, what: str, check: tuple[str, str]) -> str:
+    """The p2pft package of C{commit} (C{what}: its name in skip reasons),
+    in a temporary folder removed after the test: the folder, to run
+    C{python -m p2pft} from.  Skips the test if git is missing, the commit
+    cannot be had, or the file C{check[0]} (relative to the package) does
+    not contain C{check[1]}."""
+    git = shutil.which("git")
+    if git is None:
+        raise SkipTest(f"git is not available to get {what}")
+    folder = tempfile.mkdtemp(prefix="p2pft-older-")
+    testcase.addCleanup(shutil.rmtree, folder, True)
+    archive = subprocess.run([git, "-C", ROOT, "archive", commit, "p2pft"], capture_output=True)
+    if archive.returncode != 0:
+        raise SkipTest(f"cannot get {what} ({commit}): {archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
+    with open(os.path.join(folder, "p2pft", check[0])) as f:
+        if check[1] not in f.read():
+            raise SkipTest(f"{commit} is not {what}")
+    return folder
 
 
 async def start_server(testcase, name="server", argv=None):

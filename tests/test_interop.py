@@ -8,14 +8,11 @@ it (the receiver's ACCEPT says whether it takes FILES; 0.2's says nothing).
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import tempfile
 
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from tests.files import make_file
-from tests.procs import ROOT, Workspace, p2pft_argv, spawn, start_server
+from tests.procs import Workspace, older_checkout, p2pft_argv, spawn, start_server
 
 #: p2pft 0.2.0, the last commit before FILES records.
 OLDER_COMMIT = "dc0af8c"
@@ -25,18 +22,7 @@ class OlderPeerTests(TestCase):
     timeout = 90
 
     def setUp(self):
-        git = shutil.which("git")
-        if git is None:
-            raise SkipTest("git is not available to get p2pft 0.2")
-        self.older = tempfile.mkdtemp(prefix="p2pft-0.2-")
-        self.addCleanup(shutil.rmtree, self.older, True)
-        archive = subprocess.run([git, "-C", ROOT, "archive", OLDER_COMMIT, "p2pft"], capture_output=True)
-        if archive.returncode != 0:
-            raise SkipTest(f"cannot get p2pft 0.2 ({OLDER_COMMIT}): {archive.stderr.decode(errors='replace').strip()}")
-        subprocess.run(["tar", "-x", "-C", self.older], input=archive.stdout, check=True)
-        with open(os.path.join(self.older, "p2pft", "__init__.py")) as f:
-            if '__version__ = "0.2.0"' not in f.read():
-                raise SkipTest(f"{OLDER_COMMIT} is not p2pft 0.2.0")
+        self.older = older_checkout(self, OLDER_COMMIT, "p2pft 0.2.0", ("__init__.py", '__version__ = "0.2.0"'))
 
     async def _both_ways(self, older_role: str):
         ws = Workspace(self)

@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import tempfile
 
 from twisted.internet import defer, reactor
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from p2pft.channel import KEEPALIVE_INTERVAL
 from p2pft.session.link import SILENCE
 from tests.files import make_file, sha256_of
 from tests.natlab import Nat, start_lab
-from tests.procs import ROOT, Proc, Workspace, env, p2pft_argv, start_relay, start_server
+from tests.procs import Proc, Workspace, env, older_checkout, p2pft_argv, start_relay, start_server
 
 PORT = 9000
 MiB = 1 << 20
@@ -359,18 +356,7 @@ class VersionMismatchTests(TestCase):
     timeout = 60
 
     def setUp(self):
-        git = shutil.which("git")
-        if git is None:
-            raise SkipTest("git is not available to get the v1 code")
-        self.v1 = tempfile.mkdtemp(prefix="p2pft-v1-")
-        self.addCleanup(shutil.rmtree, self.v1, True)
-        archive = subprocess.run([git, "-C", ROOT, "archive", V1_COMMIT, "p2pft"], capture_output=True)
-        if archive.returncode != 0:
-            raise SkipTest(f"cannot get p2pft v1 ({V1_COMMIT}): {archive.stderr.decode(errors='replace').strip()}")
-        subprocess.run(["tar", "-x", "-C", self.v1], input=archive.stdout, check=True)
-        with open(os.path.join(self.v1, "p2pft", "session.py")) as f:
-            if '"p2pft/v1"' not in f.read():
-                raise SkipTest(f"{V1_COMMIT} is not protocol v1")
+        self.v1 = older_checkout(self, V1_COMMIT, "p2pft v1", ("session.py", '"p2pft/v1"'))
 
     async def _mismatch(self, v1_role: str):
         ws = Workspace(self)
