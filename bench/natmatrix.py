@@ -120,10 +120,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tests.natlab import Nat, NatLab  # noqa: E402
-from streams import Events, wait_all  # noqa: E402  (bench/, beside this script)
+from streams import Events, p2pft_env, start_p2pft_server, wait_all  # noqa: E402  (bench/, beside this script)
 
 PY = sys.executable
-SERVER_PORT = 9000
 
 #: name -> (NatLab keyword arguments, the path expected)
 ROWS = {
@@ -158,28 +157,6 @@ def server_paths(text: str) -> tuple[float, float]:
     return (a, b)
 
 
-def env():
-    e = dict(os.environ)
-    e["PYTHONPATH"] = ROOT + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
-    e["PYTHONUNBUFFERED"] = "1"
-    e.pop("P2PFT_CODE", None)
-    return e
-
-
-def start_server(lab, logdir):
-    log = open(os.path.join(logdir, "server.log"), "w")
-    lab.popen("server", [PY, "-m", "p2pft", "server", "--relay", "--port",
-                         f"tcp:{SERVER_PORT}:interface={lab.server_ip}"],
-              stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env())
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with open(log.name) as f:
-            if "listening on" in f.read():
-                return f"{lab.server_ip}:{SERVER_PORT}"
-        time.sleep(0.05)
-    raise RuntimeError("p2pft server did not start: " + open(log.name).read())
-
-
 def session(lab, server, src, size, rate, code, workdir, timeout, verbose):
     out = tempfile.mkdtemp(dir=workdir)
     procs = {}
@@ -191,7 +168,7 @@ def session(lab, server, src, size, rate, code, workdir, timeout, verbose):
         argv = argv[:1] + (["-v"] if verbose else []) + argv[1:]
         procs[name] = Events(lab.popen(host, [PY, "-m", "p2pft"] + argv,
                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                       stderr=errs[name], text=True, env=env()))
+                                       stderr=errs[name], text=True, env=p2pft_env(ROOT)))
     wait_all(procs, time.monotonic() + timeout)
     got = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
     shutil.rmtree(out, ignore_errors=True)
@@ -220,7 +197,7 @@ def cell(row, rtt, loss, args, workdir, src, size, server=(0.0, 0.0)):
     results = []
     try:
         lab.up()
-        server = start_server(lab, workdir)
+        server = start_p2pft_server(lab, ROOT, workdir)
         for i in range(args.sessions):
             code = f"{10 + i}-natmatrix-{row.replace('_', '')[:10]}"
             results.append(session(lab, server, src, size, args.rate, code, workdir,
