@@ -44,6 +44,7 @@ def make_folder(path: str, files: int) -> int:
         with open(os.path.join(folder, f"f{i:07d}.dat"), "wb") as f:
             f.write(block[start:start + n])
         total += n
+    os.sync()  # not written back during the first runs
     with open(marker, "w") as f:
         f.write(str(total))
     return total
@@ -144,6 +145,10 @@ def files_and_tar(bench: Bench, keys: list[str]) -> list[Row]:
                 row = made[key][0]
                 try:
                     if row.status == "ok":
+                        # tar x leaves its files in the page cache (p2pft
+                        # syncs): without this, their writeback would land
+                        # in the next run, which is p2pft's.
+                        os.sync()
                         row.runs.append(one(n))
                 except BenchError as e:
                     row.status = f"failed: {e}"

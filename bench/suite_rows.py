@@ -176,6 +176,9 @@ def _timed(size: int, receiver: Proc, first: float, done: float, sender: Usage, 
 
 def _repeat(bench: Bench, row: Row, one: Callable[[int], Run]) -> None:
     for n in range(bench.runs):
+        # No dirty pages of an earlier run (socat's page-cache writes, a
+        # removed output's metadata) written back during this one.
+        os.sync()
         row.runs.append(one(n))
 
 
