@@ -17,12 +17,15 @@ from p2pft.errors import TransferFailed
 from p2pft.transfer import resume, store
 from p2pft.transfer.destination import DiskDestination
 from p2pft.transfer.manifest import PARTIAL_SUFFIX
+from p2pft.transfer import Receiver, Sender, receiver as receiver_module
+from p2pft.transfer.endpoint import run_now
 from p2pft.transfer.receiver import FILES_PER_TURN
-from p2pft.transfer.records import ACCEPT, DATA, FILE, FILE_END, FILES
+from p2pft.transfer.records import ACCEPT, ACK, DATA, FILE, FILE_END, FILES
+from p2pft.transfer.scan import scan
 from p2pft.transfer.small import BATCH_BYTES, BATCH_FILES, SMALL_FILE, pack, unpack
 
 from .files import write
-from .memlink import start_pair, tree
+from .memlink import Link, accept, start_pair, tree
 
 
 def files_sent(link) -> list[list[int]]:
@@ -169,6 +172,64 @@ class SmallFileTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(rd).files, 3 * FILES_PER_TURN)
         self.assertGreaterEqual(len(per_turn), 3)
         self.assertLessEqual(max(per_turn), FILES_PER_TURN + BATCH_FILES - 1)
+
+
+class SyncAheadTests(SynchronousTestCase):
+    """Small files are written back while more arrive (L{Receiver._sync_ahead}),
+    one early sync at a time, and the final sync still comes before the ACK."""
+
+    def setUp(self):
+        self.src = os.path.abspath(self.mktemp())
+        self.out = os.path.abspath(self.mktemp())
+        os.makedirs(self.out)
+        for i in range(100):
+            write(os.path.join(self.src, f"{i:03d}"), os.urandom(8192))
+        self.patch(receiver_module, "SYNC_AHEAD", 100 * 1024)
+        self.events = []
+        self.patch(DiskDestination, "sync_ahead", lambda d: self.early)
+        sync = DiskDestination.sync
+        self.patch(DiskDestination, "sync", lambda d: self.events.append("sync") or sync(d))
+
+    def early(self):
+        self.events.append("early")
+
+    def transfer(self, run_blocking):
+        clock = Clock()
+        link = Link()
+        link.clock = clock
+        sender = Sender(link.a, clock, scan([self.src]))
+        receiver = Receiver(link.b, clock, self.out, accept, run_blocking=run_blocking)
+        send = link.b.send
+
+        def seen(kind, data=b""):
+            if kind == ACK:
+                self.events.append("ack")
+            send(kind, data)
+        link.b.send = seen
+        rd, sd = receiver.start(), sender.start()
+        link.pump()
+        self.assertEqual(self.successResultOf(rd).files, 100)
+        self.successResultOf(sd)
+        self.assertEqual(len(os.listdir(os.path.join(self.out, os.path.basename(self.src)))), 100)
+
+    def test_several_early_syncs_then_the_final_one_before_the_ack(self):
+        self.transfer(run_now)
+        self.assertGreaterEqual(self.events.count("early"), 3, self.events)
+        self.assertEqual(self.events[-2:], ["sync", "ack"])
+
+    def test_one_at_a_time(self):
+        held = []
+
+        def run_blocking(f, *args):
+            if f == self.early:
+                held.append(defer.Deferred())
+                f()
+                return held[-1]
+            return run_now(f, *args)
+        self.transfer(run_blocking)
+        self.assertEqual(self.events, ["early", "sync", "ack"], "no second early sync while one runs")
+        self.assertEqual(len(held), 1)
+        held[0].errback(OSError("late"))  # left to the final sync to report: no unhandled error
 
 
 class ReceiverChecksTests(SynchronousTestCase):

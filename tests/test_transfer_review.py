@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from p2pft.errors import Declined, TransferFailed, UnsafeName
 from p2pft.transfer import Receiver, fsprobe, manifest, placing
@@ -163,6 +164,34 @@ class PlaceTests(SynchronousTestCase):
         self.assertEqual(content(dest), data)
         self.assertEqual(os.stat(dest).st_nlink, 1)
 
+
+    def test_an_unnamed_file_made_with_its_final_mode_is_not_chmodded(self):
+        """A small file is made with the mode it will have, so placing it
+        changes no mode; where the umask takes bits the received file must
+        keep (the owner's read and write), the mode is still set."""
+        out = OutputDir(self.out)
+        self.addCleanup(out.close)
+        probe = out.open_unnamed("probe")
+        if probe is None:
+            raise SkipTest("no O_TMPFILE here")
+        probe.close()
+        chmods = []
+        real = os.fchmod
+        self.patch(os, "fchmod", lambda fd, mode: chmods.append(mode) or real(fd, mode))
+        for name, umask, mode in [("plain", 0o022, 0o644), ("tight", 0o277, 0o600)]:
+            out.umask = umask
+            f = out.open_unnamed(name, mode)
+            os.pwrite(f.fileno(), name.encode(), 0)
+            out.place(name, f, mode, None, overwrite=False)
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.out, name)).st_mode), mode)
+            self.assertEqual(content(os.path.join(self.out, name)), name.encode())
+        self.assertEqual(chmods, [0o600], "only the file whose umask took its owner's write bit")
+        # Replacing a file still checks, by inode, that what lands is ours.
+        f = out.open_unnamed("plain", 0o600)
+        os.pwrite(f.fileno(), b"new", 0)
+        out.place("plain", f, 0o600, None, overwrite=True)
+        self.assertEqual(content(os.path.join(self.out, "plain")), b"new")
+        self.assertEqual(sorted(os.listdir(self.out)), ["plain", "tight"])
 
 class LeftOutEntryTests(SynchronousTestCase):
     def test_messages_name_a_left_out_file_by_its_offered_path(self):

@@ -82,6 +82,11 @@ class IDestination(Interface):
     def sync() -> None:
         """Make what was written durable before the ACK."""
 
+    def sync_ahead():
+        """A function to run on a thread while more is written, which
+        starts making what was written so far durable (so L{sync} has less
+        left to do at the end); None where that gains nothing."""
+
     def close() -> None:
         """The transfer is over (also after a failure; may be called twice)."""
 
@@ -161,7 +166,7 @@ class DiskDestination:
     def open_file(self, entry, offset: int, pool, run_blocking) -> FileSink:
         f = None
         if offset == 0 and entry.size is not None and entry.size <= UNNAMED_MAX:
-            f = self._out.open_unnamed(entry.path)
+            f = self._out.open_unnamed(entry.path, safe_mode(entry, self._out.umask))
         if f is not None:
             return FileSink(f, offset, pool, run_blocking, keeps=False)
         return FileSink(self._out.open_partial(entry.path, offset), offset, pool, run_blocking)
@@ -171,7 +176,7 @@ class DiskDestination:
         system allows it, else in its partial file, then into place."""
         out, path = self._out, entry.path
         try:
-            f = out.open_unnamed(path) or out.open_partial(path, 0)
+            f = out.open_unnamed(path, safe_mode(entry, out.umask)) or out.open_partial(path, 0)
             try:
                 _write_all(f.fileno(), data, 0)
             except BaseException:
@@ -202,6 +207,9 @@ class DiskDestination:
 
     def sync(self) -> None:
         self._out.sync()
+
+    def sync_ahead(self):
+        return self._out.sync_ahead()
 
     def close(self) -> None:
         if self._out is not None:
@@ -273,6 +281,9 @@ class StreamDestination:
 
     def sync(self) -> None:
         self._stream.flush()
+
+    def sync_ahead(self):
+        return None  # written as it comes, in order, flushed at the end
 
     def close(self) -> None:
         try:

@@ -37,6 +37,12 @@ from .text import decode_text
 #: and on a laptop's SSD; a network file system is slower still) 1,024 keep
 #: a turn near 0.1 s, far from the session's 15 s of silence.
 FILES_PER_TURN = 1024
+#: Bytes of small files (FILES records) written between two early syncs
+#: (L{Receiver._sync_ahead}).  Each sync also flushes the disk's write
+#: cache, a few ms on a real disk: at 32 MiB that is a handful per second
+#: at the fastest, and what the final sync is left with is at most this
+#: much plus what one sync takes to write.
+SYNC_AHEAD = 32 << 20
 
 
 class ReceiverState(str, Enum):
@@ -86,6 +92,8 @@ class Receiver(Endpoint):
         self._intake: Intake | None = None  # the files, once accepted
         self._pool = BufferPool()
         self._turn = 0  # files of FILES records created since the reactor last ran
+        self._unsynced = 0  # bytes of FILES records written since a sync began
+        self._syncing = False
         self.offer: Offer | None = None
 
     def start(self) -> defer.Deferred:
@@ -183,9 +191,28 @@ class Receiver(Endpoint):
         self._bytes_done += size
         self._progress(last)
         self._turn += files
+        self._unsynced += size
+        if self._unsynced >= SYNC_AHEAD and not self._syncing:
+            self._sync_ahead()
         if self._turn >= FILES_PER_TURN:  # let the reactor run: hold the next records until its next turn
             self._turn = 0
             self._later(task.deferLater(self._clock, 0, lambda: None), lambda _: None, hold=True)
+
+    def _sync_ahead(self) -> None:
+        """Start writing back the small files made so far, on a thread,
+        while more arrive: the page cache holds them until the final
+        L{IDestination.sync}, which would otherwise wait for all of them at
+        the end (0.4-0.8 s for 50,000 files here).  One at a time; a failure
+        is left for that final sync to report."""
+        run = self._dest.sync_ahead()
+        if run is None:
+            return
+        self._syncing, self._unsynced = True, 0
+
+        def done(_):
+            self._syncing = False
+
+        self._run_blocking(run).addBoth(done)
 
     def _place(self, current: Incoming) -> None:
         if self._intake.place(current) and current.entry.size is None:

@@ -21,8 +21,7 @@ import errno
 import os
 import shutil
 import stat
-import weakref
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from ..errors import Declined, TransferFailed
 from . import fsprobe, placing
@@ -164,17 +163,41 @@ class ConfinedDir:
 _TMPFILE = getattr(os, "O_TMPFILE", 0)
 
 
+class Unnamed:
+    """A file with no name (L{OutputDir.open_unnamed}): its descriptor, and
+    the mode it was made with.  A plain descriptor, not a file object: for
+    a file of a few KiB, C{os.fdopen}'s own C{fstat} was one more system
+    call of the six or seven a small file costs."""
+
+    def __init__(self, fd: int, mode: int):
+        self._fd = fd
+        self.mode = mode
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self._fd)
+
+    def __enter__(self) -> "Unnamed":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class OutputDir(ConfinedDir):
     """The output folder: the partial files data arrives in, and moving
     them into place once verified."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        #: Files opened by L{open_unnamed} (nothing else has them).
-        self._unnamed: weakref.WeakSet = weakref.WeakSet()
         self._tmpfile = bool(_TMPFILE) and os.path.isdir("/proc/self/fd")
 
-    def open_unnamed(self, path: str) -> BinaryIO | None:
+    def open_unnamed(self, path: str, mode: int = 0o600) -> Unnamed | None:
         """A new, empty file in the folder of C{path} with no name at all
         (O_TMPFILE), to be given its name by L{place}: one change to the
         folder per file instead of three (partial name made, linked,
@@ -182,7 +205,9 @@ class OutputDir(ConfinedDir):
         the transfer stops, so only for files too small to be worth a
         resume; None where the file system (or the kernel) has no such
         files, or a partial file of C{path} is there (it gets cut and
-        reused as before, or refused if it is not a file of ours)."""
+        reused as before, or refused if it is not a file of ours).  It is
+        made with C{mode} (what L{place} will give it, so it need not
+        change it): having no name, it cannot be opened by anyone else."""
         if not self._tmpfile:
             return None
         folder = path.rpartition("/")[0]
@@ -190,15 +215,13 @@ class OutputDir(ConfinedDir):
             return None  # (in a folder we made there can be no partial file of an earlier run)
         parent, _ = self._split(path, create=True)
         try:
-            fd = os.open(".", os.O_RDWR | _TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=parent)
+            fd = os.open(".", os.O_RDWR | _TMPFILE | os.O_CLOEXEC, mode, dir_fd=parent)
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
                 self._tmpfile = False
                 return None
             raise
-        f = os.fdopen(fd, "r+b", buffering=0)
-        self._unnamed.add(f)
-        return f
+        return Unnamed(fd, mode & ~self.umask)
 
     def open_partial(self, path: str, offset: int) -> BinaryIO:
         """The partial file of C{path}, cut to C{offset} bytes and positioned
@@ -245,16 +268,23 @@ class OutputDir(ConfinedDir):
         name in the instant before its rename is detected and reported)."""
         with f:
             fd = f.fileno()
-            os.fchmod(fd, mode)
+            unnamed = isinstance(f, Unnamed)
+            if not (unnamed and f.mode == mode):
+                os.fchmod(fd, mode)
             if mtime_ns is not None:
                 os.utime(fd, ns=(mtime_ns, mtime_ns))
-            ours = os.fstat(fd)
-            shown = printable(path + PARTIAL_SUFFIX)
-            unnamed = f in self._unnamed  # (no name: no link counted yet)
-            if ours.st_nlink == 0 and not unnamed:
-                raise Declined(f"{shown} was deleted or replaced while receiving; nothing was moved into place")
-            if ours.st_nlink != (0 if unnamed else 1):
-                raise Declined(f"{shown} got another hard link while receiving; kept it where it is")
+            if unnamed:
+                # No name: nothing can have been done to it.  What it is
+                # matters only when it replaces a file (the staged name is
+                # checked to be it).
+                ours = os.fstat(fd) if overwrite else None
+            else:
+                ours = os.fstat(fd)
+                shown = printable(path + PARTIAL_SUFFIX)
+                if ours.st_nlink == 0:
+                    raise Declined(f"{shown} was deleted or replaced while receiving; nothing was moved into place")
+                if ours.st_nlink != 1:
+                    raise Declined(f"{shown} got another hard link while receiving; kept it where it is")
             parent, name = self._split(path, create=True)
             if overwrite:
                 self._not_a_folder(path)
@@ -276,12 +306,32 @@ class OutputDir(ConfinedDir):
         """Make everything written durable (file data, new names) before we
         acknowledge it: one syncfs of the output folder's file system
         instead of an fsync per file (10,000 small files)."""
-        try:
-            import ctypes
+        _syncfs(self._fd)
 
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.syncfs(self._fd) == 0:
-                return
-        except (OSError, AttributeError):
-            pass
-        os.sync()
+    def sync_ahead(self) -> Callable[[], None]:
+        """A function that starts making what was written so far durable,
+        to run on a thread while more is written (L{sync} at the end then
+        has little left to wait for).  It syncs through a descriptor of its
+        own, so closing this folder meanwhile cannot pull one from under it."""
+        fd = os.dup(self._fd)
+
+        def run() -> None:
+            try:
+                _syncfs(fd)
+            finally:
+                os.close(fd)
+
+        return run
+
+
+def _syncfs(fd: int) -> None:
+    """syncfs() of fd's file system, or sync() where there is none."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) == 0:
+            return
+    except (OSError, AttributeError):
+        pass
+    os.sync()
