@@ -316,6 +316,11 @@ METHOD = """\
   about 2 CPU-seconds per GiB of system time.  The rows run back to back,
   so they meet similar memory; the spread between runs of one row shows
   how much this varies.
+- Every run starts with `sync`, and the source file is synced once made:
+  no dirty pages of an earlier run (socat's output, tar's files, the
+  freshly written source) are written back during the next one, which
+  would then share the disk with that writeback (the kernel writes dirty
+  pages back about 30 s after they were made).
 - The relay row forces the relay path (`bench/relayonly_p2pft.py`, peers
   ignore direct candidates).  Protocol v2 peers dial a relay at once, so its
   first byte no longer includes a wait.  The relay splices the bytes in the
