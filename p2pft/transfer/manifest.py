@@ -202,6 +202,11 @@ class Entries(Sequence):
         sends them all)."""
         return array("l", (i for i, f in enumerate(self._flags) if not f & _E_DIR))
 
+    def size(self, index: int) -> int | None:
+        """The size of entry C{index} (None: a folder, or a stream)."""
+        size = self._sizes[index]
+        return None if size == _NO_SIZE else size
+
     def path(self, index: int) -> str:
         """The path of entry C{index}; for a refused entry that has no place
         in the tree, what was offered (cut to L{MAX_PATH_BYTES} characters:
@@ -290,10 +295,10 @@ class ManifestChecker:
     def warned_names(self) -> list[str]:
         return self._tree.warned_names
 
-    def add(self, entry: Entry) -> Entry:
-        """Add C{entry} or raise L{UnsafeName} (nothing is recorded then)."""
-        self._add(entry.path, entry.kind, entry.size, entry.mode, entry.mtime_ns, refuse=True)
-        return entry
+    def add(self, entry: Entry) -> str:
+        """Add C{entry} or raise L{UnsafeName} (nothing is recorded then);
+        the path it was added under (its NFC form)."""
+        return self._add(entry.path, entry.kind, entry.size, entry.mode, entry.mtime_ns, refuse=True)
 
     def offer(self, raw: object) -> None:
         """Add an entry as it came from the wire (C{[path, kind, size,
@@ -304,7 +309,7 @@ class ManifestChecker:
         path, kind, size, mode, _ = raw
         self._add(path, kind, size, mode, mtime, refuse=False)
 
-    def _add(self, path: str, kind: str, size: int | None, mode: int, mtime: int | None, refuse: bool) -> None:
+    def _add(self, path: str, kind: str, size: int | None, mode: int, mtime: int | None, refuse: bool) -> str:
         if len(self.entries) >= self._max:
             raise UnsafeName(f"the offer has more than {self._max} entries")
         is_dir = kind == DIR
@@ -318,7 +323,7 @@ class ManifestChecker:
             node = self._refuse(path, why, node, 0 if is_dir or size is None else size)
         self.entries.append(node, is_dir, size, mode, mtime, skipped=why is not None)
         if why is not None:
-            return
+            return path
         if is_dir:
             self.dirs += 1
         else:
@@ -327,6 +332,7 @@ class ManifestChecker:
                 self.streams += 1
             else:
                 self.bytes += size
+        return path
 
     def _refuse(self, path: str, why: str, node: int, size: int) -> int:
         """Count a refused entry; its node (L{Entries.unplaced} if it has none)."""

@@ -86,13 +86,12 @@ class Outgoing:
         files, size, entries = [], 0, self._entries
         while self._next < len(self._files) and len(files) < BATCH_FILES:
             index = self._files[self._next]
-            entry = entries[index]
-            if entry.size is None or entry.size > SMALL_FILE or index in self._plan \
-                    or (files and size + entry.size > BATCH_BYTES):
+            this = entries.size(index)
+            if this is None or this > SMALL_FILE or index in self._plan or (files and size + this > BATCH_BYTES):
                 break
-            files.append((index, read_whole(entry, self._sources[index], scanned_as(self._sources, index))))
+            files.append((index, read_whole(entries[index], self._sources[index], scanned_as(self._sources, index))))
             self._next += 1
-            size += entry.size
+            size += this
         return files
 
     def read(self, size: int) -> bytes:

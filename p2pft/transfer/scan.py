@@ -15,7 +15,7 @@ import attrs
 
 from ..errors import ScanError, UnsafeName
 from .manifest import DIR, FILE, Entries, Entry, ManifestChecker, listing
-from .names import PORTABLE, POSIX, NameRules, printable, safe_path
+from .names import PORTABLE, POSIX, NameRules, printable
 
 
 def identity(st: os.stat_result) -> int:
@@ -62,7 +62,7 @@ class _Sources(Sequence):
         local = self.other.get(index)
         if local is not None:
             return local
-        return self.bases[self.base_of[index]] + self._entries[index].path
+        return self.bases[self.base_of[index]] + self._entries.path(index)
 
 
 @attrs.frozen
@@ -132,8 +132,8 @@ def warning(checker: ManifestChecker) -> str:
 def _add_tree(checker: ManifestChecker, sources: _Sources, local: str, rel: str, st: os.stat_result,
               follow: bool, notice: Callable[[str], None], ancestors: set) -> None:
     def add(kind, size):
-        path = safe_path(rel, checker.rules)
-        checker.add(Entry(path, kind, size, stat.S_IMODE(st.st_mode), st.st_mtime_ns))
+        # (Checked and NFC-normalised once, by the checker: UnsafeName if it cannot be sent.)
+        path = checker.add(Entry(rel, kind, size, stat.S_IMODE(st.st_mode), st.st_mtime_ns))
         sources.append(local, rel, path, st)
     if stat.S_ISREG(st.st_mode):
         if not os.access(local, os.R_OK):

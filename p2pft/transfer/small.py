@@ -90,6 +90,11 @@ def scanned_as(sources, index: int) -> int | None:
 
 
 def open_regular(source: str, scanned: int | None = None) -> int:
+    """(L{open_checked}, without its C{fstat}.)"""
+    return open_checked(source, scanned)[0]
+
+
+def open_checked(source: str, scanned: int | None = None) -> tuple[int, os.stat_result]:
     """A descriptor of the file C{source}, for reading, if it is (still) a
     regular file: the scan left FIFOs and devices out, but one can take a
     file's name before it is sent, and opening a FIFO would block until
@@ -112,16 +117,16 @@ def open_regular(source: str, scanned: int | None = None) -> int:
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, st
 
 
 def read_whole(entry, source: str, scanned: int | None = None) -> bytes:
     """The whole content of the file C{source} of C{entry}, if it is still
     the file scanned and the size offered (the checks of
     L{p2pft.transfer.outgoing}, in one read)."""
-    fd = open_regular(source, scanned)
+    fd, st = open_checked(source, scanned)
     try:
-        size = os.fstat(fd).st_size
+        size = st.st_size
         if size != entry.size:
             raise TransferFailed(
                 f"{printable(source)} changed after the transfer started ({entry.size} bytes "
