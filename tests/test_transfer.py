@@ -17,7 +17,7 @@ from p2pft.transfer import destination, sink
 from p2pft.transfer.destination import UNNAMED_MAX
 from p2pft.errors import Declined, TransferFailed, UnsafeName
 from p2pft.transfer.manifest import PARTIAL_SUFFIX, printable, safe_path
-from p2pft.transfer.scan import scan, stream_manifest
+from p2pft.transfer.scan import ScanError, scan, stream_manifest
 from p2pft.transfer import Receiver, Sender, StdoutReceiver, StreamSender
 from p2pft.transfer.records import ABORT, ACCEPT, ACK, DATA, END, ENTRIES, FILE, FILE_END, OFFER
 from p2pft.transfer.sender import BURST, CHUNK
@@ -406,6 +406,26 @@ def accepted_sender(testcase, data: bytes, **kw):
 
 
 class SenderTests(SynchronousTestCase):
+    def test_a_decomposed_name_is_offered_in_nfc_and_read_from_its_own_name(self):
+        """The scan offers names in NFC (checked once, by the manifest's
+        checker) but reads each file under the name it has on disk."""
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(root, "re\u0301sume\u0301"))
+        with open(os.path.join(root, "re\u0301sume\u0301", "cafe\u0301.txt"), "wb") as f:
+            f.write(b"ok")
+        manifest = scan([root])
+        top = os.path.basename(root)
+        self.assertEqual([e.path for e in manifest.entries],
+                         [top, f"{top}/r\u00e9sum\u00e9", f"{top}/r\u00e9sum\u00e9/caf\u00e9.txt"])
+        with open(manifest.sources[2], "rb") as f:
+            self.assertEqual(f.read(), b"ok")
+        os.makedirs(os.path.join(root, "bad"))
+        with open(os.path.join(root, "bad", "x.p2pft-partial"), "wb"):
+            pass
+        with self.assertRaises(ScanError) as e:
+            scan([root])
+        self.assertIn(f"offered name '{top}/bad/x.p2pft-partial' ends with .p2pft-partial", str(e.exception))
+
     def test_receiver_wrong_ack_fails(self):
         src, link, sender, d = accepted_sender(self, b"data")
         sender.resumeProducing()
