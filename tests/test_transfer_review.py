@@ -165,6 +165,24 @@ class PlaceTests(SynchronousTestCase):
         self.assertEqual(os.stat(dest).st_nlink, 1)
 
 
+    def test_an_unnamed_file_linked_meanwhile_is_not_placed(self):
+        """Only a process of ours can give an unnamed file a name (through
+        /proc/PID/fd); one that did is not moved into place."""
+        out = OutputDir(self.out)
+        self.addCleanup(out.close)
+        f = out.open_unnamed("r.bin", 0o644)
+        if f is None:
+            raise SkipTest("no O_TMPFILE here")
+        os.pwrite(f.fileno(), b"received", 0)
+        folder = os.open(self.outside, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, folder)
+        # (linkat with AT_SYMLINK_FOLLOW: plain link() would link /proc's link itself.)
+        os.link(f"/proc/self/fd/{f.fileno()}", "named", dst_dir_fd=folder, follow_symlinks=True)
+        with self.assertRaises(Declined) as e:
+            out.place("r.bin", f, 0o644, None, overwrite=False)
+        self.assertIn("got another hard link while receiving", str(e.exception))
+        self.assertEqual(os.listdir(self.out), [])
+
     def test_an_unnamed_file_made_with_its_final_mode_is_not_chmodded(self):
         """A small file is made with the mode it will have, so placing it
         changes no mode; where the umask takes bits the received file must

@@ -28,11 +28,10 @@ from .names import PARTIAL_SUFFIX, printable
 STAGE_PREFIX = ".p2pft-place-"
 
 
-def link_into_place(parent: int, name: str, fd: int, ours: "os.stat_result | None", path: str, overwrite: bool,
+def link_into_place(parent: int, name: str, fd: int, ours: os.stat_result, path: str, overwrite: bool,
                     unnamed: bool = False) -> None:
     """Put the file open as C{fd} (described by C{ours}; its partial name
-    C{name}.p2pft-partial, unless it is C{unnamed}; None for an unnamed
-    file that replaces nothing) at C{name} in the
+    C{name}.p2pft-partial, unless it is C{unnamed}) at C{name} in the
     folder C{parent} (C{path}: for messages), then drop the partial name if
     it is still ours."""
     source = f"/proc/self/fd/{fd}"

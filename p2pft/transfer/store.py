@@ -273,18 +273,14 @@ class OutputDir(ConfinedDir):
                 os.fchmod(fd, mode)
             if mtime_ns is not None:
                 os.utime(fd, ns=(mtime_ns, mtime_ns))
-            if unnamed:
-                # No name: nothing can have been done to it.  What it is
-                # matters only when it replaces a file (the staged name is
-                # checked to be it).
-                ours = os.fstat(fd) if overwrite else None
-            else:
-                ours = os.fstat(fd)
-                shown = printable(path + PARTIAL_SUFFIX)
-                if ours.st_nlink == 0:
-                    raise Declined(f"{shown} was deleted or replaced while receiving; nothing was moved into place")
-                if ours.st_nlink != 1:
-                    raise Declined(f"{shown} got another hard link while receiving; kept it where it is")
+            ours = os.fstat(fd)
+            shown = printable(path + PARTIAL_SUFFIX)
+            if ours.st_nlink == 0 and not unnamed:
+                raise Declined(f"{shown} was deleted or replaced while receiving; nothing was moved into place")
+            if ours.st_nlink != (0 if unnamed else 1):
+                # (An unnamed file can be linked only by a process of ours,
+                # through /proc/PID/fd.)
+                raise Declined(f"{shown} got another hard link while receiving; kept it where it is")
             parent, name = self._split(path, create=True)
             if overwrite:
                 self._not_a_folder(path)
