@@ -19,7 +19,9 @@ suite's folder) into a fresh folder of C{--dir}, in turn, C{--runs} times:
 
 It prints seconds and system CPU per way (medians), and microseconds per
 file.  Nothing is deleted until the end (ext4 without a journal makes new
-files slowly for about 30 s after many were deleted).
+files slowly for a while after many were deleted: 30 s by its rule,
+minutes as measured here, so a second run soon after a first one is
+slower for every way).
 
     python bench/create_cost.py [--files 50000] [--runs 3] [--dir DIR]
 """
