@@ -29,7 +29,6 @@ slower for every way).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import random
 import shutil
@@ -37,6 +36,10 @@ import statistics
 import sys
 import tempfile
 import time
+
+# This checkout's p2pft, not an installed copy.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from p2pft.transfer.store import syncfs  # noqa: E402
 
 PER_FOLDER = 500
 MAX_FILE = 8 * 1024
@@ -80,8 +83,7 @@ def _write(way: str, folders: list[tuple[str, range]], sizes: list[int], data: b
 def _syncfs(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
-            os.sync()
+        syncfs(fd)  # as the receiver syncs
     finally:
         os.close(fd)
 

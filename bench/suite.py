@@ -86,16 +86,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def make_source(path: str, size: int) -> None:
     """Random bytes (reused when a file of that size is there), then read
-    once and copied once to warm the page cache and its memory.  The new
-    file is synced: otherwise the kernel writes its dirty pages back some
+    once and copied once to warm the page cache and its memory.  Then a
+    sync: otherwise the kernel writes a new file's dirty pages back some
     30 s later (vm.dirty_expire_centisecs), in the middle of the first
     row, which then measures a disk shared with that writeback."""
     if not (os.path.exists(path) and os.path.getsize(path) == size):
         with open(path, "wb") as f:
             for _ in range(size // MiB):
                 f.write(os.urandom(MiB))
-            f.flush()
-            os.fsync(f.fileno())
     copy = path + ".warm-up"
     shutil.copyfile(path, copy)
     os.unlink(copy)

@@ -44,7 +44,6 @@ def make_folder(path: str, files: int) -> int:
         with open(os.path.join(folder, f"f{i:07d}.dat"), "wb") as f:
             f.write(block[start:start + n])
         total += n
-    os.sync()  # not written back during the first runs
     with open(marker, "w") as f:
         f.write(str(total))
     return total

@@ -202,8 +202,8 @@ class Receiver(Endpoint):
         """Start writing back the small files made so far, on a thread,
         while more arrive: the page cache holds them until the final
         L{IDestination.sync}, which would otherwise wait for all of them at
-        the end (0.4-1.4 s for 50,000 files on this project's machines).  One at a time; a failure
-        is left for that final sync to report."""
+        the end (0.4-1.4 s for 50,000 files on this project's machines).
+        One at a time; a failure is left for that final sync to report."""
         run = self._dest.sync_ahead()
         if run is None:
             return

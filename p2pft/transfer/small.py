@@ -90,7 +90,7 @@ def scanned_as(sources, index: int) -> int | None:
 
 
 def open_regular(source: str, scanned: int | None = None) -> int:
-    """(L{open_checked}, without its C{fstat}.)"""
+    """The descriptor L{open_checked} opens (without the C{stat} it made)."""
     return open_checked(source, scanned)[0]
 
 

@@ -302,7 +302,7 @@ class OutputDir(ConfinedDir):
         """Make everything written durable (file data, new names) before we
         acknowledge it: one syncfs of the output folder's file system
         instead of an fsync per file (10,000 small files)."""
-        _syncfs(self._fd)
+        syncfs(self._fd)
 
     def sync_ahead(self) -> Callable[[], None]:
         """A function that starts making what was written so far durable,
@@ -313,14 +313,14 @@ class OutputDir(ConfinedDir):
 
         def run() -> None:
             try:
-                _syncfs(fd)
+                syncfs(fd)
             finally:
                 os.close(fd)
 
         return run
 
 
-def _syncfs(fd: int) -> None:
+def syncfs(fd: int) -> None:
     """syncfs() of fd's file system, or sync() where there is none."""
     try:
         import ctypes
