@@ -664,6 +664,22 @@ class EndTests(Base):
         self.assertEqual(net.b.lost, ["closed"])
         self.assertEqual(net.b.records, [])
 
+    def test_close_while_paused_reads_the_ack_of_what_it_sent(self):
+        """A transfer that ends while it holds its records (a disk write
+        pending, then a failure) sends its ABORT or ACK and closes with
+        reading paused: the peer's acknowledgement of that last record
+        must still be read, or the session waits out its close timeout."""
+        net = self.net()
+        w = net.wire()
+        net.flush()
+        net.b.link.pauseReading()
+        net.b.link.send(ACK, b"last")
+        net.b.link.close()
+        net.settle()
+        self.assertEqual(net.a.records, [(ACK, b"last")])
+        self.assertTrue(w.gone)
+        self.assertEqual(net.b.lost, ["closed"])
+
     def test_close_without_lanes(self):
         net = self.net()
         net.wire().cut()

@@ -321,10 +321,15 @@ class SessionLink:
 
     def close(self) -> None:
         """End the session once everything we sent is acknowledged: then
-        LEAVE and close every lane; C{channelLost} once all are gone."""
+        LEAVE and close every lane; C{channelLost} once all are gone.
+        Reading goes on if it was paused (nothing more is delivered): the
+        peer's acknowledgement of our last records, its LEAVE and its close
+        must be read, or a transfer that ends while holding its records (a
+        disk write pending) waits out its close timeout."""
         self._closing = True
         self._ready.clear()
         self._producer = None
+        self.resumeReading()
         self._flush_ack()
         self._maybe_finish()
 
