@@ -31,7 +31,8 @@ faster for 50,000 files (median 5.49 s against 5.82), one slower, and the
 receiver's memory grew by 15 MiB.  Creating files costs the same CPU in
 any process, and splitting the work added 1.3-1.6 CPU-s of its own (the
 children's imports, a copy through a pipe, more switches): the two cores
-were busy either way.  On a machine with cores to spare it would pay.
+were busy either way.  With cores to spare it may pay (not measured:
+this project's machines have two).
 
 Resume is unchanged: a small file is not worth resuming from (it is
 written with no name until it is complete, L{OutputDir.open_unnamed}); a
