@@ -24,7 +24,7 @@ from twisted.protocols.basic import LineReceiver
 
 from .codes import valid_nameplate
 from .errors import P2pftError
-from .util import OneShot, printable
+from .util import OneShot, no_delay, printable
 
 PROTOCOL_NAME = "p2pft"
 PROTOCOL_VERSION = "1"
@@ -174,6 +174,7 @@ class RendezvousClientProtocol(LineReceiver):
     # -- protocol
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)  # PING's round trip is measured: no waiting behind an ACK
         if self.clock is not None:
             self._made = self.clock.seconds()
 

@@ -3,6 +3,8 @@ The punching connector: its schedule and tie-break on a fake reactor, and
 real shared-port sockets on loopback.
 """
 
+import socket
+
 from twisted.internet import defer, error, protocol, reactor
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -284,6 +286,10 @@ class LoopbackPunchTests(TestCase):
         self.assertEqual(s_chan.transport.getHost().port, pa)
         self.assertEqual(r_chan.transport.getHost().port, pb)
         self.assertEqual(s_chan.transport.getPeer().port, pb)
+        # Nagle is off on both ends: a small record is never held back for
+        # the other side's delayed ACK (tests/test_nodelay.py).
+        for chan in (s_chan, r_chan):
+            self.assertEqual(chan.transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
         # The chosen channel carries authenticated records both ways.
         got = defer.Deferred()
 

@@ -12,6 +12,7 @@ Tests marked C{# Regression:} failed before the fix they describe.
 from __future__ import annotations
 
 import os
+import socket
 
 from twisted.internet import defer, error, protocol, reactor
 from twisted.internet.address import IPv4Address
@@ -1158,6 +1159,9 @@ class LoopbackRelayTests(TestCase):
         self.assertEqual(await bounded(b.complete, "b receives"), up)
         self.assertEqual(await bounded(a.complete, "a receives"), down)
         self.assertEqual((factory.relay.sessions, factory.relay.spliced), (1, 1))
+        # The relay's spliced legs forward small records at once (no Nagle).
+        self.assertEqual([p.transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                          for p in self.built], [1, 1])
         # One side closes: the relay passes the FIN on (b sees the end of
         # the stream), and once both directions are done the session ends
         # and the counts drop to zero.

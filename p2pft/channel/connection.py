@@ -20,7 +20,7 @@ from zope.interface import implementer
 from ..punch import ICandidate
 from ..addresses import normalise_host
 from ..secure import Handshake, SessionKeys
-from ..util import OneShot
+from ..util import OneShot, no_delay
 from .candidate import CandidateHandshake
 from .greeting import RelayGreeting
 from .interfaces import ILaneHandler, IPhase
@@ -66,6 +66,7 @@ class PeerConnection(Protocol):
     # -- as a candidate
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         self._candidate.startTimer(self._clock, self._handshake_timeout)
         if self.path == "relay":
             # Through a relay: ask it to join us with the other side first.

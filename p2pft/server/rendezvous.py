@@ -22,7 +22,7 @@ from zope.interface import Interface, implementer
 from ..addresses import ip_key, normalise_host
 from ..codes import valid_nameplate
 from ..rendezvous import MAX_LINE, MAX_REPORT_SECONDS, PROTOCOL_NAME, PROTOCOL_VERSION, decode_payload
-from ..util import cancel as _cancel, printable
+from ..util import cancel as _cancel, no_delay, printable
 from .events import NO_EVENTS, PATHS, IServerEvents, Refusal
 from .limits import CLOSE_GRACE, FIRST_LINE_MIN_WAIT, AddressCounts, Lobby
 from .nameplates import ClaimMeter, Member, Nameplates
@@ -240,6 +240,7 @@ class RendezvousServerProtocol(LineReceiver):
 
     def connectionMade(self) -> None:
         self.state: RendezvousServer = self.factory.state
+        no_delay(self.transport)
         self.transport.registerProducer(self, True)
         peer = self.transport.getPeer()
         host = normalise_host(peer.host)

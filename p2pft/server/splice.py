@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from zope.interface import Interface, implementer
 
-from ..util import cancel as _cancel
+from ..util import cancel as _cancel, no_delay
 from . import zerocopy
 from .limits import CLOSE_GRACE, TokenBucket
 
@@ -61,7 +61,7 @@ class IRelayLeg(Interface):
         "No producer any more."
 
     def useBulkBuffers(size: int) -> None:
-        "Read and send in pieces of C{size} bytes from now on."
+        "Read and send in pieces of C{size} bytes from now on, each the moment it is read (no Nagle)."
 
     def halfClose() -> None:
         "Send nothing more once the output is flushed; keep reading."
@@ -107,6 +107,9 @@ class TransportLeg:
         # bufferSize is also the write buffer at which the other leg stops
         # being read.
         self.transport.bufferSize = self.transport.SEND_LIMIT = size
+        # What a peer wrote as one small record (an acknowledgement, END)
+        # goes on at once, not after the other peer's delayed ACK.
+        no_delay(self.transport)
 
     def halfClose(self) -> None:
         self.transport.loseWriteConnection()
