@@ -6,7 +6,8 @@ and magic-wormhole on one loopback link, and a load test of the server.
         [--clients N] [--work-dir DIR] [--no-write] [--smoke]
 
 Rows (C{--only}, comma-separated): p2pft (file → file, encrypted), stdout
-(stdin → stdout), relay (p2pft through its relay), socat, disk (dd writing
+(stdin → stdout), relay (p2pft through its relay), socat, socatpipe (the
+stdout row's pipe with plain socat in p2pft's place), disk (dd writing
 the source to the disk with O_DIRECT and a sync, as p2pft's receiver
 writes: no network), iperf3, wormhole
 (magic-wormhole 0.24 with its own mailbox server and transit relay), files
@@ -53,7 +54,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bench/suite.py", description=__doc__.split("\n\n")[0].strip(),
         epilog="rows: p2pft (file to file, encrypted), stdout (stdin to stdout), relay (p2pft through "
-               "its relay), socat, disk (dd writing the disk as p2pft's receiver does), iperf3, wormhole (magic-wormhole 0.24), files (a folder of small files), "
+               "its relay), socat, socatpipe (the stdout row's pipe through plain socat), disk (dd writing the disk as p2pft's receiver does), iperf3, wormhole (magic-wormhole 0.24), files (a folder of small files), "
                "tar (the same folder by tar | socat), load (the server under many clients, and its "
                "relay's throughput)")
     p.add_argument("--size", type=int, metavar="MiB", help="size of the transfers (default 1024)")

@@ -282,6 +282,41 @@ def socat_file(bench: Bench) -> Row:
     return _if_tool(bench, "socat", "socat file → file (plain)", runs)
 
 
+def _socat_pipe_run(bench: Bench, procs: Procs, n: int) -> Run:
+    """The stdout row's pipeline with plain socat in p2pft's place: cat |
+    socat → socat | the harness's drain."""
+    socat = bench.tools["socat"]
+    deadline = bench.deadline()
+    port = free_port()
+    block = ["-b", str(SOCAT_BLOCK), "-u"]
+    r, w = big_pipe()
+    try:
+        feeder = procs.start(f"cat-{n}", ["cat", bench.source], stdout=w)
+        sender = procs.start(f"sender-{n}", [socat, "-d", "-d", *block, "STDIN",
+                                             f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr"],
+                             lines="stderr", stdin=r)
+    finally:
+        os.close(r)
+        os.close(w)
+    sender.wait_line("listening on", deadline)
+    sink = DataSink()
+    receiver = procs.start(f"receiver-{n}", [socat, *block, f"TCP:127.0.0.1:{port}", "STDOUT"], sink=sink)
+    rx = receiver.wait_ok(deadline)
+    sx = sender.wait_ok(deadline)
+    feeder.wait_ok(deadline)
+    if sink.bytes != bench.size:
+        raise receiver.failed(f"wrote {sink.bytes} bytes to stdout, expected {bench.size}")
+    return _timed(bench.size, receiver, sink.first, rx.time, sx.usage, rx.usage)
+
+
+def socat_pipe(bench: Bench) -> Row:
+    def runs(procs: Procs, row: Row) -> None:
+        _repeat(bench, row, lambda n: _socat_pipe_run(bench, procs, n))
+        row.notes.append("the stdout row's pipe with socat in p2pft's place: plain TCP, no encryption")
+
+    return _if_tool(bench, "socat", "socat stdin → stdout (plain)", runs)
+
+
 def _iperf_run(bench: Bench, procs: Procs, n: int) -> Run:
     iperf3 = bench.tools["iperf3"]
     deadline = time.monotonic() + IPERF_SECONDS + 30
@@ -396,6 +431,7 @@ ROWS = {
     "stdout": p2pft_stdout,
     "relay": p2pft_relay,
     "socat": socat_file,
+    "socatpipe": socat_pipe,
     "disk": disk_write,
     "iperf3": iperf3_link,
     "wormhole": wormhole_file,

@@ -27,6 +27,8 @@ WORMHOLE_PACKAGES = [
     "magic-wormhole-transit-relay==0.5.*",
 ]
 APT_TOOLS = ("socat", "iperf3")
+#: Rows that need each of them.
+NEEDED_BY = {"socat": {"socat", "socatpipe", "tar"}, "iperf3": {"iperf3"}}
 #: Set in the environment of the suite re-run inside the namespace.
 NETNS_MARKER = "P2PFT_BENCH_NETNS"
 
@@ -68,7 +70,7 @@ def _wormhole_version() -> str:
 
 def install(rows: set[str], charts: bool) -> None:
     """Install what the chosen rows (and the chart) need and do not have."""
-    apt = [tool for tool in APT_TOOLS if tool in rows and not shutil.which(tool)]
+    apt = [tool for tool in APT_TOOLS if NEEDED_BY[tool] & rows and not shutil.which(tool)]
     if apt and _is_root():
         _apt_install(apt)
     elif apt:
