@@ -16,11 +16,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2pft.transfer import destination, sink
 from p2pft.transfer.destination import UNNAMED_MAX
 from p2pft.errors import Declined, TransferFailed, UnsafeName
+from p2pft.secure import MAX_RECORD
 from p2pft.transfer.manifest import PARTIAL_SUFFIX, printable, safe_path
 from p2pft.transfer.scan import ScanError, scan, stream_manifest
 from p2pft.transfer import Receiver, Sender, StdoutReceiver, StreamSender
 from p2pft.transfer.records import ABORT, ACCEPT, ACK, DATA, END, ENTRIES, FILE, FILE_END, OFFER
-from p2pft.transfer.sender import BURST, CHUNK
+from p2pft.transfer.sender import BURST, CHUNK, RATED_CHUNK
 
 from .memlink import Link, accept, start_pair
 
@@ -104,6 +105,9 @@ class TransferTests(SynchronousTestCase):
     def test_data_is_chunked_within_record_limit(self):
         link, *_ = self.run_pair(os.urandom(CHUNK * 2 + 1))
         self.assertEqual([len(p) for p in link.sent(DATA)], [CHUNK, CHUNK, 1])
+        # The largest record the protocol allows: Python's cost per record
+        # is spread over as many bytes as it can be.
+        self.assertEqual(CHUNK, MAX_RECORD)
 
     def test_declined(self):
         link, _, _, sd, rd = self.run_pair(decide=lambda offer: False)
@@ -248,6 +252,18 @@ class TransferTests(SynchronousTestCase):
         self.successResultOf(rd)
         self.successResultOf(sd)
         self.assertGreaterEqual(self.clock.seconds(), 4.5)
+
+    def test_rate_limited_records_are_smaller(self):
+        """Under a rate, 256 KiB records: the rate is kept to within one
+        record, a short burst on a slow link rather than a 1 MiB one."""
+        data = os.urandom(CHUNK + 5)
+        link, _, _, sd, rd = start_pair([self.source(data)], self.out, clock=self.clock, rate=CHUNK * 4)
+        for _ in range(30):
+            link.pump()
+            self.clock.advance(0.1)
+        self.successResultOf(rd)
+        self.successResultOf(sd)
+        self.assertEqual([len(p) for p in link.sent(DATA)], [RATED_CHUNK] * (CHUNK // RATED_CHUNK) + [5])
 
 
 def offer_records(entries):

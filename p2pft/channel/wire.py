@@ -44,11 +44,12 @@ from ..secure import HEADER_SIZE, MAX_RECORD, RecordOpener, RecordSealer, Securi
 #: sealed into a frame of their own, so a queue of them behind a full
 #: socket holds what they are, not a pooled buffer each.
 POOLED_FROM = 64 * 1024
-#: The pooled frame: a DATA record of the transfer's chunk (256 KiB) fits.
-POOLED_FRAME = frame_size(256 * 1024)
+#: The pooled frame: a DATA record of the transfer's chunk (1 MiB, the
+#: largest record) fits.
+POOLED_FRAME = frame_size(MAX_RECORD)
 #: Free frame buffers kept for reuse.  A frame is usually sent the moment it
 #: is sealed, so two are in use at most while the socket is full.
-POOL = 4
+POOL = 2
 #: Frames handed to one sendmsg() when several wait behind a full socket.
 IOV = 64
 #: The largest frame (a record of MAX_RECORD plaintext bytes).

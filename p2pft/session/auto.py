@@ -23,7 +23,7 @@ import attrs
 #: Seconds a step lasts at least: some 30 round trips of a 100 ms path.
 STEP = 3.0
 #: ... and at least this many bytes acknowledged (TCP's count, where the
-#: kernel gives it, moves by the byte; the session's own by a 256 KiB
+#: kernel gives it, moves by the byte; the session's own by a 1 MiB
 #: record), unless that takes more than STEP_MAX seconds (a very slow path).
 STEP_BYTES = 512 << 10
 STEP_MAX = 12.0

@@ -28,7 +28,7 @@ class FDReader(abstract.FileDescriptor):
     with whatever started us).
     """
 
-    def __init__(self, fd: int, reactor=None, piece: int = 256 * 1024):
+    def __init__(self, fd: int, reactor=None, piece: int = PIPE_BYTES):
         super().__init__(reactor)
         self._fd = fd
         self._flags = fcntl.fcntl(fd, fcntl.F_GETFL)
