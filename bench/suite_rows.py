@@ -314,7 +314,7 @@ def socat_pipe(bench: Bench) -> Row:
         _repeat(bench, row, lambda n: _socat_pipe_run(bench, procs, n))
         row.notes.append("the stdout row's pipe with socat in p2pft's place: plain TCP, no encryption")
 
-    return _if_tool(bench, "socat", "socat stdin → stdout (plain)", runs)
+    return _if_tool(bench, "socat", "socat stdin → stdout (plain)", runs, key="socatpipe")
 
 
 def _iperf_run(bench: Bench, procs: Procs, n: int) -> Run:
@@ -419,11 +419,14 @@ def disk_write(bench: Bench) -> Row:
     return bench.measure("disk", "dd → disk, O_DIRECT (the disk)", runs)
 
 
-def _if_tool(bench: Bench, tool: str, label: str, runs: Callable[[Procs, Row], None]) -> Row:
-    """The row, or a skipped one when the tool is missing."""
+def _if_tool(bench: Bench, tool: str, label: str, runs: Callable[[Procs, Row], None],
+             key: str | None = None) -> Row:
+    """The row (its key: C{key}, else the tool's name), or a skipped one
+    when the tool is missing."""
+    key = key or tool
     if tool not in bench.tools:
-        return Row(tool, label, status="skipped: " + bench.missing.get(tool, f"{tool} not installed"))
-    return bench.measure(tool, label, runs)
+        return Row(key, label, status="skipped: " + bench.missing.get(tool, f"{tool} not installed"))
+    return bench.measure(key, label, runs)
 
 
 ROWS = {
