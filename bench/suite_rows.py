@@ -228,20 +228,31 @@ def p2pft_relay(bench: Bench) -> Row:
     return bench.measure("relay", "p2pft via its relay", runs)
 
 
-def _stdout_run(bench: Bench, procs: Procs, n: int, server: str) -> Run:
+@dataclass
+class PipeTransfer:
+    """How one tool moves its standard input to the receiver's standard output."""
+
+    sender: list[str]
+    receiver: list[str]
+    #: Regex on the sender's C{ready_on} stream: it waits for the receiver.
+    ready: str
+    ready_on: str = "stdout"
+    env: dict | None = None
+
+
+def pipe_run(bench: Bench, procs: Procs, n: int, how: PipeTransfer) -> Run:
+    """cat feeds the sender through a pipe; the harness drains the receiver."""
     deadline = bench.deadline()
     r, w = big_pipe()
     try:
         feeder = procs.start(f"cat-{n}", ["cat", bench.source], stdout=w)
-        sender = procs.start(f"sender-{n}", p2pft_argv("send", "--json", "--code", CODE, server, "-"),
-                             lines="stdout", stdin=r, env=p2pft_env())
+        sender = procs.start(f"sender-{n}", how.sender, lines=how.ready_on, stdin=r, env=how.env)
     finally:
         os.close(r)
         os.close(w)
-    sender.wait_line(r'"event": "code"', deadline)
+    sender.wait_line(how.ready, deadline)
     sink = DataSink()
-    receiver = procs.start(f"receiver-{n}", p2pft_argv("receive", "--yes", "--no-progress", "--output", "-",
-                                                       server, CODE), sink=sink, env=p2pft_env())
+    receiver = procs.start(f"receiver-{n}", how.receiver, sink=sink, env=how.env)
     rx = receiver.wait_ok(deadline)
     sx = sender.wait_ok(deadline)
     feeder.wait_ok(deadline)
@@ -253,7 +264,11 @@ def _stdout_run(bench: Bench, procs: Procs, n: int, server: str) -> Run:
 def p2pft_stdout(bench: Bench) -> Row:
     def runs(procs: Procs, row: Row) -> None:
         server, address = p2pft_server(procs, "server")
-        _repeat(bench, row, lambda n: _stdout_run(bench, procs, n, address))
+        how = PipeTransfer(
+            sender=p2pft_argv("send", "--json", "--code", CODE, address, "-"),
+            receiver=p2pft_argv("receive", "--yes", "--no-progress", "--output", "-", address, CODE),
+            ready=r'"event": "code"', env=p2pft_env())
+        _repeat(bench, row, lambda n: pipe_run(bench, procs, n, how))
         row.notes.append("stdin: a pipe fed by cat (its CPU not counted); stdout: a pipe the harness drains")
 
     return bench.measure("stdout", "p2pft stdin → stdout", runs)
@@ -282,36 +297,20 @@ def socat_file(bench: Bench) -> Row:
     return _if_tool(bench, "socat", "socat file → file (plain)", runs)
 
 
-def _socat_pipe_run(bench: Bench, procs: Procs, n: int) -> Run:
-    """The stdout row's pipeline with plain socat in p2pft's place: cat |
-    socat → socat | the harness's drain."""
-    socat = bench.tools["socat"]
-    deadline = bench.deadline()
-    port = free_port()
-    block = ["-b", str(SOCAT_BLOCK), "-u"]
-    r, w = big_pipe()
-    try:
-        feeder = procs.start(f"cat-{n}", ["cat", bench.source], stdout=w)
-        sender = procs.start(f"sender-{n}", [socat, "-d", "-d", *block, "STDIN",
-                                             f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr"],
-                             lines="stderr", stdin=r)
-    finally:
-        os.close(r)
-        os.close(w)
-    sender.wait_line("listening on", deadline)
-    sink = DataSink()
-    receiver = procs.start(f"receiver-{n}", [socat, *block, f"TCP:127.0.0.1:{port}", "STDOUT"], sink=sink)
-    rx = receiver.wait_ok(deadline)
-    sx = sender.wait_ok(deadline)
-    feeder.wait_ok(deadline)
-    if sink.bytes != bench.size:
-        raise receiver.failed(f"wrote {sink.bytes} bytes to stdout, expected {bench.size}")
-    return _timed(bench.size, receiver, sink.first, rx.time, sx.usage, rx.usage)
-
-
 def socat_pipe(bench: Bench) -> Row:
+    """The stdout row's pipeline with plain socat in p2pft's place."""
+    socat = bench.tools.get("socat")
+
+    def transfer() -> PipeTransfer:
+        port = free_port()
+        block = ["-b", str(SOCAT_BLOCK), "-u"]
+        return PipeTransfer(
+            sender=[socat, "-d", "-d", *block, "STDIN", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr"],
+            receiver=[socat, *block, f"TCP:127.0.0.1:{port}", "STDOUT"],
+            ready="listening on", ready_on="stderr")
+
     def runs(procs: Procs, row: Row) -> None:
-        _repeat(bench, row, lambda n: _socat_pipe_run(bench, procs, n))
+        _repeat(bench, row, lambda n: pipe_run(bench, procs, n, transfer()))
         row.notes.append("the stdout row's pipe with socat in p2pft's place: plain TCP, no encryption")
 
     return _if_tool(bench, "socat", "socat stdin → stdout (plain)", runs, key="socatpipe")
