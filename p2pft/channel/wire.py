@@ -39,7 +39,7 @@ from twisted.internet import main
 from ..secure import HEADER_SIZE, MAX_RECORD, RecordOpener, RecordSealer, SecurityError, frame_size
 
 #: Frames from this size on are sealed into a reused buffer (of
-#: POOLED_FRAME bytes, however large the frame); smaller ones
+#: POOLED_FRAME bytes, which every frame fits); smaller ones
 #: (acknowledgements, keepalives, control messages, small files' data) are
 #: sealed into a frame of their own, so a queue of them behind a full
 #: socket holds what they are, not a pooled buffer each.
@@ -185,7 +185,7 @@ class Wire:
             header, ct = self._sealer.seal(kind, payload, seq)
             self._queue(memoryview(header + ct), None)
             return
-        buf = self._take(size)
+        buf = self._take()
         view = memoryview(buf)[:size]
         self._sealer.seal_into(kind, payload, seq, view)
         self._queue(view, buf)
@@ -222,13 +222,11 @@ class Wire:
         if producer is not None:
             producer.stopProducing()
 
-    def _take(self, size: int) -> bytearray:
-        if size <= POOLED_FRAME:
-            return self._pool.pop() if self._pool else bytearray(POOLED_FRAME)
-        return bytearray(size)
+    def _take(self) -> bytearray:
+        return self._pool.pop() if self._pool else bytearray(POOLED_FRAME)
 
     def _give(self, buf: bytearray | None) -> None:
-        if buf is not None and len(buf) == POOLED_FRAME and len(self._pool) < POOL:
+        if buf is not None and len(self._pool) < POOL:
             self._pool.append(buf)
 
     def _queue(self, view: memoryview, buf: bytearray | None) -> None:
