@@ -46,7 +46,14 @@ class RendezvousTests(TestCase):
         built = []
         factory = RendezvousServerFactory(reactor)
         build = factory.buildProtocol
-        factory.buildProtocol = lambda addr: built.append(build(addr)) or built[-1]
+
+        def buildServerProtocol(addr):
+            server = build(addr)
+            built.append(server)
+            self.addCleanup(lambda: server.transport.abortConnection())
+            return server
+
+        factory.buildProtocol = buildServerProtocol
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
 
@@ -73,5 +80,3 @@ class RendezvousTests(TestCase):
         self.assertEqual(nodelay(client.transport), 1)
         self.assertEqual(len(built), 1)
         self.assertEqual(nodelay(built[0].transport), 1)
-        for p in built:
-            self.addCleanup(p.transport.abortConnection)
